@@ -1,0 +1,93 @@
+"""Synthetic endoscopy-like images with a visible domain shift between two sources.
+
+Not clinical data: the images exist to exercise the pipeline. Four findings are drawn as
+distinct patterns on a mucosa-like texture; the two sources differ the way capsule and
+conventional endoscopy do: a round field of view, bile tint, low resolution and vignetting
+("capsule") versus a wide rectangular view, white light, vessels and specular glare
+("endoscope").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("normal", "polyp", "ulcer", "bleeding")
+SOURCES = ("capsule", "endoscope")
+SPLIT_SIZES = {"train": 40, "val": 10, "test": 15}
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1], (size, size)."""
+    small = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+    return np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+
+
+def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+
+
+def render(finding: str, source: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """One uint8 RGB image (size, size, 3) of ``finding`` as seen by ``source``."""
+    if finding not in CLASSES or source not in SOURCES:
+        raise ValueError(f"unknown finding/source {finding!r}/{source!r}")
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    capsule = source == "capsule"
+    tissue = np.array([0.80, 0.48, 0.36] if capsule else [0.86, 0.52, 0.55], dtype=np.float32)
+    angle = rng.uniform(0, np.pi)
+    folds = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * rng.uniform(6, 12) * np.pi)
+    texture = 0.75 + 0.15 * folds + 0.2 * _smooth_noise(rng, size, 6)
+    img = texture[..., None] * tissue
+    if not capsule:  # vessels: thin dark lines of a second, finer noise field
+        vessels = np.abs(_smooth_noise(rng, size, 12) - 0.5) < 0.025
+        img[vessels] *= np.array([0.75, 0.55, 0.6], dtype=np.float32)
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    if finding == "polyp":
+        r = rng.uniform(0.12, 0.2)
+        d = _blob(yy, xx, cy, cx, r, r * rng.uniform(0.8, 1.2))
+        shade = np.clip(1.0 - d, 0, 1)[..., None]
+        img = np.where(d[..., None] < 1, img * 0.6 + shade * np.array([0.55, 0.28, 0.25]), img)
+    elif finding == "ulcer":
+        r = rng.uniform(0.1, 0.16)
+        d = _blob(yy, xx, cy, cx, r, r * rng.uniform(0.7, 1.4))
+        img = np.where((d > 1)[..., None] & (d < 1.8)[..., None], img * np.array([1.0, 0.55, 0.5]), img)
+        img = np.where(d[..., None] <= 1, np.array([0.93, 0.9, 0.72], dtype=np.float32), img)
+    elif finding == "bleeding":
+        for _ in range(rng.integers(3, 7)):
+            by, bx = rng.uniform(0.15, 0.85, size=2)
+            r = rng.uniform(0.04, 0.1)
+            d = _blob(yy, xx, by, bx, r * rng.uniform(1, 3), r)
+            img = np.where(d[..., None] < 1, np.array([0.45, 0.04, 0.05], dtype=np.float32), img)
+    if capsule:
+        img = img * np.array([1.0, 1.02, 0.75], dtype=np.float32)  # bile tint
+        r2 = (yy - 0.5) ** 2 + (xx - 0.5) ** 2
+        img = img * np.clip(1.1 - 1.6 * r2, 0, 1)[..., None]  # vignetting
+        img[r2 > 0.23] = 0.0  # round field of view
+    else:
+        for _ in range(rng.integers(2, 5)):  # specular glare
+            gy, gx = rng.uniform(0.1, 0.9, size=2)
+            img[_blob(yy, xx, gy, gx, 0.025, 0.04) < 1] = 1.0
+        img[:, : size // 12] = 0.0  # black side bands of a wide sensor
+        img[:, -(size // 12):] = 0.0
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+    out = Image.fromarray((img * 255).astype(np.uint8))
+    if capsule:  # capsule cameras resolve less: down- and up-sample
+        out = out.resize((size // 2, size // 2), Image.Resampling.BILINEAR).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def write_source(root: Path, source: str, seed: int = 0, size: int = 64,
+                 split_sizes: dict[str, int] = SPLIT_SIZES) -> Path:
+    """Write ``root/<source>/{train,val,test}/<class>/<n>.jpg``; returns the source folder."""
+    rng = np.random.default_rng([seed, SOURCES.index(source)])
+    out = Path(root) / source
+    for split, n in split_sizes.items():
+        for finding in CLASSES:
+            folder = out / split / finding
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(render(finding, source, rng, size)).save(folder / f"{source}_{split}_{i:04d}.jpg",
+                                                                         quality=92)
+    return out

@@ -1,0 +1,32 @@
+"""Typed errors. Library code raises these with the offending value and the fix; only the CLI
+turns them into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+
+class GiDeployError(Exception):
+    """Base class: every error gi-deploy raises on purpose derives from this."""
+
+
+class ConfigError(GiDeployError, ValueError):
+    """A configuration field has an invalid value."""
+
+
+class DataError(GiDeployError):
+    """A dataset folder, image or label does not have the expected layout or content."""
+
+
+class WeightsError(GiDeployError):
+    """Base weights could not be obtained or do not match the model."""
+
+
+class VerificationError(GiDeployError):
+    """A conversion (merge, ONNX, fp16) produced outputs outside its tolerance. Nothing was written."""
+
+
+class BundleError(GiDeployError):
+    """A run directory or deployment bundle is missing, incomplete or inconsistent."""
+
+
+class DependencyError(GiDeployError, ImportError):
+    """An optional dependency needed by this command is not installed."""

@@ -1,0 +1,86 @@
+"""Image decoding and preprocessing, shared by training, export and the runtime.
+
+Training and inference must see the same pixels, so there is exactly one implementation,
+written with Pillow and numpy only (no torch), and its parameters travel in every manifest
+as a :class:`PreprocessSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from gi_deploy.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+_INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model's input: RGB, resize straight to ``size`` (no crop, as
+    the seed paper resizes to 224x224), scale to [0, 1], normalise by ``mean``/``std``, NCHW."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ConfigError(f"preprocess size must be (height, width) >= 1, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"mean/std must be 3 values with std > 0, got {self.mean}/{self.std}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ConfigError(
+                f"interpolation {self.interpolation!r} unknown; use one of {sorted(_INTERPOLATIONS)}"
+            )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resize": "direct", "layout": "NCHW", "color": "RGB", "scale": "1/255"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessSpec:
+        return cls(
+            size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+        )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image file to RGB. Raises DataError naming the file and the reason."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def to_input(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, H, W), resized and normalised per ``spec``."""
+    h, w = spec.size
+    if img.size != (w, h):
+        img = img.resize((w, h), _INTERPOLATIONS[spec.interpolation])
+    x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_input(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    """Decode ``path`` and preprocess it: float32 (3, H, W). Raises DataError for bad files."""
+    return to_input(load_rgb(path), spec)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files under ``folder`` (recursive, sorted, hidden files skipped)."""
+    if not folder.is_dir():
+        raise DataError(f"not a folder: {folder}")
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )

@@ -1,0 +1,138 @@
+"""Build the timm backbone (hub weights, a local file, or random init) and wrap it with peft LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gi_deploy.errors import ConfigError, WeightsError
+from gi_deploy.training.config import LoraSettings
+
+
+@dataclass
+class BaseWeights:
+    """Where the backbone's weights came from, so export can rebuild exactly the same base.
+
+    ``fingerprint`` hashes every backbone tensor (the classifier excluded, since it is replaced),
+    and export refuses a rebuilt base whose fingerprint differs."""
+
+    kind: str  # "hub" | "file" | "random"
+    ref: str | None
+    license: str
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def classifier_name(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "head.fc")
+
+
+def state_fingerprint(model: nn.Module, exclude_prefix: str | None = None) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every state tensor, sorted by name."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if exclude_prefix and name.startswith(exclude_prefix + "."):
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[-1]}*")[:8]
+        raise ConfigError(f"timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint (timm/torch ``.pth``/``.bin``/``.safetensors``, raw or under a
+    ``state_dict``/``model`` key) into every backbone tensor; the classifier is left as built.
+
+    Raises WeightsError when the file cannot be read or does not cover the backbone exactly."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    head = classifier_name(model)
+    state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        details = [f"{label}: {show(keys)}" for label, keys in
+                   (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+        raise WeightsError(f"weights file {path} does not match model "
+                           f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: "
+                           + "; ".join(details) + ". Pass the --model the checkpoint was trained as.")
+    model.load_state_dict(state, strict=False)
+
+
+def create_base_model(name: str, num_classes: int, pretrained: bool = True,
+                      weights: Path | None = None) -> tuple[nn.Module, BaseWeights]:
+    """``timm.create_model(name, num_classes=...)`` with weights from a local file (``weights``),
+    the Hugging Face hub (``pretrained``), or random init. Raises WeightsError with the fix
+    (``--weights`` / ``--no-pretrained``) when the hub cannot be reached."""
+    import timm
+    from huggingface_hub.errors import HfHubHTTPError
+
+    _check_model_name(name)
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        load_weights_file(model, Path(weights))
+        kind, ref, license_ = "file", str(Path(weights).resolve()), "see the weights file's origin"
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes)
+        except (OSError, HfHubHTTPError) as e:
+            raise WeightsError(
+                f"could not download pretrained weights for {name!r} from the Hugging Face hub ({e}). "
+                "Offline? Pass a local checkpoint with --weights PATH, or train from random init with "
+                "--no-pretrained.") from e
+        cfg = model.pretrained_cfg
+        kind, ref = "hub", cfg.get("hf_hub_id") or cfg.get("url") or name
+        license_ = cfg.get("license", "unknown")
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        kind, ref, license_ = "random", None, "none (random init)"
+    fp = state_fingerprint(model, exclude_prefix=classifier_name(model))
+    return model, BaseWeights(kind=kind, ref=ref, license=license_, fingerprint=fp)
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wrap ``model`` with peft LoRA; check first that every target matches a mergeable module."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, _ in model.named_modules()]
+    for target in lora.target_modules:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise ConfigError(f"LoRA target {target!r} matched no module; module names are: {', '.join(leaves)}")
+        grouped = [n for n in hits if isinstance(model.get_submodule(n), nn.Conv2d)
+                   and model.get_submodule(n).groups > 1]
+        if grouped:  # peft cannot merge LoRA into grouped (depthwise) convolutions
+            raise ConfigError(f"LoRA target {target!r} matches grouped convolutions ({grouped[0]}, ...) "
+                              "which cannot be merged; target the block MLP fc1/fc2")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), modules_to_save=list(lora.modules_to_save))
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
