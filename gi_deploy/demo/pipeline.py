@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gi_deploy.demo.synthetic import SOURCES, write_source
+from gi_deploy.demo.synthetic import SOURCES, SPLIT_SIZES, write_source
 from gi_deploy.export.bundle import ExportConfig, export_runs
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.training.config import TrainConfig
@@ -40,6 +40,7 @@ class DemoConfig:
     batch_size: int = 16
     seed: int = 0
     sources: tuple[str, ...] = SOURCES
+    split_sizes: dict[str, int] = field(default_factory=lambda: dict(SPLIT_SIZES))  # images per class
 
 
 @dataclass
@@ -68,7 +69,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     data, runs, deploy = out / "data", out / "runs", out / "deploy"
     shutil.rmtree(data, ignore_errors=True)
     for source in cfg.sources:
-        write_source(data, source, seed=cfg.seed, size=cfg.image_px)
+        write_source(data, source, seed=cfg.seed, size=cfg.image_px, split_sizes=cfg.split_sizes)
     _pool(data, cfg.sources, data / "pooled")
     say(f"data: synthetic {', '.join(cfg.sources)} images under {data}")
     result = DemoResult(out_dir=out, seconds=0.0)

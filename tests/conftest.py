@@ -1,0 +1,49 @@
+"""Shared tiny fixtures: a synthetic two-class-plus dataset at 32 px and one trained LoRA run.
+
+Everything is deterministic (fixed seeds) and small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_MODEL = "convnextv2_atto"
+TINY_PX = 32
+TINY_SPLITS = {"train": 6, "val": 2, "test": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """``<tmp>/capsule/{train,val,test}/<class>/*.jpg``: 4 classes, 11 images each, 32 px."""
+    from gi_deploy.demo.synthetic import write_source
+
+    return write_source(tmp_path_factory.mktemp("data"), "capsule", seed=1, size=TINY_PX, split_sizes=TINY_SPLITS)
+
+
+def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
+    from gi_deploy.training.config import TrainConfig
+
+    kwargs = dict(source="capsule", data_dir=data_dir, method="lora", model=TINY_MODEL, pretrained=False,
+                  img_size=TINY_PX, epochs=1, batch_size=8, lr=1e-3, out_dir=out_dir, device="cpu")
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A finished one-epoch LoRA run on ``tiny_data`` (random-init base)."""
+    from gi_deploy.training.trainer import train
+
+    result = train(tiny_train_config(tiny_data, tmp_path_factory.mktemp("runs")))
+    return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_deploy(tiny_run, tmp_path_factory) -> Path:
+    """A deploy folder holding the verified fp32 + fp16 bundle of ``tiny_run``."""
+    from gi_deploy.export.bundle import export_source
+
+    deploy = tmp_path_factory.mktemp("deploy")
+    export_source(tiny_run, deploy / "capsule", fp16=True)
+    return deploy

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch import nn
+
+from gi_deploy.errors import ConfigError, WeightsError
+from gi_deploy.training.config import LoraSettings, TrainConfig
+from gi_deploy.training.model import apply_lora, count_parameters, create_base_model, state_fingerprint
+
+
+@pytest.mark.parametrize("name,layer_type", [("convnextv2_atto", nn.Conv2d), ("convnextv2_tiny", nn.Linear)])
+def test_lora_targets_fc1_fc2_and_trains_the_new_head(name, layer_type):
+    """atto builds its MLP from 1x1 convs, tiny and larger from Linear: both must be adapted."""
+    model, _ = create_base_model(name, num_classes=5, pretrained=False)
+    n_blocks = sum(1 for n, _ in model.named_modules() if n.endswith(".mlp"))
+    peft_model = apply_lora(model, LoraSettings())
+    lora_layers = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert len(lora_layers) == 2 * n_blocks
+    assert all(n.endswith(("mlp.fc1", "mlp.fc2")) for n in lora_layers)
+    fc1 = next(m for n, m in peft_model.named_modules() if n.endswith("mlp.fc1") and hasattr(m, "base_layer"))
+    assert isinstance(fc1.base_layer, layer_type)
+    assert fc1.lora_A["default"].weight.shape[0] == 16 and fc1.scaling["default"] == 2.0  # alpha 32 / r 16
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("head.fc" in n and n.endswith("weight") for n in trainable)  # the new head trains
+    assert all("lora_" in n or "head.fc" in n for n in trainable)  # and nothing else but adapters
+
+
+def test_paper_trainable_parameter_count_for_convnextv2_base():
+    """2,887,680 LoRA parameters (the paper's count) plus the 11-class head."""
+    model, _ = create_base_model("convnextv2_base", num_classes=11, pretrained=False)
+    trainable, total = count_parameters(apply_lora(model, LoraSettings()))
+    assert trainable == 2_887_680 + 1024 * 11 + 11
+    assert total > 88_000_000
+
+
+def test_unknown_target_and_grouped_conv_fail_fast():
+    model, _ = create_base_model("convnextv2_atto", num_classes=3, pretrained=False)
+    with pytest.raises(ConfigError, match="target 'qkv' matched no module; module names are: .*fc1"):
+        apply_lora(model, LoraSettings(target_modules=("qkv",)))
+    with pytest.raises(ConfigError, match="grouped convolutions"):
+        apply_lora(model, LoraSettings(target_modules=("conv_dw",)))
+
+
+def test_offline_pretrained_names_both_fixes(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(WeightsError) as e:
+        create_base_model("convnextv2_atto", num_classes=3, pretrained=True)
+    assert "--weights" in str(e.value) and "--no-pretrained" in str(e.value)
+
+
+def test_weights_file_loads_backbone_and_replaces_head(tmp_path):
+    from safetensors.torch import save_file
+
+    src, _ = create_base_model("convnextv2_atto", num_classes=7, pretrained=False)
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model, info = create_base_model("convnextv2_atto", num_classes=3, pretrained=True, weights=path)
+    assert info.kind == "file" and model.head.fc.out_features == 3
+    assert torch.equal(model.stem[0].weight, src.stem[0].weight)
+    assert info.fingerprint == state_fingerprint(src, exclude_prefix="head.fc")
+
+
+def test_weights_file_for_another_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    other, _ = create_base_model("convnextv2_femto", num_classes=3, pretrained=False)
+    path = tmp_path / "femto.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(WeightsError, match="does not match model .*wrong shape.*--model"):
+        create_base_model("convnextv2_atto", num_classes=3, weights=path)
+
+
+def test_config_reports_every_problem_at_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(source="k", data_dir=tmp_path / "missing", method="prompt", epochs=0, lr=-1.0,
+                    weights=tmp_path / "none.pth")
+    msg = str(e.value)
+    for part in ("method 'prompt'", "epochs must be >= 1", "lr must be > 0", "is not a folder", "none.pth"):
+        assert part in msg
