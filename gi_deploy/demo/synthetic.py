@@ -16,7 +16,7 @@ from PIL import Image
 
 CLASSES = ("normal", "polyp", "ulcer", "bleeding")
 SOURCES = ("capsule", "endoscope")
-SPLIT_SIZES = {"train": 40, "val": 10, "test": 15}
+SPLIT_SIZES = {"train": 60, "val": 15, "test": 30}
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:

@@ -13,9 +13,9 @@ import numpy as np
 
 from gi_deploy._io import write_json
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.bundle import Bundle, load_bundle, resolve_bundle_dir
+from gi_deploy.runtime.bundle import load_bundle, resolve_bundle_dir
 from gi_deploy.runtime.metrics import classification_metrics
-from gi_deploy.runtime.preprocess import list_images, load_input
+from gi_deploy.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, list_images, load_input
 
 CSV_COLUMNS = ("path", "true_label", "predicted", "confidence", "error")
 
@@ -64,25 +64,25 @@ def true_label(rel: Path, classes: list[str]) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in classes else None
 
 
-def _decode(args: tuple[Path, object]) -> np.ndarray | DataError:
-    path, spec = args
+def _decode(path: Path, spec: PreprocessSpec) -> np.ndarray | DataError:
     try:
         return load_input(path, spec)
     except DataError as e:  # an unreadable file becomes an error row; the run goes on
         return e
 
 
-def _batches(paths: list[Path], bundle: Bundle, cfg: InferConfig) -> Iterator[list[tuple[Path, object]]]:
+def _batches(paths: list[Path], spec: PreprocessSpec, cfg: InferConfig,
+             ) -> Iterator[list[tuple[Path, np.ndarray | DataError]]]:
+    """Decoded batches in order; the next batch decodes on a thread pool while the current one
+    runs, so at most two batches of pixels are in memory whatever the folder's size."""
+    chunks = [paths[i:i + cfg.batch_size] for i in range(0, len(paths), cfg.batch_size)]
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        decoded = pool.map(_decode, ((p, bundle.preprocess) for p in paths))
-        batch: list[tuple[Path, object]] = []
-        for path, item in zip(paths, decoded):
-            batch.append((path, item))
-            if len(batch) == cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        def submit(chunk: list[Path]) -> list:
+            return [pool.submit(_decode, p, spec) for p in chunk]
+        pending = submit(chunks[0]) if chunks else []
+        for i, chunk in enumerate(chunks):
+            current, pending = pending, (submit(chunks[i + 1]) if i + 1 < len(chunks) else [])
+            yield [(p, f.result()) for p, f in zip(chunk, current)]
 
 
 def infer_folder(cfg: InferConfig) -> InferResult:
@@ -94,7 +94,7 @@ def infer_folder(cfg: InferConfig) -> InferResult:
     bundle = load_bundle(resolve_bundle_dir(cfg.deploy_dir, cfg.source), cfg.precision, cfg.device)
     paths = list_images(cfg.folder)
     if not paths:
-        raise DataError(f"no images ({', '.join(sorted({'.jpg', '.png'}))} ...) found under {cfg.folder}")
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.folder}")
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
     y_true: list[int] = []
     y_pred: list[int] = []
@@ -102,7 +102,7 @@ def infer_folder(cfg: InferConfig) -> InferResult:
     with open(cfg.out_csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
-        for batch in _batches(paths, bundle, cfg):
+        for batch in _batches(paths, bundle.preprocess, cfg):
             good = [x for _, x in batch if isinstance(x, np.ndarray)]
             probs = iter(softmax(bundle.predict_logits(np.stack(good))) if good else ())
             for path, item in batch:  # rows keep the folder's sorted order
