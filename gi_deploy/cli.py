@@ -88,6 +88,7 @@ def train_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Runs folder.")] = Path("runs"),
     device: Annotated[Device, typer.Option()] = Device.auto,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of this source.")] = False,
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter and a run manifest."""
     from gi_deploy.training.config import TrainConfig
@@ -105,7 +106,8 @@ def train_cmd(
     with reported():
         cfg = TrainConfig(source=source, data_dir=data_dir, method=method.value, model=model, pretrained=pretrained,
                           weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size,
-                          patience=patience, seed=seed, out_dir=out_dir, device=device.value, num_workers=num_workers)
+                          patience=patience, seed=seed, out_dir=out_dir, device=device.value, num_workers=num_workers,
+                          overwrite=overwrite)
         result = train(cfg, report=report)
     rows = {"val (best epoch %d)" % result.best_epoch: result.best_val}
     if result.test:

@@ -74,7 +74,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     say(f"data: synthetic {', '.join(cfg.sources)} images under {data}")
     result = DemoResult(out_dir=out, seconds=0.0)
     common = dict(model=MODEL, img_size=cfg.img_size, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=runs,
-                  device="cpu")
+                  device="cpu", overwrite=True)  # the demo regenerates its data, so its runs are stale
     say(f"train {BASE}: {MODEL} from random init, full fine-tuning on all sources pooled")
     r = train(TrainConfig(source=BASE, data_dir=data / "pooled", method="full", pretrained=False,
                           epochs=cfg.base_epochs, patience=cfg.base_epochs, lr=cfg.base_lr, **common))

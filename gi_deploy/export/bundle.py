@@ -94,6 +94,12 @@ def _file_entry(path: Path, **extra) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
 
 
+def _trained_artifact_hash(run_dir: Path, method: str) -> str:
+    """sha256 of what training saved: the adapter weights (LoRA) or the whole model (full)."""
+    return sha256_file(run_dir / ADAPTER_DIR / "adapter_model.safetensors" if method == "lora"
+                       else run_dir / FULL_WEIGHTS)
+
+
 def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: bool = False,
                   opset: int = onnx_export.OPSET) -> dict:
     """Export one run to ``bundle_dir``; returns the bundle manifest. Raises VerificationError
@@ -159,7 +165,8 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
             "adapter": manifest["config"]["lora"] if method == "lora" else None,
             "training": {"run_dir": str(run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
                          ("epoch", "accuracy", "f1_weighted", "mcc")},
-                         "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST)},
+                         "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
+                         "artifact_sha256": _trained_artifact_hash(run_dir, method)},
             "versions": library_versions(*VERSIONED_LIBS),
         }
         write_json(staging / MANIFEST_NAME, bundle)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gi_deploy.errors import ConfigError, DataError
 
@@ -52,10 +52,11 @@ class PreprocessSpec:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to RGB. Raises DataError naming the file and the reason."""
+    """Decode an image file to upright RGB. Raises DataError naming the file and the reason."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            # apply the EXIF orientation, so a rotated JPEG is seen upright by training and runtime alike
+            return ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 

@@ -57,6 +57,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     hflip: bool = True
     rotation_degrees: float = 10.0
+    overwrite: bool = False  # replace a finished run in run_dir instead of refusing
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:

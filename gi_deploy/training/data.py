@@ -93,7 +93,7 @@ def _stratified_take(items: list[tuple[str, int]], fraction: float, rng: random.
 def discover_splits(data_dir: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
                     seed: int = 0) -> DatasetSplits:
     """Find classes and splits under ``data_dir``; raises DataError showing the expected tree."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).resolve()  # stored in the run manifest: must not depend on the cwd
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist\n{EXPECTED_LAYOUT}")
     split_dirs = {name: next((data_dir / a for a in aliases if (data_dir / a).is_dir()), None)

@@ -103,6 +103,25 @@ def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: 
     return train, val, test
 
 
+def _check_run_dir(cfg: TrainConfig) -> None:
+    if (cfg.run_dir / RUN_MANIFEST).exists() and not cfg.overwrite:
+        raise ConfigError(f"{cfg.run_dir} already holds a run; pass --overwrite to replace it, or choose "
+                          "another --out or source name")
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder. With ``cfg.overwrite``, a previous run there is removed whole, so no
+    stale adapter or base of it can mix with the new one; called only once the new base is built."""
+    run_dir = cfg.run_dir
+    _check_run_dir(cfg)
+    if (run_dir / RUN_MANIFEST).exists():
+        for name in (RUN_MANIFEST, FULL_WEIGHTS, RANDOM_BASE_WEIGHTS):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def train(cfg: TrainConfig, report: Callable[[str, dict], None] | None = None) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.source``; returns the best-validation result.
 
@@ -111,18 +130,17 @@ def train(cfg: TrainConfig, report: Callable[[str, dict], None] | None = None) -
     split sizes, device) and after each ``"epoch"`` (that epoch's record), for progress output."""
     report = report or (lambda event, data: None)
     t0 = time.time()
+    _check_run_dir(cfg)  # before any heavy work
     device = resolve_device(cfg.device)
     ds = discover_splits(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     seed_everything(cfg.seed)
     model, base = create_base_model(cfg.model, len(ds.classes), cfg.pretrained, cfg.weights)
-    cfg_data = model.pretrained_cfg
-    spec = PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(cfg_data["mean"]),
-                          std=tuple(cfg_data["std"]))
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    head = classifier_name(model)
+    spec = PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
+                          std=tuple(model.pretrained_cfg["std"]))
+    run_dir = _prepare_run_dir(cfg)
     if base.kind == "random":  # nothing else could rebuild this base at export time
         from safetensors.torch import save_file
-        head = classifier_name(model)
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(head + ".")},
                   str(run_dir / RANDOM_BASE_WEIGHTS))
         base.ref = RANDOM_BASE_WEIGHTS
@@ -138,13 +156,13 @@ def train(cfg: TrainConfig, report: Callable[[str, dict], None] | None = None) -
         "format": "gi-deploy-run", "format_version": RUN_FORMAT_VERSION, "created": utc_now(),
         "source": cfg.source, "config": cfg.to_dict(), "device": str(device), "classes": ds.classes,
         "preprocess": spec.to_dict(), "base_weights": base.to_dict(),
-        "model": {"name": cfg.model, "num_classes": len(ds.classes), "classifier": classifier_name(model.get_base_model()
-                  if cfg.method == "lora" else model)},
+        "model": {"name": cfg.model, "num_classes": len(ds.classes), "classifier": head},
         "params": {"trainable": trainable, "total": total},
         "artifact": ADAPTER_DIR if cfg.method == "lora" else FULL_WEIGHTS,
         "splits": ds.to_dict(), "versions": library_versions(*VERSIONED_LIBS),
         "history": [], "best": None, "test": None, "status": "training",
     }
+    write_json(run_dir / RUN_MANIFEST, manifest)  # a crash before the first epoch leaves a run export refuses
     report("start", {"trainable": trainable, "total": total, "classes": ds.classes, "counts": ds.counts(),
                      "device": str(device), "base_weights": base.kind, "layout": ds.layout})
     best_acc, best_epoch, stale = -1.0, 0, 0

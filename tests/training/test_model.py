@@ -78,3 +78,8 @@ def test_config_reports_every_problem_at_once(tmp_path):
     msg = str(e.value)
     for part in ("method 'prompt'", "epochs must be >= 1", "lr must be > 0", "is not a folder", "none.pth"):
         assert part in msg
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ConfigError, match="timm has no model 'convnextv2_bse'; similar: .*convnextv2_base"):
+        create_base_model("convnextv2_bse", num_classes=3, pretrained=False)
