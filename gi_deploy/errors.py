@@ -24,6 +24,17 @@ class VerificationError(GiDeployError):
     """A conversion (merge, ONNX, fp16) produced outputs outside its tolerance. Nothing was written."""
 
 
+class ExportFailed(GiDeployError):
+    """One or more sources failed to export; the others were exported. Carries both."""
+
+    def __init__(self, exported: dict[str, dict], failures: dict[str, Exception]):
+        self.exported, self.failures = exported, failures
+        lines = [f"{len(failures)} source(s) failed to export"
+                 + (f" ({', '.join(exported)} exported fine)" if exported else "") + ":"]
+        lines += [f"  {source}: {error}" for source, error in failures.items()]
+        super().__init__("\n".join(lines))
+
+
 class BundleError(GiDeployError):
     """A run directory or deployment bundle is missing, incomplete or inconsistent."""
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gi_deploy._io import library_versions, sha256_file, utc_now, write_json
-from gi_deploy.errors import BundleError, ConfigError, DataError, VerificationError
+from gi_deploy.errors import BundleError, ConfigError, DataError, ExportFailed, GiDeployError, VerificationError
 from gi_deploy.export import onnx_export
 from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
@@ -183,7 +183,18 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
 
 
 def export_runs(cfg: ExportConfig) -> dict[str, dict]:
-    """Export every requested source; returns {source: bundle manifest}. Stops at the first
-    failure, keeping the bundles already written."""
-    return {source: export_source(cfg.runs_dir / source, cfg.deploy_dir / source, cfg.merge, cfg.fp16, cfg.opset)
-            for source in cfg.resolve_sources()}
+    """Export every requested source; returns {source: bundle manifest}.
+
+    A source that fails does not stop the others: their bundles are written, and then
+    ExportFailed lists every failed source with its reason."""
+    bundles: dict[str, dict] = {}
+    failures: dict[str, GiDeployError] = {}
+    for source in cfg.resolve_sources():
+        try:
+            bundles[source] = export_source(cfg.runs_dir / source, cfg.deploy_dir / source, cfg.merge, cfg.fp16,
+                                            cfg.opset)
+        except GiDeployError as e:
+            failures[source] = e
+    if failures:
+        raise ExportFailed(bundles, failures)
+    return bundles

@@ -7,11 +7,20 @@ import pytest
 import torch
 
 from gi_deploy._io import sha256_file
-from gi_deploy.errors import BundleError, VerificationError, WeightsError
+from gi_deploy.errors import BundleError, ExportFailed, VerificationError
 from gi_deploy.export import onnx_export
 from gi_deploy.export.bundle import ExportConfig, export_runs, export_source
 from gi_deploy.runtime.bundle import load_bundle
 from gi_deploy.training.run import RANDOM_BASE_WEIGHTS, load_run_model
+
+
+def test_adapter_under_test_has_nonzero_b(tiny_run):
+    """peft starts LoRA B at zero; a merge check on such an adapter could not fail."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
+    b = [v for k, v in state.items() if "lora_B" in k]
+    assert b and all(v.abs().max() > 0 for v in b)
 
 
 def test_bundle_is_verified_and_self_describing(tiny_run, tiny_deploy):
@@ -71,7 +80,7 @@ def test_changed_base_weights_are_detected(tiny_run, tmp_path):
     state = load_file(str(run / RANDOM_BASE_WEIGHTS))
     state["stem.0.weight"] += 0.01
     save_file(state, str(run / RANDOM_BASE_WEIGHTS))
-    with pytest.raises(WeightsError, match="differs from the one it was trained on"):
+    with pytest.raises(ExportFailed, match="differs from the one it was trained on"):
         export_runs(ExportConfig(runs_dir=tmp_path / "runs", deploy_dir=tmp_path / "deploy"))
     assert not (tmp_path / "deploy" / "capsule").exists()
 
@@ -79,3 +88,15 @@ def test_changed_base_weights_are_detected(tiny_run, tmp_path):
 def test_unknown_source_lists_trained_ones(tiny_run, tmp_path):
     with pytest.raises(BundleError, match="no trained run for kvasir .*trained: capsule"):
         ExportConfig(runs_dir=tiny_run.parent, sources=["kvasir"]).resolve_sources()
+
+
+def test_one_failing_source_does_not_stop_the_others(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "capsule")
+    shutil.copytree(tiny_run, runs / "broken")
+    (runs / "broken" / RANDOM_BASE_WEIGHTS).unlink()
+    with pytest.raises(ExportFailed, match=r"broken: .*base weights this run was trained from are gone") as e:
+        export_runs(ExportConfig(runs_dir=runs, deploy_dir=tmp_path / "deploy"))
+    assert set(e.value.exported) == {"capsule"} and set(e.value.failures) == {"broken"}
+    assert (tmp_path / "deploy" / "capsule" / "model.onnx").is_file()
+    assert not (tmp_path / "deploy" / "broken").exists()
