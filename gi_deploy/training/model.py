@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def _check_model_name(name: str) -> None:
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a local checkpoint (timm/torch ``.pth``/``.bin``/``.safetensors``, raw or under a
-    ``state_dict``/``model`` key) into every backbone tensor; the classifier is left as built.
+    ``state_dict``/``model`` key, in timm's key format or the upstream one timm knows how to remap)
+    into every backbone tensor; the classifier is left as built.
 
     Raises WeightsError when the file cannot be read or does not cover the backbone exactly."""
     from timm.models import load_state_dict
@@ -65,6 +67,14 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         state = load_state_dict(str(path), weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise WeightsError(f"cannot read weights file {path}: {e}") from e
+    # timm's own remapping of upstream checkpoints (e.g. the official ConvNeXt-V2 .pt files,
+    # whose keys are `downsample_layers.*`, `pwconv1`, `grn.gamma`), as timm applies it to hub weights
+    remap = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if remap is not None:
+        try:
+            state = remap(state, model)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise WeightsError(f"weights file {path} could not be mapped onto {type(model).__name__}: {e}") from e
     head = classifier_name(model)
     state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}

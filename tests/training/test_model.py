@@ -83,3 +83,34 @@ def test_config_reports_every_problem_at_once(tmp_path):
 def test_unknown_model_suggests_close_names():
     with pytest.raises(ConfigError, match="timm has no model 'convnextv2_bse'; similar: .*convnextv2_base"):
         create_base_model("convnextv2_bse", num_classes=3, pretrained=False)
+
+
+def _to_upstream_convnext_keys(state: dict) -> dict:
+    """timm ConvNeXt-V2 keys -> the official repository's (facebookresearch/ConvNeXt-V2) format."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        k = k.replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", k)
+        k = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        if "mlp.grn" in k:
+            k = k.replace("mlp.grn.bias", "grn.beta").replace("mlp.grn.weight", "grn.gamma")
+            v = v.reshape(1, 1, 1, -1)
+        if "pwconv" in k and v.ndim == 4:  # upstream uses Linear layers for the 1x1 MLP
+            v = v.flatten(1)
+        k = k.replace("head.norm", "norm").replace("head.fc", "head")
+        out[k] = v
+    return {"model": out}
+
+
+def test_official_upstream_checkpoint_format_loads(tmp_path):
+    src, _ = create_base_model("convnextv2_atto", num_classes=1000, pretrained=False)
+    path = tmp_path / "convnextv2_atto_1k_224_ema.pt"
+    torch.save(_to_upstream_convnext_keys(src.state_dict()), path)
+    model, info = create_base_model("convnextv2_atto", num_classes=4, weights=path)
+    assert info.fingerprint == state_fingerprint(src, exclude_prefix="head.fc")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), src.eval().forward_features(x))
