@@ -43,7 +43,11 @@ def read_json(path: Path, what: str) -> Any:
         raise BundleError(f"{what} {path} is not valid JSON ({e}); re-create it") from e
 
 
-def library_versions(*names: str) -> dict[str, str]:
+# The distributions whose versions every run and bundle manifest records.
+TRACKED_LIBRARIES = ("gi-deploy", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "numpy", "Pillow")
+
+
+def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
     """Installed versions of the named distributions (absent ones are skipped), plus Python."""
     versions = {"python": platform.python_version()}
     for name in names:

@@ -16,12 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gi_deploy._deps import require_training_extra
 from gi_deploy.errors import GiDeployError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
-out = Console()
-err = Console(stderr=True)
+# markup off: paths and messages may hold brackets ("gi-deploy[train]", "scan[2].jpg") that rich would
+# swallow as markup; highlight off: no guessed colours on numbers in paths
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 
 class Method(str, Enum):
@@ -51,7 +54,8 @@ def reported():
     try:
         yield
     except GiDeployError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        # soft_wrap: keep paths and commands unbroken for copy-paste
+        err.print(f"error: {e}", style="red", soft_wrap=True)
         raise typer.Exit(code=1) from None
 
 
@@ -91,6 +95,8 @@ def train_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run of this source.")] = False,
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter and a run manifest."""
+    with reported():
+        require_training_extra("train")
     from gi_deploy.training.config import TrainConfig
     from gi_deploy.training.trainer import train
 
@@ -125,6 +131,8 @@ def export_cmd(
     deploy_dir: Annotated[Path, typer.Option("--out", help="Bundles folder.")] = Path("deploy"),
 ) -> None:
     """Merge each run's adapter, export ONNX, verify it against the un-merged model."""
+    with reported():
+        require_training_extra("export")
     from gi_deploy.export.bundle import ExportConfig, export_runs
 
     with reported():
@@ -159,7 +167,7 @@ def infer_cmd(
         out.print(metrics_table(f"{r.source} on {folder}", {folder.name or str(folder): r.metrics}))
         out.print(f"metrics -> {r.metrics_path}")
     if r.n_errors:
-        err.print(f"[yellow]{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}[/yellow]")
+        err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
 
 
 @app.command("demo")
@@ -167,10 +175,12 @@ def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Where data, runs, bundles and predictions go.")] = Path("gi-deploy-demo"),
 ) -> None:
     """Synthetic two-source demo: base model, one LoRA per source, export, infer, metrics."""
+    with reported():
+        require_training_extra("demo")
     from gi_deploy.demo.pipeline import BASE, DemoConfig, run_demo
 
     with reported():
-        r = run_demo(DemoConfig(out_dir=out_dir), say=lambda s: out.print(f"[bold]demo[/bold] {s}"))
+        r = run_demo(DemoConfig(out_dir=out_dir), say=lambda s: out.print(f"demo: {s}", style="bold"))
     sources = [s for s in r.scores if s != BASE]
     cross = Table(title="Accuracy of each model on each source's test set")
     cross.add_column("model")

@@ -58,3 +58,13 @@ def test_bad_input_fails_with_one_line_not_a_traceback(tmp_path):
     assert r.exit_code == 1 and "no trained runs" in r.output
     r = invoke("infer", tmp_path, "--deploy", tmp_path / "deploy")
     assert r.exit_code == 1 and "no bundles" in r.output
+
+
+def test_training_commands_on_a_runtime_only_install_name_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what a torch-free install looks like to import
+    for args in (("train", "k", "--data-dir", tmp_path), ("export",), ("demo", "--out", tmp_path)):
+        r = invoke(*args)
+        assert r.exit_code == 1, args
+        assert "pip install 'gi-deploy[train]'" in r.output and "peft" in r.output

@@ -30,7 +30,6 @@ from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
 from gi_deploy.training.run import ADAPTER_DIR, FULL_WEIGHTS, RUN_MANIFEST, read_run_manifest, rebuild_base
-from gi_deploy.training.trainer import VERSIONED_LIBS
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
                          ("epoch", "accuracy", "f1_weighted", "mcc")},
                          "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
                          "artifact_sha256": _trained_artifact_hash(run_dir, method)},
-            "versions": library_versions(*VERSIONED_LIBS),
+            "versions": library_versions(),
         }
         write_json(staging / MANIFEST_NAME, bundle)
     except BaseException:

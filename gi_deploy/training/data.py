@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, load_rgb, to_input
+from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_rgb, to_input
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -53,15 +53,10 @@ class DatasetSplits:
         }
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
     found = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = _images_under(d)
+        images = list_images(d)
         if images:
             found[d.name] = images
     return found

@@ -31,11 +31,10 @@ from gi_deploy.runtime.preprocess import PreprocessSpec
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.data import DatasetSplits, ImageDataset, discover_splits
 from gi_deploy.training.model import apply_lora, classifier_name, count_parameters, create_base_model
-from gi_deploy.training.run import ADAPTER_DIR, FULL_WEIGHTS, RANDOM_BASE_WEIGHTS, RUN_FORMAT_VERSION, RUN_MANIFEST, load_run_model
+from gi_deploy.training.run import (ADAPTER_DIR, FULL_WEIGHTS, RANDOM_BASE_WEIGHTS, RUN_FORMAT_VERSION, RUN_MANIFEST,
+                                    load_run_model)
 
 log = logging.getLogger(__name__)
-
-VERSIONED_LIBS = ("gi-deploy", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "numpy", "Pillow")
 
 
 @dataclass
@@ -159,7 +158,7 @@ def train(cfg: TrainConfig, report: Callable[[str, dict], None] | None = None) -
         "model": {"name": cfg.model, "num_classes": len(ds.classes), "classifier": head},
         "params": {"trainable": trainable, "total": total},
         "artifact": ADAPTER_DIR if cfg.method == "lora" else FULL_WEIGHTS,
-        "splits": ds.to_dict(), "versions": library_versions(*VERSIONED_LIBS),
+        "splits": ds.to_dict(), "versions": library_versions(),
         "history": [], "best": None, "test": None, "status": "training",
     }
     write_json(run_dir / RUN_MANIFEST, manifest)  # a crash before the first epoch leaves a run export refuses
