@@ -67,8 +67,9 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log det
 def metrics_table(title: str, rows: dict[str, dict]) -> Table:
     """One row per name: the paper's metrics (weighted averages) plus macro F1."""
     table = Table(title=title)
-    for col in ("", "n", "Acc", "Prec", "Rec", "F1", "F1 macro", "MCC"):
-        table.add_column(col, justify="left" if not col else "right")
+    table.add_column("", no_wrap=True)
+    for col in ("n", "Acc", "Prec", "Rec", "F1", "F1 macro", "MCC"):
+        table.add_column(col, justify="right")
     for name, m in rows.items():
         table.add_row(name, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in (
             "accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "mcc")))
@@ -192,9 +193,9 @@ def demo_cmd(
     out.print(cross)
     rows = {}
     for s in sources:
-        rows[f"{s}: base alone"] = r.scores[BASE][s]
-        rows[f"{s}: {s} LoRA"] = r.scores[s][s]
-    out.print(metrics_table("Per-source test metrics (%; weighted averages as in the paper)", rows))
+        rows[f"{s}: base"] = r.scores[BASE][s]
+        rows[f"{s}: LoRA"] = r.scores[s][s]
+    out.print(metrics_table("Per-source test metrics (%, weighted averages as in the paper)", rows))
     for s in sources:
         trainable, total = r.params[s]
         out.print(f"{s} adapter: {trainable:,} trainable of {total:,}; merged ONNX parity "
