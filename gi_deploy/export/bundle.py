@@ -29,7 +29,8 @@ from gi_deploy.export import onnx_export
 from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
-from gi_deploy.training.run import ADAPTER_DIR, FULL_WEIGHTS, RUN_MANIFEST, read_run_manifest, rebuild_base
+from gi_deploy.training.run import (ADAPTER_DIR, FULL_WEIGHTS, RUN_MANIFEST, attach_trained, read_run_manifest,
+                                    rebuild_base)
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,7 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
     verification: dict = {}
     inputs, inputs_info = verification_batch(manifest, spec)
     x = torch.from_numpy(inputs)
-    if method == "lora":
-        from peft import PeftModel
-        reference = PeftModel.from_pretrained(copy.deepcopy(plain), str(run_dir / ADAPTER_DIR)).eval()
-    else:
-        from safetensors.torch import load_file
-        plain.load_state_dict(load_file(str(run_dir / FULL_WEIGHTS)), strict=True)
-        reference = plain
+    reference = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()  # plain stays the bare base
     with torch.no_grad():
         ref_logits = reference(x).numpy()
     if method == "lora" and merge:

@@ -50,20 +50,24 @@ def rebuild_base(manifest: dict, run_dir: Path) -> nn.Module:
     return model
 
 
+def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
+    """``base`` with the run's trained weights: wrapped by its peft adapter (LoRA, un-merged) or
+    with the full fine-tuned state loaded in place (full)."""
+    run_dir = Path(run_dir)
+    if manifest["config"]["method"] == "lora":
+        from peft import PeftModel
+        adapter = run_dir / ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
+        return PeftModel.from_pretrained(base, str(adapter))
+    from safetensors.torch import load_file
+    base.load_state_dict(load_file(str(run_dir / FULL_WEIGHTS)), strict=True)
+    return base
+
+
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu", manifest: dict | None = None) -> nn.Module:
     """The trained model in eval mode: a peft model (base + adapter, un-merged) for LoRA runs,
     the plain timm model for full fine-tuning."""
     run_dir = Path(run_dir)
     manifest = manifest or read_run_manifest(run_dir)
-    model = rebuild_base(manifest, run_dir)
-    method = manifest["config"]["method"]
-    if method == "lora":
-        from peft import PeftModel
-        adapter = run_dir / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
-        model = PeftModel.from_pretrained(model, str(adapter))
-    else:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(run_dir / FULL_WEIGHTS)), strict=True)
-    return model.to(device).eval()
+    return attach_trained(rebuild_base(manifest, run_dir), manifest, run_dir).to(device).eval()

@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, report: Callable[[str, dict], None] | None = None) -
             break
     test_metrics = None
     if test_loader is not None:
-        best_model = load_run_model(run_dir, device=device)
+        best_model = load_run_model(run_dir, device=device, manifest=manifest)  # what was saved, reloaded
         test_metrics = evaluate(best_model, test_loader, device, ds.classes)
     manifest.update(test=test_metrics, status="done", seconds=round(time.time() - t0, 1))
     write_json(run_dir / RUN_MANIFEST, manifest)
