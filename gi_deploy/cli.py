@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy.errors import GiDeployError
+from gi_deploy.errors import ConfigError, GiDeployError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
@@ -30,6 +30,7 @@ err = Console(stderr=True, markup=False, highlight=False)
 class Method(str, Enum):
     lora = "lora"
     full = "full"
+    linear = "linear"
 
 
 class Device(str, Enum):
@@ -76,51 +77,215 @@ def metrics_table(title: str, rows: dict[str, dict]) -> Table:
     return table
 
 
+class TrainProgress:
+    """Rich progress for training events: a summary at start, a live bar per epoch (batch, loss,
+    img/s) and one line per finished epoch."""
+
+    def __init__(self, source: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.source = source
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(),
+                                 console=out, transient=True)
+        self.task = None
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: str, d: dict) -> None:
+        say = self.progress.console.print
+        if event == "start":
+            if d.get("resumed_from") is not None:
+                say(f"resuming {self.source} after epoch {d['resumed_from']}")
+            say(f"{self.source}: {len(d['classes'])} classes ({d['layout']}), splits {d['counts']}, device "
+                f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})")
+            say(f"base weights: {d['base_weights']}, licence {d['license']}")
+            say(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
+            if d.get("excluded"):
+                say("left out (not in the paper's classes): "
+                    + ", ".join(f"{k} ({v})" for k, v in d["excluded"].items()))
+            for note in d.get("notes", []):
+                err.print(f"warning: {note}", style="yellow")
+        elif event == "batch":
+            info = f"loss {d['loss']:.4f}  {d['img_per_s']:.1f} img/s"
+            if self.task is None or d["step"] == 1:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
+                self.task = self.progress.add_task(f"epoch {d['epoch']}", total=d["steps"], info=info)
+            self.progress.update(self.task, completed=d["step"], info=info)
+        elif event == "epoch":
+            peak = f"  peak {d['peak_mem_mib']:.0f} MiB" if d.get("peak_mem_mib") is not None else ""
+            say(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
+                f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s){peak}"
+                f"{'  *best' if d['best'] else ''}")
+        elif event == "cell":
+            say(f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"
+                + (" (finished earlier, reused)" if d["reused"] else ""))
+
+
+def _train_layers(config: Optional[Path], flags: dict, resume: bool, out_dir: Optional[Path], source: str) -> list[dict]:
+    """Config layers, later winning: the stored config of the run being resumed, --config FILE,
+    then the flags actually given (None = not given)."""
+    from gi_deploy.training.config import load_config_file
+    from gi_deploy.training.run import stored_config
+
+    layers = []
+    if resume:
+        run_dir = (out_dir or Path(load_config_file(config).get("out_dir", "runs") if config else "runs")) / source
+        if (run_dir / "run.json").is_file():
+            layers.append({k: v for k, v in stored_config(run_dir).items()})
+    if config is not None:
+        layers.append(load_config_file(config))
+    layers.append({k: v for k, v in flags.items() if v is not None})
+    return layers
+
+
+def _print_config(cfg) -> None:
+    import yaml
+
+    out.print("resolved config:")
+    out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
+
+
+Opt = typer.Option
+
+
 @app.command("train")
 def train_cmd(
-    source: Annotated[str, typer.Argument(help="Source name; the run goes to OUT/SOURCE.")],
-    data_dir: Annotated[Path, typer.Option(help="ImageFolder tree: <class>/ folders, or train/ val/ test/.")],
-    method: Annotated[Method, typer.Option(help="lora: adapters on fc1/fc2 + new head; full: every weight.")] = Method.lora,
-    model: Annotated[str, typer.Option(help="timm model name.")] = "convnextv2_base",
-    pretrained: Annotated[bool, typer.Option(help="ImageNet weights from the Hugging Face hub.")] = True,
-    weights: Annotated[Optional[Path], typer.Option(help="Local base checkpoint (.pth/.safetensors); overrides --pretrained.")] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    img_size: Annotated[int, typer.Option(help="Input height and width in pixels.")] = 224,
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a val accuracy gain.")] = 5,
-    seed: Annotated[int, typer.Option()] = 0,
-    out_dir: Annotated[Path, typer.Option("--out", help="Runs folder.")] = Path("runs"),
-    device: Annotated[Device, typer.Option()] = Device.auto,
-    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of this source.")] = False,
+    source: Annotated[str, typer.Argument(help="kvasir, gastrovision (built-in layouts, see `gi-deploy sources`) "
+                                               "or any name for an ImageFolder tree; the run goes to OUT/SOURCE.")],
+    data_dir: Annotated[Optional[Path], Opt(help="The dataset folder (layout: `gi-deploy sources`).")] = None,
+    config: Annotated[Optional[Path], Opt(help="YAML or TOML file of settings; flags override it.")] = None,
+    method: Annotated[Optional[Method], Opt(help="lora: adapters on fc1/fc2 + new head; full: every weight; "
+                                                 "linear: the head only.")] = None,
+    model: Annotated[Optional[str], Opt(help="timm model name. (default: convnextv2_base)")] = None,
+    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained",
+                                              help="ImageNet weights from the Hugging Face hub. (default: on)")] = None,
+    weights: Annotated[Optional[Path], Opt(help="Local base checkpoint (.pth/.safetensors); overrides --pretrained.")] = None,
+    epochs: Annotated[Optional[int], Opt(help="Maximum epochs. (default: 30)")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="(default: 32)")] = None,
+    lr: Annotated[Optional[float], Opt(help="AdamW learning rate. (default: 1e-4)")] = None,
+    weight_decay: Annotated[Optional[float], Opt(help="AdamW weight decay. (default: 0.01)")] = None,
+    scheduler: Annotated[Optional[str], Opt(help="none | cosine | plateau (on val accuracy). (default: none)")] = None,
+    img_size: Annotated[Optional[int], Opt(help="Input height and width in pixels. (default: 224)")] = None,
+    resize: Annotated[Optional[str], Opt(help="direct (squash, the paper) | crop (shorter side + centre crop).")] = None,
+    crop_pct: Annotated[Optional[float], Opt(help="With --resize crop: crop size / resize size. (default: 0.875)")] = None,
+    hflip: Annotated[Optional[bool], Opt("--hflip/--no-hflip", help="Random horizontal flip. (default: on)")] = None,
+    vflip: Annotated[Optional[bool], Opt("--vflip/--no-vflip", help="Random vertical flip. (default: off)")] = None,
+    rotation: Annotated[Optional[float], Opt(help="Random rotation range in degrees. (default: 10)")] = None,
+    color_jitter: Annotated[Optional[float], Opt(help="Brightness/contrast/saturation jitter. (default: 0)")] = None,
+    balance: Annotated[Optional[str], Opt(help="Class imbalance: none | weighted-loss | sampler. (default: none)")] = None,
+    label_fraction: Annotated[Optional[float], Opt(help="Train on this share of each class's labels. (default: 1.0)")] = None,
+    split: Annotated[Optional[str], Opt(help="seeded | official-0 | official-1 (kvasir's official folds).")] = None,
+    patience: Annotated[Optional[int], Opt(help="Early stopping: epochs without a val accuracy gain. (default: 5)")] = None,
+    seed: Annotated[Optional[int], Opt(help="(default: 0)")] = None,
+    lora_r: Annotated[Optional[int], Opt(help="LoRA rank. (default: 16)")] = None,
+    lora_alpha: Annotated[Optional[int], Opt(help="LoRA alpha. (default: 32)")] = None,
+    lora_dropout: Annotated[Optional[float], Opt(help="LoRA dropout. (default: 0.1)")] = None,
+    out_dir: Annotated[Optional[Path], Opt("--out", help="Runs folder. (default: runs)")] = None,
+    device: Annotated[Optional[Device], Opt(help="(default: auto)")] = None,
+    amp: Annotated[Optional[str], Opt(help="auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")] = None,
+    channels_last: Annotated[Optional[bool], Opt("--channels-last/--no-channels-last",
+                                                 help="(default: on for CUDA)")] = None,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="torch.compile the model.")] = None,
+    num_workers: Annotated[Optional[int], Opt(help="DataLoader workers. (default: 0 on CPU, up to 8 on CUDA)")] = None,
+    resume: Annotated[bool, Opt(help="Continue an interrupted run from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, Opt(help="Replace an existing run of this source.")] = False,
 ) -> None:
-    """Fine-tune one classifier for SOURCE; save the adapter and a run manifest."""
+    """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
     with reported():
         require_training_extra("train")
     from gi_deploy.training.config import TrainConfig
     from gi_deploy.training.trainer import train
 
-    def report(event: str, d: dict) -> None:
-        if event == "start":
-            out.print(f"{source}: {len(d['classes'])} classes, splits {d['counts']}, device {d['device']}, "
-                      f"base {d['base_weights']}")
-            out.print(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
-        else:
-            out.print(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  val acc {100 * d['val_accuracy']:.2f}"
-                      f"  {d['seconds']:.1f}s{'  *best' if d['best'] else ''}")
-
+    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout)) if v is not None}
+    flags = dict(source=source, data_dir=data_dir, method=method.value if method else None, model=model,
+                 pretrained=pretrained, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct,
+                 hflip=hflip, vflip=vflip, rotation_degrees=rotation, color_jitter=color_jitter, balance=balance,
+                 label_fraction=label_fraction, split=split, patience=patience, seed=seed, lora=lora or None,
+                 out_dir=out_dir, device=device.value if device else None, amp=amp, channels_last=channels_last,
+                 compile=compile, num_workers=num_workers, resume=resume, overwrite=overwrite)
     with reported():
-        cfg = TrainConfig(source=source, data_dir=data_dir, method=method.value, model=model, pretrained=pretrained,
-                          weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size,
-                          patience=patience, seed=seed, out_dir=out_dir, device=device.value, num_workers=num_workers,
-                          overwrite=overwrite)
-        result = train(cfg, report=report)
+        cfg = TrainConfig.from_layers(*_train_layers(config, flags, resume, out_dir, source))
+        _print_config(cfg)
+        with TrainProgress(source) as progress:
+            result = train(cfg, report=progress)
     rows = {"val (best epoch %d)" % result.best_epoch: result.best_val}
     if result.test:
         rows["test"] = result.test
-    out.print(metrics_table(f"{source} ({method.value})", rows))
-    out.print(f"saved {result.run_dir} in {result.seconds:.0f}s")
+    out.print(metrics_table(f"{source} ({cfg.method})", rows))
+    out.print(f"saved {result.run_dir} in {result.seconds:.0f}s (curves.png, metrics.jsonl, splits/)")
+
+
+@app.command("sources")
+def sources_cmd() -> None:
+    """List the built-in data sources: classes, split and the expected folder layout."""
+    from gi_deploy.training.data import EXPECTED_LAYOUT
+    from gi_deploy.training.sources import SOURCES
+
+    for spec in SOURCES.values():
+        out.print(f"{spec.name}: {spec.title}", style="bold", soft_wrap=True)
+        out.print(f"  {len(spec.classes)} classes: {', '.join(spec.classes)}", soft_wrap=True)
+        out.print(f"  left out: {', '.join(spec.excluded)}", soft_wrap=True)
+        out.print(f"  split: {spec.split}", soft_wrap=True)
+        out.print(f"  layout:\n{spec.layout}\n", soft_wrap=True)
+    out.print("any other name: an ImageFolder tree", style="bold", soft_wrap=True)
+    out.print("  " + EXPECTED_LAYOUT.replace("\n", "\n  "), soft_wrap=True)
+
+
+@app.command("compare")
+def compare_cmd(
+    source: Annotated[str, typer.Argument(help="Source to compare methods on (as for `train`).")],
+    data_dir: Annotated[Optional[Path], Opt(help="The dataset folder.")] = None,
+    methods: Annotated[str, Opt(help="Comma-separated: lora,full,linear.")] = "lora,full,linear",
+    label_fractions: Annotated[str, Opt(help="Comma-separated shares of the labels, e.g. 0.01,0.1,1.0.")] = "1.0",
+    config: Annotated[Optional[Path], Opt(help="YAML or TOML file of training settings (as for `train`).")] = None,
+    model: Annotated[Optional[str], Opt(help="timm model name. (default: convnextv2_base)")] = None,
+    pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained")] = None,
+    weights: Annotated[Optional[Path], Opt(help="Local base checkpoint.")] = None,
+    epochs: Annotated[Optional[int], Opt()] = None,
+    batch_size: Annotated[Optional[int], Opt()] = None,
+    lr: Annotated[Optional[float], Opt()] = None,
+    img_size: Annotated[Optional[int], Opt()] = None,
+    seed: Annotated[Optional[int], Opt()] = None,
+    out_dir: Annotated[Optional[Path], Opt("--out", help="Runs folder; the grid goes to OUT/SOURCE-compare.")] = None,
+    device: Annotated[Optional[Device], Opt()] = None,
+    overwrite: Annotated[bool, Opt(help="Retrain cells that already finished.")] = False,
+) -> None:
+    """Train every method x label fraction on SOURCE and write one table (CSV + Markdown)."""
+    with reported():
+        require_training_extra("compare")
+    from gi_deploy.training.compare import compare
+    from gi_deploy.training.config import TrainConfig
+
+    flags = dict(source=source, data_dir=data_dir, model=model, pretrained=pretrained, weights=weights,
+                 epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed, out_dir=out_dir,
+                 device=device.value if device else None, overwrite=overwrite)
+    with reported():
+        try:
+            fractions = [float(f) for f in label_fractions.split(",") if f.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--label-fractions {label_fractions!r}: {e}") from None
+        base = TrainConfig.from_layers(*_train_layers(config, flags, False, out_dir, source))
+        _print_config(base)
+        with TrainProgress(source) as progress:
+            result = compare(base, [m.strip() for m in methods.split(",") if m.strip()], fractions, report=progress)
+    table = Table(title=f"{source}: methods x label fractions")
+    for col in ("method", "labels", "Acc", "F1 (w)", "MCC", "trainable", "artifact MB", "s/epoch", "peak MiB"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for r in result.rows:
+        table.add_row(r["method"], f"{100 * r['label_fraction']:g}%", *(f"{100 * r[k]:.2f}" for k in
+                      ("accuracy", "f1_weighted", "mcc")), f"{r['trainable_params']:,}",
+                      f"{r['artifact_bytes'] / 1e6:.2f}", f"{r['epoch_seconds']:.1f}",
+                      f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a")
+    out.print(table)
+    out.print(f"table -> {result.csv_path}, {result.markdown_path}")
 
 
 @app.command("export")

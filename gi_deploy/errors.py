@@ -41,3 +41,11 @@ class BundleError(GiDeployError):
 
 class DependencyError(GiDeployError, ImportError):
     """An optional dependency needed by this command is not installed."""
+
+
+class TrainingInterrupted(GiDeployError):
+    """Training was stopped (Ctrl-C); the last complete epoch is checkpointed and can be resumed."""
+
+
+class TrainingDiverged(GiDeployError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

@@ -29,8 +29,7 @@ from gi_deploy.export import onnx_export
 from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
-from gi_deploy.training.run import (ADAPTER_DIR, FULL_WEIGHTS, RUN_MANIFEST, attach_trained, read_run_manifest,
-                                    rebuild_base)
+from gi_deploy.training.run import RUN_MANIFEST, artifact_weights, attach_trained, read_run_manifest, rebuild_base
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +93,6 @@ def _file_entry(path: Path, **extra) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
 
 
-def _trained_artifact_hash(run_dir: Path, method: str) -> str:
-    """sha256 of what training saved: the adapter weights (LoRA) or the whole model (full)."""
-    return sha256_file(run_dir / ADAPTER_DIR / "adapter_model.safetensors" if method == "lora"
-                       else run_dir / FULL_WEIGHTS)
-
-
 def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: bool = False,
                   opset: int = onnx_export.OPSET) -> dict:
     """Export one run to ``bundle_dir``; returns the bundle manifest. Raises VerificationError
@@ -160,7 +153,7 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
             "training": {"run_dir": str(run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
                          ("epoch", "accuracy", "f1_weighted", "mcc")},
                          "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
-                         "artifact_sha256": _trained_artifact_hash(run_dir, method)},
+                         "artifact_sha256": sha256_file(artifact_weights(run_dir, method))},
             "versions": library_versions(),
         }
         write_json(staging / MANIFEST_NAME, bundle)

@@ -17,18 +17,25 @@ from gi_deploy.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
+RESIZE_MODES = ("direct", "crop")
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How an image becomes the model's input: RGB, resize straight to ``size`` (no crop, as
-    the seed paper resizes to 224x224), scale to [0, 1], normalise by ``mean``/``std``, NCHW."""
+    """How an image becomes the model's input: RGB, resized, scaled to [0, 1], normalised by
+    ``mean``/``std``, NCHW.
+
+    ``resize="direct"`` resizes straight to ``size`` (the seed paper's 224x224, aspect not kept);
+    ``resize="crop"`` resizes the shorter side to ``size / crop_pct`` and centre-crops ``size``
+    (timm's evaluation transform; keeps the aspect, drops the border)."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    resize: str = "direct"
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -39,15 +46,20 @@ class PreprocessSpec:
             raise ConfigError(
                 f"interpolation {self.interpolation!r} unknown; use one of {sorted(_INTERPOLATIONS)}"
             )
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize {self.resize!r} unknown; use one of {', '.join(RESIZE_MODES)}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "resize": "direct", "layout": "NCHW", "color": "RGB", "scale": "1/255"}
+        return {**asdict(self), "layout": "NCHW", "color": "RGB", "scale": "1/255"}
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
         return cls(
             size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-            interpolation=d.get("interpolation", "bilinear"),
+            interpolation=d.get("interpolation", "bilinear"), resize=d.get("resize", "direct"),
+            crop_pct=d.get("crop_pct", 1.0),
         )
 
 
@@ -61,14 +73,33 @@ def load_rgb(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def to_input(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """RGB PIL image -> float32 array (3, H, W), resized and normalised per ``spec``."""
+def resize_for(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The geometry step of ``spec``: a PIL image of exactly ``spec.size`` (height, width)."""
     h, w = spec.size
-    if img.size != (w, h):
-        img = img.resize((w, h), _INTERPOLATIONS[spec.interpolation])
+    resample = _INTERPOLATIONS[spec.interpolation]
+    if spec.resize == "crop":
+        scale = max(h / img.height, w / img.width) / spec.crop_pct  # shorter side -> size / crop_pct
+        rw, rh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+        if (rw, rh) != img.size:
+            img = img.resize((rw, rh), resample)
+        left, top = (rw - w) // 2, (rh - h) // 2
+        return img.crop((left, top, left + w, top + h))
+    return img if img.size == (w, h) else img.resize((w, h), resample)
+
+
+def normalize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """An RGB PIL image already of ``spec.size`` -> float32 array (3, H, W), scaled and normalised."""
+    if img.size != (spec.size[1], spec.size[0]):
+        raise ConfigError(f"normalize expects a {spec.size[1]}x{spec.size[0]} image, got {img.size[0]}x{img.size[1]}; "
+                          "resize it with resize_for first")
     x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
     x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def to_input(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, H, W): :func:`resize_for`, then :func:`normalize`."""
+    return normalize(resize_for(img, spec), spec)
 
 
 def load_input(path: Path, spec: PreprocessSpec) -> np.ndarray:

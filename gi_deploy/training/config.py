@@ -1,14 +1,27 @@
-"""The training stage's one config object. CLI, Python API and tests all build this."""
+"""The training stage's one config object. CLI, Python API and tests all build this.
+
+Values come from three layers, later ones winning: the defaults here (the seed paper's recipe,
+section 4.2), a ``--config`` file (YAML or TOML, keys = field names, ``[lora]`` as a table),
+and flags given on the command line."""
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gi_deploy.errors import ConfigError
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "linear")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULERS = ("none", "cosine", "plateau")
+BALANCE = ("none", "weighted-loss", "sampler")
+AMP = ("auto", "off", "bf16", "fp16")
+RESIZE = ("direct", "crop")
+SPLITS = ("seeded", "official-0", "official-1")
+# what may change when a run is resumed: where and how fast it runs, and how long it may go on
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "device", "num_workers", "compile", "epochs"})
 
 
 @dataclass
@@ -39,7 +52,7 @@ class TrainConfig:
 
     source: str
     data_dir: Path
-    method: str = "lora"
+    method: str = "lora"  # lora | full | linear (head only)
     model: str = "convnextv2_base"
     pretrained: bool = True
     weights: Path | None = None
@@ -52,19 +65,45 @@ class TrainConfig:
     seed: int = 0
     out_dir: Path = Path("runs")
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    split: str = "seeded"  # kvasir: official-0 / official-1 train on that official fold, test on the other
+    label_fraction: float = 1.0  # keep this share of each class's training images (seeded)
+    resize: str = "direct"  # direct: squash to img_size (the paper); crop: shorter side, centre crop
+    crop_pct: float = 0.875  # with resize=crop: crop img_size out of img_size / crop_pct
     hflip: bool = True
+    vflip: bool = False
     rotation_degrees: float = 10.0
+    color_jitter: float = 0.0
+    scheduler: str = "none"  # none (the paper) | cosine | plateau (on val accuracy)
+    balance: str = "none"  # none | weighted-loss (inverse class frequency) | sampler (balanced batches)
+    amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU
+    channels_last: bool | None = None  # None: on CUDA only
+    compile: bool = False  # torch.compile the model
     overwrite: bool = False  # replace a finished run in run_dir instead of refusing
+    resume: bool = False  # continue an interrupted run from its last checkpoint
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.out_dir = Path(self.out_dir)
         self.weights = Path(self.weights) if self.weights is not None else None
+        if isinstance(self.lora, dict):
+            self.lora = _lora_from_dict(self.lora)
         problems = []
+        for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
+                              ("split", SPLITS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} {getattr(self, name)!r} unknown; use one of {', '.join(allowed)}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            problems.append(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            problems.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.color_jitter < 0 or self.rotation_degrees < 0:
+            problems.append("color_jitter and rotation_degrees must be >= 0")
+        if self.overwrite and self.resume:
+            problems.append("--overwrite and --resume contradict each other: choose one")
         if not self.source or "/" in self.source or self.source.startswith("."):
             problems.append(f"source name {self.source!r} must be a plain folder name")
         if self.method not in METHODS:
@@ -76,7 +115,7 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             problems.append(f"num_workers must be >= 0, got {self.num_workers}")
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
@@ -100,3 +139,68 @@ class TrainConfig:
         d["lora"]["target_modules"] = list(self.lora.target_modules)
         d["lora"]["modules_to_save"] = list(self.lora.modules_to_save)
         return d
+
+    @classmethod
+    def from_layers(cls, *layers: dict) -> TrainConfig:
+        """Build from dicts of field values, later layers overriding earlier ones (defaults <
+        config file < flags). ``lora`` tables merge key by key. Unknown keys are an error."""
+        merged: dict = {}
+        for layer in layers:
+            unknown = sorted(set(layer) - set(FIELDS))
+            if unknown:
+                raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
+            for key, value in layer.items():
+                if key == "lora" and value is not None:
+                    lora = value if isinstance(value, dict) else asdict(value)
+                    merged["lora"] = {**merged.get("lora", {}), **lora}
+                else:
+                    merged[key] = value
+        missing = [k for k in ("source", "data_dir") if merged.get(k) is None]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} not set: give them as arguments/flags or in --config")
+        return cls(**merged)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _lora_from_dict(d: dict) -> LoraSettings:
+    known = {f.name for f in dataclasses.fields(LoraSettings)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown lora key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    d = dict(d)
+    for key in ("target_modules", "modules_to_save"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return LoraSettings(**d)
+
+
+def load_config_file(path: Path) -> dict:
+    """Field values from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file. Keys use the field
+    names (``lr``, ``batch_size``, ...; dashes are accepted for underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    else:
+        raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+
+    def norm(d: dict) -> dict:
+        return {str(k).replace("-", "_"): (norm(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    return norm(data)

@@ -143,6 +143,21 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def apply_method(model: nn.Module, method: str, lora: LoraSettings) -> nn.Module:
+    """Make exactly what ``method`` trains trainable: LoRA adapters + head (``lora``), the
+    classifier only (``linear``, a linear probe), or every weight (``full``)."""
+    if method == "lora":
+        return apply_lora(model, lora)
+    if method == "linear":
+        head = classifier_name(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head + "."))
+        return model
+    if method == "full":
+        return model
+    raise ConfigError(f"method {method!r} unknown; use lora, full or linear")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

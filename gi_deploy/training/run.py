@@ -12,9 +12,57 @@ from gi_deploy.errors import BundleError, WeightsError
 
 RUN_MANIFEST = "run.json"
 RUN_FORMAT_VERSION = 1
-ADAPTER_DIR = "adapter"
-FULL_WEIGHTS = "model.safetensors"
+ADAPTER_DIR = "adapter"  # lora: peft save_pretrained output
+FULL_WEIGHTS = "model.safetensors"  # full: the whole model
+HEAD_WEIGHTS = "head.safetensors"  # linear: the classifier only
 RANDOM_BASE_WEIGHTS = "base_weights.safetensors"
+CHECKPOINT = "checkpoint.pt"  # last complete epoch: trained tensors, optimizer, scheduler, RNG, loop state
+METRICS_JSONL = "metrics.jsonl"
+CURVES_PNG = "curves.png"
+SPLITS_DIR = "splits"
+RUN_FILES = (RUN_MANIFEST, FULL_WEIGHTS, HEAD_WEIGHTS, RANDOM_BASE_WEIGHTS, CHECKPOINT, METRICS_JSONL, CURVES_PNG)
+RUN_DIRS = (ADAPTER_DIR, SPLITS_DIR)
+
+
+def artifact_name(method: str) -> str:
+    """What a run of ``method`` keeps of training: the adapter, the head, or the whole model."""
+    return {"lora": ADAPTER_DIR, "linear": HEAD_WEIGHTS}.get(method, FULL_WEIGHTS)
+
+
+def artifact_weights(run_dir: Path, method: str) -> Path:
+    """The weights file of the run's artifact (hashed into bundle manifests)."""
+    name = artifact_name(method)
+    return Path(run_dir) / name / "adapter_model.safetensors" if name == ADAPTER_DIR else Path(run_dir) / name
+
+
+def artifact_bytes(run_dir: Path, method: str) -> int:
+    """Size on disk of what this run adds to the base model."""
+    path = Path(run_dir) / artifact_name(method)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def save_trained(model: nn.Module, method: str, run_dir: Path, head: str) -> None:
+    """Save only what training changed, atomically: the peft adapter (LoRA), the classifier
+    ``head`` (linear) or the whole model (full). :func:`attach_trained` reads it back."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    if method == "lora":
+        tmp = run_dir / (ADAPTER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
+        tmp.rename(run_dir / ADAPTER_DIR)
+        return
+    state = model.state_dict()
+    if method == "linear":
+        state = {k: v for k, v in state.items() if k.startswith(head + ".")}
+    path = run_dir / artifact_name(method)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
 
 
 def read_run_manifest(run_dir: Path) -> dict:
@@ -51,18 +99,37 @@ def rebuild_base(manifest: dict, run_dir: Path) -> nn.Module:
 
 
 def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
-    """``base`` with the run's trained weights: wrapped by its peft adapter (LoRA, un-merged) or
-    with the full fine-tuned state loaded in place (full)."""
+    """``base`` with the run's trained weights: wrapped by its peft adapter (LoRA, un-merged), or
+    with the trained head (linear) or full fine-tuned state (full) loaded in place."""
     run_dir = Path(run_dir)
-    if manifest["config"]["method"] == "lora":
+    method = manifest["config"]["method"]
+    if method == "lora":
         from peft import PeftModel
         adapter = run_dir / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
         return PeftModel.from_pretrained(base, str(adapter))
     from safetensors.torch import load_file
-    base.load_state_dict(load_file(str(run_dir / FULL_WEIGHTS)), strict=True)
+
+    path = run_dir / artifact_name(method)
+    if not path.is_file():
+        raise BundleError(f"trained weights missing: {path}; the run did not finish an epoch")
+    state = load_file(str(path))
+    if method == "linear":
+        head = manifest["model"]["classifier"]
+        expected = {k for k in base.state_dict() if k.startswith(head + ".")}
+        if set(state) != expected:
+            raise BundleError(f"{path} holds {sorted(state)}, expected the classifier tensors {sorted(expected)}")
+        base.load_state_dict(state, strict=False)
+    else:
+        base.load_state_dict(state, strict=True)
     return base
+
+
+def stored_config(run_dir: Path) -> dict:
+    """The resolved training config a run recorded (for ``--resume``)."""
+    manifest = read_json(Path(run_dir) / RUN_MANIFEST, "run manifest")
+    return dict(manifest["config"])
 
 
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu", manifest: dict | None = None) -> nn.Module:

@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from gi_deploy.errors import DataError
-from gi_deploy.training.data import ImageDataset, discover_splits
+from gi_deploy.training.data import Augment, ImageDataset, discover_splits
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
 
 SPEC = PreprocessSpec(size=(32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -65,7 +65,7 @@ def test_val_class_unknown_to_train_is_refused(tiny_data, tmp_path):
 
 def test_eval_dataset_sees_exactly_the_runtime_pixels(tiny_data):
     ds = discover_splits(tiny_data)
-    dataset = ImageDataset(tiny_data, ds.splits["test"], SPEC, train=False)
+    dataset = ImageDataset(tiny_data, ds.splits["test"], SPEC)
     x, y = dataset[3]
     rel, label = ds.splits["test"][3]
     assert y == label
@@ -74,8 +74,34 @@ def test_eval_dataset_sees_exactly_the_runtime_pixels(tiny_data):
 
 def test_training_augmentation_changes_pixels_but_not_shape(tiny_data):
     ds = discover_splits(tiny_data)
-    dataset = ImageDataset(tiny_data, ds.splits["train"], SPEC, train=True, rotation_degrees=10)
+    dataset = ImageDataset(tiny_data, ds.splits["train"], SPEC, augment=Augment(rotation_degrees=10))
     eval_x = ImageDataset(tiny_data, ds.splits["train"], SPEC)[0][0]
     xs = [dataset[0][0] for _ in range(4)]
     assert all(x.shape == eval_x.shape == (3, 32, 32) for x in xs)
     assert any((x - eval_x).abs().max() > 0.1 for x in xs)
+
+
+@pytest.mark.parametrize("resize", ["direct", "crop"])
+def test_training_geometry_is_the_runtime_geometry(tiny_data, resize):
+    """With augmentation switched off, a training sample is bit-identical to the runtime's input
+    for the same spec, in both resize modes (the crop mode keeps the aspect and drops a border)."""
+    spec = PreprocessSpec(size=(24, 24), mean=SPEC.mean, std=SPEC.std, resize=resize, crop_pct=0.75)
+    ds = discover_splits(tiny_data)
+    still = Augment(hflip=False, rotation_degrees=0)
+    x, _ = ImageDataset(tiny_data, ds.splits["train"], spec, augment=still)[0]
+    assert (x.numpy() == load_input(tiny_data / ds.splits["train"][0][0], spec)).all()
+
+
+def test_crop_resize_keeps_aspect_and_centres():
+    from PIL import Image
+
+    from gi_deploy.runtime.preprocess import resize_for
+
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 50, 100))  # a red band on the left quarter: cropped away
+    spec = PreprocessSpec(size=(50, 50), mean=SPEC.mean, std=SPEC.std, resize="crop", crop_pct=0.5)
+    out = resize_for(img, spec)  # shorter side 100 -> 100 (50 / 0.5), width 200, centre 50x50
+    assert out.size == (50, 50)
+    assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((49, 49)) == (0, 0, 0)
+    direct = resize_for(img, PreprocessSpec(size=(50, 50), mean=SPEC.mean, std=SPEC.std))
+    assert direct.getpixel((2, 25))[0] > 200  # squashed: the red band survives

@@ -10,7 +10,7 @@ from gi_deploy.training.trainer import train
 def test_finished_run_is_not_overwritten_without_asking(tiny_run):
     manifest = (tiny_run / "run.json").read_bytes()
     cfg = tiny_train_config(json.loads(manifest)["config"]["data_dir"], tiny_run.parent)
-    with pytest.raises(ConfigError, match="already holds a run; pass --overwrite"):
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume to continue it, --overwrite"):
         train(cfg)
     assert (tiny_run / "run.json").read_bytes() == manifest
 
