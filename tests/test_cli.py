@@ -68,3 +68,54 @@ def test_training_commands_on_a_runtime_only_install_name_the_extra(monkeypatch,
         r = invoke(*args)
         assert r.exit_code == 1, args
         assert "pip install 'gi-deploy[train]'" in r.output and "peft" in r.output
+
+
+def test_config_file_flags_override_and_resume_of_a_finished_run(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    (tmp_path / "recipe.toml").write_text(
+        f'model = "convnextv2_atto"\npretrained = false\nimg_size = 32\nepochs = 3\nbatch_size = 8\n'
+        f'lr = 1e-3\ndevice = "cpu"\nout_dir = "{runs}"\ndata_dir = "{tiny_data}"\n[lora]\nr = 4\n')
+    r = invoke("train", "capsule", "--config", tmp_path / "recipe.toml", "--epochs", 1, "--lora-alpha", 8)
+    assert r.exit_code == 0, r.output
+    assert "resolved config:" in r.output and "epochs: 1" in r.output
+    run = json.loads((runs / "capsule" / "run.json").read_text())
+    assert run["config"]["epochs"] == 1 and run["config"]["lora"] == {**run["config"]["lora"], "r": 4, "alpha": 8}
+    assert "licence none (random init)" in r.output
+    r = invoke("train", "capsule", "--resume", "--out", runs)  # settings come back from run.json
+    assert r.exit_code == 1 and "already finished; pass --overwrite" in r.output
+
+
+def test_sources_lists_the_built_in_layouts():
+    r = invoke("sources")
+    assert r.exit_code == 0
+    assert "kvasir:" in r.output and "labelled_images/<class>/<videoID>_<frame>.jpg" in r.output
+    assert "gastrovision:" in r.output and "Dyed-lifted-polyps" in r.output and "ImageFolder" in r.output
+
+
+def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_path):
+    import csv
+
+    from gi_deploy.export.bundle import export_source
+
+    args = ("compare", "capsule", "--data-dir", tiny_data, "--methods", "lora,full,linear", "--label-fractions",
+            "0.5,1.0", "--model", "convnextv2_atto", "--no-pretrained", "--img-size", 32, "--epochs", 1,
+            "--batch-size", 8, "--lr", 1e-3, "--device", "cpu", "--out", tmp_path / "runs")
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    grid = tmp_path / "runs" / "capsule-compare"
+    rows = list(csv.DictReader(open(grid / "compare.csv")))
+    assert [(row["method"], float(row["label_fraction"])) for row in rows] == [
+        (m, f) for m in ("lora", "full", "linear") for f in (0.5, 1.0)]
+    by = {(row["method"], float(row["label_fraction"])): row for row in rows}
+    assert by["lora", 0.5]["train_images"] == "12" and by["lora", 1.0]["train_images"] == "24"
+    trainable = {m: int(by[m, 1.0]["trainable_params"]) for m in ("linear", "lora", "full")}
+    size = {m: int(by[m, 1.0]["artifact_bytes"]) for m in ("linear", "lora", "full")}
+    assert trainable["linear"] < trainable["lora"] < trainable["full"] and size["linear"] < size["lora"] < size["full"]
+    assert all(row["eval_split"] == "test" and 0 <= float(row["accuracy"]) <= 1 for row in rows)
+    assert "| linear | 50% | 12 |" in (grid / "compare.md").read_text()
+
+    r = invoke(*args)  # everything finished: nothing is retrained
+    assert r.exit_code == 0 and r.output.count("finished earlier, reused") == 6
+
+    bundle = export_source(grid / "linear-1" / "capsule", tmp_path / "deploy" / "capsule")  # a linear probe deploys
+    assert bundle["model"]["method"] == "linear" and bundle["verification"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
