@@ -321,8 +321,8 @@ def format_table(name: str, results: dict[str, VariantResult]) -> str:
     ref_mem = ref.median_peak_mib if ref else None
     total = next(iter(results.values())).total
     lines = [f"{name} ({total:,} params in the base model)",
-             f"{'variant':12s} {'trainable':>12s} {'img/s':>8s} {'spread':>7s} {'vs full':>8s} "
-             f"{'peak MiB':>9s} {'vs full':>8s}"]
+             (f"{'variant':12s} {'trainable':>12s} {'img/s':>8s} {'spread':>7s} {'vs full':>8s} "
+              f"{'peak MiB':>9s} {'vs full':>8s}")]
     for res in results.values():
         speed = res.median_img_per_s
         spread = (max(res.img_per_s) - min(res.img_per_s)) / speed * 100

@@ -6,7 +6,7 @@ import importlib
 
 from gi_deploy.errors import DependencyError
 
-TRAINING_MODULES = ("torch", "torchvision", "timm", "peft", "safetensors", "onnx")
+TRAINING_MODULES = ("torch", "torchvision", "timm", "peft", "safetensors", "onnx", "matplotlib", "yaml")
 
 
 def require_training_extra(command: str) -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy.errors import ConfigError, GiDeployError
+from gi_deploy.errors import ConfigError, GiDeployError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
@@ -54,6 +54,9 @@ def reported():
     """Turn library errors into one red line on stderr and exit code 1."""
     try:
         yield
+    except TrainingInterrupted as e:  # Ctrl-C: the conventional 128 + SIGINT exit code
+        err.print(str(e), style="yellow", soft_wrap=True)
+        raise typer.Exit(code=130) from None
     except GiDeployError as e:
         # soft_wrap: keep paths and commands unbroken for copy-paste
         err.print(f"error: {e}", style="red", soft_wrap=True)
