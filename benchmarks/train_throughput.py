@@ -1,14 +1,16 @@
 """Training cost of LoRA against full fine-tuning and a linear probe, measured side by side.
 
-For each timm model, four variants train on the same synthetic batch at the same batch and image
+For each timm model, five variants train on the same synthetic batch at the same batch and image
 size:
 
     full         every parameter trainable
     lora         peft LoRA exactly as the product applies it: apply_lora(model, LoraSettings())
                  (r=16, alpha=32, dropout 0.1 on fc1/fc2, head.fc trained in full)
+    lora-rank    LoraSettings(dropout_position="rank"): the same dropout rate on A's r-dim output
+                 instead of the full-width layer input (gi-deploy's cheaper option)
     lora-nodrop  the same with LoraSettings(dropout=0.0): peft then puts nn.Identity where the
                  Dropout was, so the gap to `lora` is what the dropout branch costs
-    linear       only the classifier head.fc trainable, everything else frozen
+    linear       only the classifier head.fc trainable, everything else frozen (apply_method "linear")
 
 and the script reports, per variant, training throughput (images/s over forward + backward +
 AdamW(lr 1e-4) step, timed after warm-up steps, median over repeats) and peak memory, each also
@@ -52,9 +54,9 @@ import torch
 from torch import nn
 
 from gi_deploy.training.config import LoraSettings
-from gi_deploy.training.model import apply_lora, classifier_name, count_parameters
+from gi_deploy.training.model import apply_lora, apply_method, count_parameters
 
-VARIANTS = ("full", "lora", "lora-nodrop", "linear")
+VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear")
 NUM_CLASSES = 11
 LR = 1e-4
 SEED = 0
@@ -175,15 +177,12 @@ def build_model(name: str, variant: str) -> nn.Module:
 
     torch.manual_seed(SEED)
     model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
-    if variant == "full":
-        return model
-    if variant == "linear":
-        head = classifier_name(model) + "."
-        for pname, p in model.named_parameters():
-            p.requires_grad_(pname.startswith(head))
-        return model
+    if variant in ("full", "linear"):
+        return apply_method(model, variant, LoraSettings())
     if variant == "lora":
         return apply_lora(model, LoraSettings())
+    if variant == "lora-rank":
+        return apply_lora(model, LoraSettings(dropout_position="rank"))
     if variant == "lora-nodrop":
         return apply_lora(model, LoraSettings(dropout=0.0))
     raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")

@@ -190,6 +190,8 @@ def train_cmd(
     lora_r: Annotated[Optional[int], Opt(help="LoRA rank. (default: 16)")] = None,
     lora_alpha: Annotated[Optional[int], Opt(help="LoRA alpha. (default: 32)")] = None,
     lora_dropout: Annotated[Optional[float], Opt(help="LoRA dropout. (default: 0.1)")] = None,
+    lora_dropout_position: Annotated[Optional[str], Opt(help="input (peft, the paper) | rank (on A's output: "
+                                                             "cheaper, see README). (default: input)")] = None,
     out_dir: Annotated[Optional[Path], Opt("--out", help="Runs folder. (default: runs)")] = None,
     device: Annotated[Optional[Device], Opt(help="(default: auto)")] = None,
     amp: Annotated[Optional[str], Opt(help="auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")] = None,
@@ -206,7 +208,8 @@ def train_cmd(
     from gi_deploy.training.config import TrainConfig
     from gi_deploy.training.trainer import train
 
-    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout)) if v is not None}
+    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
+                              ("dropout_position", lora_dropout_position)) if v is not None}
     flags = dict(source=source, data_dir=data_dir, method=method.value if method else None, model=model,
                  pretrained=pretrained, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct,

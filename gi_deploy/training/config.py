@@ -34,6 +34,10 @@ class LoraSettings:
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("fc1", "fc2")
     modules_to_save: tuple[str, ...] = ("head.fc",)
+    # "input": peft's (and the paper's) dropout on the layer input, full width; "rank": the same rate
+    # on the r-dimensional output of A, 6-190x fewer elements (a cheaper, different regulariser;
+    # see benchmarks/train_throughput.py). Training-only: saved adapters and merges are identical.
+    dropout_position: str = "input"
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -42,6 +46,8 @@ class LoraSettings:
             raise ConfigError(f"lora alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout_position not in ("input", "rank"):
+            raise ConfigError(f"lora dropout_position must be 'input' or 'rank', got {self.dropout_position!r}")
         if not self.target_modules:
             raise ConfigError("lora target_modules is empty; the paper targets ('fc1', 'fc2')")
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import resource
 import threading
@@ -21,16 +23,29 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def cpu_baseline() -> int | None:
+    """Resident set size after handing freed heap back to the OS (glibc ``malloc_trim``), so a
+    later peak measures what the work itself allocates, not what an earlier run left cached."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the baseline is merely less tight
+    return _rss_bytes()
+
+
 class PeakMemory:
     """``with PeakMemory(device) as m: ...``, then ``m.peak_mib``: on CUDA the allocator's peak
-    (``max_memory_allocated``, tensors only); on CPU the peak resident set size above the level
-    at entry (sampled every ``interval`` seconds; without /proc, the process-lifetime peak RSS)."""
+    (``max_memory_allocated``, tensors only); on CPU the peak resident set size above ``baseline``
+    (bytes, e.g. :func:`cpu_baseline` taken before the model was built; default: the level at
+    entry), sampled every ``interval`` seconds; without /proc, the process-lifetime peak RSS."""
 
-    def __init__(self, device: torch.device | str, interval: float = 0.005):
+    def __init__(self, device: torch.device | str, baseline: int | None = None, interval: float = 0.005):
         self.device = torch.device(device)
+        self.baseline = baseline
         self.interval = interval
         self.peak_mib: float | None = None
-        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "rss above start"
+        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "rss above baseline"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start = self._peak = 0
@@ -50,7 +65,8 @@ class PeakMemory:
         if start is None:
             self.kind = "process peak rss"
             return self
-        self._start = self._peak = start
+        self._start = self.baseline if self.baseline is not None else start
+        self._peak = start
         self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
         self._thread.start()
         return self

@@ -140,7 +140,36 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
                               "which cannot be merged; target the block MLP fc1/fc2")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), modules_to_save=list(lora.modules_to_save))
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if lora.dropout_position == "rank" and lora.dropout > 0:
+        move_lora_dropout_to_rank(peft_model, lora.dropout)
+    return peft_model
+
+
+class _RankDropout:
+    """Forward hook on a LoRA ``A``: dropout on its r-dimensional output (active in train mode only)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(output, self.p, module.training)
+
+
+def move_lora_dropout_to_rank(model: nn.Module, p: float) -> int:
+    """Replace peft's input dropout (a full-width copy and mask of every adapted layer's input) by
+    dropout on ``A``'s rank-r output. Returns the number of layers changed. Weights, saved adapters
+    and merges are unaffected; only the training-time noise moves."""
+    changed = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name in list(dropouts):
+            dropouts[name] = nn.Identity()
+            module.lora_A[name].register_forward_hook(_RankDropout(p))
+            changed += 1
+    return changed
 
 
 def apply_method(model: nn.Module, method: str, lora: LoraSettings) -> nn.Module:

@@ -40,7 +40,7 @@ from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.preprocess import PreprocessSpec
 from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
-from gi_deploy.training.memory import PeakMemory
+from gi_deploy.training.memory import PeakMemory, cpu_baseline
 from gi_deploy.training.model import BaseWeights, apply_method, classifier_name, count_parameters, create_base_model
 from gi_deploy.training.run import (CHECKPOINT, CURVES_PNG, METRICS_JSONL, RANDOM_BASE_WEIGHTS, RUN_DIRS, RUN_FILES,
                                     RUN_FORMAT_VERSION, RUN_MANIFEST, SPLITS_DIR, artifact_name, load_run_model,
@@ -325,6 +325,7 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
     if manifest is not None and manifest["splits"]["files"] != splits_dict["files"]:
         raise ConfigError(f"the data under {cfg.data_dir} changed since run {cfg.run_dir} started (its splits "
                           "differ); resuming would mix two datasets. Start again with --overwrite")
+    memory_baseline = cpu_baseline() if device.type == "cpu" else None  # peaks count model + optimizer + activations
     seed_everything(cfg.seed)
     if manifest is not None:
         model = rebuild_base(manifest, cfg.run_dir)
@@ -395,7 +396,7 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
             if state.stale >= cfg.patience:
                 break  # a resumed run that had already stopped early
             t_epoch = time.time()
-            with PeakMemory(device) as mem:
+            with PeakMemory(device, baseline=memory_baseline) as mem:
                 train_loss, train_acc = _run_epoch(step_model, train_loader, optimizer, scaler, loss_fn, device,
                                                    amp_dtype, channels_last, epoch, report)
                 val = evaluate(step_model, val_loader, device, ds.classes, amp_dtype, channels_last)

@@ -114,3 +114,41 @@ def test_official_upstream_checkpoint_format_loads(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), src.eval().forward_features(x))
+
+
+def test_rank_dropout_moves_the_noise_without_changing_weights_or_eval():
+    """dropout_position="rank": same parameters and eval output; in training, A sees the layer's
+    input unchanged (no full-width dropout copy) and the model is still stochastic."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("convnextv2_atto", pretrained=False, num_classes=3)
+    a = apply_lora(copy.deepcopy(base), LoraSettings())
+    b = apply_lora(copy.deepcopy(base), LoraSettings(dropout_position="rank"))
+    for n, p in a.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: make the adapters matter
+            torch.nn.init.normal_(p, std=0.1)
+    b.load_state_dict(a.state_dict())
+    assert a.state_dict().keys() == b.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+    def inputs_seen(model):
+        layer = model.get_submodule("base_model.model.stages.0.blocks.0.mlp.fc1")
+        seen = {}
+
+        def keep(key):
+            def hook(module, inputs, output):  # returns None: observes without replacing the output
+                seen.setdefault(key, inputs[0])
+            return hook
+        hooks = [layer.register_forward_hook(keep("layer")), layer.lora_A["default"].register_forward_hook(keep("A"))]
+        model.train()(x)
+        for h in hooks:
+            h.remove()
+        return seen
+    seen_a, seen_b = inputs_seen(a), inputs_seen(b)
+    assert not torch.equal(seen_a["A"], seen_a["layer"])  # peft: A sees a dropped-out copy
+    assert torch.equal(seen_b["A"], seen_b["layer"])  # rank: A sees the input itself
+    assert not torch.equal(b(x), b(x))  # the dropout still acts in training
