@@ -95,6 +95,13 @@ def _unwrap(spec: SourceSpec, root: Path) -> Path:
             root = subdirs[0]
 
 
+def _indexed(by_class: dict[str, list[Path]], data_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Sorted class names and (path relative to ``data_dir``, class index) pairs."""
+    classes = sorted(by_class)
+    return classes, sorted((p.relative_to(data_dir).as_posix(), classes.index(c))
+                           for c, paths in by_class.items() for p in paths)
+
+
 def _find_dir(data_dir: Path, names: tuple[str, ...]) -> Path | None:
     for name in names:
         if (data_dir / name).is_dir():
@@ -171,8 +178,7 @@ def discover_kvasir(spec: SourceSpec, data_dir: Path, val_fraction: float, test_
     data_dir = Path(data_dir).resolve()
     root = _find_dir(data_dir, ("labelled_images", "labeled_images")) or _unwrap(spec, data_dir)
     by_class, excluded = _map_class_folders(spec, root)
-    classes = sorted(spec.classes)
-    items = sorted((p.relative_to(data_dir).as_posix(), classes.index(c)) for c, ps in by_class.items() for p in ps)
+    classes, items = _indexed(by_class, data_dir)
     groups = _kvasir_video_ids(root, data_dir, items)
     rng = random.Random(seed)
     notes = []
@@ -206,8 +212,7 @@ def discover_gastrovision(spec: SourceSpec, data_dir: Path, val_fraction: float,
     data_dir = Path(data_dir).resolve()
     root = _unwrap(spec, data_dir)  # the OSF archive unpacks as Gastrovision/ (sometimes twice)
     by_class, excluded = _map_class_folders(spec, root)
-    classes = sorted(spec.classes)
-    items = sorted((p.relative_to(data_dir).as_posix(), classes.index(c)) for c, ps in by_class.items() for p in ps)
+    classes, items = _indexed(by_class, data_dir)
     rng = random.Random(seed)
     rest, test = _stratified_take(items, test_fraction, rng)
     train, val = _stratified_take(rest, val_fraction / (1 - test_fraction), rng)
