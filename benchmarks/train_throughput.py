@@ -55,6 +55,7 @@ from torch import nn
 
 from gi_deploy.training.config import LoraSettings
 from gi_deploy.training.model import apply_lora, apply_method, count_parameters
+from gi_deploy.training.trainer import resolve_device
 
 VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear")
 NUM_CLASSES = 11
@@ -355,14 +356,6 @@ def profile_variant(name: str, variant: str, args: argparse.Namespace, device: t
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(choice)
 
 
 def parse_args() -> argparse.Namespace:

@@ -53,6 +53,16 @@ def gastrovision_tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def kvasir_copy(kvasir_tree, tmp_path) -> Path:
+    """A private copy of the Kvasir tree's labelled_images, for tests that change it."""
+    import shutil
+
+    root = tmp_path / "k"
+    shutil.copytree(kvasir_tree / "labelled_images", root / "labelled_images")
+    return root
+
+
 def test_kvasir_maps_spellings_and_splits_by_video(kvasir_tree, tmp_path):
     ds = load_splits("kvasir", kvasir_tree, seed=0)
     assert ds.classes == sorted(KVASIR.classes) and len(ds.classes) == 11
@@ -108,11 +118,8 @@ def test_kvasir_official_folds_are_accepted_with_a_warning(kvasir_tree, tmp_path
     assert not val_videos & {ds.groups[rel] for rel, _ in ds.splits["train"]}  # val carved by video
 
 
-def test_kvasir_metadata_csv_gives_the_video_ids(kvasir_tree, tmp_path):
-    import shutil
-
-    root = tmp_path / "k"
-    shutil.copytree(kvasir_tree / "labelled_images", root / "labelled_images")
+def test_kvasir_metadata_csv_gives_the_video_ids(kvasir_copy):
+    root = kvasir_copy
     with open(root / "metadata.csv", "w", newline="") as f:
         w = csv.writer(f, delimiter=";")
         w.writerow(["filename", "video_id", "frame_number", "finding_category", "finding_class"])
@@ -123,11 +130,10 @@ def test_kvasir_metadata_csv_gives_the_video_ids(kvasir_tree, tmp_path):
     assert {ds.groups[rel] for items in ds.splits.values() for rel, y in items if y == ulcer} == {"one-video"}
 
 
-def test_kvasir_unknown_or_missing_classes_fail_with_the_layout(kvasir_tree, tmp_path):
+def test_kvasir_unknown_or_missing_classes_fail_with_the_layout(kvasir_copy):
     import shutil
 
-    root = tmp_path / "k"
-    shutil.copytree(kvasir_tree / "labelled_images", root / "labelled_images")
+    root = kvasir_copy
     _image(root / "labelled_images" / "Worms" / "aa_1.jpg", 1)
     with pytest.raises(DataError, match="unknown class 'Worms'; known classes: angiectasia"):
         load_splits("kvasir", root)
@@ -137,14 +143,10 @@ def test_kvasir_unknown_or_missing_classes_fail_with_the_layout(kvasir_tree, tmp
         load_splits("kvasir", root)
 
 
-def test_kvasir_frame_without_video_id_is_named(kvasir_tree, tmp_path):
-    import shutil
-
-    root = tmp_path / "k"
-    shutil.copytree(kvasir_tree / "labelled_images", root / "labelled_images")
-    _image(root / "labelled_images" / "Ulcer" / "frame7.jpg", 1)
+def test_kvasir_frame_without_video_id_is_named(kvasir_copy):
+    _image(kvasir_copy / "labelled_images" / "Ulcer" / "frame7.jpg", 1)
     with pytest.raises(DataError, match="frame7.jpg: Kvasir-Capsule images are named <videoID>_<frame>"):
-        load_splits("kvasir", root)
+        load_splits("kvasir", kvasir_copy)
 
 
 def test_gastrovision_uses_the_papers_20_classes_keyed_by_class_and_name(gastrovision_tree):
