@@ -17,7 +17,7 @@ from pathlib import Path
 from gi_deploy._io import read_json
 from gi_deploy.errors import ConfigError
 from gi_deploy.training.config import METHODS, RESUME_MAY_CHANGE, TrainConfig
-from gi_deploy.training.run import RUN_MANIFEST, artifact_bytes
+from gi_deploy.training.run import CHECKPOINT, RUN_MANIFEST, artifact_bytes
 
 COLUMNS = ("method", "label_fraction", "train_images", "eval_split", "accuracy", "f1_weighted", "mcc",
            "trainable_params", "total_params", "artifact_bytes", "epochs", "best_epoch", "epoch_seconds",
@@ -114,8 +114,8 @@ def compare(base: TrainConfig, methods: list[str], fractions: list[float],
             report("cell", {"method": method, "label_fraction": fraction, "reused": manifest is not None})
             if manifest is None:
                 manifest_path = cfg.run_dir / RUN_MANIFEST
-                resume = manifest_path.is_file() and read_json(manifest_path, "run manifest").get("status") in (
-                    "interrupted", "training") and (cfg.run_dir / "checkpoint.pt").is_file()
+                resume = not base.overwrite and manifest_path.is_file() and (cfg.run_dir / CHECKPOINT).is_file() \
+                    and read_json(manifest_path, "run manifest").get("status") in ("interrupted", "training")
                 cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume and manifest_path.is_file())
                 train_fn(cfg, report=report)
                 manifest = read_json(cfg.run_dir / RUN_MANIFEST, "run manifest")

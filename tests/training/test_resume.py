@@ -102,3 +102,23 @@ def test_config_file_layers_under_flags(tmp_path, tiny_data):
     (tmp_path / "broken.toml").write_text("lr = = 1\n")
     with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
         load_config_file(tmp_path / "broken.toml")
+
+
+def test_stopped_compare_grid_resumes_the_stopped_cell_and_reuses_the_finished_one(tiny_data, tmp_path):
+    from gi_deploy.training.compare import compare
+
+    base = tiny_train_config(tiny_data, tmp_path / "runs", epochs=2)
+
+    def stop_in_linear(event: str, d: dict) -> None:
+        if event == "cell":
+            stop_in_linear.cell = d["method"]
+        if event == "batch" and stop_in_linear.cell == "linear" and d["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(TrainingInterrupted):
+        compare(base, ["lora", "linear"], [1.0], report=stop_in_linear)
+    events = []
+    result = compare(base, ["lora", "linear"], [1.0], report=lambda e, d: events.append((e, d)))
+    assert [d["reused"] for e, d in events if e == "cell"] == [True, False]
+    linear = json.loads((tmp_path / "runs" / "capsule-compare" / "linear-1" / "capsule" / "run.json").read_text())
+    assert linear["status"] == "done" and linear["resumed"][0]["at_epoch"] == 1
+    assert [r["method"] for r in result.rows] == ["lora", "linear"] and result.markdown_path.is_file()
