@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import resource
 import threading
 
 import torch
@@ -80,5 +79,9 @@ class PeakMemory:
             self._thread.join()
             rss = _rss_bytes() or 0
             self.peak_mib = (max(self._peak, rss) - self._start) / MIB
-        else:  # ru_maxrss is in KiB on Linux
+        else:  # no /proc: the process-lifetime peak where the platform has one (ru_maxrss: KiB on Linux)
+            try:
+                import resource
+            except ImportError:  # Windows
+                return
             self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
