@@ -141,7 +141,7 @@ def _train_layers(config: Optional[Path], flags: dict, resume: bool, out_dir: Op
     if resume:
         run_dir = (out_dir or Path(load_config_file(config).get("out_dir", "runs") if config else "runs")) / source
         if (run_dir / "run.json").is_file():
-            layers.append({k: v for k, v in stored_config(run_dir).items()})
+            layers.append(stored_config(run_dir))
     if config is not None:
         layers.append(load_config_file(config))
     layers.append({k: v for k, v in flags.items() if v is not None})

@@ -37,15 +37,14 @@ def _cell_config(base: TrainConfig, method: str, fraction: float, out_dir: Path)
                                resume=False, overwrite=base.overwrite)
 
 
-def _finished(cfg: TrainConfig) -> dict | None:
-    """The cell's manifest when it already finished with the same settings."""
+def _previous(cfg: TrainConfig) -> dict | None:
+    """The manifest an earlier call left in this cell, if any."""
     path = cfg.run_dir / RUN_MANIFEST
-    if not path.is_file():
-        return None
-    manifest = read_json(path, "run manifest")
-    same = all(manifest["config"].get(k) == v for k, v in cfg.to_dict().items()
-               if k not in RESUME_MAY_CHANGE)
-    return manifest if same and manifest.get("status") == "done" else None
+    return read_json(path, "run manifest") if path.is_file() else None
+
+
+def _same_settings(manifest: dict, cfg: TrainConfig) -> bool:
+    return all(manifest["config"].get(k) == v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE)
 
 
 def row_of(manifest: dict, run_dir: Path) -> dict:
@@ -110,13 +109,14 @@ def compare(base: TrainConfig, methods: list[str], fractions: list[float],
     for method in methods:
         for fraction in fractions:
             cfg = _cell_config(base, method, fraction, out_dir)
-            manifest = None if base.overwrite else _finished(cfg)
-            report("cell", {"method": method, "label_fraction": fraction, "reused": manifest is not None})
-            if manifest is None:
-                manifest_path = cfg.run_dir / RUN_MANIFEST
-                resume = not base.overwrite and manifest_path.is_file() and (cfg.run_dir / CHECKPOINT).is_file() \
-                    and read_json(manifest_path, "run manifest").get("status") in ("interrupted", "training")
-                cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume and manifest_path.is_file())
+            manifest = _previous(cfg)
+            reused = (manifest is not None and not base.overwrite and manifest.get("status") == "done"
+                      and _same_settings(manifest, cfg))
+            report("cell", {"method": method, "label_fraction": fraction, "reused": reused})
+            if not reused:
+                resume = (manifest is not None and not base.overwrite and (cfg.run_dir / CHECKPOINT).is_file()
+                          and manifest.get("status") in ("interrupted", "training"))
+                cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume and manifest is not None)
                 train_fn(cfg, report=report)
                 manifest = read_json(cfg.run_dir / RUN_MANIFEST, "run manifest")
             rows.append(row_of(manifest, cfg.run_dir))

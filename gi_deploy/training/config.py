@@ -19,7 +19,7 @@ SCHEDULERS = ("none", "cosine", "plateau")
 BALANCE = ("none", "weighted-loss", "sampler")
 AMP = ("auto", "off", "bf16", "fp16")
 RESIZE = ("direct", "crop")
-SPLITS = ("seeded", "official-0", "official-1")
+SPLIT_MODES = ("seeded", "official-0", "official-1")  # official-N: kvasir's official folds
 # what may change when a run is resumed: where and how fast it runs, and how long it may go on
 RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "device", "num_workers", "compile", "epochs"})
 
@@ -99,7 +99,7 @@ class TrainConfig:
             self.lora = _lora_from_dict(self.lora)
         problems = []
         for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
-                              ("split", SPLITS)):
+                              ("split", SPLIT_MODES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} unknown; use one of {', '.join(allowed)}")
         if not 0.0 < self.label_fraction <= 1.0:

@@ -44,7 +44,6 @@ class PeakMemory:
         self.baseline = baseline
         self.interval = interval
         self.peak_mib: float | None = None
-        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "rss above baseline"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start = self._peak = 0
@@ -62,7 +61,6 @@ class PeakMemory:
             return self
         start = _rss_bytes()
         if start is None:
-            self.kind = "process peak rss"
             return self
         self._start = self.baseline if self.baseline is not None else start
         self._peak = start

@@ -21,12 +21,11 @@ from pathlib import Path
 
 from gi_deploy.errors import DataError
 from gi_deploy.runtime.preprocess import list_images
-from gi_deploy.training.data import (EXPECTED_LAYOUT, DatasetSplits, _describe, _stratified_take, check_no_leak,
+from gi_deploy.training.config import SPLIT_MODES
+from gi_deploy.training.data import (DatasetSplits, _describe, _stratified_take, check_no_leak,
                                      discover_splits, group_split)
 
 log = logging.getLogger(__name__)
-
-SPLIT_MODES = ("seeded", "official-0", "official-1")
 
 
 def normalize_label(name: str) -> str:
@@ -267,8 +266,6 @@ GASTROVISION = SourceSpec(
 )
 
 SOURCES: dict[str, SourceSpec] = {s.name: s for s in (KVASIR, GASTROVISION)}
-
-IMAGEFOLDER_LAYOUT = EXPECTED_LAYOUT
 
 
 def load_splits(source: str, data_dir: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,

@@ -275,7 +275,8 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
     """One pass over the training data; returns (mean loss, accuracy). Raises TrainingDiverged on a
     non-finite loss before the optimizer can apply it."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, seen = 0.0, 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no extra sync per step
     steps, t0 = len(loader), time.perf_counter()
     for step, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -293,11 +294,11 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss_value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         report("batch", {"epoch": epoch, "step": step, "steps": steps, "loss": loss_value,
                          "img_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    return total_loss / max(seen, 1), correct.item() / max(seen, 1)
 
 
 def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
