@@ -1,6 +1,6 @@
-"""Training cost of LoRA against full fine-tuning and a linear probe, measured side by side.
+"""Training cost of LoRA and CoLoRA against full fine-tuning and a linear probe, side by side.
 
-For each timm model, five variants train on the same synthetic batch at the same batch and image
+For each timm model, these variants train on the same synthetic batch at the same batch and image
 size:
 
     full         every parameter trainable
@@ -11,6 +11,13 @@ size:
     lora-nodrop  the same with LoraSettings(dropout=0.0): peft then puts nn.Identity where the
                  Dropout was, so the gap to `lora` is what the dropout branch costs
     linear       only the classifier head.fc trainable, everything else frozen (apply_method "linear")
+    colora       CoLoRA as the product applies it (apply_method "colora", ColoraSettings()): every dense
+                 convolution gets K0*x + K_d*(K_p*x) (the paper's branch form), head trained in full
+    colora-fused the same update run as one convolution with K0 + K_p*K_d (forward_mode="fused")
+    colora-k3    ColoraSettings(min_kernel=3): 1x1 convolutions stay frozen
+
+LoRA variants need fc1/fc2 (ConvNeXt); CoLoRA ones need dense convolutions (ResNet, VGG, ConvNeXt's
+stem/downsampling). A variant that does not apply to a model is skipped with its reason.
 
 and the script reports, per variant, training throughput (images/s over forward + backward +
 AdamW(lr 1e-4) step, timed after warm-up steps, median over repeats) and peak memory, each also
@@ -28,6 +35,7 @@ cross-checked with the kernel's exact VmHWM where /proc/self/clear_refs lets it 
     python benchmarks/train_throughput.py --img-size 224 --batch-size 8 --json /tmp/train_throughput.json
     python benchmarks/train_throughput.py --device cuda --amp --channels-last
     python benchmarks/train_throughput.py --models convnextv2_tiny --profile      # where LoRA's time goes
+    python benchmarks/train_throughput.py --models resnet50 --variants full,colora,colora-fused,colora-k3,linear
 
 Read the figures as ratios measured in one run: the repeats are interleaved (with the variant
 order rotated each repeat) so that noise on a shared machine hits every variant alike. Absolute
@@ -53,11 +61,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gi_deploy.training.config import LoraSettings
+from gi_deploy.errors import ConfigError
+from gi_deploy.training.config import ColoraSettings, LoraSettings
 from gi_deploy.training.model import apply_lora, apply_method, count_parameters
 from gi_deploy.training.trainer import resolve_device
 
-VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear")
+VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear", "colora", "colora-fused", "colora-k3")
+COLORA_VARIANTS = {"colora": ColoraSettings(), "colora-fused": ColoraSettings(forward_mode="fused"),
+                   "colora-k3": ColoraSettings(min_kernel=3)}
 NUM_CLASSES = 11
 LR = 1e-4
 SEED = 0
@@ -186,6 +197,8 @@ def build_model(name: str, variant: str) -> nn.Module:
         return apply_lora(model, LoraSettings(dropout_position="rank"))
     if variant == "lora-nodrop":
         return apply_lora(model, LoraSettings(dropout=0.0))
+    if variant in COLORA_VARIANTS:
+        return apply_method(model, "colora", LoraSettings(), COLORA_VARIANTS[variant])
     raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
 
 
@@ -287,7 +300,7 @@ class VariantResult:
 def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
                     meter: CpuPeakMeter | CudaPeakMeter) -> dict[str, VariantResult]:
     results: dict[str, VariantResult] = {}
-    variants = list(args.variants)
+    variants = applicable_variants(name, args.variants)
     for r in range(args.repeats):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate start each repeat
         for variant in order:
@@ -305,8 +318,21 @@ def prime(name: str, args: argparse.Namespace, device: torch.device,
           meter: CpuPeakMeter | CudaPeakMeter) -> None:
     """One unrecorded step of every variant: one-off lazy imports, thread pools and allocator
     growth would otherwise land on whichever variant happens to run first."""
-    for variant in args.variants:
+    for variant in applicable_variants(name, args.variants):
         run_variant(name, variant, args, device, meter, warmup=0, steps=1)
+
+
+def applicable_variants(name: str, variants: list[str]) -> list[str]:
+    """The variants that ``name`` supports (built once on the meta device: no weights allocated)."""
+    usable = []
+    for variant in variants:
+        try:
+            with torch.device("meta"):
+                build_model(name, variant)
+            usable.append(variant)
+        except ConfigError as e:
+            print(f"  [{name}] skipping {variant}: {e}", flush=True)
+    return usable
 
 
 def _ratio(value: float | None, ref: float | None) -> str:

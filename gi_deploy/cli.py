@@ -31,6 +31,8 @@ class Method(str, Enum):
     lora = "lora"
     full = "full"
     linear = "linear"
+    colora = "colora"
+    lora_colora = "lora+colora"
 
 
 class Device(str, Enum):
@@ -109,6 +111,12 @@ class TrainProgress:
                 f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})")
             say(f"base weights: {d['base_weights']}, licence {d['license']}")
             say(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
+            if d.get("colora"):
+                c = d["colora"]
+                say(f"CoLoRA: {c['layers']} convolutions, {c['backprop_params']:,} parameters trained by "
+                    f"backpropagation, merged into {c['merged_into_params']:,} of the {d['deployed']:,} deployed"
+                    + (f"; {c['skipped_grouped']} depthwise/grouped convolutions stay frozen" if c["skipped_grouped"] else ""),
+                    soft_wrap=True)
             if d.get("excluded"):
                 say("left out (not in the paper's classes): "
                     + ", ".join(f"{k} ({v})" for k, v in d["excluded"].items()))
@@ -125,7 +133,7 @@ class TrainProgress:
             peak = f"  peak {d['peak_mem_mib']:.0f} MiB" if d.get("peak_mem_mib") is not None else ""
             say(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
                 f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s){peak}"
-                f"{'  *best' if d['best'] else ''}")
+                f"{'  merged' if d.get('colora_merged') else ''}{'  *best' if d['best'] else ''}")
         elif event == "cell":
             say(f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"
                 + (" (finished earlier, reused)" if d["reused"] else ""))
@@ -165,7 +173,8 @@ def train_cmd(
     data_dir: Annotated[Optional[Path], Opt(help="The dataset folder (layout: `gi-deploy sources`).")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML or TOML file of settings; flags override it.")] = None,
     method: Annotated[Optional[Method], Opt(help="lora: adapters on fc1/fc2 + new head; full: every weight; "
-                                                 "linear: the head only.")] = None,
+                                                 "linear: the head only; colora: convolution-kernel adapters "
+                                                 "+ head; lora+colora: both.")] = None,
     model: Annotated[Optional[str], Opt(help="timm model name. (default: convnextv2_base)")] = None,
     pretrained: Annotated[Optional[bool], Opt("--pretrained/--no-pretrained",
                                               help="ImageNet weights from the Hugging Face hub. (default: on)")] = None,
@@ -192,6 +201,14 @@ def train_cmd(
     lora_dropout: Annotated[Optional[float], Opt(help="LoRA dropout. (default: 0.1)")] = None,
     lora_dropout_position: Annotated[Optional[str], Opt(help="input (peft, the paper) | rank (on A's output: "
                                                              "cheaper, see README). (default: input)")] = None,
+    colora_merge_every: Annotated[Optional[int], Opt(help="CoLoRA: merge into the kernels every N epochs; "
+                                                          "0 = only at export. (default: 1, the paper)")] = None,
+    colora_targets: Annotated[Optional[str], Opt(help="CoLoRA: comma-separated module-name patterns, e.g. "
+                                                      "'layer3.*,layer4.*'. (default: every dense conv)")] = None,
+    colora_min_kernel: Annotated[Optional[int], Opt(help="CoLoRA: skip convolutions with a smaller kernel; 3 "
+                                                         "leaves 1x1 convs frozen. (default: 1)")] = None,
+    colora_forward: Annotated[Optional[str], Opt(help="CoLoRA training forward: branch (the paper's extra "
+                                                      "convs) | fused (one conv with K0 + dK). (default: branch)")] = None,
     out_dir: Annotated[Optional[Path], Opt("--out", help="Runs folder. (default: runs)")] = None,
     device: Annotated[Optional[Device], Opt(help="(default: auto)")] = None,
     amp: Annotated[Optional[str], Opt(help="auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")] = None,
@@ -210,11 +227,16 @@ def train_cmd(
 
     lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
                               ("dropout_position", lora_dropout_position)) if v is not None}
+    colora = {k: v for k, v in (("merge_every", colora_merge_every), ("min_kernel", colora_min_kernel),
+                                ("forward_mode", colora_forward),
+                                ("targets", [t.strip() for t in colora_targets.split(",") if t.strip()]
+                                 if colora_targets is not None else None)) if v is not None}
     flags = dict(source=source, data_dir=data_dir, method=method.value if method else None, model=model,
                  pretrained=pretrained, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct,
                  hflip=hflip, vflip=vflip, rotation_degrees=rotation, color_jitter=color_jitter, balance=balance,
                  label_fraction=label_fraction, split=split, patience=patience, seed=seed, lora=lora or None,
+                 colora=colora or None,
                  out_dir=out_dir, device=device.value if device else None, amp=amp, channels_last=channels_last,
                  compile=compile, num_workers=num_workers, resume=resume, overwrite=overwrite)
     with reported():
@@ -249,7 +271,7 @@ def sources_cmd() -> None:
 def compare_cmd(
     source: Annotated[str, typer.Argument(help="Source to compare methods on (as for `train`).")],
     data_dir: Annotated[Optional[Path], Opt(help="The dataset folder.")] = None,
-    methods: Annotated[str, Opt(help="Comma-separated: lora,full,linear.")] = "lora,full,linear",
+    methods: Annotated[str, Opt(help="Comma-separated, from lora,full,linear,colora,lora+colora.")] = "lora,full,linear",
     label_fractions: Annotated[str, Opt(help="Comma-separated shares of the labels, e.g. 0.01,0.1,1.0.")] = "1.0",
     config: Annotated[Optional[Path], Opt(help="YAML or TOML file of training settings (as for `train`).")] = None,
     model: Annotated[Optional[str], Opt(help="timm model name. (default: convnextv2_base)")] = None,

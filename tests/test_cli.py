@@ -119,3 +119,29 @@ def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_
 
     bundle = export_source(grid / "linear-1" / "capsule", tmp_path / "deploy" / "capsule")  # a linear probe deploys
     assert bundle["model"]["method"] == "linear" and bundle["verification"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
+    runs, deploy = tmp_path / "runs", tmp_path / "deploy"
+    config = tmp_path / "colora.toml"
+    config.write_text('method = "lora+colora"\n[colora]\nmerge_every = 2\nforward_mode = "fused"\n')
+    r = invoke("train", "capsule", "--data-dir", tiny_data, "--config", config, "--model", "convnextv2_atto",
+               "--no-pretrained", "--img-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 1e-3, "--out", runs,
+               "--device", "cpu", "--colora-targets", "stem.*,stages.*.downsample.*")
+    assert r.exit_code == 0, r.output
+    assert "CoLoRA: 4 convolutions, 70,800 parameters trained by backpropagation" in r.output
+    assert "12 depthwise/grouped convolutions stay frozen" in r.output
+    run = json.loads((runs / "capsule" / "run.json").read_text())
+    assert run["config"]["colora"] == {"merge_every": 2, "targets": ["stem.*", "stages.*.downsample.*"],
+                                       "min_kernel": 1, "forward_mode": "fused"}
+    assert [h["colora_merged"] for h in run["history"]] == [False, True]
+    assert (runs / "capsule" / "colora.safetensors").is_file() and (runs / "capsule" / "adapter").is_dir()
+
+    r = invoke("export", "--runs", runs, "--out", deploy)
+    assert r.exit_code == 0, r.output
+    r = invoke("infer", tiny_data / "test", "--deploy", deploy, "--out", tmp_path / "pred.csv")
+    assert r.exit_code == 0 and "12 images, 0 unreadable" in r.output, r.output
+
+    r = invoke("train", "capsule", "--data-dir", tiny_data, "--method", "colora", "--model", "convnextv2_atto",
+               "--no-pretrained", "--out", tmp_path / "bad", "--colora-targets", "stages.*.conv_dw")
+    assert r.exit_code == 1 and "only grouped/depthwise" in r.output and "Traceback" not in r.output

@@ -29,7 +29,8 @@ from gi_deploy.export import onnx_export
 from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
-from gi_deploy.training.run import RUN_MANIFEST, artifact_weights, attach_trained, read_run_manifest, rebuild_base
+from gi_deploy.training.run import (ADAPTER_METHODS, RUN_MANIFEST, artifact_files, attach_trained, read_run_manifest,
+                                    rebuild_base)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,17 @@ def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray
     return batch, {"real_images": len(real), "noise_scales": list(VERIFY_NOISE_SCALES), "seed": VERIFY_SEED}
 
 
+def _adapter_entry(manifest: dict) -> dict | None:
+    """The adapter settings of the run (LoRA and/or CoLoRA, with CoLoRA's parameter counts)."""
+    method = manifest["config"]["method"]
+    entry = {}
+    if method in ("lora", "lora+colora"):
+        entry["lora"] = manifest["config"]["lora"]
+    if method in ("colora", "lora+colora"):
+        entry["colora"] = {**manifest["config"]["colora"], **manifest.get("colora", {})}
+    return entry or None
+
+
 def _file_entry(path: Path, **extra) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
 
@@ -108,7 +120,8 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
     reference = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()  # plain stays the bare base
     with torch.no_grad():
         ref_logits = reference(x).numpy()
-    if method == "lora" and merge:
+    merged = method in ADAPTER_METHODS and merge
+    if merged:
         deployed = merge_into_plain(plain, reference)
         with torch.no_grad():
             merged_logits = deployed(x).numpy()
@@ -144,16 +157,16 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
             "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
             "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
-                      "merged": method == "lora" and merge, "parameters": params, "opset": opset,
+                      "merged": merged, "parameters": params, "opset": opset,
                       "exporter": "torch.onnx (TorchScript)", "input": onnx_export.INPUT_NAME,
                       "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"]},
             "models": models, "verification": verification,
             "base_weights": manifest["base_weights"],
-            "adapter": manifest["config"]["lora"] if method == "lora" else None,
+            "adapter": _adapter_entry(manifest),
             "training": {"run_dir": str(run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
                          ("epoch", "accuracy", "f1_weighted", "mcc")},
                          "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
-                         "artifact_sha256": sha256_file(artifact_weights(run_dir, method))},
+                         "artifact_sha256": {p.name: sha256_file(p) for p in artifact_files(run_dir, method)}},
             "versions": library_versions(),
         }
         write_json(staging / MANIFEST_NAME, bundle)

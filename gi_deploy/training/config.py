@@ -7,13 +7,15 @@ and flags given on the command line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gi_deploy.errors import ConfigError
 
-METHODS = ("lora", "full", "linear")
+METHODS = ("lora", "full", "linear", "colora", "lora+colora")
+COLORA_FORWARD = ("branch", "fused")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("none", "cosine", "plateau")
 BALANCE = ("none", "weighted-loss", "sampler")
@@ -53,12 +55,44 @@ class LoraSettings:
 
 
 @dataclass
+class ColoraSettings:
+    """CoLoRA (seeds/002) as the paper runs it: every dense convolution of the backbone gets a
+    pointwise-then-depthwise update, merged into the frozen kernel after every epoch.
+
+    ``targets`` are fnmatch patterns on module names (``layer4.*``, ``stages.*.downsample.*``);
+    empty = every dense convolution outside the classifier. ``min_kernel`` 3 skips 1x1
+    convolutions, whose CoLoRA pointwise factor is as large as the kernel itself (no saving).
+    ``merge_every`` N merges after every N-th epoch; 0 merges only at export."""
+
+    merge_every: int = 1
+    targets: tuple[str, ...] = ()
+    min_kernel: int = 1
+    # branch: K0*x + K_d*(K_p*x), the paper's layer; fused: one convolution with K0 + K_p*K_d
+    # (identical outputs; the cheaper one depends on kernel size and device, see benchmarks/)
+    forward_mode: str = "branch"
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.merge_every < 0:
+            raise ConfigError(f"colora merge_every must be >= 0 (0 = only at export), got {self.merge_every}")
+        if self.min_kernel < 1:
+            raise ConfigError(f"colora min_kernel must be >= 1, got {self.min_kernel}")
+        if self.forward_mode not in COLORA_FORWARD:
+            raise ConfigError(f"colora forward_mode {self.forward_mode!r} unknown; use {' or '.join(COLORA_FORWARD)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass
 class TrainConfig:
     """Everything that defines a training run; stored resolved in the run manifest."""
 
     source: str
     data_dir: Path
-    method: str = "lora"  # lora | full | linear (head only)
+    method: str = "lora"  # lora | full | linear (head only) | colora | lora+colora
     model: str = "convnextv2_base"
     pretrained: bool = True
     weights: Path | None = None
@@ -90,13 +124,16 @@ class TrainConfig:
     overwrite: bool = False  # replace a finished run in run_dir instead of refusing
     resume: bool = False  # continue an interrupted run from its last checkpoint
     lora: LoraSettings = field(default_factory=LoraSettings)
+    colora: ColoraSettings = field(default_factory=ColoraSettings)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         self.out_dir = Path(self.out_dir)
         self.weights = Path(self.weights) if self.weights is not None else None
         if isinstance(self.lora, dict):
-            self.lora = _lora_from_dict(self.lora)
+            self.lora = _settings_from_dict(LoraSettings, self.lora, "lora")
+        if isinstance(self.colora, dict):
+            self.colora = _settings_from_dict(ColoraSettings, self.colora, "colora")
         problems = []
         for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
                               ("split", SPLIT_MODES)):
@@ -144,21 +181,22 @@ class TrainConfig:
             d[key] = str(d[key]) if d[key] is not None else None
         d["lora"]["target_modules"] = list(self.lora.target_modules)
         d["lora"]["modules_to_save"] = list(self.lora.modules_to_save)
+        d["colora"] = self.colora.to_dict()
         return d
 
     @classmethod
     def from_layers(cls, *layers: dict) -> TrainConfig:
         """Build from dicts of field values, later layers overriding earlier ones (defaults <
-        config file < flags). ``lora`` tables merge key by key. Unknown keys are an error."""
+        config file < flags). ``lora`` and ``colora`` tables merge key by key. Unknown keys are an error."""
         merged: dict = {}
         for layer in layers:
             unknown = sorted(set(layer) - set(FIELDS))
             if unknown:
                 raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
             for key, value in layer.items():
-                if key == "lora" and value is not None:
-                    lora = value if isinstance(value, dict) else asdict(value)
-                    merged["lora"] = {**merged.get("lora", {}), **lora}
+                if key in ("lora", "colora") and value is not None:
+                    table = value if isinstance(value, dict) else asdict(value)
+                    merged[key] = {**merged.get(key, {}), **table}
                 else:
                     merged[key] = value
         missing = [k for k in ("source", "data_dir") if merged.get(k) is None]
@@ -170,16 +208,25 @@ class TrainConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
-def _lora_from_dict(d: dict) -> LoraSettings:
-    known = {f.name for f in dataclasses.fields(LoraSettings)}
+def field_default(name: str):
+    """The default of a TrainConfig field as ``to_dict`` stores it: what a run recorded before
+    that field existed was trained with."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    # tuples become lists, as in the JSON manifest
+    return json.loads(json.dumps(asdict(value))) if dataclasses.is_dataclass(value) else value
+
+
+def _settings_from_dict(cls, d: dict, table: str):
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"unknown lora key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown {table} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     d = dict(d)
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "targets"):
         if key in d:
             d[key] = tuple(d[key])
-    return LoraSettings(**d)
+    return cls(**d)
 
 
 def load_config_file(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Build the timm backbone (hub weights, a local file, or random init) and wrap it with peft LoRA."""
+"""Build the timm backbone (hub weights, a local file, or random init) and make exactly what a
+method trains trainable: peft LoRA, CoLoRA, both, the head, or everything."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError, WeightsError
-from gi_deploy.training.config import LoraSettings
+from gi_deploy.training.config import ColoraSettings, LoraSettings
 
 
 @dataclass
@@ -43,7 +44,7 @@ def state_fingerprint(model: nn.Module, exclude_prefix: str | None = None) -> st
             continue
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 
@@ -172,19 +173,50 @@ def move_lora_dropout_to_rank(model: nn.Module, p: float) -> int:
     return changed
 
 
-def apply_method(model: nn.Module, method: str, lora: LoraSettings) -> nn.Module:
-    """Make exactly what ``method`` trains trainable: LoRA adapters + head (``lora``), the
-    classifier only (``linear``, a linear probe), or every weight (``full``)."""
+def _train_only_head(model: nn.Module) -> nn.Module:
+    head = classifier_name(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(head + "."))
+    return model
+
+
+def apply_method(model: nn.Module, method: str, lora: LoraSettings,
+                 colora: ColoraSettings | None = None) -> nn.Module:
+    """Make exactly what ``method`` trains trainable: LoRA adapters + head (``lora``), CoLoRA
+    factors + head (``colora``), both (``lora+colora``), the classifier only (``linear``, a linear
+    probe), or every weight (``full``)."""
+    from gi_deploy.training.colora import apply_colora
+
+    colora = colora or ColoraSettings()
     if method == "lora":
         return apply_lora(model, lora)
     if method == "linear":
+        return _train_only_head(model)
+    if method == "colora":
         head = classifier_name(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(head + "."))
+        apply_colora(_train_only_head(model), colora, head)
         return model
+    if method == "lora+colora":
+        head = classifier_name(model)
+        peft_model = apply_lora(model, lora)  # peft first: CoLoRA then skips the layers LoRA holds
+        apply_colora(peft_model.get_base_model(), colora, head)
+        return peft_model
     if method == "full":
         return model
-    raise ConfigError(f"method {method!r} unknown; use lora, full or linear")
+    raise ConfigError(f"method {method!r} unknown; use lora, full, linear, colora or lora+colora")
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that batch norms whose affine parameters are all frozen keep
+    running in eval mode: their running statistics stay the pretrained ones (what Keras does for a
+    frozen backbone, as in the CoLoRA paper). Otherwise a frozen ResNet/VGG-BN would drift its
+    statistics every step, and an adapter-only artifact (which does not store them) would not
+    reproduce the model that was validated."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -15,51 +15,66 @@ RUN_FORMAT_VERSION = 1
 ADAPTER_DIR = "adapter"  # lora: peft save_pretrained output
 FULL_WEIGHTS = "model.safetensors"  # full: the whole model
 HEAD_WEIGHTS = "head.safetensors"  # linear: the classifier only
+COLORA_WEIGHTS = "colora.safetensors"  # colora / lora+colora: CoLoRA factors and merges (+ head for colora)
 RANDOM_BASE_WEIGHTS = "base_weights.safetensors"
 CHECKPOINT = "checkpoint.pt"  # last complete epoch: trained tensors, optimizer, scheduler, RNG, loop state
 METRICS_JSONL = "metrics.jsonl"
 CURVES_PNG = "curves.png"
 SPLITS_DIR = "splits"
-RUN_FILES = (RUN_MANIFEST, FULL_WEIGHTS, HEAD_WEIGHTS, RANDOM_BASE_WEIGHTS, CHECKPOINT, METRICS_JSONL, CURVES_PNG)
+RUN_FILES = (RUN_MANIFEST, FULL_WEIGHTS, HEAD_WEIGHTS, COLORA_WEIGHTS, RANDOM_BASE_WEIGHTS, CHECKPOINT, METRICS_JSONL,
+             CURVES_PNG)
+ADAPTER_METHODS = ("lora", "colora", "lora+colora")  # trained into adapters that export merges into the base
 RUN_DIRS = (ADAPTER_DIR, SPLITS_DIR)
 
 
-def artifact_name(method: str) -> str:
-    """What a run of ``method`` keeps of training: the adapter, the head, or the whole model."""
-    return {"lora": ADAPTER_DIR, "linear": HEAD_WEIGHTS}.get(method, FULL_WEIGHTS)
+def artifact_names(method: str) -> tuple[str, ...]:
+    """What a run of ``method`` keeps of training: adapters, the head, or the whole model."""
+    return {"lora": (ADAPTER_DIR,), "linear": (HEAD_WEIGHTS,), "colora": (COLORA_WEIGHTS,),
+            "lora+colora": (ADAPTER_DIR, COLORA_WEIGHTS)}.get(method, (FULL_WEIGHTS,))
 
 
-def artifact_weights(run_dir: Path, method: str) -> Path:
-    """The weights file of the run's artifact (hashed into bundle manifests)."""
-    name = artifact_name(method)
-    return Path(run_dir) / name / "adapter_model.safetensors" if name == ADAPTER_DIR else Path(run_dir) / name
+def artifact_files(run_dir: Path, method: str) -> list[Path]:
+    """The weights files of the run's artifact (hashed into bundle manifests)."""
+    return [Path(run_dir) / name / "adapter_model.safetensors" if name == ADAPTER_DIR else Path(run_dir) / name
+            for name in artifact_names(method)]
 
 
 def artifact_bytes(run_dir: Path, method: str) -> int:
     """Size on disk of what this run adds to the base model."""
-    path = Path(run_dir) / artifact_name(method)
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    total = 0
+    for name in artifact_names(method):
+        path = Path(run_dir) / name
+        total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return total
 
 
-def save_trained(model: nn.Module, method: str, run_dir: Path, head: str) -> None:
-    """Save only what training changed, atomically: the peft adapter (LoRA), the classifier
+def save_trained(model: nn.Module, method: str, run_dir: Path, head: str, colora=None, merges: int = 0) -> None:
+    """Save only what training changed, atomically: the peft adapter (LoRA), the CoLoRA factors
+    and merges (with the head for ``colora``; ``colora`` are its ColoraSettings), the classifier
     ``head`` (linear) or the whole model (full). :func:`attach_trained` reads it back."""
     import shutil
 
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    if method == "lora":
+    if method in ("lora", "lora+colora"):
         tmp = run_dir / (ADAPTER_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
         shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
         tmp.rename(run_dir / ADAPTER_DIR)
+    if method in ("colora", "lora+colora"):
+        from gi_deploy.training.colora import save_colora
+
+        inner = model.get_base_model() if method == "lora+colora" else model
+        extra = {k: v for k, v in inner.state_dict().items() if k.startswith(head + ".")} if method == "colora" else {}
+        save_colora(inner, run_dir / COLORA_WEIGHTS, colora, merges, extra)
+    if method in ADAPTER_METHODS:
         return
     state = model.state_dict()
     if method == "linear":
         state = {k: v for k, v in state.items() if k.startswith(head + ".")}
-    path = run_dir / artifact_name(method)
+    path = run_dir / artifact_names(method)[0]
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(path)
@@ -99,24 +114,35 @@ def rebuild_base(manifest: dict, run_dir: Path) -> nn.Module:
 
 
 def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
-    """``base`` with the run's trained weights: wrapped by its peft adapter (LoRA, un-merged), or
-    with the trained head (linear) or full fine-tuned state (full) loaded in place."""
+    """``base`` with the run's trained weights: wrapped by its peft adapter (LoRA) and/or its
+    CoLoRA layers, all un-merged, or with the trained head (linear) or full fine-tuned state
+    (full) loaded in place."""
     run_dir = Path(run_dir)
     method = manifest["config"]["method"]
-    if method == "lora":
-        from peft import PeftModel
-        adapter = run_dir / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
-        return PeftModel.from_pretrained(base, str(adapter))
+    head = manifest["model"]["classifier"]
+    if method in ADAPTER_METHODS:
+        model = base
+        if method in ("lora", "lora+colora"):
+            from peft import PeftModel
+            adapter = run_dir / ADAPTER_DIR
+            if not (adapter / "adapter_config.json").is_file():
+                raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
+            model = PeftModel.from_pretrained(base, str(adapter))
+        if method in ("colora", "lora+colora"):
+            from gi_deploy.training.colora import load_colora
+            from gi_deploy.training.config import ColoraSettings
+
+            settings = ColoraSettings(**manifest["config"]["colora"])
+            inner = model.get_base_model() if method == "lora+colora" else model
+            load_colora(inner, run_dir / COLORA_WEIGHTS, settings, head=head if method == "colora" else None)
+        return model
     from safetensors.torch import load_file
 
-    path = run_dir / artifact_name(method)
+    path = run_dir / artifact_names(method)[0]
     if not path.is_file():
         raise BundleError(f"trained weights missing: {path}; the run did not finish an epoch")
     state = load_file(str(path))
     if method == "linear":
-        head = manifest["model"]["classifier"]
         expected = {k for k in base.state_dict() if k.startswith(head + ".")}
         if set(state) != expected:
             raise BundleError(f"{path} holds {sorted(state)}, expected the classifier tensors {sorted(expected)}")
@@ -133,8 +159,8 @@ def stored_config(run_dir: Path) -> dict:
 
 
 def load_run_model(run_dir: Path, device: torch.device | str = "cpu", manifest: dict | None = None) -> nn.Module:
-    """The trained model in eval mode: a peft model (base + adapter, un-merged) for LoRA runs,
-    the plain timm model for full fine-tuning."""
+    """The trained model in eval mode: base + adapters (peft LoRA and/or CoLoRA, un-merged) for
+    adapter runs, the plain timm model for full fine-tuning and linear probes."""
     run_dir = Path(run_dir)
     manifest = manifest or read_run_manifest(run_dir)
     return attach_trained(rebuild_base(manifest, run_dir), manifest, run_dir).to(device).eval()

@@ -1,5 +1,5 @@
-"""One readable training loop for every method (lora, full, linear): AdamW, best-validation
-checkpoint, early stopping, resumable to the same result.
+"""One readable training loop for every method (lora, full, linear, colora, lora+colora): AdamW,
+best-validation checkpoint, early stopping, CoLoRA merges every N epochs, resumable to the same result.
 
 Run directory (``<out>/<source>/``)::
 
@@ -7,6 +7,7 @@ Run directory (``<out>/<source>/``)::
                                 library versions, per-epoch history, best validation and test metrics
     splits/{train,val,test}.csv every split, one row per image (path, class[, video])
     adapter/                    lora: peft ``save_pretrained`` output of the best epoch (plain peft loads it)
+    colora.safetensors          colora: the best epoch's CoLoRA factors, accumulated merges (and head)
     head.safetensors            linear: the best epoch's classifier
     model.safetensors           full: the best epoch's whole model
     base_weights.safetensors    only for a random-init base, which nothing else could rebuild
@@ -38,12 +39,14 @@ from gi_deploy._io import library_versions, read_json, utc_now, write_json
 from gi_deploy.errors import BundleError, ConfigError, TrainingDiverged, TrainingInterrupted
 from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.preprocess import PreprocessSpec
-from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig
+from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig, field_default
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
 from gi_deploy.training.memory import PeakMemory, cpu_baseline
-from gi_deploy.training.model import BaseWeights, apply_method, classifier_name, count_parameters, create_base_model
+from gi_deploy.training.colora import colora_summary, is_merge_epoch, merge_all
+from gi_deploy.training.model import (BaseWeights, apply_method, classifier_name, count_parameters, create_base_model,
+                                      train_mode)
 from gi_deploy.training.run import (CHECKPOINT, CURVES_PNG, METRICS_JSONL, RANDOM_BASE_WEIGHTS, RUN_DIRS, RUN_FILES,
-                                    RUN_FORMAT_VERSION, RUN_MANIFEST, SPLITS_DIR, artifact_name, load_run_model,
+                                    RUN_FORMAT_VERSION, RUN_MANIFEST, SPLITS_DIR, artifact_names, load_run_model,
                                     rebuild_base, save_trained)
 from gi_deploy.training.sources import load_splits
 
@@ -72,6 +75,7 @@ class LoopState:
     best_acc: float = -1.0
     best_epoch: int = 0
     stale: int = 0
+    merges: int = 0  # CoLoRA merges done
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,7 +144,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, classes
             logits = model(x)
         y_pred += logits.argmax(1).cpu().tolist()
         y_true += y.tolist()
-    model.train(was_training)
+    if was_training:
+        train_mode(model)
     return classification_metrics(y_true, y_pred, classes)
 
 
@@ -221,7 +226,8 @@ def _load_for_resume(cfg: TrainConfig) -> tuple[dict, dict]:
         raise ConfigError(f"run {run_dir} stopped before its first epoch finished ({CHECKPOINT} missing); "
                           "start it again with --overwrite")
     old, new = manifest["config"], cfg.to_dict()
-    changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
+    # a key the run did not record was added to gi-deploy after it started: it ran with the default
+    changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k, field_default(k)) != new[k])
     if changed:
         raise ConfigError(f"--resume with a different config: {', '.join(f'{k} {old.get(k)!r} -> {new[k]!r}' for k in changed)}; "
                           "resume with the original settings, or start again with --overwrite")
@@ -274,7 +280,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
                amp_dtype: torch.dtype | None, channels_last: bool, epoch: int, report: Report) -> tuple[float, float]:
     """One pass over the training data; returns (mean loss, accuracy). Raises TrainingDiverged on a
     non-finite loss before the optimizer can apply it."""
-    model.train()
+    train_mode(model)
     total_loss, seen = 0.0, 0
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no extra sync per step
     steps, t0 = len(loader), time.perf_counter()
@@ -344,8 +350,10 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(head + ".")},
                   str(run_dir / RANDOM_BASE_WEIGHTS))
         base.ref = RANDOM_BASE_WEIGHTS
-    model = apply_method(model, cfg.method, cfg.lora)
+    deployed = sum(p.numel() for p in model.parameters())  # what the exported (merged) model holds
+    model = apply_method(model, cfg.method, cfg.lora, cfg.colora)
     trainable, total = count_parameters(model)
+    colora = colora_summary(model) if "colora" in cfg.method else None
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -379,8 +387,8 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
             "source": cfg.source, "config": cfg.to_dict(), "device": str(device), "classes": ds.classes,
             "preprocess": spec.to_dict(), "base_weights": base.to_dict(),
             "model": {"name": cfg.model, "num_classes": len(ds.classes), "classifier": head},
-            "params": {"trainable": trainable, "total": total},
-            "artifact": artifact_name(cfg.method), "splits": splits_dict, "versions": library_versions(),
+            "params": {"trainable": trainable, "total": total, "deployed": deployed},
+            "artifact": list(artifact_names(cfg.method)), "splits": splits_dict, "versions": library_versions(),
             "history": [], "best": None, "test": None, "status": "training",
         }
     manifest["runtime"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
@@ -388,7 +396,8 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
                            "num_workers": train_loader.num_workers}
     write_json(run_dir / RUN_MANIFEST, manifest)  # a crash before the first epoch leaves a run export refuses
     ds.write_csvs(run_dir / SPLITS_DIR)
-    report("start", {"trainable": trainable, "total": total, "classes": ds.classes, "counts": ds.counts(),
+    report("start", {"trainable": trainable, "total": total, "deployed": deployed, "colora": colora,
+                     "classes": ds.classes, "counts": ds.counts(),
                      "device": str(device), "base_weights": base.kind, "license": base.license,
                      "layout": ds.layout, "notes": ds.notes, "excluded": ds.excluded,
                      "resumed_from": state.epoch if cfg.resume else None, **manifest["runtime"]})
@@ -400,6 +409,10 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
             with PeakMemory(device, baseline=memory_baseline) as mem:
                 train_loss, train_acc = _run_epoch(step_model, train_loader, optimizer, scaler, loss_fn, device,
                                                    amp_dtype, channels_last, epoch, report)
+                merged = colora is not None and is_merge_epoch(epoch, cfg.colora.merge_every)
+                if merged:  # K0 += K_p * K_d, b0 += db; reset the factors (and their optimizer moments)
+                    merge_all(model, optimizer)
+                    state.merges += 1
                 val = evaluate(step_model, val_loader, device, ds.classes, amp_dtype, channels_last)
             seconds = time.time() - t_epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -407,6 +420,8 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                       "img_per_s": round(len(ds.splits["train"]) / max(seconds, 1e-9), 1),
                       "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None}
+            if colora is not None:
+                record["colora_merged"] = merged
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val["accuracy"])
             elif scheduler is not None:
@@ -414,12 +429,17 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
             improved = val["accuracy"] > state.best_acc
             if improved:
                 state.best_acc, state.best_epoch, state.stale = val["accuracy"], epoch, 0
-                save_trained(model, cfg.method, run_dir, head)
+                save_trained(model, cfg.method, run_dir, head, cfg.colora, state.merges)
                 manifest["best"] = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"}}
+                if colora is not None:
+                    manifest["best"]["colora_merges"] = state.merges
             else:
                 state.stale += 1
             state.epoch = epoch
             record["best"] = improved
+            if colora is not None:  # Table 4's counts, and how many merges the run and its saved best hold
+                manifest["colora"] = {**colora, "merge_every": cfg.colora.merge_every, "merges": state.merges,
+                                      "merges_in_best": manifest["best"]["colora_merges"]}
             manifest["history"].append(record)
             _save_checkpoint(run_dir, model, optimizer, scheduler, scaler, state, g)
             _write_metrics_jsonl(run_dir, manifest["history"])

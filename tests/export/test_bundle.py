@@ -37,7 +37,7 @@ def test_bundle_is_verified_and_self_describing(tiny_run, tiny_deploy):
     for entry in m["models"].values():
         assert sha256_file(bundle / entry["file"]) == entry["sha256"]
     assert m["preprocess"] == run["preprocess"] and m["base_weights"]["license"]
-    assert m["adapter"]["r"] == 16 and m["adapter"]["alpha"] == 32 and m["model"]["merged"] is True
+    assert m["adapter"]["lora"]["r"] == 16 and m["adapter"]["lora"]["alpha"] == 32 and m["model"]["merged"] is True
     assert not list(tiny_deploy.glob(".*"))  # no staging left behind
 
 
