@@ -12,8 +12,8 @@ size:
                  Dropout was, so the gap to `lora` is what the dropout branch costs
     linear       only the classifier head.fc trainable, everything else frozen (apply_method "linear")
     colora       CoLoRA as the product applies it (apply_method "colora", ColoraSettings()): every dense
-                 convolution gets K0*x + K_d*(K_p*x) (the paper's branch form), head trained in full
-    colora-fused the same update run as one convolution with K0 + K_p*K_d (forward_mode="fused")
+                 convolution adapted, run as one convolution with K0 + K_p*K_d, head trained in full
+    colora-branch the same update as the paper's layer draws it, K0*x + K_d*(K_p*x) (forward_mode="branch")
     colora-k3    ColoraSettings(min_kernel=3): 1x1 convolutions stay frozen
 
 LoRA variants need fc1/fc2 (ConvNeXt); CoLoRA ones need dense convolutions (ResNet, VGG, ConvNeXt's
@@ -35,7 +35,7 @@ cross-checked with the kernel's exact VmHWM where /proc/self/clear_refs lets it 
     python benchmarks/train_throughput.py --img-size 224 --batch-size 8 --json /tmp/train_throughput.json
     python benchmarks/train_throughput.py --device cuda --amp --channels-last
     python benchmarks/train_throughput.py --models convnextv2_tiny --profile      # where LoRA's time goes
-    python benchmarks/train_throughput.py --models resnet50 --variants full,colora,colora-fused,colora-k3,linear
+    python benchmarks/train_throughput.py --models resnet50 --variants full,colora,colora-branch,colora-k3,linear
 
 Read the figures as ratios measured in one run: the repeats are interleaved (with the variant
 order rotated each repeat) so that noise on a shared machine hits every variant alike. Absolute
@@ -66,8 +66,8 @@ from gi_deploy.training.config import ColoraSettings, LoraSettings
 from gi_deploy.training.model import apply_lora, apply_method, count_parameters
 from gi_deploy.training.trainer import resolve_device
 
-VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear", "colora", "colora-fused", "colora-k3")
-COLORA_VARIANTS = {"colora": ColoraSettings(), "colora-fused": ColoraSettings(forward_mode="fused"),
+VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear", "colora", "colora-branch", "colora-k3")
+COLORA_VARIANTS = {"colora": ColoraSettings(), "colora-branch": ColoraSettings(forward_mode="branch"),
                    "colora-k3": ColoraSettings(min_kernel=3)}
 NUM_CLASSES = 11
 LR = 1e-4

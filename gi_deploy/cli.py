@@ -207,8 +207,9 @@ def train_cmd(
                                                       "'layer3.*,layer4.*'. (default: every dense conv)")] = None,
     colora_min_kernel: Annotated[Optional[int], Opt(help="CoLoRA: skip convolutions with a smaller kernel; 3 "
                                                          "leaves 1x1 convs frozen. (default: 1)")] = None,
-    colora_forward: Annotated[Optional[str], Opt(help="CoLoRA training forward: branch (the paper's extra "
-                                                      "convs) | fused (one conv with K0 + dK). (default: branch)")] = None,
+    colora_forward: Annotated[Optional[str], Opt(help="CoLoRA training forward: fused (one conv with K0 + dK) "
+                                                      "| branch (the paper's extra convs; slower, same maths). "
+                                                      "(default: fused)")] = None,
     out_dir: Annotated[Optional[Path], Opt("--out", help="Runs folder. (default: runs)")] = None,
     device: Annotated[Optional[Device], Opt(help="(default: auto)")] = None,
     amp: Annotated[Optional[str], Opt(help="auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")] = None,

@@ -24,6 +24,10 @@ class VerificationError(GiDeployError):
     """A conversion (merge, ONNX, fp16) produced outputs outside its tolerance. Nothing was written."""
 
 
+class ExportError(GiDeployError):
+    """A model could not be converted (the ONNX exporter refused an operator). Nothing was written."""
+
+
 class ExportFailed(GiDeployError):
     """One or more sources failed to export; the others were exported. Carries both."""
 

@@ -124,7 +124,7 @@ def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_
 def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     runs, deploy = tmp_path / "runs", tmp_path / "deploy"
     config = tmp_path / "colora.toml"
-    config.write_text('method = "lora+colora"\n[colora]\nmerge_every = 2\nforward_mode = "fused"\n')
+    config.write_text('method = "lora+colora"\n[colora]\nmerge_every = 2\nforward_mode = "branch"\n')
     r = invoke("train", "capsule", "--data-dir", tiny_data, "--config", config, "--model", "convnextv2_atto",
                "--no-pretrained", "--img-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 1e-3, "--out", runs,
                "--device", "cpu", "--colora-targets", "stem.*,stages.*.downsample.*")
@@ -133,7 +133,7 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     assert "12 depthwise/grouped convolutions stay frozen" in r.output
     run = json.loads((runs / "capsule" / "run.json").read_text())
     assert run["config"]["colora"] == {"merge_every": 2, "targets": ["stem.*", "stages.*.downsample.*"],
-                                       "min_kernel": 1, "forward_mode": "fused"}
+                                       "min_kernel": 1, "forward_mode": "branch"}
     assert [h["colora_merged"] for h in run["history"]] == [False, True]
     assert (runs / "capsule" / "colora.safetensors").is_file() and (runs / "capsule" / "adapter").is_dir()
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gi_deploy.errors import VerificationError
+from gi_deploy.errors import ExportError, VerificationError
 
 # opset 17 keeps LayerNorm as one LayerNormalization node rather than a decomposed chain.
 OPSET = 17
@@ -40,11 +40,19 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except torch.onnx.errors.OnnxExporterError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ExportError(
+                f"ONNX export of {type(model).__name__} at {input_size[0]}x{input_size[1]} px failed: {first}. "
+                "Some timm heads only export at their native size (VGG's pre_logits pools a feature map "
+                "smaller than 7x7 up with adaptive pooling, which ONNX cannot express below 224 px): "
+                "train at the model's default --img-size") from None
     onnx.checker.check_model(str(path))
 
 

@@ -50,10 +50,10 @@ class CoLoRAConv2d(nn.Module):
 
     Parameters: ``pointwise`` (out, in, 1, 1), ``spatial`` (out, 1, kh, kw), ``bias_delta`` (out)
     or None. Buffers: ``merged_weight`` (out, in, kh, kw) and ``merged_bias`` (out) or None, the
-    sum of every merge so far. ``forward_mode`` "branch" runs the paper's two extra convolutions;
-    "fused" folds dK into one convolution (same maths, different cost; see the benchmark)."""
+    sum of every merge so far. ``forward_mode`` "fused" folds dK into the one convolution;
+    "branch" runs the paper's two extra convolutions (same maths, different cost; see the benchmark)."""
 
-    def __init__(self, base: nn.Conv2d, forward_mode: str = "branch"):
+    def __init__(self, base: nn.Conv2d, forward_mode: str = "fused"):
         super().__init__()
         if type(base) is not nn.Conv2d or base.groups != 1:
             raise ConfigError(f"CoLoRA needs a dense nn.Conv2d (groups=1), got {type(base).__name__} "
@@ -117,6 +117,7 @@ class ColoraReport:
 
     layers: list[str] = field(default_factory=list)
     skipped_grouped: list[str] = field(default_factory=list)
+    skipped_unsupported: list[str] = field(default_factory=list)  # Conv2d subclasses (timm's Conv2dSame, StdConv2d)
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -128,11 +129,13 @@ def _is_peft_layer(module: nn.Module) -> bool:
     return isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
 
 
-def colora_candidates(model: nn.Module, settings: ColoraSettings, head: str) -> tuple[list[str], list[str]]:
-    """(dense convolutions CoLoRA will wrap, grouped convolutions it skips) in ``model``, by
+def colora_candidates(model: nn.Module, settings: ColoraSettings, head: str) -> ColoraReport:
+    """The dense convolutions CoLoRA will wrap in ``model`` (and those it skips), by
     ``settings.targets`` (fnmatch patterns on module names; empty = every convolution of the
     backbone) and ``settings.min_kernel``. The classifier ``head``, ``pre_logits`` and layers peft
-    already adapts are never touched. Raises ConfigError when a pattern matches nothing usable."""
+    already adapts are never touched. Conv2d subclasses are skipped: timm's Conv2dSame pads in its
+    forward and StdConv2d standardises its weight, so a merged plain kernel would not be exact.
+    Raises ConfigError when a pattern matches nothing usable."""
     excluded_roots = [n for n, m in model.named_modules() if n and _is_peft_layer(m)]
     excluded_roots += [head, *HEAD_PREFIXES]
 
@@ -153,21 +156,24 @@ def colora_candidates(model: nn.Module, settings: ColoraSettings, head: str) -> 
                                   "(see gi_deploy/training/colora.py). Target dense convolutions")
     else:
         chosen = convs
-    grouped = [n for n, m in chosen.items() if m.groups > 1]
-    dense = [n for n, m in chosen.items() if m.groups == 1 and type(m) is nn.Conv2d
-             and m.kernel_size[0] * m.kernel_size[1] >= settings.min_kernel ** 2]
-    if not dense:
+    report = ColoraReport(
+        layers=[n for n, m in chosen.items() if type(m) is nn.Conv2d and m.groups == 1
+                and min(m.kernel_size) >= settings.min_kernel],
+        skipped_grouped=[n for n, m in chosen.items() if m.groups > 1],
+        skipped_unsupported=[n for n, m in chosen.items() if type(m) is not nn.Conv2d and m.groups == 1])
+    if not report.layers:
         raise ConfigError(f"CoLoRA found no dense convolution to adapt in {type(model).__name__} "
-                          f"(targets {list(settings.targets) or 'all'}, min_kernel {settings.min_kernel})")
-    return dense, grouped
+                          f"(targets {list(settings.targets) or 'all'}, min_kernel {settings.min_kernel}"
+                          + (f"; skipped Conv2d subclasses: {', '.join(report.skipped_unsupported[:3])}"
+                             if report.skipped_unsupported else "") + ")")
+    return report
 
 
 def apply_colora(model: nn.Module, settings: ColoraSettings, head: str) -> ColoraReport:
     """Wrap the chosen convolutions of ``model`` in place with :class:`CoLoRAConv2d` (their base
     kernels frozen, the factors trainable). Other parameters keep their ``requires_grad``."""
-    dense, grouped = colora_candidates(model, settings, head)
-    report = ColoraReport(layers=dense, skipped_grouped=grouped)
-    for name in dense:
+    report = colora_candidates(model, settings, head)
+    for name in report.layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = CoLoRAConv2d(getattr(parent, child), settings.forward_mode)
@@ -249,15 +255,17 @@ def save_colora(model: nn.Module, path: Path, settings: ColoraSettings, merges: 
     tmp.replace(path)
 
 
-def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: str | None = None) -> ColoraReport:
-    """Wrap ``model`` as the run did and load the adapter from ``path`` (and the classifier
-    ``head`` tensors stored with it, when given). Raises BundleError when the file does not fit."""
+def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: str,
+                head_in_file: bool) -> ColoraReport:
+    """Wrap ``model`` as the run did (``head`` names its classifier) and load the adapter from
+    ``path``, with the classifier's tensors when ``head_in_file`` (``colora`` alone; with
+    ``lora+colora`` peft's adapter holds the head). Raises BundleError when the file does not fit."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"CoLoRA adapter missing: {path}; the run did not finish an epoch")
-    report = apply_colora(model, settings, head or "")
+    report = apply_colora(model, settings, head)
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     layers = colora_layers(model)
@@ -265,7 +273,7 @@ def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: st
                 if getattr(layer, k) is not None}
     optional = {f"{n}.{k}" for n, layer in layers.items() for k in ("merged_weight", "merged_bias")
                 if getattr(layer, k) is not None}
-    head_keys = {k for k in model.state_dict() if head and k.startswith(head + ".")}
+    head_keys = {k for k in model.state_dict() if head_in_file and k.startswith(head + ".")}
     missing = sorted((expected | head_keys) - set(state))
     unexpected = sorted(set(state) - expected - optional - head_keys)
     if missing or unexpected:

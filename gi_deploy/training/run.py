@@ -134,7 +134,7 @@ def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
 
             settings = ColoraSettings(**manifest["config"]["colora"])
             inner = model.get_base_model() if method == "lora+colora" else model
-            load_colora(inner, run_dir / COLORA_WEIGHTS, settings, head=head if method == "colora" else None)
+            load_colora(inner, run_dir / COLORA_WEIGHTS, settings, head, head_in_file=method == "colora")
         return model
     from safetensors.torch import load_file
 

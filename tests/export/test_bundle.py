@@ -100,3 +100,16 @@ def test_one_failing_source_does_not_stop_the_others(tiny_run, tmp_path):
     assert set(e.value.exported) == {"capsule"} and set(e.value.failures) == {"broken"}
     assert (tmp_path / "deploy" / "capsule" / "model.onnx").is_file()
     assert not (tmp_path / "deploy" / "broken").exists()
+
+
+def test_an_operator_onnx_cannot_express_is_a_typed_error(tmp_path):
+    """timm's VGG head below 224 px pools 2x2 up to 7x7: ONNX has no such adaptive pooling."""
+    from gi_deploy.errors import ExportError
+
+    class UpPool(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 7).flatten(1)
+
+    with pytest.raises(ExportError, match="adaptive_avg_pool2d.*--img-size"):
+        onnx_export.export_onnx(UpPool(), tmp_path / "m.onnx", (2, 2))
+    assert not (tmp_path / "m.onnx").exists()

@@ -83,6 +83,21 @@ def test_merged_conv_equals_the_colora_forward(forward_mode, k, stride, padding,
     torch.testing.assert_close(out, merged, atol=FP32_ATOL, rtol=0)
 
 
+def test_branch_and_fused_forwards_give_the_same_gradients():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    layers = [CoLoRAConv2d(copy.deepcopy(conv), mode) for mode in ("branch", "fused")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    for layer in layers:
+        _perturb(layer, scale=0.3)
+        (layer(x) ** 2).sum().backward()
+    for name in ("pointwise", "spatial", "bias_delta"):
+        a, b = (getattr(layer, name).grad for layer in layers)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 sums in another order
+    assert layers[0].base.weight.grad is None and layers[1].base.weight.grad is None  # K0 frozen
+
+
 def test_layer_starts_as_the_frozen_conv_with_glorot_pointwise():
     conv = nn.Conv2d(16, 32, 3, padding=1)
     layer = CoLoRAConv2d(conv)
@@ -141,6 +156,19 @@ def test_convnext_dense_convs_are_adapted_and_depthwise_ones_skipped():
                      ColoraSettings(targets=("layer4.*",)), head="head.fc")
 
 
+def test_conv_subclasses_are_skipped_not_merged_wrongly():
+    """timm's Conv2dSame pads inside its forward: a plain merged kernel would not be exact."""
+    from timm.layers import Conv2dSame
+
+    model = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, padding=1))
+    report = apply_colora(model, ColoraSettings(), head="")
+    assert report.layers == ["1"] and report.skipped_unsupported == ["0"] and type(model[0]) is Conv2dSame
+    with pytest.raises(ConfigError, match="no dense convolution.*skipped Conv2d subclasses: 0"):
+        apply_colora(nn.Sequential(Conv2dSame(3, 4, 3)), ColoraSettings(targets=("0",)), head="")
+    with pytest.raises(ConfigError, match="no dense convolution"):  # min_kernel leaves nothing
+        apply_colora(nn.Sequential(nn.Conv2d(3, 4, 1)), ColoraSettings(min_kernel=3), head="")
+
+
 @pytest.mark.parametrize("name,settings,layers,backprop,merged_into", [
     # the paper's backbones; counts as in its Table 4 footnotes (trained by backpropagation / merged into)
     ("vgg16", ColoraSettings(), 13, 1_676_736, 14_714_688),
@@ -193,13 +221,13 @@ def test_adapter_file_round_trip_and_refuses_another_model(tmp_path):
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.fc.")}
     save_colora(model, tmp_path / "colora.safetensors", ColoraSettings(), merges=1, extra=head)
     loaded = copy.deepcopy(base)
-    load_colora(loaded, tmp_path / "colora.safetensors", ColoraSettings(), head="head.fc")
+    load_colora(loaded, tmp_path / "colora.safetensors", ColoraSettings(), "head.fc", head_in_file=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
     with pytest.raises(BundleError, match="does not fit the model"):
         load_colora(copy.deepcopy(base), tmp_path / "colora.safetensors", ColoraSettings(min_kernel=3),
-                    head="head.fc")
+                    "head.fc", head_in_file=True)
     # merge-at-export adapters (no merge yet) leave the zero merge buffers out
     save_colora(model, tmp_path / "live.safetensors", ColoraSettings(), merges=0, extra=head)
     assert (tmp_path / "live.safetensors").stat().st_size < (tmp_path / "colora.safetensors").stat().st_size
