@@ -288,14 +288,6 @@ def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: st
     return report
 
 
-def merges_in(path: Path) -> int:
-    """How many merges the adapter file at ``path`` holds (from its metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return int((f.metadata() or {}).get("merges", 0))
-
-
 def is_merge_epoch(epoch: int, merge_every: int) -> bool:
     return merge_every > 0 and epoch % merge_every == 0
 

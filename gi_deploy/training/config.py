@@ -68,9 +68,9 @@ class ColoraSettings:
     targets: tuple[str, ...] = ()
     min_kernel: int = 1
     # fused: one convolution with K0 + K_p*K_d; branch: K0*x + K_d*(K_p*x), the paper's Fig. 4 layer.
-    # Identical outputs and gradients; fused measured 1.8x faster with 0.7x the peak memory of branch
-    # on ResNet50 (CPU; benchmarks/train_throughput.py), where most convolutions are 1x1 and the
-    # branch doubles their cost.
+    # Identical outputs and gradients; fused measured 1.85-2.1x faster (two runs) with 0.73x the peak
+    # memory of branch on ResNet50 (CPU; benchmarks/train_throughput.py), where most convolutions are
+    # 1x1 and the branch doubles their cost.
     forward_mode: str = "fused"
 
     def __post_init__(self) -> None:
