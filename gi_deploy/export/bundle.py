@@ -29,6 +29,7 @@ from gi_deploy.export import onnx_export
 from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
+from gi_deploy.training.config import COLORA_METHODS, LORA_METHODS
 from gi_deploy.training.run import (ADAPTER_METHODS, RUN_MANIFEST, artifact_files, attach_trained, read_run_manifest,
                                     rebuild_base)
 
@@ -94,9 +95,9 @@ def _adapter_entry(manifest: dict) -> dict | None:
     """The adapter settings of the run (LoRA and/or CoLoRA, with CoLoRA's parameter counts)."""
     method = manifest["config"]["method"]
     entry = {}
-    if method in ("lora", "lora+colora"):
+    if method in LORA_METHODS:
         entry["lora"] = manifest["config"]["lora"]
-    if method in ("colora", "lora+colora"):
+    if method in COLORA_METHODS:
         entry["colora"] = {**manifest["config"]["colora"], **manifest.get("colora", {})}
     return entry or None
 

@@ -128,7 +128,7 @@ def merge_into_plain(plain: nn.Module, trained: nn.Module, adapter: str = "defau
     trained classifier when there is no peft wrapper), or both. The strict load guarantees the
     result has exactly the plain architecture. ``plain`` must hold the base ``trained`` started from."""
     from gi_deploy.training.colora import colora_parts  # the layer lives with training
-    from gi_deploy.training.model import classifier_name
+    from gi_deploy.training.model import classifier_name, head_state
 
     is_peft = hasattr(trained, "peft_config")
     deltas: dict[str, torch.Tensor] = {}
@@ -142,8 +142,7 @@ def merge_into_plain(plain: nn.Module, trained: nn.Module, adapter: str = "defau
     if not deltas and not colora:
         raise ConfigError(f"{type(trained).__name__} has neither LoRA nor CoLoRA layers; nothing to merge")
     if colora and not is_peft:  # CoLoRA alone trains the classifier directly, in place
-        head = classifier_name(plain) + "."
-        replaced = {k: v for k, v in inner.state_dict().items() if k.startswith(head)}
+        replaced = head_state(inner.state_dict(), classifier_name(plain))
     merged_sd = merge_state_dict(plain.state_dict(), {**deltas, **colora}, replaced)
     out = copy.deepcopy(plain)
     out.load_state_dict(merged_sd, strict=True)

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.export.merge import colora_delta
 from gi_deploy.training.config import ColoraSettings
+from gi_deploy.training.model import head_state
 
 # names that belong to the classifier stage of timm CNNs rather than the backbone
 # (VGG's fc6/fc7 run as ``pre_logits`` convolutions; the paper replaces that top with its own head)
@@ -273,7 +274,7 @@ def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: st
                 if getattr(layer, k) is not None}
     optional = {f"{n}.{k}" for n, layer in layers.items() for k in ("merged_weight", "merged_bias")
                 if getattr(layer, k) is not None}
-    head_keys = {k for k in model.state_dict() if head_in_file and k.startswith(head + ".")}
+    head_keys = set(head_state(model.state_dict(), head)) if head_in_file else set()
     missing = sorted((expected | head_keys) - set(state))
     unexpected = sorted(set(state) - expected - optional - head_keys)
     if missing or unexpected:

@@ -15,6 +15,8 @@ from pathlib import Path
 from gi_deploy.errors import ConfigError
 
 METHODS = ("lora", "full", "linear", "colora", "lora+colora")
+LORA_METHODS = ("lora", "lora+colora")  # methods whose run holds a peft LoRA adapter
+COLORA_METHODS = ("colora", "lora+colora")  # methods whose run holds CoLoRA layers
 COLORA_FORWARD = ("branch", "fused")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("none", "cosine", "plateau")

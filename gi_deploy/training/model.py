@@ -36,6 +36,11 @@ def classifier_name(model: nn.Module) -> str:
     return model.pretrained_cfg.get("classifier", "head.fc")
 
 
+def head_state(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
+    """The classifier ``head``'s tensors out of a state dict."""
+    return {k: v for k, v in state.items() if k.startswith(head + ".")}
+
+
 def state_fingerprint(model: nn.Module, exclude_prefix: str | None = None) -> str:
     """SHA-256 over (name, dtype, shape, bytes) of every state tensor, sorted by name."""
     digest = hashlib.sha256()

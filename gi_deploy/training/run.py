@@ -9,6 +9,8 @@ from torch import nn
 
 from gi_deploy._io import read_json
 from gi_deploy.errors import BundleError, WeightsError
+from gi_deploy.training.config import COLORA_METHODS, LORA_METHODS
+from gi_deploy.training.model import head_state
 
 RUN_MANIFEST = "run.json"
 RUN_FORMAT_VERSION = 1
@@ -57,23 +59,23 @@ def save_trained(model: nn.Module, method: str, run_dir: Path, head: str, colora
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    if method in ("lora", "lora+colora"):
+    if method in LORA_METHODS:
         tmp = run_dir / (ADAPTER_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
         shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
         tmp.rename(run_dir / ADAPTER_DIR)
-    if method in ("colora", "lora+colora"):
+    if method in COLORA_METHODS:
         from gi_deploy.training.colora import save_colora
 
-        inner = model.get_base_model() if method == "lora+colora" else model
-        extra = {k: v for k, v in inner.state_dict().items() if k.startswith(head + ".")} if method == "colora" else {}
+        inner = model.get_base_model() if method in LORA_METHODS else model
+        extra = head_state(inner.state_dict(), head) if method == "colora" else {}
         save_colora(inner, run_dir / COLORA_WEIGHTS, colora, merges, extra)
     if method in ADAPTER_METHODS:
         return
     state = model.state_dict()
     if method == "linear":
-        state = {k: v for k, v in state.items() if k.startswith(head + ".")}
+        state = head_state(state, head)
     path = run_dir / artifact_names(method)[0]
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
@@ -122,18 +124,18 @@ def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
     head = manifest["model"]["classifier"]
     if method in ADAPTER_METHODS:
         model = base
-        if method in ("lora", "lora+colora"):
+        if method in LORA_METHODS:
             from peft import PeftModel
             adapter = run_dir / ADAPTER_DIR
             if not (adapter / "adapter_config.json").is_file():
                 raise BundleError(f"adapter missing in {adapter}; the run did not finish an epoch")
             model = PeftModel.from_pretrained(base, str(adapter))
-        if method in ("colora", "lora+colora"):
+        if method in COLORA_METHODS:
             from gi_deploy.training.colora import load_colora
             from gi_deploy.training.config import ColoraSettings
 
             settings = ColoraSettings(**manifest["config"]["colora"])
-            inner = model.get_base_model() if method == "lora+colora" else model
+            inner = model.get_base_model() if method in LORA_METHODS else model
             load_colora(inner, run_dir / COLORA_WEIGHTS, settings, head, head_in_file=method == "colora")
         return model
     from safetensors.torch import load_file
@@ -143,7 +145,7 @@ def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
         raise BundleError(f"trained weights missing: {path}; the run did not finish an epoch")
     state = load_file(str(path))
     if method == "linear":
-        expected = {k for k in base.state_dict() if k.startswith(head + ".")}
+        expected = set(head_state(base.state_dict(), head))
         if set(state) != expected:
             raise BundleError(f"{path} holds {sorted(state)}, expected the classifier tensors {sorted(expected)}")
         base.load_state_dict(state, strict=False)

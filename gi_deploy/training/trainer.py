@@ -39,7 +39,7 @@ from gi_deploy._io import library_versions, read_json, utc_now, write_json
 from gi_deploy.errors import BundleError, ConfigError, TrainingDiverged, TrainingInterrupted
 from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.preprocess import PreprocessSpec
-from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig, field_default
+from gi_deploy.training.config import COLORA_METHODS, RESUME_MAY_CHANGE, TrainConfig, field_default
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
 from gi_deploy.training.memory import PeakMemory, cpu_baseline
 from gi_deploy.training.colora import colora_summary, is_merge_epoch, merge_all
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
     deployed = sum(p.numel() for p in model.parameters())  # what the exported (merged) model holds
     model = apply_method(model, cfg.method, cfg.lora, cfg.colora)
     trainable, total = count_parameters(model)
-    colora = colora_summary(model) if "colora" in cfg.method else None
+    colora = colora_summary(model) if cfg.method in COLORA_METHODS else None
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
