@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy.errors import ConfigError, GiDeployError, TrainingInterrupted
+from gi_deploy.errors import BundleError, ConfigError, GiDeployError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
@@ -49,6 +49,7 @@ class RuntimeDevice(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 @contextmanager
@@ -317,28 +318,119 @@ def compare_cmd(
     out.print(f"table -> {result.csv_path}, {result.markdown_path}")
 
 
+class Exporter(str, Enum):
+    torchscript = "torchscript"
+    dynamo = "dynamo"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _gate_line(v: dict) -> str:
+    parts = []
+    if "merge" in v:
+        parts.append(f"merge max|Δlogit| {v['merge']['max_abs_logit_diff']:.1e}")
+    f = v["onnx_fp32"]
+    parts.append(f"fp32 ONNX max|Δlogit| {f['max_abs_logit_diff']:.1e}, top-1 {f['top1_agreement']:.0%}")
+    if "onnx_fp16" in v:
+        h, e = v["onnx_fp16"], v["fp16_emulated"]
+        parts.append(f"fp16 top-1 {h['top1_agreement']:.1%} max|Δprob| {h['max_abs_prob_diff']:.1e} "
+                     f"(true fp16: top-1 {e['top1_agreement']:.0%}, max|Δprob| {e['max_abs_prob_diff']:.1e})")
+    if "int8" in v:
+        i = v["int8"]
+        parts.append(f"int8 top-1 {i['top1_agreement']:.1%} on {i['n']} val images, accuracy "
+                     f"{i['accuracy_fp32']:.1%} -> {i['accuracy_int8']:.1%}")
+    if "engine" in v:
+        parts.append(f"engine top-1 {v['engine']['top1_agreement']:.1%} max|Δprob| {v['engine']['max_abs_prob_diff']:.1e}")
+    return "; ".join(parts)
+
+
+def _list_bundles(deploy_dir: Path) -> None:
+    from gi_deploy.runtime.bundle import bundle_summary, list_bundles
+
+    names = list_bundles(deploy_dir)
+    if not names:
+        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+    table = Table(title=f"Bundles in {deploy_dir}")
+    for col, justify in (("source", "left"), ("file", "left"), ("size", "right"), ("gate", "left"),
+                         ("result", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for name in names:
+        b = bundle_summary(deploy_dir / name)
+        heading = [b["source"], f"{b['model']} ({b['method']})", b["created"][:16].replace("T", " ")]
+        for i, (file, size, gate, result) in enumerate(b["rows"]):
+            table.add_row(heading[i] if i < len(heading) else "", file, _size(size) if size is not None else "",
+                          gate, result)
+        table.add_section()
+    out.print(table)
+
+
 @app.command("export")
 def export_cmd(
     sources: Annotated[Optional[list[str]], typer.Argument(help="Sources to export (default: every trained run).")] = None,
-    merge: Annotated[bool, typer.Option(help="Merge W + BA into the backbone (plain-backbone cost).")] = True,
-    fp16: Annotated[bool, typer.Option(help="Also write a verified fp16 ONNX (fp32 LayerNorm/GRN islands).")] = False,
-    runs_dir: Annotated[Path, typer.Option("--runs", help="Runs folder.")] = Path("runs"),
-    deploy_dir: Annotated[Path, typer.Option("--out", help="Bundles folder.")] = Path("deploy"),
+    merge: Annotated[bool, Opt(help="Merge the adapters into the backbone (plain-backbone cost).")] = True,
+    fp16: Annotated[bool, Opt("--fp16/--no-fp16", help="Also write model.fp16.onnx (fp32 LayerNorm/GRN islands), "
+                                                       "gated in onnxruntime and in true fp16 arithmetic. (default: on)")] = True,
+    int8: Annotated[bool, Opt(help="Also write model.int8.onnx (onnxruntime static QDQ), calibrated on the "
+                                   "training split, gated on the validation split.")] = False,
+    calib_images: Annotated[int, Opt(help="INT8: training images to calibrate on. (default: 200)")] = 200,
+    int8_eval_images: Annotated[int, Opt(help="INT8: validation images scored by fp32 and int8. (default: 500)")] = 500,
+    int8_min_agreement: Annotated[float, Opt(help="INT8 gate: least top-1 agreement with fp32. (default: 0.98)")] = 0.98,
+    int8_max_drop: Annotated[float, Opt(help="INT8 gate: largest validation accuracy drop, as a fraction. "
+                                             "(default: 0.01)")] = 0.01,
+    engine: Annotated[bool, Opt(help="Build a TensorRT engine from the fp16 ONNX (needs TensorRT 10/11 and a GPU; "
+                                     "otherwise writes build_engine.sh).")] = False,
+    max_batch: Annotated[int, Opt(help="TensorRT profile: batch 1 to this. (default: 32)")] = 32,
+    exporter: Annotated[Exporter, Opt(help="torch ONNX exporter: torchscript (legacy, verified default) | dynamo.")
+                        ] = Exporter.torchscript,
+    force: Annotated[bool, Opt(help="Re-export even when the bundle is up to date.")] = False,
+    list_: Annotated[bool, Opt("--list", help="Show the bundles under --out (files, gates, footprint) and exit.")] = False,
+    runs_dir: Annotated[Path, Opt("--runs", help="Runs folder.")] = Path("runs"),
+    deploy_dir: Annotated[Path, Opt("--out", help="Bundles folder.")] = Path("deploy"),
 ) -> None:
-    """Merge each run's adapter, export ONNX, verify it against the un-merged model."""
+    """Merge each run's adapter, export verified ONNX (fp32, fp16, int8) and TensorRT bundles."""
+    if list_:
+        with reported():
+            _list_bundles(deploy_dir)
+        return
     with reported():
         require_training_extra("export")
-    from gi_deploy.export.bundle import ExportConfig, export_runs
+    from gi_deploy.errors import ExportFailed
+    from gi_deploy.export.bundle import ExportConfig, ExportOptions, export_runs
 
     with reported():
-        bundles = export_runs(ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [],
-                                           merge=merge, fp16=fp16))
-    for name, b in bundles.items():
-        v = b["verification"]
-        parts = [f"{k} max|Δlogit| {v[k]['max_abs_logit_diff']:.2e}" for k in ("merge", "onnx_fp32") if k in v]
-        if "onnx_fp16" in v:
-            parts.append(f"fp16 top-1 agreement {100 * v['onnx_fp16']['top1_agreement']:.1f}%")
-        out.print(f"{name}: {deploy_dir / name} ({b['model']['parameters']:,} params) " + ", ".join(parts))
+        options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
+                                int8_eval_images=int8_eval_images, int8_min_top1=int8_min_agreement,
+                                int8_max_accuracy_drop=int8_max_drop, engine=engine, max_batch=max_batch,
+                                exporter=exporter.value)
+        cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
+                           force=force)
+        try:
+            results, failure = export_runs(cfg), None
+        except ExportFailed as e:  # report the sources that did export, then the failures
+            results, failure = e.exported, e
+    for name, r in results.items():
+        b = r.manifest
+        if r.skipped:
+            out.print(f"{name}: unchanged since {b['created']} ({r.bundle_dir}); --force to re-export", soft_wrap=True)
+            continue
+        out.print(f"{name}: {r.bundle_dir} ({b['model']['parameters']:,} params, {sum(b['timings_s'].values()):.1f}s): "
+                  + _gate_line(b["verification"]), soft_wrap=True)
+        fp = b["footprint"]
+        out.print(f"  footprint: {fp['trained_artifact']} artifact {_size(fp['artifact_bytes'])} vs merged model "
+                  f"{_size(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})", soft_wrap=True)
+        for note in r.notes:
+            out.print(f"  {note}", soft_wrap=True)
+    fresh = [r.manifest["footprint"] for r in results.values()]
+    if len(fresh) > 1:
+        artifacts, merged = sum(f["artifact_bytes"] for f in fresh), sum(f["merged_model_bytes"] for f in fresh)
+        base = max(f["merged_model_bytes"] for f in fresh)  # a plain backbone costs what a merged one does
+        out.print(f"storage for {len(fresh)} sources: one base {_size(base)} + artifacts {_size(artifacts)} = "
+                  f"{_size(base + artifacts)}, vs {len(fresh)} merged models {_size(merged)}")
+    if failure is not None:
+        with reported():
+            raise failure
 
 
 @app.command("infer")

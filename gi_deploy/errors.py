@@ -24,6 +24,17 @@ class VerificationError(GiDeployError):
     """A conversion (merge, ONNX, fp16) produced outputs outside its tolerance. Nothing was written."""
 
 
+class GateFailed(VerificationError):
+    """A named verification gate (merge, onnx_fp32, onnx_fp16, fp16_emulated, int8, engine) failed:
+    carries the gate, the measured number and the threshold it missed. Nothing was written."""
+
+    def __init__(self, gate: str, what: str, metric: str, value: float, threshold: float, relation: str,
+                 hint: str = ""):
+        self.gate, self.metric, self.value, self.threshold = gate, metric, value, threshold
+        super().__init__(f"gate {gate} failed for {what}: {metric} {value:.4g}, must be {relation} {threshold:g}"
+                         + (f" ({hint})" if hint else "") + "; nothing written")
+
+
 class ExportError(GiDeployError):
     """A model could not be converted (the ONNX exporter refused an operator). Nothing was written."""
 
@@ -31,7 +42,7 @@ class ExportError(GiDeployError):
 class ExportFailed(GiDeployError):
     """One or more sources failed to export; the others were exported. Carries both."""
 
-    def __init__(self, exported: dict[str, dict], failures: dict[str, Exception]):
+    def __init__(self, exported: dict, failures: dict[str, Exception]):
         self.exported, self.failures = exported, failures
         lines = [f"{len(failures)} source(s) failed to export"
                  + (f" ({', '.join(exported)} exported fine)" if exported else "") + ":"]

@@ -45,5 +45,5 @@ def tiny_deploy(tiny_run, tmp_path_factory) -> Path:
     from gi_deploy.export.bundle import export_source
 
     deploy = tmp_path_factory.mktemp("deploy")
-    export_source(tiny_run, deploy / "capsule", fp16=True)
+    export_source(tiny_run, deploy / "capsule")
     return deploy

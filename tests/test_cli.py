@@ -28,9 +28,15 @@ def test_train_export_infer_end_to_end(tiny_data, tmp_path):
 
     r = invoke("export", "--merge", "--fp16", "--runs", runs, "--out", deploy)
     assert r.exit_code == 0, r.output
-    assert "capsule:" in r.output and "merge max|Δlogit|" in r.output
-    assert {p.name for p in (deploy / "capsule").iterdir()} == {"model.onnx", "model_fp16.onnx", "labels.json",
+    assert "capsule:" in r.output and "merge max|Δlogit|" in r.output and "true fp16: top-1 100%" in r.output
+    assert "footprint: lora artifact 1.2 MB vs merged model 13.5 MB" in r.output
+    assert {p.name for p in (deploy / "capsule").iterdir()} == {"model.onnx", "model.fp16.onnx", "labels.json",
                                                                "manifest.json"}
+    r = invoke("export", "--runs", runs, "--out", deploy)  # nothing changed: nothing redone
+    assert r.exit_code == 0 and "capsule: unchanged since" in r.output and "--force to re-export" in r.output
+    r = invoke("export", "--list", "--out", deploy)
+    assert r.exit_code == 0 and "model.fp16.onnx" in r.output and "fp16_emulated" in r.output, r.output
+    assert "lora (run)" in r.output and "1.2 MB" in r.output and "footprint" in r.output
 
     out_csv = tmp_path / "pred.csv"
     r = invoke("infer", tiny_data / "test", "--deploy", deploy, "--out", out_csv)
@@ -117,7 +123,7 @@ def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_
     r = invoke(*args)  # everything finished: nothing is retrained
     assert r.exit_code == 0 and r.output.count("finished earlier, reused") == 6
 
-    bundle = export_source(grid / "linear-1" / "capsule", tmp_path / "deploy" / "capsule")  # a linear probe deploys
+    bundle = export_source(grid / "linear-1" / "capsule", tmp_path / "deploy" / "capsule", fp16=False).manifest
     assert bundle["model"]["method"] == "linear" and bundle["verification"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
 
 
@@ -145,3 +151,14 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     r = invoke("train", "capsule", "--data-dir", tiny_data, "--method", "colora", "--model", "convnextv2_atto",
                "--no-pretrained", "--out", tmp_path / "bad", "--colora-targets", "stages.*.conv_dw")
     assert r.exit_code == 1 and "only grouped/depthwise" in r.output and "Traceback" not in r.output
+
+
+def test_a_failing_gate_exits_nonzero_naming_gate_number_and_threshold(tiny_run, tmp_path, monkeypatch):
+    from gi_deploy.export import merge
+
+    real = merge.lora_delta
+    monkeypatch.setattr(merge, "lora_delta", lambda f: 2 * real(f))  # a planted merge bug
+    r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "deploy")
+    assert r.exit_code == 1
+    assert "gate merge failed for capsule" in r.output and "must be at most 0.0001; nothing written" in r.output
+    assert not (tmp_path / "deploy" / "capsule").exists()

@@ -87,7 +87,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         result.params[source] = (r.trainable_params, r.total_params)
     say("export: merge, ONNX, verify")
     bundles = export_runs(ExportConfig(runs_dir=runs, deploy_dir=deploy, sources=[BASE, *cfg.sources]))
-    result.verification = {name: b["verification"] for name, b in bundles.items()}
+    result.verification = {name: r.manifest["verification"] for name, r in bundles.items()}
     for model in (BASE, *cfg.sources):
         result.scores[model] = {}
         for source in cfg.sources:

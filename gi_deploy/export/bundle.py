@@ -2,44 +2,84 @@
 
 Bundle layout::
 
-    model.onnx          merged fp32 classifier, dynamic batch axis
-    model_fp16.onnx     with --fp16: fp16 weights, fp32 I/O and fp32 LayerNorm/GRN islands
-    labels.json         class names in logit order
-    manifest.json       preprocessing, classes, base weights and licence, adapter settings,
-                        file hashes and every verification number
+    model.onnx                    merged fp32 classifier, dynamic batch axis
+    model.fp16.onnx               fp16 with fp32 input/output and fp32 LayerNorm/GRN islands (default on)
+    model.int8.onnx               with --int8: QDQ INT8, calibrated on the source's training images
+    model.sm<CC>-trt<V>.engine    with --engine on a TensorRT + CUDA machine (else build_engine.sh)
+    labels.json                   class names in logit order
+    manifest.json                 source, classes, preprocessing, base weights and licence, adapter
+                                  settings, training metrics, footprint, sha256 of every file,
+                                  library versions and every verification gate's numbers
 
-Everything is written to a staging folder and moved into place only after every check has
-passed, so a failed export never leaves an unverified file (nor destroys the previous bundle).
+Each ONNX file also carries the essentials in its ``metadata_props``. Everything is written to a
+staging folder and moved into place only after every gate has passed, so a failed export never
+leaves an unverified file (nor destroys the previous bundle). Re-exporting an unchanged run with
+the same options is a no-op unless ``force``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gi_deploy._io import library_versions, sha256_file, utc_now, write_json
-from gi_deploy.errors import BundleError, ConfigError, DataError, ExportFailed, GiDeployError, VerificationError
-from gi_deploy.export import onnx_export
+import gi_deploy
+from gi_deploy._io import library_versions, read_json, sha256_file, utc_now, write_json
+from gi_deploy.errors import BundleError, ConfigError, ExportFailed, GateFailed, GiDeployError
+from gi_deploy.export import fp16 as fp16_mod
+from gi_deploy.export import int8 as int8_mod
+from gi_deploy.export import onnx_export, tensorrt, verify
 from gi_deploy.export.merge import merge_into_plain
-from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
+from gi_deploy.runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME, MODEL_FILES
+from gi_deploy.runtime.preprocess import PreprocessSpec
 from gi_deploy.training.config import COLORA_METHODS, LORA_METHODS
-from gi_deploy.training.run import (ADAPTER_METHODS, RUN_MANIFEST, artifact_files, attach_trained, read_run_manifest,
-                                    rebuild_base)
+from gi_deploy.training.run import (ADAPTER_METHODS, RUN_MANIFEST, artifact_bytes, artifact_files, attach_trained,
+                                    read_run_manifest, rebuild_base)
 
 log = logging.getLogger(__name__)
 
-VERIFY_SEED = 0
-VERIFY_REAL_IMAGES = 4
-# Synthetic verification inputs: unit-variance noise, and 4x noise for large activations
-# (the fp16 overflow risk lives there).
-VERIFY_NOISE_SCALES = (1.0, 1.0, 4.0, 4.0)
+# The fp16 gate also runs in true fp16 arithmetic (fp16.run_fp16_emulated) on the inputs that
+# drive the largest activations: seconds per image for convnextv2_base, so a few.
+FP16_EMULATED_IMAGES = 3
+
+
+@dataclass
+class ExportOptions:
+    """What to produce and check; every field is part of the bundle's export key."""
+
+    merge: bool = True
+    fp16: bool = True
+    int8: bool = False
+    calib_images: int = 200
+    int8_eval_images: int = 500  # validation images scored by fp32 and int8 (the accuracy gate)
+    int8_min_top1: float = verify.INT8_MIN_TOP1
+    int8_max_accuracy_drop: float = verify.INT8_MAX_ACCURACY_DROP
+    engine: bool = False
+    max_batch: int = 32
+    opset: int = onnx_export.OPSET
+    exporter: str = onnx_export.DEFAULT_EXPORTER
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ConfigError(f"opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
+        if self.exporter not in onnx_export.EXPORTERS:
+            raise ConfigError(f"exporter {self.exporter!r} unknown; use one of {', '.join(onnx_export.EXPORTERS)}")
+        for name in ("calib_images", "int8_eval_images", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.int8_min_top1 <= 1.0 or not 0.0 <= self.int8_max_accuracy_drop <= 1.0:
+            raise ConfigError("int8_min_top1 and int8_max_accuracy_drop are fractions in [0, 1], got "
+                              f"{self.int8_min_top1} and {self.int8_max_accuracy_drop}")
+        if self.engine and not self.fp16:
+            raise ConfigError("--engine builds from the fp16 ONNX: drop --no-fp16")
 
 
 @dataclass
@@ -47,14 +87,11 @@ class ExportConfig:
     runs_dir: Path = Path("runs")
     deploy_dir: Path = Path("deploy")
     sources: list[str] = field(default_factory=list)  # empty: every trained run under runs_dir
-    merge: bool = True
-    fp16: bool = False
-    opset: int = onnx_export.OPSET
+    options: ExportOptions = field(default_factory=ExportOptions)
+    force: bool = False
 
     def __post_init__(self) -> None:
         self.runs_dir, self.deploy_dir = Path(self.runs_dir), Path(self.deploy_dir)
-        if self.opset < 17:
-            raise ConfigError(f"opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
         if not self.runs_dir.is_dir():
             raise ConfigError(f"runs folder {self.runs_dir} does not exist; train a source first")
 
@@ -71,24 +108,12 @@ class ExportConfig:
         return list(self.sources)
 
 
-def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
-    """A fixed batch: up to 4 real validation images of the run (when still on disk) and
-    seeded noise at two scales. Returns float32 (N, 3, H, W) and a description for the manifest."""
-    splits = manifest["splits"]
-    root = Path(splits["root"])
-    real = []
-    for rel, _ in splits["files"]["val"]:
-        if len(real) == VERIFY_REAL_IMAGES:
-            break
-        try:
-            real.append(load_input(root / rel, spec))
-        except DataError:
-            continue  # the data may have moved since training; noise still covers the check
-    g = torch.Generator().manual_seed(VERIFY_SEED)
-    h, w = spec.size
-    noise = [(torch.randn(3, h, w, generator=g) * s).numpy() for s in VERIFY_NOISE_SCALES]
-    batch = np.stack(real + noise).astype(np.float32)
-    return batch, {"real_images": len(real), "noise_scales": list(VERIFY_NOISE_SCALES), "seed": VERIFY_SEED}
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    manifest: dict
+    skipped: bool = False  # the bundle was already up to date
+    notes: list[str] = field(default_factory=list)
 
 
 def _adapter_entry(manifest: dict) -> dict | None:
@@ -106,70 +131,244 @@ def _file_entry(path: Path, **extra) -> dict:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
 
 
-def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: bool = False,
-                  opset: int = onnx_export.OPSET) -> dict:
-    """Export one run to ``bundle_dir``; returns the bundle manifest. Raises VerificationError
-    (and writes nothing) when merge, ONNX or fp16 outputs leave their tolerances."""
+def export_key(run_dir: Path, manifest: dict, options: ExportOptions) -> str:
+    """What a bundle was made from and how: the run's manifest and trained files (by hash), the
+    export options, this gi-deploy version and, with --engine, the TensorRT/GPU found."""
+    method = manifest["config"]["method"]
+    payload = {
+        "run_manifest": sha256_file(run_dir / RUN_MANIFEST),
+        "artifacts": {p.name: sha256_file(p) for p in artifact_files(run_dir, method)},
+        "options": asdict(options), "gi_deploy": gi_deploy.__version__, "format_version": BUNDLE_FORMAT_VERSION,
+        "engine_target": tensorrt.tensorrt_status()[1] if options.engine else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def current_bundle(bundle_dir: Path, key: str) -> dict | None:
+    """The manifest of the bundle in ``bundle_dir`` when it was made with ``key`` and every file
+    it lists is still there, unchanged; None when it must be (re-)exported."""
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, "bundle manifest")
+    except BundleError:
+        return None
+    if manifest.get("export_key") != key:
+        return None
+    for name, entry in manifest.get("files", {}).items():
+        f = bundle_dir / name
+        if not f.is_file() or f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            return None
+    return manifest
+
+
+class _Timer:
+    """Seconds per export step, for the manifest."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._t, 3)
+        self._t = now
+
+
+def _gate_providers_fp16() -> list[str]:
+    """onnxruntime's CUDA provider runs fp16 kernels in fp16; its CPU provider casts most fp16 ops
+    back to fp32 (so the CPU run alone cannot show an fp16 overflow; fp16_emulated does)."""
+    import onnxruntime as ort
+
+    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers()
+            else ["CPUExecutionProvider"])
+
+
+def _export_fp16(name: str, fp32_path: Path, dst: Path, inputs: np.ndarray, fp32_logits: np.ndarray,
+                 peaks: np.ndarray) -> tuple[dict, dict]:
+    """model.fp16.onnx and its two gates: onnxruntime on the whole batch, true-fp16 arithmetic on
+    the inputs with the largest activations."""
+    conversion = fp16_mod.convert_fp16(fp32_path, dst)
+    logits, provider = onnx_export.run_onnx(dst, inputs, _gate_providers_fp16())
+    ort_result = verify.check("onnx_fp16", f"{name} fp16 ONNX vs fp32", {
+        **verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN), "provider": provider},
+        min_top1=verify.FP16_MIN_TOP1)
+    idx = np.argsort(-peaks, kind="stable")[:FP16_EMULATED_IMAGES]
+    emulated = fp16_mod.run_fp16_emulated(dst, inputs[idx], onnx_export.INPUT_NAME)
+    emu_result = verify.check("fp16_emulated", f"{name} fp16 ONNX in true fp16 arithmetic vs fp32", {
+        **verify.compare_logits(fp32_logits[idx], emulated, verify.FP16_TIE_MARGIN), "inputs": idx.tolist(),
+        "peak_activations": [round(float(p), 3) for p in peaks[idx]]}, min_top1=verify.FP16_MIN_TOP1,
+        hint="fp16 arithmetic overflows here as it would on a GPU; onnxruntime's CPU provider hides it by computing "
+             "in fp32")
+    return {"onnx_fp16": ort_result, "fp16_emulated": emu_result}, conversion
+
+
+def _export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
+                 fp32_logits: np.ndarray, options: ExportOptions) -> tuple[dict, dict]:
+    """model.int8.onnx, calibrated on the training split, gated on the validation split."""
+    classes = manifest["classes"]
+    calib = int8_mod.load_images([p for p, _ in verify.split_images(manifest, "train", options.calib_images)],
+                                 spec, "training")
+    settings = int8_mod.quantize_int8(fp32_path, dst, calib, onnx_export.INPUT_NAME)
+    logits, provider = onnx_export.run_onnx(dst, inputs)
+    val = verify.split_images(manifest, "val", options.int8_eval_images)
+    x_val = int8_mod.load_images([p for p, _ in val], spec, "validation")
+    y_val = np.array([classes.index(label) for _, label in val])
+    val_fp32, _ = onnx_export.run_onnx(fp32_path, x_val)
+    val_int8, _ = onnx_export.run_onnx(dst, x_val)
+    acc32, acc8 = float((val_fp32.argmax(1) == y_val).mean()), float((val_int8.argmax(1) == y_val).mean())
+    what = f"{name} INT8 ONNX vs fp32"
+    batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits))
+    result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
+                          min_top1=options.int8_min_top1, hint="calibrate on more images: --calib-images")
+    drop = acc32 - acc8
+    result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop,
+                  max_accuracy_drop=options.int8_max_accuracy_drop, provider=provider, verification_batch=batch)
+    if drop > options.int8_max_accuracy_drop:
+        raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop,
+                         options.int8_max_accuracy_drop, "at most",
+                         f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")
+    return result, settings
+
+
+def _export_engine(name: str, fp16_path: Path, staging: Path, spec: PreprocessSpec, inputs: np.ndarray,
+                   fp32_logits: np.ndarray, max_batch: int) -> tuple[dict | None, dict, str | None]:
+    """The TensorRT engine and its parity gate, or build_engine.sh when TensorRT or a GPU is
+    missing. Returns (verification or None, the manifest entry, a note for the user or None)."""
+    ok, why = tensorrt.tensorrt_status()
+    if not ok:
+        script, command = tensorrt.write_build_script(staging, fp16_path.name, onnx_export.INPUT_NAME, spec.size,
+                                                      max_batch)
+        return None, {"status": "not built", "reason": why, "script": script.name, "command": command}, (
+            f"no TensorRT engine here ({why}): wrote {script.name}, the trtexec command that builds it on the target")
+    path, stamp = tensorrt.build_engine(fp16_path, staging, onnx_export.INPUT_NAME, spec.size, max_batch)
+    logits = tensorrt.run_engine(path, inputs, max_batch)
+    result = verify.check("engine", f"{name} TensorRT engine vs fp32 ONNX",
+                          verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN),
+                          min_top1=verify.FP16_MIN_TOP1)
+    return result, {"status": "built", **_file_entry(path), **stamp}, None
+
+
+def _stamp(path: Path, manifest: dict, precision: str, merged: bool, key: str) -> None:
+    """The essentials, in the ONNX file's own metadata_props."""
+    onnx_export.set_metadata(path, {
+        "format": f"{BUNDLE_FORMAT}/{BUNDLE_FORMAT_VERSION}", "source": manifest["source"],
+        "classes": manifest["classes"], "preprocess": manifest["preprocess"], "model": manifest["model"]["name"],
+        "method": manifest["config"]["method"], "merged": merged, "precision": precision,
+        "base_weights_license": manifest["base_weights"].get("license", "unknown"),
+        "gi_deploy_version": gi_deploy.__version__, "export_key": key,
+        "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME,
+    })
+
+
+def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None = None, force: bool = False,
+                  **overrides) -> ExportResult:
+    """Export one run to ``bundle_dir`` (``options``, or ExportOptions(**overrides)).
+
+    Raises GateFailed (naming the gate, the number and the threshold) and writes nothing when any
+    verification gate fails; returns the existing bundle untouched (``skipped``) when it was made
+    from the same run with the same options, unless ``force``."""
+    options = options or ExportOptions(**overrides)
     run_dir, bundle_dir = Path(run_dir), Path(bundle_dir)
+    name = run_dir.name
     manifest = read_run_manifest(run_dir)
+    key = export_key(run_dir, manifest, options)
+    if not force and (existing := current_bundle(bundle_dir, key)) is not None:
+        return ExportResult(bundle_dir, existing, skipped=True)
+    timer = _Timer()
     method = manifest["config"]["method"]
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     plain = rebuild_base(manifest, run_dir).eval()
-    verification: dict = {}
-    inputs, inputs_info = verification_batch(manifest, spec)
-    x = torch.from_numpy(inputs)
     reference = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()  # plain stays the bare base
-    with torch.no_grad():
-        ref_logits = reference(x).numpy()
-    merged = method in ADAPTER_METHODS and merge
+    inputs, inputs_info = verify.verification_batch(manifest, spec)
+    merged = method in ADAPTER_METHODS and options.merge
     if merged:
-        deployed = merge_into_plain(plain, reference)
         with torch.no_grad():
-            merged_logits = deployed(x).numpy()
-        verification["merge"] = onnx_export.compare_logits(ref_logits, merged_logits)
-        verification["merge"]["tolerance"] = onnx_export.MERGE_ATOL
-        if verification["merge"]["max_abs_logit_diff"] > onnx_export.MERGE_ATOL:
-            raise VerificationError(f"{run_dir.name}: merged model differs from the adapter model by "
-                                    f"{verification['merge']['max_abs_logit_diff']:.3g} > {onnx_export.MERGE_ATOL:g}")
+            ref_logits = reference(torch.from_numpy(inputs)).numpy()
+        timer.lap("load_and_reference")
+        deployed = merge_into_plain(plain, reference)
+        merged_logits, peaks = verify.logits_and_peaks(deployed, inputs)
+        verification: dict = {"merge": verify.check("merge", f"{name} merged model vs adapter model",
+                                                     verify.compare_logits(ref_logits, merged_logits),
+                                                     atol=verify.MERGE_ATOL)}
+        timer.lap("merge")
     else:
         deployed = reference
+        ref_logits, peaks = verify.logits_and_peaks(deployed, inputs)
+        verification = {}
+        timer.lap("load_and_reference")
+    verification["inputs"] = {**inputs_info, "peak_activation": round(float(peaks.max()), 3)}
     params = sum(p.numel() for p in deployed.parameters())
+    del plain, reference
     staging = bundle_dir.with_name(f".{bundle_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    notes: list[str] = []
     try:
+        fp32_path = staging / MODEL_FILES["fp32"]
+        opset = onnx_export.export_onnx(deployed, fp32_path, spec.size, options.opset, options.exporter)
+        timer.lap("onnx_export")
+        fp32_logits, provider = onnx_export.run_onnx(fp32_path, inputs)
+        verification["onnx_fp32"] = verify.check(
+            "onnx_fp32", f"{name} fp32 ONNX vs adapter model",
+            {**verify.compare_logits(ref_logits, fp32_logits), "provider": provider, "batch_sizes": [1, len(inputs) - 1]},
+            atol=verify.FP32_ATOL, min_top1=verify.FP32_MIN_TOP1)
+        timer.lap("onnx_fp32_gate")
+        extras: dict[str, dict] = {}
+        if options.fp16:
+            gates, extras["fp16"] = _export_fp16(name, fp32_path, staging / MODEL_FILES["fp16"], inputs, fp32_logits,
+                                                 peaks)
+            verification.update(gates)
+            timer.lap("fp16")
+        if options.int8:
+            verification["int8"], extras["int8"] = _export_int8(name, manifest, spec, fp32_path,
+                                                                staging / MODEL_FILES["int8"], inputs, fp32_logits,
+                                                                options)
+            timer.lap("int8")
+        engine = None
+        if options.engine:
+            gate, engine, note = _export_engine(name, staging / MODEL_FILES["fp16"], staging, spec, inputs,
+                                                fp32_logits, options.max_batch)
+            if gate is not None:
+                verification["engine"] = gate
+            if note:
+                notes.append(note)
+            timer.lap("engine")
         models = {}
-        fp32_path = staging / "model.onnx"
-        onnx_export.export_onnx(deployed, fp32_path, spec.size, opset)
-        verification["onnx_fp32"] = onnx_export.verify_onnx(
-            fp32_path, ref_logits, inputs, f"{run_dir.name} fp32 ONNX", atol=onnx_export.FP32_ATOL)
-        models["fp32"] = _file_entry(fp32_path)
-        if fp16:
-            fp16_path = staging / "model_fp16.onnx"
-            conversion = onnx_export.convert_fp16(fp32_path, fp16_path)
-            verification["onnx_fp16"] = onnx_export.verify_onnx(
-                fp16_path, ref_logits, inputs, f"{run_dir.name} fp16 ONNX",
-                min_top1=onnx_export.FP16_MIN_TOP1_AGREEMENT)
-            models["fp16"] = _file_entry(fp16_path, **conversion)
-        verification["inputs"] = inputs_info
+        for precision in ("fp32", "fp16", "int8"):
+            path = staging / MODEL_FILES[precision]
+            if path.is_file():
+                _stamp(path, manifest, precision, merged, key)
+                models[precision] = _file_entry(path, **extras.get(precision, {}))
         classes = manifest["classes"]
         write_json(staging / "labels.json", classes)
+        adapter_bytes = artifact_bytes(run_dir, method)
+        footprint = {
+            "trained_artifact": method, "artifact_bytes": adapter_bytes, "merged_model_bytes": models["fp32"]["bytes"],
+            "artifact_vs_merged_model": round(adapter_bytes / models["fp32"]["bytes"], 6),
+            **{f"{p}_model_bytes": models[p]["bytes"] for p in ("fp16", "int8") if p in models},
+        }
         bundle = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
-            "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
+            "export_key": key, "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
             "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
-                      "merged": merged, "parameters": params, "opset": opset,
-                      "exporter": "torch.onnx (TorchScript)", "input": onnx_export.INPUT_NAME,
-                      "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"]},
-            "models": models, "verification": verification,
+                      "merged": merged, "parameters": params, "opset": opset, "exporter": options.exporter,
+                      "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"]},
+            "models": models, "engine": engine, "verification": verification, "footprint": footprint,
             "base_weights": manifest["base_weights"],
             "adapter": _adapter_entry(manifest),
             "training": {"run_dir": str(run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
                          ("epoch", "accuracy", "f1_weighted", "mcc")},
                          "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
                          "artifact_sha256": {p.name: sha256_file(p) for p in artifact_files(run_dir, method)}},
+            "options": asdict(options),
             "versions": library_versions(),
         }
+        bundle["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                           for p in sorted(staging.iterdir()) if p.is_file()}
+        timer.lap("write")
+        bundle["timings_s"] = timer.seconds
         write_json(staging / MANIFEST_NAME, bundle)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,22 +379,21 @@ def export_source(run_dir: Path, bundle_dir: Path, merge: bool = True, fp16: boo
         bundle_dir.rename(old)
     staging.rename(bundle_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return bundle
+    return ExportResult(bundle_dir, bundle, notes=notes)
 
 
-def export_runs(cfg: ExportConfig) -> dict[str, dict]:
-    """Export every requested source; returns {source: bundle manifest}.
+def export_runs(cfg: ExportConfig) -> dict[str, ExportResult]:
+    """Export every requested source; returns {source: result}.
 
     A source that fails does not stop the others: their bundles are written, and then
     ExportFailed lists every failed source with its reason."""
-    bundles: dict[str, dict] = {}
+    results: dict[str, ExportResult] = {}
     failures: dict[str, GiDeployError] = {}
     for source in cfg.resolve_sources():
         try:
-            bundles[source] = export_source(cfg.runs_dir / source, cfg.deploy_dir / source, cfg.merge, cfg.fp16,
-                                            cfg.opset)
+            results[source] = export_source(cfg.runs_dir / source, cfg.deploy_dir / source, cfg.options, cfg.force)
         except GiDeployError as e:
             failures[source] = e
     if failures:
-        raise ExportFailed(bundles, failures)
-    return bundles
+        raise ExportFailed(results, failures)
+    return results

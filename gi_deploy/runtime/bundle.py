@@ -15,8 +15,9 @@ from gi_deploy.runtime.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "gi-deploy-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: model.fp16.onnx, int8, engine, files/footprint/export_key
 MANIFEST_NAME = "manifest.json"
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -87,7 +88,7 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu",
     models = manifest["models"]
     if precision not in models:
         raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
-                          + ("; export with --fp16" if precision == "fp16" else ""))
+                          + {"fp16": "; export with --fp16", "int8": "; export with --int8"}.get(precision, ""))
     entry = models[precision]
     model_path = bundle_dir / entry["file"]
     if not model_path.is_file():
@@ -107,3 +108,45 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu",
         preprocess=PreprocessSpec.from_dict(manifest["preprocess"]),
         session=session, input_name=session.get_inputs()[0].name, provider=active,
     )
+
+
+def _gate_text(gate: str, g: dict) -> str:
+    if gate in ("merge", "onnx_fp32"):
+        return f"max|Δlogit| {g['max_abs_logit_diff']:.1e}"
+    if gate == "int8":
+        return f"top-1 {g['top1_agreement']:.1%}, acc {g['accuracy_fp32']:.1%}→{g['accuracy_int8']:.1%}"
+    return f"top-1 {g['top1_agreement']:.1%}, max|Δp| {g['max_abs_prob_diff']:.0e}"
+
+
+def bundle_summary(bundle_dir: Path) -> dict:
+    """What ``gi-deploy export --list`` shows of one bundle: one row per file with its size and
+    the gates it passed (with their headline numbers), and the footprint. Raises BundleError for
+    a missing or foreign manifest."""
+    m = read_json(bundle_dir / MANIFEST_NAME, "bundle manifest")
+    if m.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} manifest")
+    v = m.get("verification", {})
+    files = {name: e["bytes"] for name, e in m.get("files", {}).items()}
+    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32",), MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
+                MODEL_FILES["int8"]: ("int8",)}
+    engine = m.get("engine") or {}
+    if engine.get("status") == "built":
+        gates_of[engine["file"]] = ("engine",)
+    rows = []
+    order = [*MODEL_FILES.values(), engine.get("file"), engine.get("script")]
+    for name, size in sorted(files.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        gates = [g for g in gates_of.get(name, ()) if g in v]
+        if name == engine.get("script"):
+            rows.append((name, size, "engine", f"not built ({engine.get('reason', '')})"))
+        elif not gates:
+            rows.append((name, size, "", ""))
+        for i, gate in enumerate(gates):
+            rows.append((name if i == 0 else "", size if i == 0 else None, gate, _gate_text(gate, v[gate])))
+    fp = m.get("footprint") or {}
+    if "merge" in v:
+        rows.append((f"{fp.get('trained_artifact', 'adapter')} (run)", fp.get("artifact_bytes"), "merge",
+                     _gate_text("merge", v["merge"])))
+    if fp:
+        rows.append(("", None, "footprint", f"{fp['artifact_vs_merged_model']:.1%} of {MODEL_FILES['fp32']}"))
+    return {"source": m.get("source", bundle_dir.name), "model": m["model"]["name"], "method": m["model"]["method"],
+            "created": m.get("created", ""), "rows": rows}

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from gi_deploy._io import sha256_file
-from gi_deploy.errors import BundleError, ExportFailed, VerificationError
-from gi_deploy.export import onnx_export
+from gi_deploy.errors import BundleError, ExportFailed, GateFailed
+from gi_deploy.export import bundle as bundle_mod
+from gi_deploy.export import merge, onnx_export, verify
 from gi_deploy.export.bundle import ExportConfig, export_runs, export_source
 from gi_deploy.runtime.bundle import load_bundle
-from gi_deploy.training.run import RANDOM_BASE_WEIGHTS, load_run_model
+from gi_deploy.training.run import RANDOM_BASE_WEIGHTS, artifact_bytes, load_run_model
 
 
 def test_adapter_under_test_has_nonzero_b(tiny_run):
@@ -28,17 +29,51 @@ def test_bundle_is_verified_and_self_describing(tiny_run, tiny_deploy):
     m = json.loads((bundle / "manifest.json").read_text())
     run = json.loads((tiny_run / "run.json").read_text())
     v = m["verification"]
-    assert v["merge"]["max_abs_logit_diff"] <= onnx_export.MERGE_ATOL
-    assert v["onnx_fp32"]["max_abs_logit_diff"] <= onnx_export.FP32_ATOL == 1e-4
+    assert v["merge"]["max_abs_logit_diff"] <= verify.MERGE_ATOL
+    assert v["onnx_fp32"]["max_abs_logit_diff"] <= verify.FP32_ATOL == 1e-4
+    assert v["onnx_fp32"]["top1_agreement"] == 1.0 == v["onnx_fp32"]["min_top1_agreement"]
     assert v["onnx_fp32"]["batch_sizes"][0] == 1 and v["onnx_fp32"]["batch_sizes"][1] > 2  # dynamic batch axis
-    assert v["onnx_fp16"]["finite"] and v["onnx_fp16"]["top1_agreement"] >= onnx_export.FP16_MIN_TOP1_AGREEMENT
-    assert v["inputs"]["real_images"] > 0
+    for gate in ("onnx_fp16", "fp16_emulated"):  # fp16 is on by default
+        assert v[gate]["finite"] and v[gate]["top1_agreement"] >= verify.FP16_MIN_TOP1 == 0.995
+        assert 0 < v[gate]["max_abs_prob_diff"] < 0.01
+    assert v["inputs"]["real_images"] == 8 and len(v["inputs"]["stress_images"]) == 8
     assert json.loads((bundle / "labels.json").read_text()) == m["classes"] == run["classes"]
-    for entry in m["models"].values():
-        assert sha256_file(bundle / entry["file"]) == entry["sha256"]
+    assert set(m["files"]) == {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    assert {e["file"] for e in m["models"].values()} == {"model.onnx", "model.fp16.onnx"}
+    for name, entry in m["files"].items():
+        assert sha256_file(bundle / name) == entry["sha256"]
     assert m["preprocess"] == run["preprocess"] and m["base_weights"]["license"]
     assert m["adapter"]["lora"]["r"] == 16 and m["adapter"]["lora"]["alpha"] == 32 and m["model"]["merged"] is True
+    assert m["model"]["exporter"] == "torchscript" and m["model"]["opset"] >= 17
+    fp = m["footprint"]
+    assert fp["artifact_bytes"] == artifact_bytes(tiny_run, "lora") and fp["merged_model_bytes"] == m["files"]["model.onnx"]["bytes"]
+    assert fp["artifact_vs_merged_model"] < 0.15  # the storage argument: r=16 adapters are a small fraction
+    assert m["engine"] is None and m["versions"]["onnxruntime"]
     assert not list(tiny_deploy.glob(".*"))  # no staging left behind
+
+
+def test_a_lone_onnx_file_says_what_it_is(tiny_deploy):
+    m = json.loads((tiny_deploy / "capsule" / "manifest.json").read_text())
+    for precision in ("fp32", "fp16"):
+        meta = onnx_export.read_metadata(tiny_deploy / "capsule" / m["models"][precision]["file"])
+        assert meta["source"] == "capsule" and meta["precision"] == precision
+        assert json.loads(meta["classes"]) == m["classes"] and json.loads(meta["preprocess"]) == m["preprocess"]
+        assert meta["model"] == "convnextv2_atto" and meta["method"] == "lora" and meta["base_weights_license"]
+        assert meta["export_key"] == m["export_key"]
+
+
+def test_reexport_is_a_noop_unless_something_changed(tiny_run, tiny_deploy, tmp_path):
+    target = tmp_path / "capsule"
+    shutil.copytree(tiny_deploy / "capsule", target)
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    again = export_source(tiny_run, target)
+    assert again.skipped and {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    forced = export_source(tiny_run, target, force=True)
+    assert not forced.skipped and forced.manifest["created"] >= again.manifest["created"]
+    other = export_source(tiny_run, target, fp16=False)  # other options: a new bundle
+    assert not other.skipped and not (target / "model.fp16.onnx").exists()
+    (target / "model.onnx").write_bytes(b"tampered")  # a changed file is not "up to date"
+    assert not export_source(tiny_run, target, fp16=False).skipped
 
 
 def test_merged_onnx_has_plain_backbone_cost_and_matches_torch(tiny_run, tiny_deploy):
@@ -55,19 +90,62 @@ def test_merged_onnx_has_plain_backbone_cost_and_matches_torch(tiny_run, tiny_de
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
-def test_failed_verification_writes_nothing_and_keeps_the_old_bundle(tiny_run, tiny_deploy, tmp_path, monkeypatch):
+def _copy_run(tiny_run, tmp_path):
+    run = tmp_path / "runs" / "capsule"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _corrupt_adapter(run, scale: float, pattern: str = "stages.0") -> None:
+    """Overwrite the LoRA B of the stage-0 fc1 layers with N(0, scale) values."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "adapter" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    g = torch.Generator().manual_seed(0)
+    for k in [k for k in state if pattern in k and "fc1" in k and "lora_B" in k]:
+        state[k] = torch.randn(state[k].shape, generator=g) * scale
+    save_file(state, str(path))
+
+
+def test_a_broken_merge_is_refused_by_the_merge_gate(tiny_run, tiny_deploy, tmp_path, monkeypatch):
     target = tmp_path / "capsule"
     shutil.copytree(tiny_deploy / "capsule", target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    monkeypatch.setattr(onnx_export, "FP32_ATOL", 0.0)  # nothing can pass a zero tolerance
-    with pytest.raises(VerificationError, match="exceeds 0; file not written"):
-        export_source(tiny_run, target)
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["capsule"]
+    real = merge.lora_delta
+    monkeypatch.setattr(merge, "lora_delta", lambda f: 2 * real(f))  # e.g. a scaling applied twice
+    with pytest.raises(GateFailed, match=r"gate merge failed .*max \|Δlogit\| .*must be at most 0.0001") as e:
+        export_source(tiny_run, target, force=True)
+    assert e.value.gate == "merge" and e.value.value > 1e-4 and e.value.threshold == 1e-4
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old bundle survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capsule"]  # and no staging is left
+
+
+def test_failed_onnx_gate_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(verify, "FP32_ATOL", 0.0)  # nothing can pass a zero tolerance
+    with pytest.raises(GateFailed, match="gate onnx_fp32 failed .*must be at most 0; nothing written"):
+        export_source(tiny_run, tmp_path / "capsule")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_naive_fp16_is_refused_and_islands_pass_on_large_activations(tiny_run, tmp_path, monkeypatch):
+    """A planted adapter drives stage-0 activations past fp16's range in GRN (peak > 60 over 8x8
+    positions). With islands the bundle passes; the naive conversion of the same model passes
+    onnxruntime's CPU run (which computes in fp32) but is refused by the true-fp16 gate."""
+    run = _copy_run(tiny_run, tmp_path)
+    _corrupt_adapter(run, scale=3.0)
+    ok = export_source(run, tmp_path / "deploy" / "capsule").manifest["verification"]
+    assert ok["inputs"]["peak_activation"] > 40 and ok["fp16_emulated"]["finite"]
+    assert ok["fp16_emulated"]["top1_agreement"] == 1.0
+    convert = bundle_mod.fp16_mod.convert_fp16
+    monkeypatch.setattr(bundle_mod.fp16_mod, "convert_fp16", lambda src, dst: convert(src, dst, islands=False))
+    with pytest.raises(GateFailed, match="gate fp16_emulated failed .*share of inputs with finite logits 0"):
+        export_source(run, tmp_path / "deploy" / "capsule", force=True)
+    assert (tmp_path / "deploy" / "capsule" / "model.fp16.onnx").is_file()  # the good bundle is kept
 
 
 def test_unmerged_export_is_verified_too(tiny_run, tmp_path):
-    m = export_source(tiny_run, tmp_path / "capsule", merge=False)
+    m = export_source(tiny_run, tmp_path / "capsule", merge=False).manifest
     assert m["model"]["merged"] is False and "merge" not in m["verification"]
     assert m["verification"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
 
@@ -113,3 +191,14 @@ def test_an_operator_onnx_cannot_express_is_a_typed_error(tmp_path):
     with pytest.raises(ExportError, match="adaptive_avg_pool2d.*--img-size"):
         onnx_export.export_onnx(UpPool(), tmp_path / "m.onnx", (2, 2))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_dynamo_exporter_passes_the_same_gates(tiny_run, tmp_path):
+    """The exporter is a deliberate choice (TorchScript by default); the other one is held to the
+    same parity gates."""
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (the dev extra installs it)")
+    m = export_source(tiny_run, tmp_path / "capsule", exporter="dynamo", fp16=False).manifest
+    assert m["model"]["exporter"] == "dynamo" and m["verification"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "capsule" / "model.onnx"))
+    assert graph.graph.input[0].name == "input" and graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert m["model"]["opset"] == max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18

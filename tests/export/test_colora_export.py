@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import tiny_train_config
-from gi_deploy.export import onnx_export
+from gi_deploy.export import onnx_export, verify
 from gi_deploy.export.bundle import export_source
 from gi_deploy.runtime.bundle import load_bundle
 from gi_deploy.training.run import load_run_model, read_run_manifest, rebuild_base
@@ -46,10 +46,10 @@ def test_colora_run_exports_as_the_plain_backbone(tiny_data, tmp_path, method, m
     assert manifest["colora"]["merges"] == 2 and manifest["best"]["colora_merges"] >= 1
     _make_live_factors_nonzero(run_dir / "colora.safetensors")
 
-    bundle = export_source(run_dir, tmp_path / "deploy" / "capsule")
+    bundle = export_source(run_dir, tmp_path / "deploy" / "capsule").manifest
     v = bundle["verification"]
-    assert v["merge"]["max_abs_logit_diff"] <= onnx_export.MERGE_ATOL
-    assert v["onnx_fp32"]["max_abs_logit_diff"] <= onnx_export.FP32_ATOL == 1e-4
+    assert v["merge"]["max_abs_logit_diff"] <= verify.MERGE_ATOL
+    assert v["onnx_fp32"]["max_abs_logit_diff"] <= verify.FP32_ATOL == 1e-4
     assert bundle["model"]["merged"] and bundle["adapter"]["colora"]["merges"] == 2
     assert set(bundle["training"]["artifact_sha256"]) == (
         {"colora.safetensors"} | ({"adapter_model.safetensors"} if method == "lora+colora" else set()))
