@@ -422,12 +422,14 @@ def export_cmd(
                   f"{_size(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})", soft_wrap=True)
         for note in r.notes:
             out.print(f"  {note}", soft_wrap=True)
-    fresh = [r.manifest["footprint"] for r in results.values()]
-    if len(fresh) > 1:
-        artifacts, merged = sum(f["artifact_bytes"] for f in fresh), sum(f["merged_model_bytes"] for f in fresh)
-        base = max(f["merged_model_bytes"] for f in fresh)  # a plain backbone costs what a merged one does
-        out.print(f"storage for {len(fresh)} sources: one base {_size(base)} + artifacts {_size(artifacts)} = "
-                  f"{_size(base + artifacts)}, vs {len(fresh)} merged models {_size(merged)}")
+    adapted = {n: r.manifest["footprint"] for n, r in results.items() if r.manifest["model"]["merged"]}
+    if len(adapted) > 1:  # the storage argument: one base plus small adapters vs a full model per source
+        artifacts = sum(f["artifact_bytes"] for f in adapted.values())
+        merged = sum(f["merged_model_bytes"] for f in adapted.values())
+        base = max(f["merged_model_bytes"] for f in adapted.values())  # a plain backbone costs what a merged one does
+        out.print(f"storage for {len(adapted)} adapted sources ({', '.join(adapted)}): one base {_size(base)} + "
+                  f"adapters {_size(artifacts)} = {_size(base + artifacts)}, vs {_size(merged)} as merged models",
+                  soft_wrap=True)
     if failure is not None:
         with reported():
             raise failure

@@ -223,12 +223,12 @@ def _export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Pat
     result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
                           min_top1=options.int8_min_top1, hint="calibrate on more images: --calib-images")
     drop = acc32 - acc8
-    result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop,
-                  max_accuracy_drop=options.int8_max_accuracy_drop, provider=provider, verification_batch=batch)
-    if drop > options.int8_max_accuracy_drop:
-        raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop,
-                         options.int8_max_accuracy_drop, "at most",
-                         f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")
+    allowed = verify.int8_allowed_drop(options.int8_max_accuracy_drop, len(val))
+    result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop, max_accuracy_drop=allowed,
+                  provider=provider, verification_batch=batch)
+    if drop > allowed + 1e-12:
+        raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop, allowed,
+                         "at most", f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")
     return result, settings
 
 

@@ -26,7 +26,7 @@ def test_int8_bundle_records_its_gates_and_runs(int8_bundle, tiny_run):
     run = json.loads((tiny_run / "run.json").read_text())
     assert g["n"] == len(run["splits"]["files"]["val"]) == 8  # the whole (tiny) validation split
     assert g["top1_agreement"] >= g["min_top1_agreement"] == 0.98
-    assert g["accuracy_drop"] <= g["max_accuracy_drop"] == 0.01
+    assert g["accuracy_drop"] <= g["max_accuracy_drop"] == 1 / 8  # under 100 images: one image
     assert 0 <= g["accuracy_int8"] <= 1 and g["verification_batch"]["n"] == m["verification"]["inputs"]["n"]
     entry = m["models"]["int8"]
     assert entry["calibration_images"] == 16 and entry["format"] == "QDQ"
@@ -64,3 +64,10 @@ def test_int8_needs_the_training_images(tiny_run, tmp_path):
 def test_int8_thresholds_are_validated():
     with pytest.raises(ConfigError, match="fractions"):
         bundle_mod.ExportOptions(int8=True, int8_max_accuracy_drop=2.0)
+
+
+def test_accuracy_gate_resolution():
+    from gi_deploy.export.verify import int8_allowed_drop
+
+    assert int8_allowed_drop(0.01, 500) == 0.01  # one point where the set can resolve it
+    assert int8_allowed_drop(0.01, 60) == 1 / 60  # else one image
