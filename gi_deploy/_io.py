@@ -44,7 +44,8 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # The distributions whose versions every run and bundle manifest records.
-TRACKED_LIBRARIES = ("gi-deploy", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "numpy", "Pillow")
+TRACKED_LIBRARIES = ("gi-deploy", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
+                     "onnxscript", "tensorrt", "numpy", "Pillow")
 
 
 def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:

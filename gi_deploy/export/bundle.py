@@ -33,7 +33,7 @@ import torch
 
 import gi_deploy
 from gi_deploy._io import library_versions, read_json, sha256_file, utc_now, write_json
-from gi_deploy.errors import BundleError, ConfigError, ExportFailed, GateFailed, GiDeployError
+from gi_deploy.errors import BundleError, ConfigError, ExportError, ExportFailed, GateFailed, GiDeployError
 from gi_deploy.export import fp16 as fp16_mod
 from gi_deploy.export import int8 as int8_mod
 from gi_deploy.export import onnx_export, tensorrt, verify
@@ -135,11 +135,17 @@ def export_key(run_dir: Path, manifest: dict, options: ExportOptions) -> str:
     """What a bundle was made from and how: the run's manifest and trained files (by hash), the
     export options, this gi-deploy version and, with --engine, the TensorRT/GPU found."""
     method = manifest["config"]["method"]
+    files = artifact_files(run_dir, method)
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
+                          "--resume it)")
     payload = {
         "run_manifest": sha256_file(run_dir / RUN_MANIFEST),
-        "artifacts": {p.name: sha256_file(p) for p in artifact_files(run_dir, method)},
+        "artifacts": {p.name: sha256_file(p) for p in files},
         "options": asdict(options), "gi_deploy": gi_deploy.__version__, "format_version": BUNDLE_FORMAT_VERSION,
         "engine_target": tensorrt.tensorrt_status()[1] if options.engine else None,
+        "int8_reduce_range": not int8_mod.cpu_has_vnni() if options.int8 else None,  # chosen for this CPU
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -168,12 +174,13 @@ class _Timer:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.last: str | None = None
         self._t = time.perf_counter()
 
     def lap(self, step: str) -> None:
         now = time.perf_counter()
         self.seconds[step] = round(now - self._t, 3)
-        self._t = now
+        self.last, self._t = step, now
 
 
 def _gate_providers_fp16() -> list[str]:
@@ -221,7 +228,8 @@ def _export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Pat
     what = f"{name} INT8 ONNX vs fp32"
     batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits))
     result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
-                          min_top1=options.int8_min_top1, hint="calibrate on more images: --calib-images")
+                          min_top1=verify.int8_min_agreement(options.int8_min_top1, len(val)),
+                          hint="calibrate on more images: --calib-images")
     drop = acc32 - acc8
     allowed = verify.int8_allowed_drop(options.int8_max_accuracy_drop, len(val))
     result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop, max_accuracy_drop=allowed,
@@ -268,15 +276,36 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
 
     Raises GateFailed (naming the gate, the number and the threshold) and writes nothing when any
     verification gate fails; returns the existing bundle untouched (``skipped``) when it was made
-    from the same run with the same options, unless ``force``."""
+    from the same run with the same options, unless ``force``. Anything the libraries underneath
+    raise (tracer, ONNX checker, onnxruntime, quantiser) becomes an ExportError naming the step."""
     options = options or ExportOptions(**overrides)
     run_dir, bundle_dir = Path(run_dir), Path(bundle_dir)
-    name = run_dir.name
     manifest = read_run_manifest(run_dir)
     key = export_key(run_dir, manifest, options)
+    _restore_interrupted(bundle_dir)
     if not force and (existing := current_bundle(bundle_dir, key)) is not None:
         return ExportResult(bundle_dir, existing, skipped=True)
     timer = _Timer()
+    try:
+        return _export(run_dir, bundle_dir, manifest, options, key, timer)
+    except GiDeployError:
+        raise
+    except Exception as e:  # a library failure: typed, with the step it happened in; the cause is chained
+        raise ExportError(f"{run_dir.name}: export failed after step {timer.last or 'start'!r} with "
+                          f"{type(e).__name__}: {e}. Nothing was written; rerun with -v for details") from e
+
+
+def _restore_interrupted(bundle_dir: Path) -> None:
+    """A crash between the two renames of a previous export leaves ``.<name>.old`` and no bundle:
+    put the old bundle back before starting."""
+    old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+    if old.is_dir() and not bundle_dir.exists():
+        old.rename(bundle_dir)
+
+
+def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str,
+            timer: _Timer) -> ExportResult:
+    name = run_dir.name
     method = manifest["config"]["method"]
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     plain = rebuild_base(manifest, run_dir).eval()
@@ -312,7 +341,9 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
         fp32_logits, provider = onnx_export.run_onnx(fp32_path, inputs)
         verification["onnx_fp32"] = verify.check(
             "onnx_fp32", f"{name} fp32 ONNX vs adapter model",
-            {**verify.compare_logits(ref_logits, fp32_logits), "provider": provider, "batch_sizes": [1, len(inputs) - 1]},
+            {**verify.compare_logits(ref_logits, fp32_logits), "provider": provider,
+             "batch_sizes": [1] + [min(onnx_export.RUN_CHUNK, len(inputs) - i)
+                                   for i in range(1, len(inputs), onnx_export.RUN_CHUNK)]},
             atol=verify.FP32_ATOL, min_top1=verify.FP32_MIN_TOP1)
         timer.lap("onnx_fp32_gate")
         extras: dict[str, dict] = {}
@@ -376,6 +407,10 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
     old = bundle_dir.with_name(f".{bundle_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if bundle_dir.exists():
+        dropped = sorted(p.name for p in bundle_dir.glob("model.*.engine") if p.name not in bundle["files"])
+        if dropped:  # built on a target from the previous fp16 ONNX: stale now
+            notes.append(f"removed {', '.join(dropped)} built from the previous export; rebuild with "
+                         f"{tensorrt.BUILD_SCRIPT}")
         bundle_dir.rename(old)
     staging.rename(bundle_dir)
     shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.errors import ExportError, VerificationError
+
 # Op types kept in fp32 wherever they occur (besides onnxruntime's list of ops with no fp16 kernel).
 FP32_OPS = ("LayerNormalization",)
 
@@ -121,8 +123,6 @@ def _dedupe_casts(graph) -> int:
 
 def _topological_sort(graph) -> None:
     """Reorder ``graph.node`` so every node comes after the producers of its inputs (in place)."""
-    from gi_deploy.errors import VerificationError
-
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
     while pending:
@@ -156,12 +156,17 @@ def _emulation_ops():
         def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
                  strides=None):
             n = X.ndim - 2
+            if auto_pad not in (None, "NOTSET", b"NOTSET", "VALID", b"VALID") or n not in (1, 2, 3):
+                raise ExportError(f"fp16 check: Conv with auto_pad={auto_pad!r} on {n}-d input is not supported; "
+                                  "export with --no-fp16")
             pads = list(pads or [0] * (2 * n))
-            if (auto_pad not in (None, "NOTSET", b"NOTSET")) or n != 2 or pads[:n] != pads[n:]:
-                raise NotImplementedError(f"fp16 emulation: Conv with auto_pad={auto_pad}, pads={pads}")
-            y = torch.nn.functional.conv2d(_f32(X), _f32(W), None if B is None else _f32(B),
-                                           stride=tuple(strides or [1] * n), padding=tuple(pads[:n]),
-                                           dilation=tuple(dilations or [1] * n), groups=group or 1)
+            x = _f32(X)
+            if pads[:n] != pads[n:]:  # asymmetric: pad explicitly (torch's F.pad takes the last axis first)
+                x = torch.nn.functional.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[n + i])])
+                pads = [0] * (2 * n)
+            conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
+            y = conv(x, _f32(W), None if B is None else _f32(B), stride=tuple(strides or [1] * n),
+                     padding=tuple(pads[:n]), dilation=tuple(dilations or [1] * n), groups=group or 1)
             return (y.numpy().astype(X.dtype),)
 
     class MatMul(OpRun):

@@ -5,8 +5,10 @@ QDQ format; weights int8, symmetric, per output channel (ResNet-style and ConvNe
 a lot between channels); activations uint8 (asymmetric: GELU/ReLU outputs are mostly positive);
 ``reduce_range`` (7-bit weights) on CPUs without VNNI, where 8-bit products can saturate. Only
 Conv, MatMul and Gemm are quantised: LayerNorm and GRN stay in float, the same islands as fp16.
-Calibration uses MinMax over the images in small batches, with intermediate outputs folded into
-the ranges every few batches so memory stays flat for any N.
+Calibration uses MinMax over the images in batches of 8. The calibration graph reduces every tensor
+to its min and max per batch, so memory stays small for any N. ``CalibMaxIntermediateOutputs`` is
+deliberately not used: onnxruntime discards the held batches without folding them into the ranges
+(onnxruntime#18893, #20949), so only the last few batches would count.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 CALIB_BATCH = 8
-CALIB_MAX_INTERMEDIATE = 4  # batches held before their ranges are folded in
 
 
 def cpu_has_vnni() -> bool:
@@ -82,7 +83,6 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
             str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"CalibMaxIntermediateOutputs": CALIB_MAX_INTERMEDIATE},
         )
     return {"format": "QDQ", "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel",
             "reduce_range": reduce_range, "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS),

@@ -52,6 +52,10 @@ class EngineTarget:
         return f"sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
 
     @property
+    def gpu_slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.gpu_name.lower()).strip("-")
+
+    @property
     def engine_file(self) -> str:
         return f"model.{self.tag}.engine"
 
@@ -99,8 +103,9 @@ def check_stamp(stamp: dict, engine_path: Path) -> None:
 
 
 def timing_cache_path(target: EngineTarget) -> Path:
+    """Per GPU model (two GPUs of one architecture time tactics differently) and TensorRT version."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "gi-deploy" / "tensorrt" / f"timing.{target.tag}.cache"
+    return base / "gi-deploy" / "tensorrt" / f"timing.{target.gpu_slug}.{target.tag}.cache"
 
 
 def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tuple[int, int],
@@ -129,13 +134,18 @@ def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tu
     config.add_optimization_profile(profile)
     cache_path = timing_cache_path(target)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s is unreadable or from another device; starting a new one", cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT {target.tensorrt_version} failed to build an engine from {onnx_path.name} "
                           "(see its log above)")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    os.replace(tmp, cache_path)  # atomic: a concurrent build never reads half a cache
     engine_path = out_dir / target.engine_file
     engine_path.write_bytes(bytes(memoryview(serialized)))
     stamp = {**target.to_dict(), "max_batch": max_batch, "input_size": list(input_size), "strongly_typed": True,
@@ -160,13 +170,14 @@ def run_engine(engine_path: Path, inputs: np.ndarray, max_batch: int) -> np.ndar
     stream = torch.cuda.Stream()
     results = []
     for i in range(0, len(inputs), max_batch):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + max_batch])).cuda()
-        context.set_input_shape(inp, tuple(x.shape))
-        y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=out_dtype, device="cuda")
-        context.set_tensor_address(inp, x.data_ptr())
-        context.set_tensor_address(out, y.data_ptr())
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise ExportError(f"TensorRT failed to run {engine_path.name} on a batch of {len(x)}")
+        with torch.cuda.stream(stream):  # copy, allocation and the engine ordered on one stream
+            x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + max_batch])).cuda()
+            context.set_input_shape(inp, tuple(x.shape))
+            y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=out_dtype, device="cuda")
+            context.set_tensor_address(inp, x.data_ptr())
+            context.set_tensor_address(out, y.data_ptr())
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise ExportError(f"TensorRT failed to run {engine_path.name} on a batch of {len(x)}")
         stream.synchronize()
         results.append(y.float().cpu().numpy())
     return np.concatenate(results)
@@ -195,10 +206,14 @@ def write_build_script(bundle_dir: Path, onnx_name: str, input_name: str, input_
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC=${{TRTEXEC:-$(command -v trtexec || echo {JETSON_TRTEXEC})}}
-GPU_CC=${{GPU_CC:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d '.')}}
-TRT_VERSION=${{TRT_VERSION:-$(python3 -c 'import tensorrt; print(tensorrt.__version__)')}}
+[ -x "$TRTEXEC" ] || {{ echo "trtexec not found: set TRTEXEC=/path/to/trtexec" >&2; exit 2; }}
+GPU_CC=${{GPU_CC:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.' || true)}}
+[ -n "$GPU_CC" ] || {{ echo "cannot read the GPU's compute capability (no nvidia-smi, e.g. on a Jetson): set GPU_CC, e.g. GPU_CC=87 bash $0" >&2; exit 2; }}
+TRT_VERSION=${{TRT_VERSION:-$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || dpkg-query -W -f='${{Version}}' libnvinfer-bin 2>/dev/null | cut -d- -f1 || true)}}
+[ -n "$TRT_VERSION" ] || {{ echo "cannot read the TensorRT version: set TRT_VERSION, e.g. TRT_VERSION=10.3.0 bash $0" >&2; exit 2; }}
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9\\n' '-' || true)
 ENGINE="model.sm${{GPU_CC}}-trt${{TRT_VERSION}}.engine"
-CACHE="${{XDG_CACHE_HOME:-$HOME/.cache}}/gi-deploy/tensorrt/timing.sm${{GPU_CC}}-trt${{TRT_VERSION}}.cache"
+CACHE="${{XDG_CACHE_HOME:-$HOME/.cache}}/gi-deploy/tensorrt/timing.${{GPU_NAME:-sm$GPU_CC}}.sm${{GPU_CC}}-trt${{TRT_VERSION}}.cache"
 mkdir -p "$(dirname "$CACHE")"
 STRONG=""
 if [ "${{TRT_VERSION%%.*}}" -lt 11 ]; then STRONG="--stronglyTyped"; fi  # TensorRT 11 is always strongly typed

@@ -29,7 +29,8 @@ def list_bundles(deploy_dir: Path) -> list[str]:
     """Names of the sources that have a bundle manifest under ``deploy_dir``."""
     if not deploy_dir.is_dir():
         return []
-    return sorted(p.parent.name for p in deploy_dir.glob(f"*/{MANIFEST_NAME}"))
+    return sorted(p.parent.name for p in deploy_dir.glob(f"*/{MANIFEST_NAME}")
+                  if not p.parent.name.startswith("."))  # .<name>.staging / .old of an export in progress
 
 
 def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:

@@ -202,3 +202,22 @@ def test_dynamo_exporter_passes_the_same_gates(tiny_run, tmp_path):
     graph = onnx.load(str(tmp_path / "capsule" / "model.onnx"))
     assert graph.graph.input[0].name == "input" and graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     assert m["model"]["opset"] == max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+
+def test_grouped_split_rows_export_and_an_interrupted_export_is_restored(tiny_run, tmp_path):
+    """Kvasir-Capsule runs record (path, class, video) rows; a crash between the final renames
+    leaves only .<source>.old, which the next export puts back."""
+    run = _copy_run(tiny_run, tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    for split, rows in manifest["splits"]["files"].items():
+        manifest["splits"]["files"][split] = [[rel, label, f"video{i % 3}"] for i, (rel, label) in enumerate(rows)]
+    (run / "run.json").write_text(json.dumps(manifest))
+    deploy = tmp_path / "deploy"
+    first = export_source(run, deploy / "capsule", fp16=False)
+    assert first.manifest["verification"]["inputs"]["real_images"] == 8
+    (deploy / "capsule").rename(deploy / ".capsule.old")
+    from gi_deploy.runtime.bundle import list_bundles
+
+    assert list_bundles(deploy) == []  # hidden folders are never bundles
+    again = export_source(run, deploy / "capsule", fp16=False)
+    assert again.skipped and list_bundles(deploy) == ["capsule"]

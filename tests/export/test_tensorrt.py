@@ -17,7 +17,7 @@ needs_trt = pytest.mark.skipif(not HAVE_TRT, reason=TRT_REASON)
 def test_engine_name_carries_compute_capability_and_version():
     target = tensorrt.EngineTarget("NVIDIA Jetson AGX Orin", "8.7", "10.3.0")
     assert target.engine_file == "model.sm87-trt10.3.0.engine"
-    assert tensorrt.timing_cache_path(target).name == "timing.sm87-trt10.3.0.cache"
+    assert tensorrt.timing_cache_path(target).name == "timing.nvidia-jetson-agx-orin.sm87-trt10.3.0.cache"
 
 
 def test_trtexec_command_is_the_builders_profile():
