@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
+from gi_deploy._io import read_json
 from gi_deploy.errors import BundleError, ConfigError, GiDeployError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -444,6 +445,8 @@ def infer_cmd(
     batch_size: Annotated[int, typer.Option()] = 32,
     precision: Annotated[Precision, typer.Option()] = Precision.fp32,
     device: Annotated[RuntimeDevice, typer.Option(help="onnxruntime execution provider.")] = RuntimeDevice.cpu,
+    explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
+                                                    "images (needs the training extra and the bundle's run).")] = 0,
 ) -> None:
     """Classify every image under FOLDER; score them when sub-folders are class names."""
     from gi_deploy.runtime.infer import InferConfig, infer_folder
@@ -457,6 +460,53 @@ def infer_cmd(
         out.print(f"metrics -> {r.metrics_path}")
     if r.n_errors:
         err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
+    if explain_wrong > 0:
+        with reported():
+            require_training_extra("infer --explain-wrong")
+            from gi_deploy.explain import explain_wrong as explain_wrong_images
+            from gi_deploy.runtime.bundle import resolve_bundle_dir
+
+            manifest = read_json(resolve_bundle_dir(deploy_dir, r.source) / "manifest.json", "bundle manifest")
+            out_dir = out_csv.with_name(out_csv.stem + "_wrong")
+            e = explain_wrong_images(out_csv, folder, manifest, explain_wrong, out_dir)
+        if e is None:
+            out.print("no labelled image was wrong: no heatmaps to write")
+        else:
+            out.print(f"heatmaps of the {len(e.images)} most confidently wrong image(s) -> {out_dir}", soft_wrap=True)
+
+
+class SaliencyMethod(str, Enum):
+    gradcam = "gradcam"
+    gradcam_pp = "gradcam++"
+    smoothgrad = "smoothgrad"
+
+
+@app.command("explain")
+def explain_cmd(
+    path: Annotated[Path, typer.Argument(help="An image or a folder of images (searched recursively).")],
+    source: Annotated[Optional[list[str]], Opt(help="Source(s) to explain, side by side; repeat the option. "
+                                                    "(default: every trained run)")] = None,
+    method: Annotated[SaliencyMethod, Opt(help="gradcam | gradcam++ (grad-cam package) | smoothgrad.")
+                      ] = SaliencyMethod.gradcam,
+    target: Annotated[str, Opt(help="Explain the predicted class, or this class name.")] = "predicted",
+    layer: Annotated[Optional[str], Opt(help="Target layer for Grad-CAM (default: the backbone's last feature "
+                                             "map, e.g. stages.3, layer4).")] = None,
+    sheet_rows: Annotated[int, Opt(help="Images on the contact sheet. (default: 24)")] = 24,
+    runs_dir: Annotated[Path, Opt("--runs", help="Runs folder.")] = Path("runs"),
+    out_dir: Annotated[Path, Opt("--out", help="Where the PNGs go.")] = Path("explain"),
+) -> None:
+    """Saliency heatmaps of each source's model: one PNG per image and a contact sheet."""
+    with reported():
+        require_training_extra("explain")
+    from gi_deploy.explain import ExplainConfig, explain_path
+
+    with reported():
+        r = explain_path(ExplainConfig(path=path, runs_dir=runs_dir, sources=source or [], method=method.value,
+                                       target=target, layer=layer, out_dir=out_dir, sheet_rows=sheet_rows))
+    out.print(f"{len(r.images)} image(s), {len(r.sources)} source(s) side by side ({', '.join(r.sources)}), "
+              f"{method.value}: {out_dir}/ ; contact sheet {r.sheet}", soft_wrap=True)
+    if r.errors:
+        err.print(f"{len(r.errors)} image(s) could not be read: {r.errors[0]}", style="yellow", soft_wrap=True)
 
 
 @app.command("demo")

@@ -1,6 +1,7 @@
 """End to end through the Typer app, as a user types it."""
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -162,3 +163,18 @@ def test_a_failing_gate_exits_nonzero_naming_gate_number_and_threshold(tiny_run,
     assert r.exit_code == 1
     assert "gate merge failed for capsule" in r.output and "must be at most 0.0001; nothing written" in r.output
     assert not (tmp_path / "deploy" / "capsule").exists()
+
+
+def test_infer_explain_wrong_writes_heatmaps_of_the_most_confidently_wrong(tiny_deploy, tiny_data, tmp_path):
+    import csv
+
+    out_csv = tmp_path / "pred.csv"
+    r = invoke("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", out_csv, "--explain-wrong", 2)
+    assert r.exit_code == 0, r.output
+    rows = [row for row in csv.DictReader(open(out_csv)) if row["true_label"] != row["predicted"]]
+    assert rows, "the tiny model is expected to get some test images wrong"
+    pngs = sorted(p.name for p in (tmp_path / "pred_wrong").glob("*.png"))
+    assert len(pngs) == min(2, len(rows)) + 1 and "contact_sheet.png" in pngs
+    top = max(rows, key=lambda row: float(row["confidence"]))
+    assert pngs[0].startswith("001_" + Path(top["path"]).stem) and f"true-{top['true_label']}" in pngs[0]
+    assert "most confidently wrong image(s)" in r.output

@@ -1,0 +1,299 @@
+"""Saliency maps: where each per-source model looks (the seed paper's Fig. 3).
+
+Grad-CAM and Grad-CAM++ come from the maintained ``grad-cam`` package (pytorch_grad_cam), on the
+merged model of each run (the same function as the adapter model, see export/merge.py). The
+target layer is the backbone's deepest feature map with at least 4 cells per side at the run's
+input size, read from timm's ``feature_info`` (at 224 px ConvNeXt ``stages.3``, ResNet ``layer4``,
+VGG ``features.30``); ``layer`` overrides it.
+SmoothGrad (Smilkov et al. 2017; the paper's GastroVision notebooks) is not in grad-cam, so it is
+here: the input gradient of the target logit averaged over noisy copies of the image.
+
+Images are shown at their original size and aspect ratio: the map, computed on the model's input
+(the run's preprocessing: direct resize or resize + centre crop), is mapped back onto the pixels
+it saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from gi_deploy.errors import ConfigError, DataError, DependencyError
+from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_rgb, to_input
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gradcam", "gradcam++", "smoothgrad")
+SMOOTHGRAD_SAMPLES = 25
+SMOOTHGRAD_NOISE = 0.15  # noise sd as a share of the input's value range (the SmoothGrad paper's 10-20%)
+
+
+MIN_CAM_CELLS = 4  # a Grad-CAM map needs a few cells per side to localise anything
+
+
+def target_layer_name(model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> str:
+    """The deepest feature map of the backbone (timm's feature_info) that still has at least
+    ``MIN_CAM_CELLS`` cells per side at ``input_size``: ``stages.3`` / ``layer4`` at 224 px, an
+    earlier stage for small inputs (at 48 px ConvNeXt's last stage is 1x1, a constant map)."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ConfigError(f"{type(model).__name__} has no timm feature_info; name the target layer with --layer")
+    for entry in reversed(list(info)):
+        if min(input_size) // entry["reduction"] >= MIN_CAM_CELLS:
+            return entry["module"]
+    return info[0]["module"]
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        stages = [n for n in modules if n and n.count(".") <= 1][:40]
+        raise ConfigError(f"layer {name!r} is not in {type(model).__name__}; some of its layers: {', '.join(stages)}")
+    return modules[name]
+
+
+def smoothgrad(model: nn.Module, x: torch.Tensor, targets: list[int], samples: int = SMOOTHGRAD_SAMPLES,
+               noise: float = SMOOTHGRAD_NOISE, seed: int = 0) -> np.ndarray:
+    """SmoothGrad maps (N, H, W) in [0, 1]: the gradient of logit[target] w.r.t. the input,
+    averaged over ``samples`` noisy copies (the noise's own gradients cancel in the mean), then
+    |.|, max over colour channels, normalised per image."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(x)
+    sd = noise * (x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True))
+    idx = torch.tensor(targets)
+    for _ in range(samples):
+        xn = (x + sd * torch.randn(x.shape, generator=g)).requires_grad_(True)
+        score = model(xn).gather(1, idx[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, xn)
+        total += grad
+    maps = (total / samples).abs().amax(dim=1)
+    return _normalise(maps.numpy())
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    lo = maps.reshape(len(maps), -1).min(1)[:, None, None]
+    hi = maps.reshape(len(maps), -1).max(1)[:, None, None]
+    return ((maps - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
+
+
+def saliency(model: nn.Module, x: torch.Tensor, targets: list[int], method: str = "gradcam",
+             layer: str | None = None) -> np.ndarray:
+    """Maps (N, H, W) in [0, 1] at the input's size, one per image, for class ``targets[i]``."""
+    if method not in METHODS:
+        raise ConfigError(f"saliency method {method!r} unknown; use one of {', '.join(METHODS)}")
+    model = model.eval()
+    if method == "smoothgrad":
+        return smoothgrad(model, x, targets)
+    try:
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as e:
+        raise DependencyError('Grad-CAM needs the grad-cam package: pip install "gi-deploy[explain]"') from e
+    cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    name = layer or target_layer_name(model, tuple(x.shape[-2:]))
+    with cls(model=model, target_layers=[get_module(model, name)]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    return np.clip(maps.astype(np.float32), 0.0, 1.0)
+
+
+def map_to_original(saliency_map: np.ndarray, size: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
+    """A map on the model's input (H, W) placed back on the original image of ``size`` (width,
+    height): stretched back for ``resize="direct"``; for ``resize="crop"`` put on the centre crop
+    the model saw (the inverse of preprocess.resize_for), zero on the border it did not."""
+    w, h = size
+    img = Image.fromarray((np.clip(saliency_map, 0, 1) * 255).astype(np.uint8))
+    if spec.resize == "direct":
+        return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
+    th, tw = spec.size
+    scale = max(th / h, tw / w) / spec.crop_pct  # exactly as resize_for
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    x0, y0 = round((rw - tw) // 2 * w / rw), round((rh - th) // 2 * h / rh)
+    cw, ch = max(1, min(w - x0, round(tw * w / rw))), max(1, min(h - y0, round(th * h / rh)))
+    out = np.zeros((h, w), np.float32)
+    out[y0:y0 + ch, x0:x0 + cw] = np.asarray(img.resize((cw, ch), Image.Resampling.BILINEAR), np.float32) / 255.0
+    return out
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB float image in [0, 1]: ``image`` blended with the jet colour map of ``heat``."""
+    from matplotlib import colormaps
+
+    rgb = np.asarray(image, np.float32) / 255.0
+    return (1 - alpha) * rgb + alpha * colormaps["jet"](heat)[..., :3]
+
+
+@dataclass
+class ExplainSource:
+    """One source's merged torch model, with what explain needs to label it."""
+
+    name: str
+    model: nn.Module
+    classes: list[str]
+    spec: PreprocessSpec
+
+
+def load_source(run_dir: Path) -> ExplainSource:
+    """The run's merged model (adapters folded in: the deployed function) in eval mode."""
+    import copy
+
+    from gi_deploy.export.merge import merge_into_plain
+    from gi_deploy.training.run import ADAPTER_METHODS, attach_trained, read_run_manifest, rebuild_base
+
+    manifest = read_run_manifest(run_dir)
+    plain = rebuild_base(manifest, run_dir).eval()
+    trained = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()
+    model = merge_into_plain(plain, trained) if manifest["config"]["method"] in ADAPTER_METHODS else trained
+    return ExplainSource(Path(run_dir).name, model.eval(), list(manifest["classes"]),
+                         PreprocessSpec.from_dict(manifest["preprocess"]))
+
+
+@dataclass
+class ExplainConfig:
+    path: Path
+    runs_dir: Path = Path("runs")
+    sources: list[str] = field(default_factory=list)  # empty: every trained run
+    method: str = "gradcam"
+    target: str = "predicted"  # or a class name
+    layer: str | None = None
+    out_dir: Path = Path("explain")
+    sheet_rows: int = 24  # images on the contact sheet
+
+    def __post_init__(self) -> None:
+        self.path, self.runs_dir, self.out_dir = Path(self.path), Path(self.runs_dir), Path(self.out_dir)
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r} unknown; use one of {', '.join(METHODS)}")
+        if not self.path.exists():
+            raise ConfigError(f"nothing to explain at {self.path}: no such file or folder")
+        if self.sheet_rows < 1:
+            raise ConfigError(f"sheet_rows must be >= 1, got {self.sheet_rows}")
+
+
+@dataclass
+class ExplainResult:
+    images: list[Path]  # one PNG per input image
+    sheet: Path
+    sources: list[str]
+    predictions: dict[str, list[tuple[str, float]]]  # source -> (class, confidence) per image
+    errors: list[str]
+
+
+def _resolve_runs(cfg: ExplainConfig) -> list[Path]:
+    from gi_deploy.training.run import RUN_MANIFEST
+
+    trained = sorted(p.parent.name for p in cfg.runs_dir.glob(f"*/{RUN_MANIFEST}"))
+    names = cfg.sources or trained
+    missing = [s for s in names if s not in trained]
+    if missing or not names:
+        raise ConfigError(f"no trained run for {', '.join(missing) or 'any source'} under {cfg.runs_dir}; "
+                          f"trained: {', '.join(trained) or 'none'}")
+    return [cfg.runs_dir / s for s in names]
+
+
+def explain_images(paths: list[Path], sources: list[ExplainSource], method: str = "gradcam",
+                   target: str = "predicted", layer: str | None = None, out_dir: Path = Path("explain"),
+                   sheet_rows: int = 24, names: list[str] | None = None) -> ExplainResult:
+    """For each image: the original and one overlay per source (predicted class + confidence, and
+    the target class when it is not the prediction) in ``out_dir/<name>.png``, plus a contact
+    sheet ``out_dir/contact_sheet.png`` of the first ``sheet_rows`` images. A file that cannot be
+    read is skipped with its error listed; the others are still written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, written, errors = [], [], []
+    predictions: dict[str, list[tuple[str, float]]] = {s.name: [] for s in sources}
+    for i, path in enumerate(paths):
+        try:
+            image = load_rgb(path)
+        except DataError as e:
+            errors.append(str(e))
+            continue
+        panels = [("original", np.asarray(image, np.float32) / 255.0)]
+        for s in sources:
+            if target != "predicted" and target not in s.classes:
+                raise ConfigError(f"--target {target!r} is not a class of {s.name}: {', '.join(s.classes)}")
+            x = torch.from_numpy(to_input(image, s.spec))[None]
+            with torch.no_grad():
+                probs = torch.softmax(s.model(x), 1)[0]
+            k = int(probs.argmax())
+            t = k if target == "predicted" else s.classes.index(target)
+            heat = map_to_original(saliency(s.model, x, [t], method, layer)[0], image.size, s.spec)
+            predictions[s.name].append((s.classes[k], float(probs[k])))
+            title = f"{s.name}: {s.classes[k]} ({probs[k]:.0%})"
+            if t != k:
+                title += f"\nmap for {s.classes[t]} ({probs[t]:.0%})"
+            panels.append((title, overlay(image, heat)))
+        name = (names[i] if names else path.stem) + ".png"
+        _save_row(plt, [panels], out_dir / name, f"{path.name} ({method})")
+        written.append(out_dir / name)
+        if len(rows) < sheet_rows:
+            rows.append(panels)
+    if not rows:
+        raise DataError(f"none of the {len(paths)} image(s) could be read: {errors[0] if errors else ''}")
+    sheet = out_dir / "contact_sheet.png"
+    _save_row(plt, rows, sheet, f"{method} saliency, {len(rows)} of {len(paths)} image(s)")
+    return ExplainResult(written, sheet, [s.name for s in sources], predictions, errors)
+
+
+def _save_row(plt, rows: list[list[tuple[str, np.ndarray]]], path: Path, title: str) -> None:
+    """A grid: one row per image, one column per panel (original, then each source)."""
+    n_rows, n_cols = len(rows), len(rows[0])
+    aspect = rows[0][0][1].shape[1] / rows[0][0][1].shape[0]
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols * max(aspect, 0.5), 2.9 * n_rows), squeeze=False)
+    for r, panels in enumerate(rows):
+        for c, (label, img) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(np.clip(img, 0, 1))
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def explain_path(cfg: ExplainConfig) -> ExplainResult:
+    """``gi-deploy explain``: an image or a folder (recursive), every selected source side by side."""
+    paths = [cfg.path] if cfg.path.is_file() else list_images(cfg.path)
+    if not paths:
+        raise DataError(f"no images found under {cfg.path}")
+    sources = [load_source(run) for run in _resolve_runs(cfg)]
+    root = cfg.path if cfg.path.is_dir() else cfg.path.parent
+    names = ["__".join(p.relative_to(root).with_suffix("").parts) for p in paths]
+    return explain_images(paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows, names)
+
+
+def most_confidently_wrong(csv_path: Path, n: int) -> list[tuple[str, str, str, float]]:
+    """(path, true label, predicted, confidence) of the ``n`` labelled rows of a predictions CSV
+    that are wrong with the highest confidence."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["true_label"] and r["predicted"] and r["true_label"] != r["predicted"]]
+    rows.sort(key=lambda r: -float(r["confidence"]))
+    return [(r["path"], r["true_label"], r["predicted"], float(r["confidence"])) for r in rows[:n]]
+
+
+def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, out_dir: Path,
+                  method: str = "gradcam") -> ExplainResult | None:
+    """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, from the training
+    run the bundle was exported from (its manifest records it). None when nothing was wrong."""
+    wrong = most_confidently_wrong(csv_path, n)
+    if not wrong:
+        return None
+    run_dir = Path(bundle_manifest["training"]["run_dir"])
+    if not run_dir.is_dir():
+        raise DataError(f"--explain-wrong needs the training run the bundle came from, {run_dir}, which is gone; "
+                        "explain on the machine that trained it, or drop --explain-wrong")
+    source = load_source(run_dir)
+    names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
+    return explain_images([folder / p for p, *_ in wrong], [source], method, "predicted", None, out_dir,
+                          n, names)
