@@ -491,7 +491,8 @@ def explain_cmd(
     target: Annotated[str, Opt(help="Explain the predicted class, or this class name.")] = "predicted",
     layer: Annotated[Optional[str], Opt(help="Target layer for Grad-CAM (default: the backbone's last feature "
                                              "map, e.g. stages.3, layer4).")] = None,
-    sheet_rows: Annotated[int, Opt(help="Images on the contact sheet. (default: 24)")] = 24,
+    sheet_rows: Annotated[int, Opt(help="Images on the contact sheet, at most 48. (default: 24)")] = 24,
+    limit: Annotated[Optional[int], Opt(help="Only the first N images of the folder (sorted).")] = None,
     runs_dir: Annotated[Path, Opt("--runs", help="Runs folder.")] = Path("runs"),
     out_dir: Annotated[Path, Opt("--out", help="Where the PNGs go.")] = Path("explain"),
 ) -> None:
@@ -500,9 +501,14 @@ def explain_cmd(
         require_training_extra("explain")
     from gi_deploy.explain import ExplainConfig, explain_path
 
-    with reported():
+    from rich.progress import Progress
+
+    with reported(), Progress(console=out, transient=True) as bar:
+        task = bar.add_task("explain", total=None)
         r = explain_path(ExplainConfig(path=path, runs_dir=runs_dir, sources=source or [], method=method.value,
-                                       target=target, layer=layer, out_dir=out_dir, sheet_rows=sheet_rows))
+                                       target=target, layer=layer, out_dir=out_dir, sheet_rows=sheet_rows,
+                                       limit=limit),
+                         progress=lambda i, n: bar.update(task, completed=i, total=n))
     out.print(f"{len(r.images)} image(s), {len(r.sources)} source(s) side by side ({', '.join(r.sources)}), "
               f"{method.value}: {out_dir}/ ; contact sheet {r.sheet}", soft_wrap=True)
     if r.errors:

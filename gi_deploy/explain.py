@@ -97,9 +97,33 @@ def saliency(model: nn.Module, x: torch.Tensor, targets: list[int], method: str 
         raise DependencyError('Grad-CAM needs the grad-cam package: pip install "gi-deploy[explain]"') from e
     cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
     name = layer or target_layer_name(model, tuple(x.shape[-2:]))
-    with cls(model=model, target_layers=[get_module(model, name)]) as cam:
-        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    module = get_module(model, name)
+    _check_feature_map(model, module, name, x)
+    try:
+        with cls(model=model, target_layers=[module]) as cam:
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    except (ValueError, IndexError) as e:  # grad-cam's own shape errors
+        raise ConfigError(f"Grad-CAM cannot use layer {name!r}: {e}; pick a stage output such as stages.N or "
+                          "layerN") from e
     return np.clip(maps.astype(np.float32), 0.0, 1.0)
+
+
+def _check_feature_map(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor) -> None:
+    """Grad-CAM needs an NCHW feature map: refuse a layer whose output is pooled (2-d) or
+    channels-last (ConvNeXt's block internals), which would give an error or a meaningless map."""
+    shapes = []
+    handle = module.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape) if torch.is_tensor(o) else None))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        handle.remove()
+    shape = shapes[-1] if shapes else None
+    h, w = x.shape[-2:]
+    nchw = shape is not None and len(shape) == 4 and abs(shape[2] / shape[3] - h / w) <= 0.5 * h / w
+    if not nchw or (shape[2] > h or shape[3] > w):
+        raise ConfigError(f"layer {name!r} outputs {shape}, not an NCHW feature map; Grad-CAM needs one: pick a "
+                          "stage output such as stages.N (ConvNeXt) or layerN (ResNet)")
 
 
 def map_to_original(saliency_map: np.ndarray, size: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
@@ -163,6 +187,7 @@ class ExplainConfig:
     layer: str | None = None
     out_dir: Path = Path("explain")
     sheet_rows: int = 24  # images on the contact sheet
+    limit: int | None = None  # explain only the first N images of a folder
 
     def __post_init__(self) -> None:
         self.path, self.runs_dir, self.out_dir = Path(self.path), Path(self.runs_dir), Path(self.out_dir)
@@ -170,8 +195,8 @@ class ExplainConfig:
             raise ConfigError(f"--method {self.method!r} unknown; use one of {', '.join(METHODS)}")
         if not self.path.exists():
             raise ConfigError(f"nothing to explain at {self.path}: no such file or folder")
-        if self.sheet_rows < 1:
-            raise ConfigError(f"sheet_rows must be >= 1, got {self.sheet_rows}")
+        if self.sheet_rows < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError(f"sheet_rows and limit must be >= 1, got {self.sheet_rows} and {self.limit}")
 
 
 @dataclass
@@ -186,27 +211,60 @@ class ExplainResult:
 def _resolve_runs(cfg: ExplainConfig) -> list[Path]:
     from gi_deploy.training.run import RUN_MANIFEST
 
+    from gi_deploy._io import read_json
+
     trained = sorted(p.parent.name for p in cfg.runs_dir.glob(f"*/{RUN_MANIFEST}"))
-    names = cfg.sources or trained
-    missing = [s for s in names if s not in trained]
-    if missing or not names:
-        raise ConfigError(f"no trained run for {', '.join(missing) or 'any source'} under {cfg.runs_dir}; "
-                          f"trained: {', '.join(trained) or 'none'}")
-    return [cfg.runs_dir / s for s in names]
+    if cfg.sources:
+        missing = [s for s in cfg.sources if s not in trained]
+        if missing:
+            raise ConfigError(f"no trained run for {', '.join(missing)} under {cfg.runs_dir}; "
+                              f"trained: {', '.join(trained) or 'none'}")
+        return [cfg.runs_dir / s for s in cfg.sources]
+    finished = [s for s in trained if read_json(cfg.runs_dir / s / RUN_MANIFEST, "run manifest").get("best")]
+    for s in sorted(set(trained) - set(finished)):
+        log.warning("skipping %s: its run has no finished epoch yet", s)
+    if not finished:
+        raise ConfigError(f"no finished training run under {cfg.runs_dir}; train a source first")
+    return [cfg.runs_dir / s for s in finished]
+
+
+DISPLAY_MAX_SIDE = 320  # panels are drawn ~200 px wide: maps and overlays are made at this size
+SHEET_MAX_ROWS = 48
+SHEET_NAME = "contact_sheet.png"
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """The image at display size, aspect ratio kept (saliency of a 1920x1080 frame is shown, not printed)."""
+    scale = DISPLAY_MAX_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR)
+
+
+def _plain(text: str) -> str:
+    return text.replace("$", r"\$")  # matplotlib reads $...$ as math text
 
 
 def explain_images(paths: list[Path], sources: list[ExplainSource], method: str = "gradcam",
-                   target: str = "predicted", layer: str | None = None, out_dir: Path = Path("explain"),
-                   sheet_rows: int = 24, names: list[str] | None = None) -> ExplainResult:
+                   target: str | list[str] = "predicted", layer: str | None = None,
+                   out_dir: Path = Path("explain"), sheet_rows: int = 24, names: list[str] | None = None,
+                   progress=None) -> ExplainResult:
     """For each image: the original and one overlay per source (predicted class + confidence, and
     the target class when it is not the prediction) in ``out_dir/<name>.png``, plus a contact
-    sheet ``out_dir/contact_sheet.png`` of the first ``sheet_rows`` images. A file that cannot be
-    read is skipped with its error listed; the others are still written."""
-    import matplotlib
+    sheet ``out_dir/contact_sheet.png`` of the first ``sheet_rows`` images (at most 48).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    ``target`` is "predicted", a class name, or one of those per image. A file that cannot be
+    read is skipped with its error listed; the others are still written. ``progress(i, n)`` is
+    called after each image."""
+    targets = target if isinstance(target, list) else [target] * len(paths)
+    if len(targets) != len(paths):
+        raise ConfigError(f"{len(targets)} targets for {len(paths)} images")
+    for t in set(targets) - {"predicted"}:
+        for s in sources:
+            if t not in s.classes:
+                raise ConfigError(f"--target {t!r} is not a class of {s.name}: {', '.join(s.classes)}")
+    names = _unique_names(names or [p.stem for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, written, errors = [], [], []
     predictions: dict[str, list[tuple[str, float]]] = {s.name: [] for s in sources}
@@ -216,38 +274,55 @@ def explain_images(paths: list[Path], sources: list[ExplainSource], method: str 
         except DataError as e:
             errors.append(str(e))
             continue
-        panels = [("original", np.asarray(image, np.float32) / 255.0)]
+        shown = _thumbnail(image)
+        panels = [("original", np.asarray(shown, np.float32) / 255.0)]
         for s in sources:
-            if target != "predicted" and target not in s.classes:
-                raise ConfigError(f"--target {target!r} is not a class of {s.name}: {', '.join(s.classes)}")
             x = torch.from_numpy(to_input(image, s.spec))[None]
             with torch.no_grad():
                 probs = torch.softmax(s.model(x), 1)[0]
             k = int(probs.argmax())
-            t = k if target == "predicted" else s.classes.index(target)
-            heat = map_to_original(saliency(s.model, x, [t], method, layer)[0], image.size, s.spec)
+            t = k if targets[i] == "predicted" else s.classes.index(targets[i])
+            heat = map_to_original(saliency(s.model, x, [t], method, layer)[0], shown.size, s.spec)
             predictions[s.name].append((s.classes[k], float(probs[k])))
             title = f"{s.name}: {s.classes[k]} ({probs[k]:.0%})"
             if t != k:
                 title += f"\nmap for {s.classes[t]} ({probs[t]:.0%})"
-            panels.append((title, overlay(image, heat)))
-        name = (names[i] if names else path.stem) + ".png"
-        _save_row(plt, [panels], out_dir / name, f"{path.name} ({method})")
-        written.append(out_dir / name)
-        if len(rows) < sheet_rows:
+            panels.append((_plain(title), overlay(shown, heat).astype(np.float32)))
+        _save_grid([panels], out_dir / names[i], _plain(f"{path.name} ({method})"))
+        written.append(out_dir / names[i])
+        if len(rows) < min(sheet_rows, SHEET_MAX_ROWS):
             rows.append(panels)
+        if progress is not None:
+            progress(i + 1, len(paths))
     if not rows:
         raise DataError(f"none of the {len(paths)} image(s) could be read: {errors[0] if errors else ''}")
-    sheet = out_dir / "contact_sheet.png"
-    _save_row(plt, rows, sheet, f"{method} saliency, {len(rows)} of {len(paths)} image(s)")
+    sheet = out_dir / SHEET_NAME
+    _save_grid(rows, sheet, f"{method} saliency, {len(rows)} of {len(paths)} image(s)")
     return ExplainResult(written, sheet, [s.name for s in sources], predictions, errors)
 
 
-def _save_row(plt, rows: list[list[tuple[str, np.ndarray]]], path: Path, title: str) -> None:
-    """A grid: one row per image, one column per panel (original, then each source)."""
+def _unique_names(stems: list[str]) -> list[str]:
+    """``<stem>.png`` per image, unique case-insensitively and never the contact sheet's name."""
+    taken, out = {SHEET_NAME.lower()}, []
+    for stem in stems:
+        name, k = f"{stem}.png", 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{stem}-{k}.png"
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
+def _save_grid(rows: list[list[tuple[str, np.ndarray]]], path: Path, title: str) -> None:
+    """A grid: one row per image, one column per panel (original, then each source). Uses a bare
+    matplotlib Figure (no pyplot, no global backend switch)."""
+    from matplotlib.figure import Figure
+
     n_rows, n_cols = len(rows), len(rows[0])
     aspect = rows[0][0][1].shape[1] / rows[0][0][1].shape[0]
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols * max(aspect, 0.5), 2.9 * n_rows), squeeze=False)
+    fig = Figure(figsize=(2.6 * n_cols * min(max(aspect, 0.5), 2.5), 2.9 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, panels in enumerate(rows):
         for c, (label, img) in enumerate(panels):
             ax = axes[r][c]
@@ -256,19 +331,28 @@ def _save_row(plt, rows: list[list[tuple[str, np.ndarray]]], path: Path, title: 
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e}") from e
 
 
-def explain_path(cfg: ExplainConfig) -> ExplainResult:
+def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
     """``gi-deploy explain``: an image or a folder (recursive), every selected source side by side."""
-    paths = [cfg.path] if cfg.path.is_file() else list_images(cfg.path)
+    if cfg.path.is_file():
+        paths = [cfg.path]
+    else:
+        out = cfg.out_dir.resolve()
+        paths = [p for p in list_images(cfg.path) if out not in p.resolve().parents]  # not our own PNGs
+    if cfg.limit is not None:
+        paths = paths[:cfg.limit]
     if not paths:
         raise DataError(f"no images found under {cfg.path}")
     sources = [load_source(run) for run in _resolve_runs(cfg)]
     root = cfg.path if cfg.path.is_dir() else cfg.path.parent
     names = ["__".join(p.relative_to(root).with_suffix("").parts) for p in paths]
-    return explain_images(paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows, names)
+    return explain_images(paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows,
+                          names, progress)
 
 
 def most_confidently_wrong(csv_path: Path, n: int) -> list[tuple[str, str, str, float]]:
@@ -284,16 +368,33 @@ def most_confidently_wrong(csv_path: Path, n: int) -> list[tuple[str, str, str, 
 
 def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, out_dir: Path,
                   method: str = "gradcam") -> ExplainResult | None:
-    """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, from the training
-    run the bundle was exported from (its manifest records it). None when nothing was wrong."""
+    """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, for the class the
+    bundle predicted, from the training run the bundle was exported from (checked to be the same
+    run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
+    None when nothing was wrong."""
+    from gi_deploy._io import sha256_file
+    from gi_deploy.errors import BundleError
+    from gi_deploy.training.run import RUN_MANIFEST
+
     wrong = most_confidently_wrong(csv_path, n)
     if not wrong:
         return None
-    run_dir = Path(bundle_manifest["training"]["run_dir"])
-    if not run_dir.is_dir():
+    training = bundle_manifest.get("training") or {}
+    if "run_dir" not in training:
+        raise BundleError("this bundle's manifest does not name the training run it came from; re-export it "
+                          "with this version of gi-deploy to use --explain-wrong")
+    run_dir = Path(training["run_dir"])
+    if not (run_dir / RUN_MANIFEST).is_file():
         raise DataError(f"--explain-wrong needs the training run the bundle came from, {run_dir}, which is gone; "
                         "explain on the machine that trained it, or drop --explain-wrong")
+    if sha256_file(run_dir / RUN_MANIFEST) != training.get("run_manifest_sha256"):
+        raise BundleError(f"the run {run_dir} changed after this bundle was exported (retrained or resumed): its "
+                          "maps would explain another model. Re-export the bundle, or run `gi-deploy explain` on "
+                          "the run")
     source = load_source(run_dir)
+    if out_dir.is_dir():
+        for old in out_dir.glob("*.png"):
+            old.unlink()
     names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
-    return explain_images([folder / p for p, *_ in wrong], [source], method, "predicted", None, out_dir,
-                          n, names)
+    return explain_images([folder / p for p, *_ in wrong], [source], method, [k for _, _, k, _ in wrong], None,
+                          out_dir, min(n, SHEET_MAX_ROWS), names)

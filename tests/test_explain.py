@@ -119,3 +119,56 @@ def test_explain_cli_writes_one_png_per_image_and_a_side_by_side_sheet(tiny_run,
     assert sheet.height > 3 * one.height and one.width > 2 * one.height  # 4 rows; 3 panels in a row
     r = invoke("explain", folder / "wide.png", "--runs", runs, "--target", "not-a-class", "--out", out)
     assert r.exit_code == 1 and "not a class of capsule" in r.output
+
+
+@pytest.mark.parametrize("method,model", [("colora", "resnet18"), ("full", "convnextv2_atto")])
+def test_explain_works_from_colora_and_full_runs(tiny_data, tmp_path, method, model):
+    """The maps come from each run's deployed function: CoLoRA merged into a ResNet, a full
+    fine-tune as it is; a named --target class gets its own map."""
+    from gi_deploy.explain import explain_images, load_source
+    from gi_deploy.training.trainer import train
+    from tests.conftest import tiny_train_config
+
+    run = train(tiny_train_config(tiny_data, tmp_path / "runs", method=method, model=model)).run_dir
+    source = load_source(run)
+    assert not any("colora" in type(m).__name__.lower() for m in source.model.modules())  # merged: plain layers
+    image = sorted((tiny_data / "test" / "ulcer").glob("*.jpg"))[0]
+    result = explain_images([image], [source], "gradcam", target="polyp", out_dir=tmp_path / "out")
+    assert [p.name for p in result.images] == [image.stem + ".png"] and result.sheet.is_file()
+    x = torch.from_numpy(np.stack([np.zeros((3, 32, 32), np.float32)]))
+    maps = saliency(source.model, x + 0.5, [source.classes.index("polyp")], "gradcam")
+    assert maps.shape == (1, 32, 32) and np.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
+
+
+def test_a_layer_without_an_nchw_feature_map_is_refused():
+    atto = timm.create_model("convnextv2_atto", num_classes=2).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(ConfigError, match="'head.fc' outputs \\(1, 2\\), not an NCHW feature map"):
+        saliency(atto, x, [0], "gradcam", layer="head.fc")
+    resnet = timm.create_model("resnet18", num_classes=2).eval()
+    with pytest.raises(ConfigError, match="not an NCHW feature map"):
+        saliency(resnet, x, [0], "gradcam", layer="global_pool")
+    assert saliency(atto, x + 0.1, [0], "gradcam", layer="stages.2").shape == (1, 64, 64)
+
+
+def test_output_names_never_collide():
+    from gi_deploy.explain import _unique_names
+
+    assert _unique_names(["a__b", "a__b", "A__B", "contact_sheet"]) == [
+        "a__b.png", "a__b-2.png", "A__B-3.png", "contact_sheet-2.png"]
+
+
+def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_path):
+    import json
+
+    from gi_deploy.errors import BundleError
+    from gi_deploy.explain import explain_wrong
+
+    manifest = json.loads((tiny_deploy / "capsule" / "manifest.json").read_text())
+    csv_path = tmp_path / "pred.csv"
+    csv_path.write_text("path,true_label,predicted,confidence,error\nulcer/a.jpg,ulcer,polyp,0.9,\n")
+    stale = {**manifest, "training": {**manifest["training"], "run_manifest_sha256": "0" * 64}}
+    with pytest.raises(BundleError, match="changed after this bundle was exported"):
+        explain_wrong(csv_path, tmp_path, stale, 1, tmp_path / "wrong")
+    with pytest.raises(BundleError, match="does not name the training run"):
+        explain_wrong(csv_path, tmp_path, {k: v for k, v in manifest.items() if k != "training"}, 1, tmp_path / "w")
