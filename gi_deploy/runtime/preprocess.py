@@ -7,6 +7,7 @@ as a :class:`PreprocessSpec`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,13 +64,47 @@ class PreprocessSpec:
         )
 
 
+# Endoscopy frames are at most ~2 MP (1920x1072); a file declaring a canvas over this is a
+# decompression bomb (a small file that would expand to gigabytes) or not a frame at all.
+MAX_PIXELS = 64_000_000
+# Transparent pixels (RGBA, LA, palette with transparency) are composited onto black, the colour
+# of the capsule's vignette and of the frame around endoscope images.
+BACKGROUND = (0, 0, 0)
+_HIGH_BIT_MODES = {"I;16": 257.0, "I;16L": 257.0, "I;16B": 257.0, "I;16N": 257.0, "I": 257.0}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16-bit grayscale scaled (not clipped) to 8 bits, alpha
+    composited on ``BACKGROUND``, CMYK/grayscale/palette converted."""
+    if img.mode in _HIGH_BIT_MODES:
+        a = np.asarray(img, dtype=np.float64) / _HIGH_BIT_MODES[img.mode]
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to upright RGB. Raises DataError naming the file and the reason."""
+    """Decode an image file to upright 8-bit RGB. Raises DataError naming the file and the reason
+    (unreadable, not an image, truncated, a symlink loop, a canvas over ``MAX_PIXELS``)."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own check, as an error
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"cannot read image {path}: it declares a {w}x{h} canvas ({w * h / 1e6:.0f} MP, over "
+                                f"the {MAX_PIXELS / 1e6:.0f} MP limit): a decompression bomb, or not an endoscopy frame")
             # apply the EXIF orientation, so a rotated JPEG is seen upright by training and runtime alike
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
@@ -108,11 +143,14 @@ def load_input(path: Path, spec: PreprocessSpec) -> np.ndarray:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """All image files under ``folder`` (recursive, sorted, hidden files skipped)."""
+    """All image files under ``folder`` (recursive, sorted, extension case-insensitive, hidden
+    files skipped). Symlinked folders are not descended into, so a symlink loop cannot recurse;
+    a broken or looping symlink with an image extension is listed, so that reading it gives an
+    error row naming it instead of a silent skip."""
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
     return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p for p in folder.rglob("*")  # by default rglob never follows directory symlinks
+        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
