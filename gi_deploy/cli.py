@@ -438,25 +438,33 @@ def export_cmd(
 
 @app.command("infer")
 def infer_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    inputs: Annotated[str, typer.Argument(metavar="INPUT", help="A folder (searched recursively), an image, a glob "
+                                                                "('scans/**/*.jpg') or a .txt/.csv list of paths.")],
     source: Annotated[Optional[str], typer.Option(help="Bundle to use (default: the only one).")] = None,
     out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     deploy_dir: Annotated[Path, typer.Option("--deploy", help="Bundles folder.")] = Path("deploy"),
     batch_size: Annotated[int, typer.Option()] = 32,
     precision: Annotated[Precision, typer.Option()] = Precision.fp32,
     device: Annotated[RuntimeDevice, typer.Option(help="onnxruntime execution provider.")] = RuntimeDevice.cpu,
+    labels: Annotated[Optional[Path], typer.Option(help="CSV of (path, label): the true class of each image.")] = None,
+    top_k: Annotated[int, typer.Option(help="Classes and probabilities per row. (default: 3)")] = 3,
+    resume: Annotated[bool, typer.Option(help="Keep the rows already in --out (a killed run's) and classify only "
+                                              "the rest.")] = False,
     explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
                                                     "images (needs the training extra and the bundle's run).")] = 0,
 ) -> None:
-    """Classify every image under FOLDER; score them when sub-folders are class names."""
+    """Classify every image of INPUT; score them when labels are known (class-named sub-folders,
+    --labels, or a label column in the list)."""
     from gi_deploy.runtime.infer import InferConfig, infer_folder
 
     with reported():
-        r = infer_folder(InferConfig(folder=folder, deploy_dir=deploy_dir, source=source, out_csv=out_csv,
-                                     batch_size=batch_size, precision=precision.value, device=device.value))
-    out.print(f"{r.source}: {r.n_images} images, {r.n_errors} unreadable, on {r.provider} -> {r.csv_path}")
+        r = infer_folder(InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, source=source,
+                                     out_csv=out_csv, batch_size=batch_size, precision=precision.value,
+                                     device=device.value, top_k=top_k, resume=resume))
+    out.print(f"{r.source}: {r.n_images} images, {r.n_errors} unreadable, on {r.provider} -> {r.csv_path}"
+              + (f" ({r.n_resumed} kept from the interrupted run)" if r.n_resumed else ""))
     if r.metrics:
-        out.print(metrics_table(f"{r.source} on {folder}", {folder.name or str(folder): r.metrics}))
+        out.print(metrics_table(f"{r.source} on {inputs}", {Path(inputs).name or inputs: r.metrics}))
         out.print(f"metrics -> {r.metrics_path}")
     if r.n_errors:
         err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
@@ -468,7 +476,7 @@ def infer_cmd(
 
             manifest = read_json(resolve_bundle_dir(deploy_dir, r.source) / "manifest.json", "bundle manifest")
             out_dir = out_csv.with_name(out_csv.stem + "_wrong")
-            e = explain_wrong_images(out_csv, folder, manifest, explain_wrong, out_dir)
+            e = explain_wrong_images(out_csv, r.root, manifest, explain_wrong, out_dir)
         if e is None:
             out.print("no labelled image was wrong: no heatmaps to write")
         else:

@@ -178,3 +178,16 @@ def test_infer_explain_wrong_writes_heatmaps_of_the_most_confidently_wrong(tiny_
     top = max(rows, key=lambda row: float(row["confidence"]))
     assert pngs[0].startswith("001_" + Path(top["path"]).stem) and f"true-{top['true_label']}" in pngs[0]
     assert "most confidently wrong image(s)" in r.output
+
+
+def test_infer_takes_a_glob_and_a_labels_csv(tiny_deploy, tiny_data, tmp_path):
+    labels = tmp_path / "labels.csv"
+    images = sorted((tiny_data / "test").rglob("*.jpg"))
+    labels.write_text("path,label\n" + "".join(f"{p.relative_to(tiny_data / 'test').as_posix()},{p.parent.name}\n"
+                                               for p in images))
+    r = invoke("infer", f"{tiny_data / 'test'}/*/*.jpg", "--labels", labels, "--deploy", tiny_deploy,
+               "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.output
+    assert "12 images, 0 unreadable" in r.output and "MCC" in r.output
+    r = invoke("infer", tmp_path / "nothing-here", "--deploy", tiny_deploy, "--out", tmp_path / "q.csv")
+    assert r.exit_code == 1 and "nothing to classify at" in r.output

@@ -91,7 +91,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     for model in (BASE, *cfg.sources):
         result.scores[model] = {}
         for source in cfg.sources:
-            res = infer_folder(InferConfig(folder=data / source / "test", deploy_dir=deploy, source=model,
+            res = infer_folder(InferConfig(inputs=data / source / "test", deploy_dir=deploy, source=model,
                                            out_csv=out / "predictions" / f"{model}_on_{source}.csv"))
             result.scores[model][source] = res.metrics
     result.seconds = time.time() - t0

@@ -15,14 +15,18 @@ from gi_deploy._io import write_json
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.bundle import load_bundle, resolve_bundle_dir
 from gi_deploy.runtime.metrics import classification_metrics
-from gi_deploy.runtime.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, list_images, load_input
+from gi_deploy.runtime.inputs import check_label_names, collect_inputs
+from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
 
-CSV_COLUMNS = ("path", "true_label", "predicted", "confidence", "error")
+def csv_columns(top_k: int) -> tuple[str, ...]:
+    """The predictions CSV header: one row per (image, source)."""
+    top = tuple(f"top{i}_{what}" for i in range(1, top_k + 1) for what in ("class", "prob"))
+    return ("path", "source", "true_label", "predicted", "confidence", *top, "error")
 
 
 @dataclass
 class InferConfig:
-    folder: Path
+    inputs: str | Path  # a folder, an image, a glob or a list file (runtime/inputs.py)
     deploy_dir: Path = Path("deploy")
     source: str | None = None
     out_csv: Path = Path("predictions.csv")
@@ -30,15 +34,16 @@ class InferConfig:
     precision: str = "fp32"
     device: str = "cpu"
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    labels: Path | None = None  # CSV of (path, class)
+    top_k: int = 3  # classes and probabilities per row
+    resume: bool = False  # keep the rows already in out_csv and classify only the rest
 
     def __post_init__(self) -> None:
-        self.folder, self.deploy_dir, self.out_csv = Path(self.folder), Path(self.deploy_dir), Path(self.out_csv)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.deploy_dir, self.out_csv = Path(self.deploy_dir), Path(self.out_csv)
+        if self.batch_size < 1 or self.top_k < 1:
+            raise ConfigError(f"batch_size and top_k must be >= 1, got {self.batch_size} and {self.top_k}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if not self.folder.is_dir():
-            raise ConfigError(f"folder to classify does not exist: {self.folder}")
 
 
 @dataclass
@@ -51,6 +56,8 @@ class InferResult:
     metrics: dict | None
     n_unlabelled: int
     provider: str
+    root: Path  # CSV paths are relative to this folder
+    n_resumed: int = 0  # rows that were already in the CSV (--resume)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -85,50 +92,80 @@ def _batches(paths: list[Path], spec: PreprocessSpec, cfg: InferConfig,
             yield [(p, f.result()) for p, f in zip(chunk, current)]
 
 
-def infer_folder(cfg: InferConfig) -> InferResult:
-    """Classify every image under ``cfg.folder``; write one CSV row per image as it goes.
+def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> list[dict]:
+    """The complete rows of a predictions CSV a killed run left behind. A last line cut short by
+    the kill is dropped from the file; a CSV with another header is a ConfigError."""
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return []
+    raw = csv_path.read_bytes()
+    if not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        csv_path.write_bytes(raw)
+        if not raw:  # killed before the header was complete: nothing to keep
+            return []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != columns:
+            raise ConfigError(f"--resume: {csv_path} has columns {reader.fieldnames}, this run writes {list(columns)} "
+                              "(another --top-k or gi-deploy version); use another --out, or drop --resume")
+        return list(reader)
 
-    When the folder's first-level sub-folders are class names, score the labelled images and
-    write ``<csv stem>.metrics.json`` beside the CSV.
+
+def infer_folder(cfg: InferConfig) -> InferResult:
+    """Classify every image of ``cfg.inputs`` (a folder, an image, a glob or a list file); write
+    one CSV row per image as it goes (path, source, label, prediction, confidence, top-k, error),
+    flushed every batch.
+
+    With ``cfg.resume``, rows already in the CSV (a killed run's) are kept and only the other
+    images are classified, so every image ends up there exactly once. Labels come from
+    ``cfg.labels`` or the list file's label column (unknown class names are a ConfigError before
+    anything runs), else from class-named first-level sub-folders. When any image is labelled,
+    the CSV's rows are scored into ``<csv stem>.metrics.json`` beside it.
     """
     bundle = load_bundle(resolve_bundle_dir(cfg.deploy_dir, cfg.source), cfg.precision, cfg.device)
-    paths = list_images(cfg.folder)
-    if not paths:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {cfg.folder}")
+    inputs = collect_inputs(cfg.inputs, cfg.labels)
+    check_label_names(inputs.labels, bundle.classes, str(cfg.labels or cfg.inputs))
+    k_top = min(cfg.top_k, len(bundle.classes))
+    columns = csv_columns(k_top)
+    done = _rows_done(cfg.out_csv, columns) if cfg.resume else []
+    finished = {(r["path"], r["source"]) for r in done}
+    paths = [p for p in inputs.paths if (inputs.rel(p), bundle.source) not in finished]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
-    y_true: list[int] = []
-    y_pred: list[int] = []
-    n_errors = n_unlabelled = 0
-    with open(cfg.out_csv, "w", newline="") as f:
+    with open(cfg.out_csv, "a" if done else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        if not done:
+            writer.writerow(columns)
         for batch in _batches(paths, bundle.preprocess, cfg):
             good = [x for _, x in batch if isinstance(x, np.ndarray)]
             probs = iter(softmax(bundle.predict_logits(np.stack(good))) if good else ())
-            for path, item in batch:  # rows keep the folder's sorted order
-                rel = path.relative_to(cfg.folder)
-                label = true_label(rel, bundle.classes)
+            for path, item in batch:  # rows keep the inputs' order
+                rel = inputs.rel(path)
+                label = (inputs.labels.get(path.resolve()) if inputs.labels
+                         else true_label(Path(rel), bundle.classes))
                 if not isinstance(item, np.ndarray):
-                    n_errors += 1
-                    writer.writerow((rel.as_posix(), label or "", "", "", str(item)))
+                    writer.writerow((rel, bundle.source, label or "", "", "", *[""] * (2 * k_top), str(item)))
                     continue
                 p = next(probs)
-                k = int(p.argmax())
-                writer.writerow((rel.as_posix(), label or "", bundle.classes[k], f"{p[k]:.6f}", ""))
-                if label is None:
-                    n_unlabelled += 1
-                else:
-                    y_true.append(bundle.classes.index(label))
-                    y_pred.append(k)
+                order = np.argsort(-p, kind="stable")[:k_top]
+                top = [v for i in order for v in (bundle.classes[i], f"{p[i]:.6f}")]
+                writer.writerow((rel, bundle.source, label or "", bundle.classes[order[0]], f"{p[order[0]]:.6f}",
+                                 *top, ""))
             f.flush()
+    with open(cfg.out_csv, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["source"] == bundle.source]
+    n_errors = sum(1 for r in rows if r["error"])
+    scored = [r for r in rows if not r["error"] and r["true_label"]]
+    n_unlabelled = sum(1 for r in rows if not r["error"] and not r["true_label"])
     metrics = metrics_path = None
-    if y_true:
-        metrics = classification_metrics(y_true, y_pred, bundle.classes)
+    if scored:
+        metrics = classification_metrics([bundle.classes.index(r["true_label"]) for r in scored],
+                                         [bundle.classes.index(r["predicted"]) for r in scored], bundle.classes)
         metrics.update(source=bundle.source, n_errors=n_errors, n_unlabelled=n_unlabelled,
-                       folder=str(cfg.folder), precision=cfg.precision)
+                       inputs=str(cfg.inputs), precision=cfg.precision)
         metrics_path = cfg.out_csv.with_suffix(".metrics.json")
         write_json(metrics_path, metrics)
     return InferResult(
-        source=bundle.source, n_images=len(paths), n_errors=n_errors, csv_path=cfg.out_csv,
+        source=bundle.source, n_images=len(rows), n_errors=n_errors, csv_path=cfg.out_csv,
         metrics_path=metrics_path, metrics=metrics, n_unlabelled=n_unlabelled, provider=bundle.provider,
+        root=inputs.root, n_resumed=len(done),
     )

@@ -22,7 +22,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def test_csv_rows_and_metrics_match_direct_onnxruntime(tiny_data, tiny_deploy, tmp_path):
     out = tmp_path / "pred.csv"
-    result = infer_folder(InferConfig(folder=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, batch_size=5))
+    result = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, batch_size=5))
     rows = read_rows(out)
     images = sorted((tiny_data / "test").rglob("*.jpg"))
     assert [r["path"] for r in rows] == [p.relative_to(tiny_data / "test").as_posix() for p in images]
@@ -46,7 +46,7 @@ def test_unreadable_files_get_error_rows_and_the_run_goes_on(tiny_data, tiny_dep
     shutil.copytree(tiny_data / "test", folder)
     (folder / "ulcer" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (folder / "normal" / "empty.png").write_bytes(b"")
-    result = infer_folder(InferConfig(folder=folder, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
+    result = infer_folder(InferConfig(inputs=folder, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
     rows = {r["path"]: r for r in read_rows(tmp_path / "p.csv")}
     assert result.n_errors == 2
     for bad in ("ulcer/broken.jpg", "normal/empty.png"):
@@ -60,14 +60,14 @@ def test_no_metrics_when_subfolders_are_not_classes(tiny_data, tiny_deploy, tmp_
     folder.mkdir(parents=True)
     for p in list((tiny_data / "test").rglob("*.jpg"))[:3]:
         shutil.copy(p, folder / p.name)
-    result = infer_folder(InferConfig(folder=folder.parent, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
+    result = infer_folder(InferConfig(inputs=folder.parent, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
     assert result.metrics is None and result.metrics_path is None and result.n_unlabelled == 3
     assert not (tmp_path / "p.metrics.json").exists()
 
 
 def test_fp16_bundle_runs_and_agrees_with_fp32(tiny_data, tiny_deploy, tmp_path):
-    r32 = infer_folder(InferConfig(folder=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "a.csv"))
-    r16 = infer_folder(InferConfig(folder=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "b.csv",
+    r32 = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "a.csv"))
+    r16 = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "b.csv",
                                    precision="fp16"))
     p32 = [r["predicted"] for r in read_rows(r32.csv_path)]
     p16 = [r["predicted"] for r in read_rows(r16.csv_path)]
@@ -76,15 +76,15 @@ def test_fp16_bundle_runs_and_agrees_with_fp32(tiny_data, tiny_deploy, tmp_path)
 
 def test_bundle_errors_name_the_problem(tiny_deploy, tmp_path):
     with pytest.raises(BundleError, match="no bundle for source 'kvasir'.*available: capsule"):
-        infer_folder(InferConfig(folder=tmp_path, deploy_dir=tiny_deploy, source="kvasir"))
+        infer_folder(InferConfig(inputs=tmp_path, deploy_dir=tiny_deploy, source="kvasir"))
     altered = tmp_path / "deploy" / "capsule"
     shutil.copytree(tiny_deploy / "capsule", altered)
     with open(altered / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match="does not match the sha256"):
         load_bundle(altered)
-    with pytest.raises(ConfigError, match="folder to classify does not exist"):
-        InferConfig(folder=tmp_path / "nope")
+    with pytest.raises(ConfigError, match="nothing to classify at .*nope: no such file or folder"):
+        infer_folder(InferConfig(inputs=tmp_path / "nope", deploy_dir=tiny_deploy))
 
 
 def test_infer_path_never_imports_torch(tiny_data, tiny_deploy, tmp_path):
