@@ -100,7 +100,7 @@ def collect_inputs(spec: str | Path, labels_csv: Path | None = None) -> Inputs:
             raise DataError(f"--labels {labels_csv} has no label column (one of {', '.join(LABEL_COLUMNS)})")
         inputs.labels.update(extra)  # paths relative to the labels file...
         for p in listed:  # ...or to the folder being classified
-            if p.resolve() in extra:
+            if p.resolve() in extra and p.is_relative_to(labels_csv.parent):  # absolute paths are what they say
                 inputs.labels.setdefault((inputs.root / p.relative_to(labels_csv.parent)).resolve(), extra[p.resolve()])
     return inputs
 

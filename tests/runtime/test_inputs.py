@@ -117,3 +117,11 @@ def test_rows_carry_source_and_top_k(images, tiny_deploy, tmp_path):
     probs = [float(row[f"top{i}_prob"]) for i in (1, 2, 3)]
     assert probs == sorted(probs, reverse=True) and float(row["confidence"]) == probs[0]
     assert len({row[f"top{i}_class"] for i in (1, 2, 3)}) == 3
+
+
+def test_labels_with_absolute_paths(images, tmp_path):
+    chosen = sorted((images / "ulcer").glob("*.jpg"))[0]
+    labels = tmp_path / "elsewhere" / "labels.csv"
+    labels.parent.mkdir()
+    labels.write_text(f"path,class\n{chosen},ulcer\n")
+    assert collect_inputs(images, labels).labels == {chosen.resolve(): "ulcer"}
