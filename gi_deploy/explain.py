@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from gi_deploy.errors import ConfigError, DataError, DependencyError
-from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_rgb, to_input
+from gi_deploy.runtime.preprocess import PreprocessSpec, crop_geometry, list_images, load_rgb, to_input
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,8 @@ def map_to_original(saliency_map: np.ndarray, size: tuple[int, int], spec: Prepr
     if spec.resize == "direct":
         return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
     th, tw = spec.size
-    scale = max(th / h, tw / w) / spec.crop_pct  # exactly as resize_for
-    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    x0, y0 = round((rw - tw) // 2 * w / rw), round((rh - th) // 2 * h / rh)
+    rw, rh, left, top = crop_geometry((w, h), spec)  # the crop resize_for took, in resized pixels
+    x0, y0 = round(left * w / rw), round(top * h / rh)
     cw, ch = max(1, min(w - x0, round(tw * w / rw))), max(1, min(h - y0, round(th * h / rh)))
     out = np.zeros((h, w), np.float32)
     out[y0:y0 + ch, x0:x0 + cw] = np.asarray(img.resize((cw, ch), Image.Resampling.BILINEAR), np.float32) / 255.0
@@ -204,7 +203,6 @@ class ExplainResult:
     images: list[Path]  # one PNG per input image
     sheet: Path
     sources: list[str]
-    predictions: dict[str, list[tuple[str, float]]]  # source -> (class, confidence) per image
     errors: list[str]
 
 
@@ -267,7 +265,6 @@ def explain_images(paths: list[Path], sources: list[ExplainSource], method: str 
     names = _unique_names(names or [p.stem for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, written, errors = [], [], []
-    predictions: dict[str, list[tuple[str, float]]] = {s.name: [] for s in sources}
     for i, path in enumerate(paths):
         try:
             image = load_rgb(path)
@@ -283,7 +280,6 @@ def explain_images(paths: list[Path], sources: list[ExplainSource], method: str 
             k = int(probs.argmax())
             t = k if targets[i] == "predicted" else s.classes.index(targets[i])
             heat = map_to_original(saliency(s.model, x, [t], method, layer)[0], shown.size, s.spec)
-            predictions[s.name].append((s.classes[k], float(probs[k])))
             title = f"{s.name}: {s.classes[k]} ({probs[k]:.0%})"
             if t != k:
                 title += f"\nmap for {s.classes[t]} ({probs[t]:.0%})"
@@ -298,7 +294,7 @@ def explain_images(paths: list[Path], sources: list[ExplainSource], method: str 
         raise DataError(f"none of the {len(paths)} image(s) could be read: {errors[0] if errors else ''}")
     sheet = out_dir / SHEET_NAME
     _save_grid(rows, sheet, f"{method} saliency, {len(rows)} of {len(paths)} image(s)")
-    return ExplainResult(written, sheet, [s.name for s in sources], predictions, errors)
+    return ExplainResult(written, sheet, [s.name for s in sources], errors)
 
 
 def _unique_names(stems: list[str]) -> list[str]:

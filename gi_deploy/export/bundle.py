@@ -127,22 +127,23 @@ def _adapter_entry(manifest: dict) -> dict | None:
     return entry or None
 
 
-def _file_entry(path: Path, **extra) -> dict:
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, **extra}
-
-
-def export_key(run_dir: Path, manifest: dict, options: ExportOptions) -> str:
-    """What a bundle was made from and how: the run's manifest and trained files (by hash), the
-    export options, this gi-deploy version and, with --engine, the TensorRT/GPU found."""
-    method = manifest["config"]["method"]
-    files = artifact_files(run_dir, method)
+def run_hashes(run_dir: Path, manifest: dict) -> dict:
+    """sha256 of the run's manifest and of its trained files (the bundle's ``training`` record)."""
+    files = artifact_files(run_dir, manifest["config"]["method"])
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
                           "--resume it)")
+    return {"run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
+            "artifact_sha256": {p.name: sha256_file(p) for p in files}}
+
+
+def export_key(hashes: dict, options: ExportOptions) -> str:
+    """What a bundle was made from and how: the run's manifest and trained files (``run_hashes``),
+    the export options, this gi-deploy version and, with --engine, the TensorRT/GPU found."""
     payload = {
-        "run_manifest": sha256_file(run_dir / RUN_MANIFEST),
-        "artifacts": {p.name: sha256_file(p) for p in files},
+        "run_manifest": hashes["run_manifest_sha256"],
+        "artifacts": hashes["artifact_sha256"],
         "options": asdict(options), "gi_deploy": gi_deploy.__version__, "format_version": BUNDLE_FORMAT_VERSION,
         "engine_target": tensorrt.tensorrt_status()[1] if options.engine else None,
         "int8_reduce_range": not int8_mod.cpu_has_vnni() if options.int8 else None,  # chosen for this CPU
@@ -255,7 +256,7 @@ def _export_engine(name: str, fp16_path: Path, staging: Path, spec: PreprocessSp
     result = verify.check("engine", f"{name} TensorRT engine vs fp32 ONNX",
                           verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN),
                           min_top1=verify.FP16_MIN_TOP1)
-    return result, {"status": "built", **_file_entry(path), **stamp}, None
+    return result, {"status": "built", "file": path.name, **stamp}, None  # hashed with the other files
 
 
 def _stamp(path: Path, manifest: dict, precision: str, merged: bool, key: str) -> None:
@@ -281,13 +282,14 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
     options = options or ExportOptions(**overrides)
     run_dir, bundle_dir = Path(run_dir), Path(bundle_dir)
     manifest = read_run_manifest(run_dir)
-    key = export_key(run_dir, manifest, options)
+    hashes = run_hashes(run_dir, manifest)
+    key = export_key(hashes, options)
     _restore_interrupted(bundle_dir)
     if not force and (existing := current_bundle(bundle_dir, key)) is not None:
         return ExportResult(bundle_dir, existing, skipped=True)
     timer = _Timer()
     try:
-        return _export(run_dir, bundle_dir, manifest, options, key, timer)
+        return _export(run_dir, bundle_dir, manifest, options, key, hashes, timer)
     except GiDeployError:
         raise
     except Exception as e:  # a library failure: typed, with the step it happened in; the cause is chained
@@ -303,7 +305,7 @@ def _restore_interrupted(bundle_dir: Path) -> None:
         old.rename(bundle_dir)
 
 
-def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str,
+def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str, hashes: dict,
             timer: _Timer) -> ExportResult:
     name = run_dir.name
     method = manifest["config"]["method"]
@@ -366,14 +368,16 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
             if note:
                 notes.append(note)
             timer.lap("engine")
-        models = {}
-        for precision in ("fp32", "fp16", "int8"):
-            path = staging / MODEL_FILES[precision]
-            if path.is_file():
-                _stamp(path, manifest, precision, merged, key)
-                models[precision] = _file_entry(path, **extras.get(precision, {}))
+        precisions = [p for p in ("fp32", "fp16", "int8") if (staging / MODEL_FILES[p]).is_file()]
+        for precision in precisions:
+            _stamp(staging / MODEL_FILES[precision], manifest, precision, merged, key)
         classes = manifest["classes"]
         write_json(staging / "labels.json", classes)
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}  # every file, hashed once
+                 for p in sorted(staging.iterdir()) if p.is_file()}
+        models = {p: {"file": MODEL_FILES[p], **files[MODEL_FILES[p]], **extras.get(p, {})} for p in precisions}
+        if engine and engine.get("status") == "built":
+            engine.update(files[engine["file"]])
         adapter_bytes = artifact_bytes(run_dir, method)
         footprint = {
             "trained_artifact": method, "artifact_bytes": adapter_bytes, "merged_model_bytes": models["fp32"]["bytes"],
@@ -390,14 +394,11 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
             "base_weights": manifest["base_weights"],
             "adapter": _adapter_entry(manifest),
             "training": {"run_dir": str(run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
-                         ("epoch", "accuracy", "f1_weighted", "mcc")},
-                         "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
-                         "artifact_sha256": {p.name: sha256_file(p) for p in artifact_files(run_dir, method)}},
+                         ("epoch", "accuracy", "f1_weighted", "mcc")}, **hashes},
             "options": asdict(options),
             "versions": library_versions(),
         }
-        bundle["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                           for p in sorted(staging.iterdir()) if p.is_file()}
+        bundle["files"] = files
         timer.lap("write")
         bundle["timings_s"] = timer.seconds
         write_json(staging / MANIFEST_NAME, bundle)

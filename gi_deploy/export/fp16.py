@@ -113,12 +113,17 @@ def _dedupe_casts(graph) -> int:
                 node.input[i] = rename[name]
     removed = len(graph.node) - len(keep)
     if removed:
-        kept = [type(keep[0])() for _ in keep]
-        for d, s in zip(kept, keep):
-            d.CopyFrom(s)
-        del graph.node[:]
-        graph.node.extend(kept)
+        _replace_nodes(graph, keep)
     return removed
+
+
+def _replace_nodes(graph, nodes: list) -> None:
+    """Make ``nodes`` (protos, possibly of ``graph`` itself) the graph's node list, in order."""
+    copies = [type(n)() for n in nodes]
+    for dst, src in zip(copies, nodes):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _topological_sort(graph) -> None:
@@ -134,11 +139,7 @@ def _topological_sort(graph) -> None:
         ordered += ready
         ready_ids = {id(n) for n in ready}
         pending = [n for n in pending if id(n) not in ready_ids]
-    nodes = [type(ordered[0])() for _ in ordered]
-    for dst, src in zip(nodes, ordered):
-        dst.CopyFrom(src)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _replace_nodes(graph, ordered)
 
 
 def _emulation_ops():

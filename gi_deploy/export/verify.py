@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gi_deploy.errors import DataError, GateFailed
+from gi_deploy.runtime.infer import softmax
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_input, normalize
 
 # fp32 ONNX and the merged model vs the un-merged model: the same maths in another summation
@@ -66,12 +67,6 @@ VERIFY_REAL_IMAGES = 16  # validation images, spread over the classes
 # Valid pixel images chosen to drive large activations (saturated flat colours, full-contrast
 # edges, noise): where fp16 overflows if it is going to (LayerNorm/GRN, PITFALLS "FP16").
 STRESS_IMAGES = ("white", "black", "red", "specular", "checker-1px", "checker-8px", "noise", "noise-red")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_margin: float | None = None) -> dict:

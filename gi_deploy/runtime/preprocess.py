@@ -108,16 +108,23 @@ def load_rgb(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
+def crop_geometry(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """For ``resize="crop"`` and an image of ``size`` (width, height): the resized width and
+    height (shorter side -> size / crop_pct) and the top-left corner of the centre crop in them."""
+    h, w = spec.size
+    scale = max(h / size[1], w / size[0]) / spec.crop_pct
+    rw, rh = max(w, round(size[0] * scale)), max(h, round(size[1] * scale))
+    return rw, rh, (rw - w) // 2, (rh - h) // 2
+
+
 def resize_for(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """The geometry step of ``spec``: a PIL image of exactly ``spec.size`` (height, width)."""
     h, w = spec.size
     resample = _INTERPOLATIONS[spec.interpolation]
     if spec.resize == "crop":
-        scale = max(h / img.height, w / img.width) / spec.crop_pct  # shorter side -> size / crop_pct
-        rw, rh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+        rw, rh, left, top = crop_geometry(img.size, spec)
         if (rw, rh) != img.size:
             img = img.resize((rw, rh), resample)
-        left, top = (rw - w) // 2, (rh - h) // 2
         return img.crop((left, top, left + w, top + h))
     return img if img.size == (w, h) else img.resize((w, h), resample)
 
