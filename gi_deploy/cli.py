@@ -42,11 +42,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class RuntimeDevice(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -436,51 +431,227 @@ def export_cmd(
             raise failure
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    torch = "torch"
+
+
+@contextmanager
+def image_progress(label: str):
+    """A rich bar for a folder run: images done of total, images/s, time left. Yields the
+    ``progress(done, total)`` callback the library calls after every batch."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    bar = Progress(TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    task, started = None, [0.0]
+
+    def update(done: int, total: int) -> None:
+        import time
+
+        nonlocal task
+        if task is None:
+            task = bar.add_task(label, total=total, rate="")
+            started[0] = time.perf_counter()
+        elapsed = time.perf_counter() - started[0]
+        bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
+
+    with bar:
+        yield update
+
+
+def _print_scores(title: str, scores: dict, n_wrong: int = 5) -> None:
+    """The metrics table of every scored source, the files written, and the worst mistakes."""
+    scored = {s: sc for s, sc in scores.items() if sc.metrics}
+    if not scored:
+        return
+    out.print(metrics_table(title, {s: sc.metrics for s, sc in scored.items()}))
+    for s, sc in scored.items():
+        m = sc.metrics
+        auc = f", ROC AUC macro {m['roc_auc_macro']:.4f}" if m.get("roc_auc_macro") is not None else ""
+        out.print(f"{s}: specificity macro {m['specificity_macro']:.4f}{auc}; files: "
+                  + ", ".join(str(p) for p in sc.files.values()), soft_wrap=True)
+        for w in m.get("most_confidently_wrong", [])[:n_wrong]:
+            out.print(f"  wrong at {w['confidence']:.3f}: {w['path']} (true {w['true_label']}, predicted "
+                      f"{w['predicted']})", soft_wrap=True)
+
+
 @app.command("infer")
 def infer_cmd(
     inputs: Annotated[str, typer.Argument(metavar="INPUT", help="A folder (searched recursively), an image, a glob "
                                                                 "('scans/**/*.jpg') or a .txt/.csv list of paths.")],
-    source: Annotated[Optional[str], typer.Option(help="Bundle to use (default: the only one).")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        help="Bundle(s) to run, repeatable, or 'all'; each image gets one row per source (default: the only "
+             "bundle).")] = None,
     out_csv: Annotated[Path, typer.Option("--out", help="Predictions CSV.")] = Path("predictions.csv"),
     deploy_dir: Annotated[Path, typer.Option("--deploy", help="Bundles folder.")] = Path("deploy"),
-    batch_size: Annotated[int, typer.Option()] = 32,
+    backend: Annotated[Backend, typer.Option(help="auto: the fastest available (TensorRT engine, else "
+                                                  "onnxruntime on its best provider); torch: the merged model "
+                                                  "rebuilt from its training run, for debugging.")] = Backend.auto,
     precision: Annotated[Precision, typer.Option()] = Precision.fp32,
-    device: Annotated[RuntimeDevice, typer.Option(help="onnxruntime execution provider.")] = RuntimeDevice.cpu,
+    device: Annotated[Device, typer.Option(help="auto: TensorRT -> CUDA -> CPU, whichever is installed.")
+                      ] = Device.auto,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (0: decode in the main process). "
+                                                        "(default: up to 4)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="The model's CPU threads. (default: every core)")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="CSV of (path, label): the true class of each image.")] = None,
     top_k: Annotated[int, typer.Option(help="Classes and probabilities per row. (default: 3)")] = 3,
     resume: Annotated[bool, typer.Option(help="Keep the rows already in --out (a killed run's) and classify only "
                                               "the rest.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of writing an error "
+                                              "row for it.")] = False,
     explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
                                                     "images (needs the training extra and the bundle's run).")] = 0,
 ) -> None:
-    """Classify every image of INPUT; score them when labels are known (class-named sub-folders,
-    --labels, or a label column in the list)."""
+    """Classify every image of INPUT with each selected source; score them when labels are known
+    (class-named sub-folders, --labels, or a label column in the list)."""
     from gi_deploy.runtime.infer import InferConfig, infer_folder
 
     with reported():
-        r = infer_folder(InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, source=source,
-                                     out_csv=out_csv, batch_size=batch_size, precision=precision.value,
-                                     device=device.value, top_k=top_k, resume=resume))
-    out.print(f"{r.source}: {r.n_images} images, {r.n_errors} unreadable, on {r.provider} -> {r.csv_path}"
-              + (f" ({r.n_resumed} kept from the interrupted run)" if r.n_resumed else ""))
-    if r.metrics:
-        out.print(metrics_table(f"{r.source} on {inputs}", {Path(inputs).name or inputs: r.metrics}))
-        out.print(f"metrics -> {r.metrics_path}")
+        cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
+                          batch_size=batch_size, backend=backend.value, precision=precision.value,
+                          device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
+                          **({} if workers is None else {"workers": workers}))
+        with image_progress("classifying") as progress:
+            r = infer_folder(cfg, progress)
+    for s, run in r.sources.items():
+        for note in run.notes:  # auto's choice is news; anything else (a provider fallback) must be loud
+            if note.startswith("auto:"):
+                out.print(f"{s}: {note}", soft_wrap=True)
+            else:
+                err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
+        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled; on "
+                  f"{run.backend}", soft_wrap=True)
+    out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
+              f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
+              + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
+    _print_scores(f"scored on {inputs}", r.sources)
     if r.n_errors:
         err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
     if explain_wrong > 0:
         with reported():
             require_training_extra("infer --explain-wrong")
             from gi_deploy.explain import explain_wrong as explain_wrong_images
-            from gi_deploy.runtime.bundle import resolve_bundle_dir
 
-            manifest = read_json(resolve_bundle_dir(deploy_dir, r.source) / "manifest.json", "bundle manifest")
-            out_dir = out_csv.with_name(out_csv.stem + "_wrong")
-            e = explain_wrong_images(out_csv, r.root, manifest, explain_wrong, out_dir)
-        if e is None:
-            out.print("no labelled image was wrong: no heatmaps to write")
-        else:
-            out.print(f"heatmaps of the {len(e.images)} most confidently wrong image(s) -> {out_dir}", soft_wrap=True)
+            for s in r.sources:
+                manifest = read_json(deploy_dir / s / "manifest.json", "bundle manifest")
+                out_dir = out_csv.with_name(out_csv.stem + ("_wrong" if len(r.sources) == 1 else f"_{s}_wrong"))
+                e = explain_wrong_images(out_csv, r.root, manifest, explain_wrong, out_dir)
+                if e is None:
+                    out.print(f"{s}: no labelled image was wrong: no heatmaps to write")
+                else:
+                    out.print(f"{s}: heatmaps of the {len(e.images)} most confidently wrong image(s) -> {out_dir}",
+                              soft_wrap=True)
+
+
+def _parse_tests(tests: list[str]) -> dict[str, str]:
+    parsed = {}
+    for t in tests:
+        name, sep, where = t.partition("=")
+        if not sep or not name or not where:
+            raise ConfigError(f"--test {t!r}: expected SOURCE=FOLDER (or SOURCE=LIST.csv)")
+        parsed[name] = where
+    return parsed
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    predictions: Annotated[Optional[Path], typer.Argument(help="A predictions CSV written by `gi-deploy infer`.")
+                           ] = None,
+    cross: Annotated[bool, typer.Option("--cross", help="Run every source's model on every source's test set "
+                                                        "(the seed paper's Table 1).")] = False,
+    deploy_dir: Annotated[Path, typer.Option("--deploy", help="Bundles folder (--cross).")] = Path("deploy"),
+    test: Annotated[Optional[list[str]], typer.Option(
+        help="SOURCE=FOLDER or SOURCE=LIST.csv, repeatable (--cross; default: each bundle's own test split).")
+                    ] = None,
+    class_map: Annotated[Optional[Path], typer.Option(help="JSON mapping each source's class names to shared "
+                                                           "names (--cross).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where --cross writes its matrix and predictions.")
+                       ] = Path("cross"),
+    n_wrong: Annotated[int, typer.Option(help="Most confidently wrong images to list.")] = 20,
+) -> None:
+    """Re-score a predictions CSV without running a model (metrics.json, confusion matrices, ROC
+    curves, the most confidently wrong images), or with --cross build the cross-source matrix."""
+    if cross:
+        from gi_deploy.runtime.cross import cross_evaluate
+
+        with reported():
+            r = cross_evaluate(deploy_dir, out_dir, _parse_tests(test or []) or None, class_map)
+        table = Table(title="Accuracy (%) of each source's model (rows) on each source's test set (columns)")
+        table.add_column("model")
+        for t in r.tests:
+            table.add_column(f"{t} test", justify="right")
+        for m in r.models:
+            table.add_row(m, *("n/a" if r.cells[(m, t)].accuracy is None else
+                               f"{100 * r.cells[(m, t)].accuracy:.2f} (n={r.cells[(m, t)].n})" for t in r.tests))
+        out.print(table)
+        out.print(f"matrix -> {r.files['matrix']}, details -> {r.files['json']}", soft_wrap=True)
+        return
+    if predictions is None:
+        err.print("error: give a predictions CSV, or --cross", style="red")
+        raise typer.Exit(code=2)
+    from gi_deploy.runtime.evaluate import score_predictions
+
+    with reported():
+        scores = score_predictions(predictions, n_wrong=n_wrong)
+    for s, sc in scores.items():
+        out.print(f"{s}: {sc.n_rows} rows, {sc.n_errors} unreadable, {sc.n_unlabelled} unlabelled")
+    if not any(sc.metrics for sc in scores.values()):
+        err.print(f"no labelled rows in {predictions}: nothing to score", style="yellow")
+        raise typer.Exit(code=1)
+    _print_scores(f"scored from {predictions}", scores)
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    source: Annotated[Optional[str], typer.Option(help="Bundle to measure (default: the only one).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of images (default: synthetic 720x576 frames).")
+                      ] = None,
+    deploy_dir: Annotated[Path, typer.Option("--deploy", help="Bundles folder.")] = Path("deploy"),
+    n_images: Annotated[int, typer.Option(help="Images per throughput run (the folder is cycled).")] = 256,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes. (default: up to 4)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="The model's CPU threads. (default: every core)")] = None,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
+) -> None:
+    """One table: PyTorch eager, onnxruntime fp32/fp16/int8 and TensorRT on the same images and
+    batch; images/s end to end and model-only, latency p50/p95 at batch 1, ratios, model size."""
+    from dataclasses import asdict
+
+    from gi_deploy._io import write_json
+    from gi_deploy.runtime.benchmark import BenchmarkConfig, goals, run_benchmark
+
+    with reported():
+        cfg = BenchmarkConfig(deploy_dir=deploy_dir, source=source, images=images, n_images=n_images,
+                              batch_size=batch_size, threads=threads, device=device.value,
+                              **({} if workers is None else {"workers": workers}))
+        r = run_benchmark(cfg, say=lambda m: err.print(m, style="dim"))
+    table = Table(title=f"{r.source}: {r.model} at {r.input_size[1]}x{r.input_size[0]}, {r.n_images} images, "
+                        f"batch {r.batch_size}, {r.workers} decode workers, {r.machine}")
+    for col in ("backend", "end-to-end img/s", "model-only img/s", "p50 ms (b=1)", "p95 ms (b=1)", "e2e vs eager",
+                "model vs eager", "size MB", "runs on"):
+        table.add_column(col, justify="left" if col in ("backend", "runs on") else "right")
+    for row in r.rows:
+        if row.status != "ok":
+            table.add_row(row.name, *[""] * 7, row.status)
+            continue
+        ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+        table.add_row(row.name, f"{row.end_to_end:.1f}", f"{row.model_only:.1f}", f"{row.p50_ms:.1f}",
+                      f"{row.p95_ms:.1f}", ratio(row.e2e_vs_eager), ratio(row.model_vs_eager),
+                      f"{row.model_bytes / 1e6:.1f}", row.detail)
+    out.print(table)
+    for what, value, target in goals(r):
+        verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
+        out.print(f"goal {what} >= {target}x: " + ("n/a" if value is None else f"{value:.2f}x") + f" ({verdict})")
+    if json_out:
+        write_json(json_out, asdict(r))
+        out.print(f"-> {json_out}")
 
 
 class SaliencyMethod(str, Enum):

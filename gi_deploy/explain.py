@@ -163,16 +163,11 @@ class ExplainSource:
 
 def load_source(run_dir: Path) -> ExplainSource:
     """The run's merged model (adapters folded in: the deployed function) in eval mode."""
-    import copy
-
-    from gi_deploy.export.merge import merge_into_plain
-    from gi_deploy.training.run import ADAPTER_METHODS, attach_trained, read_run_manifest, rebuild_base
+    from gi_deploy.export.merge import load_merged_model
+    from gi_deploy.training.run import read_run_manifest
 
     manifest = read_run_manifest(run_dir)
-    plain = rebuild_base(manifest, run_dir).eval()
-    trained = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()
-    model = merge_into_plain(plain, trained) if manifest["config"]["method"] in ADAPTER_METHODS else trained
-    return ExplainSource(Path(run_dir).name, model.eval(), list(manifest["classes"]),
+    return ExplainSource(Path(run_dir).name, load_merged_model(run_dir), list(manifest["classes"]),
                          PreprocessSpec.from_dict(manifest["preprocess"]))
 
 
@@ -351,13 +346,14 @@ def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
                           names, progress)
 
 
-def most_confidently_wrong(csv_path: Path, n: int) -> list[tuple[str, str, str, float]]:
+def most_confidently_wrong(csv_path: Path, n: int, source: str | None = None) -> list[tuple[str, str, str, float]]:
     """(path, true label, predicted, confidence) of the ``n`` labelled rows of a predictions CSV
-    that are wrong with the highest confidence."""
+    (of ``source``'s rows when given) that are wrong with the highest confidence."""
     import csv
 
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["true_label"] and r["predicted"] and r["true_label"] != r["predicted"]]
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["true_label"] and r["predicted"] and r["true_label"] != r["predicted"]
+                and (source is None or r["source"] == source)]
     rows.sort(key=lambda r: -float(r["confidence"]))
     return [(r["path"], r["true_label"], r["predicted"], float(r["confidence"])) for r in rows[:n]]
 
@@ -368,29 +364,16 @@ def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, o
     bundle predicted, from the training run the bundle was exported from (checked to be the same
     run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
     None when nothing was wrong."""
-    from gi_deploy._io import sha256_file
-    from gi_deploy.errors import BundleError
-    from gi_deploy.training.run import RUN_MANIFEST
+    from gi_deploy.runtime.bundle import training_run_of
 
-    wrong = most_confidently_wrong(csv_path, n)
+    wrong = most_confidently_wrong(csv_path, n, bundle_manifest["source"])
     if not wrong:
         return None
-    training = bundle_manifest.get("training") or {}
-    if "run_dir" not in training:
-        raise BundleError("this bundle's manifest does not name the training run it came from; re-export it "
-                          "with this version of gi-deploy to use --explain-wrong")
-    run_dir = Path(training["run_dir"])
-    if not (run_dir / RUN_MANIFEST).is_file():
-        raise DataError(f"--explain-wrong needs the training run the bundle came from, {run_dir}, which is gone; "
-                        "explain on the machine that trained it, or drop --explain-wrong")
-    if sha256_file(run_dir / RUN_MANIFEST) != training.get("run_manifest_sha256"):
-        raise BundleError(f"the run {run_dir} changed after this bundle was exported (retrained or resumed): its "
-                          "maps would explain another model. Re-export the bundle, or run `gi-deploy explain` on "
-                          "the run")
-    source = load_source(run_dir)
+    run_dir = training_run_of(bundle_manifest)  # the same run, unchanged since the export
+    model = load_source(run_dir)
     if out_dir.is_dir():
         for old in out_dir.glob("*.png"):
             old.unlink()
     names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
-    return explain_images([folder / p for p, *_ in wrong], [source], method, [k for _, _, k, _ in wrong], None,
+    return explain_images([folder / p for p, *_ in wrong], [model], method, [k for _, _, k, _ in wrong], None,
                           out_dir, min(n, SHEET_MAX_ROWS), names)

@@ -42,7 +42,7 @@ def test_train_export_infer_end_to_end(tiny_data, tmp_path):
     out_csv = tmp_path / "pred.csv"
     r = invoke("infer", tiny_data / "test", "--deploy", deploy, "--out", out_csv)
     assert r.exit_code == 0, r.output
-    assert "12 images, 0 unreadable" in r.output and "MCC" in r.output
+    assert "12 rows, 0 unreadable" in r.output and "MCC" in r.output
     metrics = json.loads(out_csv.with_suffix(".metrics.json").read_text())
     assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1
 
@@ -147,7 +147,7 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     r = invoke("export", "--runs", runs, "--out", deploy)
     assert r.exit_code == 0, r.output
     r = invoke("infer", tiny_data / "test", "--deploy", deploy, "--out", tmp_path / "pred.csv")
-    assert r.exit_code == 0 and "12 images, 0 unreadable" in r.output, r.output
+    assert r.exit_code == 0 and "12 rows, 0 unreadable" in r.output, r.output
 
     r = invoke("train", "capsule", "--data-dir", tiny_data, "--method", "colora", "--model", "convnextv2_atto",
                "--no-pretrained", "--out", tmp_path / "bad", "--colora-targets", "stages.*.conv_dw")
@@ -188,6 +188,6 @@ def test_infer_takes_a_glob_and_a_labels_csv(tiny_deploy, tiny_data, tmp_path):
     r = invoke("infer", f"{tiny_data / 'test'}/*/*.jpg", "--labels", labels, "--deploy", tiny_deploy,
                "--out", tmp_path / "p.csv")
     assert r.exit_code == 0, r.output
-    assert "12 images, 0 unreadable" in r.output and "MCC" in r.output
+    assert "12 rows, 0 unreadable" in r.output and "MCC" in r.output
     r = invoke("infer", tmp_path / "nothing-here", "--deploy", tiny_deploy, "--out", tmp_path / "q.csv")
     assert r.exit_code == 1 and "nothing to classify at" in r.output

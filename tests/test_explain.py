@@ -166,7 +166,7 @@ def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_
 
     manifest = json.loads((tiny_deploy / "capsule" / "manifest.json").read_text())
     csv_path = tmp_path / "pred.csv"
-    csv_path.write_text("path,true_label,predicted,confidence,error\nulcer/a.jpg,ulcer,polyp,0.9,\n")
+    csv_path.write_text("path,source,true_label,predicted,confidence,error\nulcer/a.jpg,capsule,ulcer,polyp,0.9,\n")
     stale = {**manifest, "training": {**manifest["training"], "run_manifest_sha256": "0" * 64}}
     with pytest.raises(BundleError, match="changed after this bundle was exported"):
         explain_wrong(csv_path, tmp_path, stale, 1, tmp_path / "wrong")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -147,3 +148,16 @@ def merge_into_plain(plain: nn.Module, trained: nn.Module, adapter: str = "defau
     out = copy.deepcopy(plain)
     out.load_state_dict(merged_sd, strict=True)
     return out.eval()
+
+
+def load_merged_model(run_dir: Path) -> nn.Module:
+    """A finished run's deployed function as a torch model in eval mode: the base with the run's
+    adapters merged in (lora, colora, lora+colora), or the trained model itself (full, linear)."""
+    from gi_deploy.training.run import ADAPTER_METHODS, attach_trained, read_run_manifest, rebuild_base
+
+    manifest = read_run_manifest(run_dir)
+    plain = rebuild_base(manifest, run_dir).eval()
+    trained = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()
+    if manifest["config"]["method"] in ADAPTER_METHODS:
+        return merge_into_plain(plain, trained)
+    return trained.eval()

@@ -153,34 +153,50 @@ def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tu
     return engine_path, stamp
 
 
+class EngineRunner:
+    """A deserialised engine with one execution context and CUDA stream, kept for many batches
+    (the runtime's TensorRT backend); ``runner(x)`` runs float32 (N, 3, H, W) in chunks of at most
+    ``max_batch`` and returns float32 logits (N, C)."""
+
+    def __init__(self, engine_path: Path, max_batch: int):
+        import tensorrt as trt
+        import torch
+
+        self.engine_path, self.max_batch = engine_path, max_batch
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self._engine is None:
+            raise BundleError(f"TensorRT cannot load {engine_path}; rebuild it with {BUILD_SCRIPT}")
+        self._context = self._engine.create_execution_context()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        (self._out,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[
+            self._engine.get_tensor_dtype(self._out)]
+        self._stream = torch.cuda.Stream()
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        import torch
+
+        results = []
+        for i in range(0, len(inputs), self.max_batch):
+            with torch.cuda.stream(self._stream):  # copy, allocation and the engine ordered on one stream
+                x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
+                self._context.set_input_shape(self._inp, tuple(x.shape))
+                y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype,
+                                device="cuda")
+                self._context.set_tensor_address(self._inp, x.data_ptr())
+                self._context.set_tensor_address(self._out, y.data_ptr())
+                if not self._context.execute_async_v3(self._stream.cuda_stream):
+                    raise ExportError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
+            self._stream.synchronize()
+            results.append(y.float().cpu().numpy())
+        return np.concatenate(results)
+
+
 def run_engine(engine_path: Path, inputs: np.ndarray, max_batch: int) -> np.ndarray:
     """Logits of the engine on float32 ``inputs`` (N, 3, H, W), in chunks of at most ``max_batch``."""
-    import tensorrt as trt
-    import torch
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise BundleError(f"TensorRT cannot load {engine_path}; rebuild it with {BUILD_SCRIPT}")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    (inp,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    (out,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[engine.get_tensor_dtype(out)]
-    stream = torch.cuda.Stream()
-    results = []
-    for i in range(0, len(inputs), max_batch):
-        with torch.cuda.stream(stream):  # copy, allocation and the engine ordered on one stream
-            x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + max_batch])).cuda()
-            context.set_input_shape(inp, tuple(x.shape))
-            y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=out_dtype, device="cuda")
-            context.set_tensor_address(inp, x.data_ptr())
-            context.set_tensor_address(out, y.data_ptr())
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise ExportError(f"TensorRT failed to run {engine_path.name} on a batch of {len(x)}")
-        stream.synchronize()
-        results.append(y.float().cpu().numpy())
-    return np.concatenate(results)
+    return EngineRunner(engine_path, max_batch)(inputs)
 
 
 def trtexec_command(onnx_name: str, input_name: str, input_size: tuple[int, int], max_batch: int,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import read_json, sha256_file
-from gi_deploy.errors import BundleError, ConfigError
+from gi_deploy.errors import BundleError, ConfigError, DataError
+from gi_deploy.runtime.backends import Backend, open_backend
 from gi_deploy.runtime.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -18,12 +19,6 @@ BUNDLE_FORMAT = "gi-deploy-bundle"
 BUNDLE_FORMAT_VERSION = 2  # 2: model.fp16.onnx, int8, engine, files/footprint/export_key
 MANIFEST_NAME = "manifest.json"
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-
-_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
 
 def list_bundles(deploy_dir: Path) -> list[str]:
     """Names of the sources that have a bundle manifest under ``deploy_dir``."""
@@ -49,66 +44,85 @@ def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:
     return deploy_dir / source
 
 
+def resolve_bundle_dirs(deploy_dir: Path, sources: list[str] | None) -> list[Path]:
+    """Bundle folders for ``sources`` (names, or ``["all"]`` for every bundle there); with none,
+    the only bundle there is. Duplicates are dropped, the order kept."""
+    if not sources:
+        return [resolve_bundle_dir(deploy_dir, None)]
+    if "all" in sources:
+        available = list_bundles(deploy_dir)
+        if not available:
+            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+        return [deploy_dir / s for s in available]
+    return [resolve_bundle_dir(deploy_dir, s) for s in dict.fromkeys(sources)]
+
+
 @dataclass
 class Bundle:
-    """A verified ONNX classifier with its class names and preprocessing."""
+    """A verified classifier with its class names and preprocessing, loaded on a backend."""
 
     path: Path
     manifest: dict
     classes: list[str]
     preprocess: PreprocessSpec
-    session: "object"  # onnxruntime.InferenceSession
-    input_name: str
-    provider: str
+    backend: Backend
 
     @property
     def source(self) -> str:
         return self.manifest["source"]
 
+    @property
+    def provider(self) -> str:
+        return self.backend.detail
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
-        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+        return self.backend.predict_logits(batch)
 
 
-def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu",
-                check_hash: bool = True) -> Bundle:
-    """Open ``bundle_dir``: check its manifest and the model file's hash, start an ORT session.
-
-    Raises BundleError when files are missing or altered, ConfigError for an unknown
-    precision/device. Logs a warning when the requested provider is not the active one
-    (onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing).
-    """
-    import onnxruntime as ort
-
-    if device not in _PROVIDERS:
-        raise ConfigError(f"device {device!r} unknown; use one of {sorted(_PROVIDERS)}")
+def read_bundle_manifest(bundle_dir: Path) -> dict:
+    """The bundle's manifest; BundleError when missing or of another format version."""
     manifest = read_json(bundle_dir / MANIFEST_NAME, "bundle manifest")
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} v{BUNDLE_FORMAT_VERSION} "
                           "manifest; re-export with this version of gi-deploy")
-    models = manifest["models"]
-    if precision not in models:
-        raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
-                          + {"fp16": "; export with --fp16", "int8": "; export with --int8"}.get(precision, ""))
-    entry = models[precision]
-    model_path = bundle_dir / entry["file"]
-    if not model_path.is_file():
-        raise BundleError(f"bundle file missing: {model_path}")
-    if check_hash and sha256_file(model_path) != entry["sha256"]:
-        raise BundleError(f"{model_path} does not match the sha256 in its manifest: the file was "
-                          "changed after export; re-export it")
-    requested = _PROVIDERS[device]
-    available = ort.get_available_providers()
-    session = ort.InferenceSession(str(model_path), providers=[p for p in requested if p in available])
-    active = session.get_providers()[0]
-    if active != requested[0]:
-        log.warning("requested %s but onnxruntime is running on %s (installed providers: %s)",
-                    requested[0], active, ", ".join(available))
-    return Bundle(
-        path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
-        preprocess=PreprocessSpec.from_dict(manifest["preprocess"]),
-        session=session, input_name=session.get_inputs()[0].name, provider=active,
-    )
+    return manifest
+
+
+def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
+                backend: str = "onnxruntime", threads: int | None = None) -> Bundle:
+    """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
+    ``backend`` (runtime/backends.py; onnxruntime by default, no torch import).
+
+    Raises BundleError when files are missing or altered, ConfigError for an unknown
+    precision/device/backend. A requested provider that is not the active one is logged as a
+    warning and kept in ``bundle.backend.notes`` (onnxruntime-gpu silently falls back to CPU when
+    CUDA libraries are missing)."""
+    manifest = read_bundle_manifest(bundle_dir)
+    b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash)
+    for note in b.notes:
+        if not note.startswith("auto:"):
+            log.warning("%s: %s", manifest["source"], note)
+    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
+                  preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)
+
+
+def training_run_of(manifest: dict) -> Path:
+    """The training run a bundle was exported from, checked to be unchanged since (its run
+    manifest's hash): what --backend torch and --explain-wrong rebuild the model from."""
+    training = manifest.get("training") or {}
+    if "run_dir" not in training:
+        raise BundleError("this bundle's manifest does not name the training run it came from; re-export it "
+                          "with this version of gi-deploy")
+    run_dir = Path(training["run_dir"])
+    run_manifest = run_dir / "run.json"
+    if not run_manifest.is_file():
+        raise DataError(f"the training run this bundle came from, {run_dir}, is gone; use the ONNX backends, or "
+                        "run on the machine that trained it")
+    if sha256_file(run_manifest) != training.get("run_manifest_sha256"):
+        raise BundleError(f"the run {run_dir} changed after this bundle was exported (retrained or resumed): it "
+                          "is another model now. Re-export the bundle")
+    return run_dir
 
 
 def _gate_text(gate: str, g: dict) -> str:

@@ -3,61 +3,92 @@
 from __future__ import annotations
 
 import csv
-import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gi_deploy._io import write_json
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.bundle import load_bundle, resolve_bundle_dir
-from gi_deploy.runtime.metrics import classification_metrics
+from gi_deploy.runtime.backends import cpu_threads
+from gi_deploy.runtime.bundle import Bundle, load_bundle, resolve_bundle_dirs
+from gi_deploy.runtime.evaluate import score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
+from gi_deploy.runtime.pipeline import decoded_batches
 
-def csv_columns(top_k: int) -> tuple[str, ...]:
-    """The predictions CSV header: one row per (image, source)."""
+PROB_PREFIX = "prob:"  # one column per class: the full distribution, so evaluate can compute ROC AUC
+
+
+def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
+    """The predictions CSV header: one row per (image, source); ``classes`` is every class of
+    the selected bundles (first-appearance order), one probability column each."""
     top = tuple(f"top{i}_{what}" for i in range(1, top_k + 1) for what in ("class", "prob"))
-    return ("path", "source", "true_label", "predicted", "confidence", *top, "error")
+    return ("path", "source", "true_label", "predicted", "confidence", *top, "error",
+            *(PROB_PREFIX + c for c in classes or ()))
 
 
 @dataclass
 class InferConfig:
     inputs: str | Path  # a folder, an image, a glob or a list file (runtime/inputs.py)
     deploy_dir: Path = Path("deploy")
-    source: str | None = None
+    sources: list[str] | None = None  # bundle names, or ["all"]; None: the only bundle there
     out_csv: Path = Path("predictions.csv")
     batch_size: int = 32
+    backend: str = "auto"  # auto | onnxruntime | tensorrt | torch (runtime/backends.py)
     precision: str = "fp32"
-    device: str = "cpu"
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = field(default_factory=lambda: min(4, cpu_threads()))  # decode processes; 0: inline
+    threads: int | None = None  # the model's CPU threads (default: every core this process may use)
     labels: Path | None = None  # CSV of (path, class)
     top_k: int = 3  # classes and probabilities per row
     resume: bool = False  # keep the rows already in out_csv and classify only the rest
+    strict: bool = False  # stop at the first unreadable file instead of writing an error row
+    n_wrong: int = 20  # most confidently wrong images listed in the metrics
+    score: bool = True  # False: no labels read, checked or scored (evaluate --cross maps them itself)
 
     def __post_init__(self) -> None:
         self.deploy_dir, self.out_csv = Path(self.deploy_dir), Path(self.out_csv)
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
         if self.batch_size < 1 or self.top_k < 1:
             raise ConfigError(f"batch_size and top_k must be >= 1, got {self.batch_size} and {self.top_k}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0 decodes in the main process), got {self.workers}")
+
+
+@dataclass
+class SourceRun:
+    """One source's share of a run: what its model ran on and how its rows scored."""
+
+    source: str
+    backend: str  # what the model really ran on ("onnxruntime 1.22 CPUExecutionProvider (2 threads)")
+    notes: list[str]
+    n_rows: int
+    n_errors: int
+    n_unlabelled: int
+    metrics: dict | None
+    files: dict[str, Path]  # metrics.json and the report files, when labelled
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.files.get("metrics")
 
 
 @dataclass
 class InferResult:
-    source: str
-    n_images: int
-    n_errors: int
     csv_path: Path
-    metrics_path: Path | None
-    metrics: dict | None
-    n_unlabelled: int
-    provider: str
     root: Path  # CSV paths are relative to this folder
-    n_resumed: int = 0  # rows that were already in the CSV (--resume)
+    n_images: int  # images in the input
+    n_errors: int  # of them unreadable (error rows)
+    n_resumed: int  # rows that were already in the CSV (--resume)
+    n_classified: int  # images decoded and classified by this run
+    seconds: float  # this run's wall time from the first batch to the last row
+    sources: dict[str, SourceRun]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_classified / self.seconds if self.seconds > 0 else 0.0
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,27 +100,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def true_label(rel: Path, classes: list[str]) -> str | None:
     """The class named by the first folder of ``rel`` (relative to the scored folder), if any."""
     return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in classes else None
-
-
-def _decode(path: Path, spec: PreprocessSpec) -> np.ndarray | DataError:
-    try:
-        return load_input(path, spec)
-    except DataError as e:  # an unreadable file becomes an error row; the run goes on
-        return e
-
-
-def _batches(paths: list[Path], spec: PreprocessSpec, cfg: InferConfig,
-             ) -> Iterator[list[tuple[Path, np.ndarray | DataError]]]:
-    """Decoded batches in order; the next batch decodes on a thread pool while the current one
-    runs, so at most two batches of pixels are in memory whatever the folder's size."""
-    chunks = [paths[i:i + cfg.batch_size] for i in range(0, len(paths), cfg.batch_size)]
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        def submit(chunk: list[Path]) -> list:
-            return [pool.submit(_decode, p, spec) for p in chunk]
-        pending = submit(chunks[0]) if chunks else []
-        for i, chunk in enumerate(chunks):
-            current, pending = pending, (submit(chunks[i + 1]) if i + 1 < len(chunks) else [])
-            yield [(p, f.result()) for p, f in zip(chunk, current)]
 
 
 def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> list[dict]:
@@ -107,65 +117,90 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> list[dict]:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != columns:
             raise ConfigError(f"--resume: {csv_path} has columns {reader.fieldnames}, this run writes {list(columns)} "
-                              "(another --top-k or gi-deploy version); use another --out, or drop --resume")
+                              "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
         return list(reader)
 
 
-def infer_folder(cfg: InferConfig) -> InferResult:
-    """Classify every image of ``cfg.inputs`` (a folder, an image, a glob or a list file); write
-    one CSV row per image as it goes (path, source, label, prediction, confidence, top-k, error),
-    flushed every batch.
+def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int, error: str,
+         all_classes: list[str]) -> list[str]:
+    if p is None:
+        return [rel, bundle.source, label, "", "", *[""] * (2 * k_top), error, *[""] * len(all_classes)]
+    order = np.argsort(-p, kind="stable")[:k_top]
+    top = [v for i in order for v in (bundle.classes[i], f"{p[i]:.6f}")]
+    top += [""] * (2 * k_top - len(top))  # a source with fewer classes than k
+    prob = dict(zip(bundle.classes, p))
+    return [rel, bundle.source, label, bundle.classes[order[0]], f"{p[order[0]]:.6f}", *top, "",
+            *(f"{prob[c]:.6f}" if c in prob else "" for c in all_classes)]
 
-    With ``cfg.resume``, rows already in the CSV (a killed run's) are kept and only the other
-    images are classified, so every image ends up there exactly once. Labels come from
-    ``cfg.labels`` or the list file's label column (unknown class names are a ConfigError before
-    anything runs), else from class-named first-level sub-folders. When any image is labelled,
-    the CSV's rows are scored into ``<csv stem>.metrics.json`` beside it.
+
+def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None = None) -> InferResult:
+    """Classify every image of ``cfg.inputs`` (a folder, an image, a glob or a list file) with
+    every selected source's bundle; write one CSV row per (image, source) as it goes (path,
+    source, label, prediction, confidence, top-k, error, every class's probability), flushed
+    every batch. Images are decoded once, in ``cfg.workers`` processes, while the model runs.
+
+    With ``cfg.resume``, rows already in the CSV (a killed run's) are kept and only the missing
+    (image, source) pairs are classified, so each lands there exactly once. Labels come from
+    ``cfg.labels`` or the list file's label column (names no selected bundle knows are a
+    ConfigError before anything runs), else from class-named first-level sub-folders. When any
+    row is labelled, the CSV is scored (runtime/evaluate.py): ``<csv stem>.metrics.json`` and the
+    report files beside it. ``progress(done, total)`` is called after every batch.
+
+    Raises DataError with ``cfg.strict`` at the first unreadable file (rows before it are kept).
     """
-    bundle = load_bundle(resolve_bundle_dir(cfg.deploy_dir, cfg.source), cfg.precision, cfg.device)
-    inputs = collect_inputs(cfg.inputs, cfg.labels)
-    check_label_names(inputs.labels, bundle.classes, str(cfg.labels or cfg.inputs))
-    k_top = min(cfg.top_k, len(bundle.classes))
-    columns = csv_columns(k_top)
+    dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
+    inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
+    bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads) for d in dirs]
+    all_classes = list(dict.fromkeys(c for b in bundles for c in b.classes))
+    if cfg.score:
+        check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
+    k_top = min(cfg.top_k, max(len(b.classes) for b in bundles))
+    columns = csv_columns(k_top, all_classes)
     done = _rows_done(cfg.out_csv, columns) if cfg.resume else []
     finished = {(r["path"], r["source"]) for r in done}
-    paths = [p for p in inputs.paths if (inputs.rel(p), bundle.source) not in finished]
+    todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
+    specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
+    spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
+    start, n_done = time.perf_counter(), 0
     with open(cfg.out_csv, "a" if done else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if not done:
             writer.writerow(columns)
-        for batch in _batches(paths, bundle.preprocess, cfg):
-            good = [x for _, x in batch if isinstance(x, np.ndarray)]
-            probs = iter(softmax(bundle.predict_logits(np.stack(good))) if good else ())
-            for path, item in batch:  # rows keep the inputs' order
+        for batch in decoded_batches(todo, specs, cfg.batch_size, cfg.workers):
+            probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
+                     for b, j in zip(bundles, spec_of)]
+            good = 0
+            for path, error in zip(batch.paths, batch.errors):  # rows keep the inputs' order
+                if error and cfg.strict:
+                    f.flush()
+                    raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
+                                    f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
                 rel = inputs.rel(path)
-                label = (inputs.labels.get(path.resolve()) if inputs.labels
-                         else true_label(Path(rel), bundle.classes))
-                if not isinstance(item, np.ndarray):
-                    writer.writerow((rel, bundle.source, label or "", "", "", *[""] * (2 * k_top), str(item)))
-                    continue
-                p = next(probs)
-                order = np.argsort(-p, kind="stable")[:k_top]
-                top = [v for i in order for v in (bundle.classes[i], f"{p[i]:.6f}")]
-                writer.writerow((rel, bundle.source, label or "", bundle.classes[order[0]], f"{p[order[0]]:.6f}",
-                                 *top, ""))
+                for b, p in zip(bundles, probs):
+                    if (rel, b.source) in finished:
+                        continue
+                    label = (inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes))
+                    label = label if cfg.score and label in b.classes else ""  # another source's class: unlabelled
+                    writer.writerow(_row(rel, b, label, None if error else p[good], k_top, error or "", all_classes))
+                good += error is None
             f.flush()
-    with open(cfg.out_csv, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["source"] == bundle.source]
-    n_errors = sum(1 for r in rows if r["error"])
-    scored = [r for r in rows if not r["error"] and r["true_label"]]
-    n_unlabelled = sum(1 for r in rows if not r["error"] and not r["true_label"])
-    metrics = metrics_path = None
-    if scored:
-        metrics = classification_metrics([bundle.classes.index(r["true_label"]) for r in scored],
-                                         [bundle.classes.index(r["predicted"]) for r in scored], bundle.classes)
-        metrics.update(source=bundle.source, n_errors=n_errors, n_unlabelled=n_unlabelled,
-                       inputs=str(cfg.inputs), precision=cfg.precision)
-        metrics_path = cfg.out_csv.with_suffix(".metrics.json")
-        write_json(metrics_path, metrics)
-    return InferResult(
-        source=bundle.source, n_images=len(rows), n_errors=n_errors, csv_path=cfg.out_csv,
-        metrics_path=metrics_path, metrics=metrics, n_unlabelled=n_unlabelled, provider=bundle.provider,
-        root=inputs.root, n_resumed=len(done),
-    )
+            n_done += len(batch.paths)
+            if progress:
+                progress(n_done, len(todo))
+    seconds = time.perf_counter() - start
+    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision}
+    scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
+    runs = {}
+    for b in bundles:
+        sc = scores[b.source]
+        runs[b.source] = SourceRun(b.source, b.provider, b.backend.notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
+                                   sc.metrics, sc.files)
+    n_errors = len({r["path"] for r in _read_rows(cfg.out_csv) if r["error"]})
+    return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
+                       n_resumed=len(done), n_classified=n_done, seconds=seconds, sources=runs)
+
+
+def _read_rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -143,7 +143,7 @@ def test_a_planted_folder_runs_to_completion_with_an_error_row_per_broken_file(p
         row = rows[f"ulcer/{name}"]
         assert row["error"] == "" and row["predicted"] and 0 < float(row["confidence"]) <= 1, row
     assert r.n_errors == len(bad) and r.n_images == len(bad) + len(odd)
-    assert r.metrics["n"] == len(odd) and r.metrics["n_errors"] == len(bad)  # scored on what could be read
+    assert r.sources["capsule"].metrics["n"] == len(odd) and r.sources["capsule"].metrics["n_errors"] == len(bad)  # scored on what could be read
 
 
 def test_a_canvas_over_pillows_own_limit_is_a_data_error_not_a_warning(tmp_path):

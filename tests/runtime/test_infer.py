@@ -38,7 +38,7 @@ def test_csv_rows_and_metrics_match_direct_onnxruntime(tiny_data, tiny_deploy, t
     assert saved["mcc"] == pytest.approx(skm.matthews_corrcoef(y_true, y_pred))
     assert saved["f1_weighted"] == pytest.approx(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0))
     assert result.n_images == len(images) and result.n_errors == 0
-    assert result.metrics["accuracy"] == saved["accuracy"]
+    assert result.sources["capsule"].metrics["accuracy"] == saved["accuracy"]
 
 
 def test_unreadable_files_get_error_rows_and_the_run_goes_on(tiny_data, tiny_deploy, tmp_path):
@@ -52,7 +52,7 @@ def test_unreadable_files_get_error_rows_and_the_run_goes_on(tiny_data, tiny_dep
     for bad in ("ulcer/broken.jpg", "normal/empty.png"):
         assert rows[bad]["predicted"] == "" and "cannot read image" in rows[bad]["error"] and bad in rows[bad]["error"]
     good = [r for r in rows.values() if not r["error"]]
-    assert len(good) == result.n_images - 2 and result.metrics["n"] == len(good)
+    assert len(good) == result.n_images - 2 and result.sources["capsule"].metrics["n"] == len(good)
 
 
 def test_no_metrics_when_subfolders_are_not_classes(tiny_data, tiny_deploy, tmp_path):
@@ -61,7 +61,7 @@ def test_no_metrics_when_subfolders_are_not_classes(tiny_data, tiny_deploy, tmp_
     for p in list((tiny_data / "test").rglob("*.jpg"))[:3]:
         shutil.copy(p, folder / p.name)
     result = infer_folder(InferConfig(inputs=folder.parent, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
-    assert result.metrics is None and result.metrics_path is None and result.n_unlabelled == 3
+    assert result.sources["capsule"].metrics is None and result.sources["capsule"].metrics_path is None and result.sources["capsule"].n_unlabelled == 3
     assert not (tmp_path / "p.metrics.json").exists()
 
 
@@ -76,7 +76,7 @@ def test_fp16_bundle_runs_and_agrees_with_fp32(tiny_data, tiny_deploy, tmp_path)
 
 def test_bundle_errors_name_the_problem(tiny_deploy, tmp_path):
     with pytest.raises(BundleError, match="no bundle for source 'kvasir'.*available: capsule"):
-        infer_folder(InferConfig(inputs=tmp_path, deploy_dir=tiny_deploy, source="kvasir"))
+        infer_folder(InferConfig(inputs=tmp_path, deploy_dir=tiny_deploy, sources=["kvasir"]))
     altered = tmp_path / "deploy" / "capsule"
     shutil.copytree(tiny_deploy / "capsule", altered)
     with open(altered / "model.onnx", "ab") as f:

@@ -57,7 +57,7 @@ def test_labels_csv_scores_a_flat_folder_and_unknown_names_are_refused(images, t
     r = infer_folder(InferConfig(inputs=flat, labels=labels, deploy_dir=tiny_deploy, out_csv=out))
     rows = _rows(out)
     assert {row["path"]: row["true_label"] for row in rows} == truth
-    assert r.metrics["n"] == 12 and r.n_unlabelled == 0
+    assert r.sources["capsule"].metrics["n"] == 12 and r.sources["capsule"].n_unlabelled == 0
     labels.write_text("path,class\n" + "".join(f"{n},{'Polyps' if c == 'polyp' else c}\n" for n, c in truth.items()))
     with pytest.raises(ConfigError, match="labels that are not classes of the bundle: Polyps; its classes are"):
         infer_folder(InferConfig(inputs=flat, labels=labels, deploy_dir=tiny_deploy, out_csv=tmp_path / "x.csv"))
@@ -70,7 +70,7 @@ def test_a_csv_list_with_a_label_column(images, tiny_deploy, tmp_path):
     listing.write_text("filename,label\n" + "".join(f"exam/ulcer/{p.name},ulcer\n" for p in chosen))
     out = tmp_path / "pred.csv"
     r = infer_folder(InferConfig(inputs=listing, deploy_dir=tiny_deploy, out_csv=out))
-    assert [row["true_label"] for row in _rows(out)] == ["ulcer", "ulcer"] and r.metrics["n"] == 2
+    assert [row["true_label"] for row in _rows(out)] == ["ulcer", "ulcer"] and r.sources["capsule"].metrics["n"] == 2
 
 
 def test_a_killed_run_resumes_with_every_image_exactly_once(images, tiny_deploy, tmp_path, monkeypatch):
@@ -103,7 +103,7 @@ def test_a_killed_run_resumes_with_every_image_exactly_once(images, tiny_deploy,
     import json
 
     expected = json.loads(full.with_suffix(".metrics.json").read_text())
-    assert (r.metrics["n"], r.metrics["accuracy"], r.metrics["mcc"]) == (expected["n"], expected["accuracy"],
+    assert (r.sources["capsule"].metrics["n"], r.sources["capsule"].metrics["accuracy"], r.sources["capsule"].metrics["mcc"]) == (expected["n"], expected["accuracy"],
                                                                          expected["mcc"])
     with pytest.raises(ConfigError, match="--resume: .* has columns"):
         infer_folder(InferConfig(inputs=images, deploy_dir=tiny_deploy, out_csv=out, top_k=2, resume=True))

@@ -1,0 +1,237 @@
+"""Inference backends for a bundle: onnxruntime (TensorRT -> CUDA -> CPU providers), TensorRT
+engines, and the merged torch model (for debugging and as the benchmark's baseline).
+
+Each backend turns float32 (N, 3, H, W) into float32 logits (N, C) and says, in ``detail``, what it
+really runs on; ``notes`` carries what the user must hear (a requested provider that is not the
+active one, an unverified engine). Only ``tensorrt`` imports TensorRT (through
+``gi_deploy.export.tensorrt``) and only ``torch`` imports torch, so the onnxruntime path stays
+torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gi_deploy._io import sha256_file
+from gi_deploy.errors import BundleError, ConfigError, DependencyError, GiDeployError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# onnxruntime's providers, best first (the issue's order: TensorRT -> CUDA -> CPU)
+ORT_PROVIDERS = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "cpu": ["CPUExecutionProvider"]}
+
+
+@dataclass
+class Backend:
+    """A loaded model: ``run(batch)`` gives logits. ``name`` is the backend, ``detail`` what it
+    runs on (provider, engine, device), ``notes`` messages for the user."""
+
+    name: str
+    precision: str
+    detail: str
+    run: Callable[[np.ndarray], np.ndarray]
+    notes: list[str] = field(default_factory=list)
+    model_bytes: int = 0
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
+        return np.asarray(self.run(batch), dtype=np.float32)
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (the affinity mask of a container or taskset, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def model_file(bundle_dir: Path, manifest: dict, precision: str, check_hash: bool = True) -> Path:
+    """The bundle's ONNX file for ``precision``, checked against its manifest hash."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+    models = manifest["models"]
+    if precision not in models:
+        raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
+                          + {"fp16": "; export with --fp16", "int8": "; export with --int8"}.get(precision, ""))
+    path = bundle_dir / models[precision]["file"]
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {path}")
+    if check_hash and sha256_file(path) != models[precision]["sha256"]:
+        raise BundleError(f"{path} does not match the sha256 in its manifest: the file was changed after export; "
+                          "re-export it")
+    return path
+
+
+def _ort_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # one model call at a time uses every core this process has; decoding runs in other processes
+    so.intra_op_num_threads = threads or cpu_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None = None,
+                     check_hash: bool = True) -> Backend:
+    """An onnxruntime session on the best provider installed for ``device`` (auto: TensorRT, CUDA,
+    then CPU). A requested GPU provider that is not the active one (onnxruntime-gpu falls back to
+    CPU silently when CUDA libraries are missing) is reported in ``notes``."""
+    import onnxruntime as ort
+
+    path = model_file(bundle_dir, manifest, precision, check_hash)
+    available = ort.get_available_providers()
+    wanted = ORT_PROVIDERS["cpu" if device == "cpu" else "cuda"]
+    providers: list = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" in providers:
+        # the TensorRT provider caches engines by graph: two sources of one architecture would share one
+        # engine (onnxruntime#6455); keying the cache folder by the model's hash keeps them apart
+        digest = manifest["models"][precision]["sha256"][:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gi-deploy" / "ort-trt" / digest
+        cache.mkdir(parents=True, exist_ok=True)
+        providers[providers.index("TensorrtExecutionProvider")] = (
+            "TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                                          "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)})
+    try:
+        session = ort.InferenceSession(str(path), sess_options=_ort_options(threads), providers=providers)
+    except Exception as e:  # onnxruntime raises its own unrelated exception types; name the file and step
+        raise BundleError(f"onnxruntime cannot load {path}: {e}") from e
+    active = session.get_providers()[0]
+    notes = []
+    if device == "cuda" and active == "CPUExecutionProvider":
+        notes.append(f"requested CUDA but onnxruntime is running {path.name} on the CPU (installed providers: "
+                     f"{', '.join(available)}); install onnxruntime-gpu and the CUDA libraries it names, alone "
+                     "(onnxruntime and onnxruntime-gpu side by side break each other)")
+    elif device == "auto" and active == "CPUExecutionProvider" and len(available) > 1 and any(
+            p in available for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        notes.append(f"onnxruntime lists {', '.join(available)} but fell back to the CPU for {path.name}: the GPU "
+                     "provider failed to start (missing CUDA/cuDNN libraries?); run with -v for its log")
+    input_name = session.get_inputs()[0].name
+    threads_used = session.get_session_options().intra_op_num_threads
+    return Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
+                   + (f" ({threads_used} threads)" if active == "CPUExecutionProvider" else ""),
+                   lambda x: session.run(None, {input_name: x})[0], notes, path.stat().st_size)
+
+
+def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list[str]]:
+    """The bundle's engine for this GPU and TensorRT version: the one built and verified at export
+    (stamp checked), else one built here by build_engine.sh (named for this target)."""
+    from gi_deploy.export import tensorrt
+
+    ok, why = tensorrt.tensorrt_status()
+    if not ok:
+        raise DependencyError(f"--backend tensorrt: {why}; use --backend onnxruntime")
+    engine = manifest.get("engine") or {}
+    if engine.get("status") == "built":
+        path = bundle_dir / engine["file"]
+        tensorrt.check_stamp(engine, path)  # raises with the rebuild command on another GPU/TensorRT
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+        if sha256_file(path) != engine["sha256"]:
+            raise BundleError(f"{path} does not match the sha256 in its manifest; rebuild it: "
+                              f"bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+        return path, engine, []
+    here = tensorrt.current_target()
+    path = bundle_dir / here.engine_file
+    if not path.is_file():
+        built = sorted(p.name for p in bundle_dir.glob("model.*.engine"))
+        raise BundleError(f"no TensorRT engine for this GPU ({here.gpu_name}, {here.tag}) in {bundle_dir}"
+                          + (f" (it has {', '.join(built)}, built for another GPU or TensorRT)" if built else "")
+                          + f"; build it here: bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+    return path, {"max_batch": manifest.get("options", {}).get("max_batch", 32)}, [
+        f"{path.name} was built on this machine by {tensorrt.BUILD_SCRIPT}, not checked against the fp32 ONNX at "
+        "export; compare a labelled folder with --backend onnxruntime before trusting it"]
+
+
+def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
+    """The bundle's TensorRT engine (built from the fp16 ONNX, so ``precision`` must be fp16)."""
+    from gi_deploy.export import tensorrt
+
+    if precision != "fp16":
+        raise ConfigError(f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
+                          f"with --backend tensorrt (got {precision})")
+    path, stamp, notes = _engine_for_here(bundle_dir, manifest)
+    runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)))
+    return Backend("tensorrt", "fp16", f"TensorRT {tensorrt.current_target().tensorrt_version} {path.name}",
+                   runner, notes, path.stat().st_size)
+
+
+def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str) -> Backend:
+    """The merged torch model rebuilt from the training run the bundle names (checked to be the
+    same run by its manifest hash): eager PyTorch, for debugging and as the benchmark's baseline."""
+    from gi_deploy._deps import require_training_extra
+
+    require_training_extra("--backend torch")
+    import torch
+
+    from gi_deploy.export.merge import load_merged_model
+    from gi_deploy.runtime.bundle import training_run_of
+
+    if precision == "int8":
+        raise ConfigError("--backend torch runs fp32 (or fp16 on CUDA); int8 is the onnxruntime model")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise DependencyError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if precision == "fp16" and dev == "cpu":
+        raise ConfigError("--backend torch --precision fp16 needs CUDA; on the CPU use fp32")
+    model = load_merged_model(training_run_of(manifest)).to(dev).eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    model = model.to(dtype)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x).to(dev, dtype)).float().cpu().numpy()
+
+    return Backend("torch", precision, f"torch {torch.__version__} eager on {dev}"
+                   + (f" ({torch.get_num_threads()} threads)" if dev == "cpu" else ""), run, [], n_bytes)
+
+
+def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None,
+          check_hash: bool) -> Backend:
+    """The fastest backend this machine can run: a TensorRT engine when TensorRT, a GPU and an
+    engine for it are here (fp16 only), else onnxruntime on its best provider."""
+    reason = ""
+    if precision == "fp16" and device != "cpu":
+        try:
+            b = open_tensorrt(bundle_dir, manifest, precision)
+            b.notes.insert(0, "auto: TensorRT engine (fastest available)")
+            return b
+        except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine here: onnxruntime is next best
+            reason = f" (no TensorRT: {e})"
+    b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
+    b.notes.insert(0, f"auto: {b.detail}{reason}")
+    return b
+
+
+def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precision: str = "fp32",
+                 device: str = "auto", threads: int | None = None, check_hash: bool = True) -> Backend:
+    """Load the bundle's model on ``backend`` (auto | onnxruntime | tensorrt | torch).
+
+    Raises ConfigError for an unknown name or a combination that does not exist (int8 on
+    TensorRT or torch), BundleError for missing/altered files or an engine built for another GPU
+    (with the rebuild command), DependencyError when the backend's library or GPU is missing."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} unknown; use one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise ConfigError(f"device {device!r} unknown; use one of {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        return _auto(bundle_dir, manifest, precision, device, threads, check_hash)
+    if backend == "onnxruntime":
+        return open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
+    if backend == "tensorrt":
+        return open_tensorrt(bundle_dir, manifest, precision)
+    return open_torch(bundle_dir, manifest, precision, device)
