@@ -634,18 +634,25 @@ def benchmark_cmd(
         r = run_benchmark(cfg, say=lambda m: err.print(m, style="dim"))
     table = Table(title=f"{r.source}: {r.model} at {r.input_size[1]}x{r.input_size[0]}, {r.n_images} images, "
                         f"batch {r.batch_size}, {r.workers} decode workers, {r.machine}")
-    for col in ("backend", "end-to-end img/s", "model-only img/s", "p50 ms (b=1)", "p95 ms (b=1)", "e2e vs eager",
-                "model vs eager", "size MB", "runs on"):
-        table.add_column(col, justify="left" if col in ("backend", "runs on") else "right")
+    for col in ("backend", "e2e img/s", "model img/s", "p50 ms", "p95 ms", "e2e vs eager", "model vs eager",
+                "MB"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    skipped = []
     for row in r.rows:
         if row.status != "ok":
-            table.add_row(row.name, *[""] * 7, row.status)
+            skipped.append(f"{row.name}: {row.status}")
             continue
         ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
         table.add_row(row.name, f"{row.end_to_end:.1f}", f"{row.model_only:.1f}", f"{row.p50_ms:.1f}",
                       f"{row.p95_ms:.1f}", ratio(row.e2e_vs_eager), ratio(row.model_vs_eager),
-                      f"{row.model_bytes / 1e6:.1f}", row.detail)
+                      f"{row.model_bytes / 1e6:.1f}")
     out.print(table)
+    out.print("e2e: the infer pipeline (decode workers + model); model: pre-decoded batches; p50/p95: batch 1")
+    for row in r.rows:
+        if row.status == "ok":
+            out.print(f"{row.name}: {row.detail}", soft_wrap=True)
+    for line in skipped:
+        out.print(line, soft_wrap=True)
     for what, value, target in goals(r):
         verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
         out.print(f"goal {what} >= {target}x: " + ("n/a" if value is None else f"{value:.2f}x") + f" ({verdict})")

@@ -220,14 +220,18 @@ def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precis
     """Load the bundle's model on ``backend`` (auto | onnxruntime | tensorrt | torch).
 
     Raises ConfigError for an unknown name or a combination that does not exist (int8 on
-    TensorRT or torch), BundleError for missing/altered files or an engine built for another GPU
-    (with the rebuild command), DependencyError when the backend's library or GPU is missing."""
+    TensorRT or torch, TensorRT with device cpu), BundleError for missing/altered files or an
+    engine built for another GPU (with the rebuild command), DependencyError when the backend's
+    library or GPU is missing."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} unknown; use one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise ConfigError(f"device {device!r} unknown; use one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+    if backend == "tensorrt" and device == "cpu":  # an engine runs on the GPU only: never silently ignore --device
+        raise ConfigError("--backend tensorrt runs on a CUDA GPU, not with --device cpu; use --backend onnxruntime "
+                          "on the CPU")
     if backend == "auto":
         return _auto(bundle_dir, manifest, precision, device, threads, check_hash)
     if backend == "onnxruntime":

@@ -13,7 +13,6 @@ numpy normalisation do not, and the model's own threads would wait on it.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -59,11 +58,6 @@ def decode_batch(paths: list[Path], specs: tuple[PreprocessSpec, ...]) -> Decode
     return DecodedBatch(list(paths), errors, inputs)
 
 
-def _worker_init() -> None:
-    # one thread per decode worker: the workers are the parallelism, the model has the cores
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-
 def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int, workers: int,
                     prefetch: int | None = None) -> Iterator[DecodedBatch]:
     """Batches of ``batch_size`` paths, decoded, in order. ``workers=0`` (or a single batch)
@@ -79,7 +73,7 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
     # spawn, not fork: the parent already runs onnxruntime's thread pool, and forking a threaded
     # process can deadlock the child
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     try:
         pending: deque[Future] = deque()
         todo = iter(chunks)

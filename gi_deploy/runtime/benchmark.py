@@ -1,0 +1,201 @@
+"""``gi-deploy benchmark``: every way this machine can run a bundle, side by side in one run.
+
+Rows: PyTorch eager (the merged model rebuilt from the bundle's training run), onnxruntime fp32,
+fp16 and int8 (the bundle's files), and the TensorRT engine when there is one for this GPU; a row
+that cannot run here says why. Columns, all measured on the same images and batch size:
+
+* end to end: images/s of the runtime's pipeline (decode + resize + normalise in worker
+  processes, overlapped with the model), timed from the first decoded batch on, so the workers'
+  start-up is not counted (it is paid once per run, not per image);
+* model only: images/s on already decoded batches;
+* latency p50 / p95 at batch 1 (model only, one image at a time);
+* ratios of both throughputs against PyTorch eager, and the model file's size.
+
+Machines are noisy: read ratios measured in one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gi_deploy.errors import ConfigError, DataError, GiDeployError
+from gi_deploy.runtime.backends import Backend, cpu_threads, open_backend
+from gi_deploy.runtime.bundle import read_bundle_manifest, resolve_bundle_dir
+from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
+from gi_deploy.runtime.preprocess import PreprocessSpec, list_images
+
+# (row name, backend, precision); the torch row is the baseline every ratio is against
+CANDIDATES = (("PyTorch eager", "torch", "fp32"), ("onnxruntime fp32", "onnxruntime", "fp32"),
+              ("onnxruntime fp16", "onnxruntime", "fp16"), ("onnxruntime int8", "onnxruntime", "int8"),
+              ("TensorRT fp16", "tensorrt", "fp16"))
+GPU_CANDIDATES = (("PyTorch eager fp16", "torch", "fp16"),)
+
+
+@dataclass
+class BenchmarkConfig:
+    deploy_dir: Path = Path("deploy")
+    source: str | None = None
+    images: Path | None = None  # a folder of images; None: synthetic 720x576 JPEG frames
+    n_images: int = 256  # the folder's images are cycled to this many
+    batch_size: int = 32
+    latency_runs: int = 50
+    workers: int = field(default_factory=lambda: min(4, cpu_threads()))
+    threads: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.deploy_dir = Path(self.deploy_dir)
+        if self.n_images < 2 * self.batch_size:
+            raise ConfigError(f"--n-images {self.n_images} must be at least twice --batch-size {self.batch_size}: "
+                              "the first batch warms up and is not timed")
+        if self.latency_runs < 5:
+            raise ConfigError(f"latency runs must be >= 5 for a p95, got {self.latency_runs}")
+
+
+@dataclass
+class BenchRow:
+    name: str
+    status: str  # "ok", or why the row could not run here
+    detail: str = ""
+    end_to_end: float | None = None  # images/s
+    model_only: float | None = None  # images/s
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    model_bytes: int | None = None
+    e2e_vs_eager: float | None = None
+    model_vs_eager: float | None = None
+
+
+@dataclass
+class BenchmarkResult:
+    source: str
+    model: str
+    input_size: tuple[int, int]
+    n_images: int
+    batch_size: int
+    workers: int
+    machine: str
+    rows: list[BenchRow]
+
+    def row(self, name: str) -> BenchRow:
+        return next(r for r in self.rows if r.name == name)
+
+
+def synthetic_frames(folder: Path, n: int = 32, size: tuple[int, int] = (720, 576), seed: int = 0) -> list[Path]:
+    """``n`` JPEG frames of an endoscope's typical size: smooth colour fields with noise, so the
+    decoder does the work a real frame costs (a flat image would decode unrealistically fast)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    w, h = size
+    for i in range(n):
+        coarse = rng.integers(0, 255, (h // 48 + 1, w // 48 + 1, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.int16)
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"frame_{i:04d}.jpg")
+        Image.fromarray(img).save(paths[-1], quality=90)
+    return paths
+
+
+def _model_only(b: Backend, x: np.ndarray, batch: int) -> float:
+    b.predict_logits(x[:batch])  # warm-up: first-run allocations and kernel selection
+    t = time.perf_counter()
+    for i in range(0, len(x), batch):
+        b.predict_logits(x[i:i + batch])
+    return len(x) / (time.perf_counter() - t)
+
+
+def _latency(b: Backend, x: np.ndarray, runs: int) -> tuple[float, float]:
+    b.predict_logits(x[:1])
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        b.predict_logits(x[i % len(x):i % len(x) + 1])
+        times.append(time.perf_counter() - t)
+    p50, p95 = np.percentile(np.asarray(times) * 1000, [50, 95])
+    return float(p50), float(p95)
+
+
+def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int) -> float:
+    """The runtime's pipeline (runtime/pipeline.py) feeding this backend, timed from the first
+    batch's arrival: images after it / seconds after it."""
+    t0, n = None, 0
+    for decoded in decoded_batches(paths, (spec,), batch, workers):
+        b.predict_logits(decoded.inputs[0])
+        if t0 is None:
+            t0 = time.perf_counter()
+        else:
+            n += len(decoded.paths)
+    return n / (time.perf_counter() - t0)
+
+
+def _candidates(device: str) -> tuple:
+    try:
+        import torch  # noqa: F401  (only to ask whether a GPU row makes sense)
+
+        gpu = device != "cpu" and torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    return CANDIDATES + (GPU_CANDIDATES if gpu else ())
+
+
+def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResult:
+    """Measure every candidate backend on one bundle (see the module docstring). Raises
+    BundleError/ConfigError for a bad bundle or options, DataError for an empty image folder;
+    a backend that cannot run here becomes a row saying why, never an error."""
+    bundle_dir = resolve_bundle_dir(cfg.deploy_dir, cfg.source)
+    manifest = read_bundle_manifest(bundle_dir)
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    with tempfile.TemporaryDirectory(prefix="gi-deploy-bench-") as tmp:
+        if cfg.images is None:
+            found = synthetic_frames(Path(tmp))
+        else:
+            found = list_images(Path(cfg.images))
+            if not found:
+                raise DataError(f"no images in {cfg.images}")
+        found = found[:cfg.n_images]  # a big folder: only the images measured are decoded (and held in memory)
+        paths = [found[i % len(found)] for i in range(cfg.n_images)]
+        decoded = decode_batch(found, (spec,))
+        if decoded.n_good == 0:
+            raise DataError(f"none of the {len(found)} images in {cfg.images} could be read: {decoded.errors[0]}")
+        x = decoded.inputs[0][np.arange(cfg.n_images) % decoded.n_good]  # the same images, pre-decoded
+        rows = []
+        for name, backend, precision in _candidates(cfg.device):
+            say(f"{name}...")
+            try:
+                b = open_backend(bundle_dir, manifest, backend, precision, cfg.device, cfg.threads)
+            except (GiDeployError, ImportError) as e:  # not on this machine or not in this bundle: say why
+                rows.append(BenchRow(name, f"skipped: {e}"))
+                continue
+            model = _model_only(b, x, cfg.batch_size)
+            p50, p95 = _latency(b, x, cfg.latency_runs)
+            e2e = _end_to_end(b, paths, spec, cfg.batch_size, cfg.workers)
+            rows.append(BenchRow(name, "ok", b.detail, e2e, model, p50, p95, b.model_bytes))
+            del b
+    eager = next((r for r in rows if r.name == CANDIDATES[0][0] and r.status == "ok"), None)
+    if eager is not None:
+        for r in rows:
+            if r.status == "ok":
+                r.e2e_vs_eager, r.model_vs_eager = r.end_to_end / eager.end_to_end, r.model_only / eager.model_only
+    return BenchmarkResult(manifest["source"], manifest["model"]["name"], spec.size, cfg.n_images, cfg.batch_size,
+                           cfg.workers, f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
+
+
+def goals(result: BenchmarkResult, base: str = "onnxruntime fp32") -> list[tuple[str, float | None, float]]:
+    """The issue's CPU goals as (what, measured ratio or None when a row is missing, target)."""
+    rows = {r.name: r for r in result.rows if r.status == "ok"}
+    ort, eager, int8 = rows.get(base), rows.get(CANDIDATES[0][0]), rows.get("onnxruntime int8")
+    return [
+        ("end-to-end infer vs PyTorch eager end-to-end", ort.end_to_end / eager.end_to_end if ort and eager else None,
+         1.5),
+        ("end-to-end infer vs onnxruntime model-only", ort.end_to_end / ort.model_only if ort else None, 0.9),
+        ("int8 vs fp32 model-only", int8.model_only / ort.model_only if int8 and ort else None, 2.0),
+    ]
