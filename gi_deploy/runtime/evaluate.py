@@ -10,6 +10,9 @@ have empty prediction fields; an empty ``true_label`` means unknown.
 from __future__ import annotations
 
 import csv
+import heapq
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,16 +38,26 @@ class SourceScore:
     files: dict[str, Path] = field(default_factory=dict)  # "metrics" (the JSON) and the report kinds
 
 
-def read_predictions(csv_path: Path) -> tuple[list[str], list[dict]]:
-    """The class names of the ``prob:`` columns (in column order) and the rows as dicts.
+@dataclass
+class _Tally:
+    """What one streaming pass learns of a source: counts, filled prob: columns, and the first
+    row naming each label and prediction (for the error message)."""
+
+    n_rows: int = 0
+    n_errors: int = 0
+    n_labelled: int = 0
+    filled: set[int] = field(default_factory=set)  # indices of prob: columns filled in error-free rows
+    labels: dict[str, str] = field(default_factory=dict)  # label -> first path
+    predicted: dict[str, str] = field(default_factory=dict)
+
+
+def _open(csv_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
+    """Header checks: the prob: class names, the column index of each name, the header.
     Raises DataError naming the file when it is missing, empty or lacks a required column."""
-    csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"predictions CSV not found: {csv_path}")
     with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+        header = next(csv.reader(f), [])
     if not header:
         raise DataError(f"predictions CSV {csv_path} is empty; re-run gi-deploy infer to write it")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -53,39 +66,59 @@ def read_predictions(csv_path: Path) -> tuple[list[str], list[dict]]:
         what = ", ".join(missing + ([] if classes else ["prob:<class> columns"]))
         raise DataError(f"predictions CSV {csv_path} lacks {what} (columns: {header}); it must be written by "
                         "gi-deploy infer, whose CSV carries every class probability")
-    if not rows:
+    return classes, {c: i for i, c in enumerate(header)}, header
+
+
+def _rows(csv_path: Path) -> Iterator[list[str]]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader)
+        yield from reader
+
+
+def _scan(csv_path: Path, col: dict[str, int], prob_cols: list[int]) -> dict[str, _Tally]:
+    """Pass 1, streaming: per source (first-appearance order) its counts and class evidence."""
+    tallies: dict[str, _Tally] = {}
+    for r in _rows(csv_path):
+        source, path = r[col["source"]], r[col["path"]]
+        if not source:
+            raise DataError(f"{csv_path}: row {path!r} has no source; every row must name its bundle's source")
+        t = tallies.setdefault(source, _Tally())
+        t.n_rows += 1
+        if r[col["error"]]:
+            t.n_errors += 1
+            continue
+        t.filled.update(j for j, c in enumerate(prob_cols) if r[c])
+        if r[col["true_label"]]:
+            t.n_labelled += 1
+            t.labels.setdefault(r[col["true_label"]], path)
+        if r[col["predicted"]]:
+            t.predicted.setdefault(r[col["predicted"]], path)
+    if not tallies:
         raise DataError(f"predictions CSV {csv_path} has a header but no rows")
-    return classes, rows
+    return tallies
 
 
-def _source_classes(rows: list[dict], all_classes: list[str]) -> list[str]:
-    """The classes whose prob: column is filled in any of the source's error-free rows."""
-    good = [r for r in rows if not r["error"]]
-    return [c for c in all_classes if any(r[PROB_PREFIX + c] for r in good)]
-
-
-def _float(row: dict, column: str, csv_path: Path) -> float:
-    try:
-        return float(row[column])
-    except ValueError as e:
-        raise DataError(f"{csv_path}: row {row['path']!r} (source {row['source']}) has {column}={row[column]!r}, "
-                        "not a number; re-run gi-deploy infer for it") from e
-
-
-def _check_labels(rows: list[dict], classes: list[str], source: str, csv_path: Path) -> None:
-    """Every true_label and prediction must be one of the source's classes. A source with only
-    error rows has no known classes (and nothing to score), so it is not checked."""
-    if not classes:
-        return
-    for r in rows:
-        if r["true_label"] and r["true_label"] not in classes:
+def _check_labels(t: _Tally, classes: list[str], source: str, csv_path: Path) -> None:
+    """Every true_label and prediction must be one of the source's classes."""
+    for label, path in t.labels.items():
+        if label not in classes:
             raise DataError(
-                f"{csv_path}: row {r['path']!r} has true_label {r['true_label']!r}, not a class of source {source} "
+                f"{csv_path}: row {path!r} has true_label {label!r}, not a class of source {source} "
                 f"({', '.join(classes)}); labels from another class set need --class-map to rename them")
-        if r["predicted"] and r["predicted"] not in classes:
+    for pred, path in t.predicted.items():
+        if pred not in classes:
             raise DataError(
-                f"{csv_path}: row {r['path']!r} predicts {r['predicted']!r} but source {source}'s prob: columns "
+                f"{csv_path}: row {path!r} predicts {pred!r} but source {source}'s prob: columns "
                 f"are {', '.join(classes)}; the CSV was edited or mixes runs, re-run gi-deploy infer")
+
+
+def _float(value: str, column: str, path: str, source: str, csv_path: Path) -> float:
+    try:
+        return float(value)
+    except ValueError as e:
+        raise DataError(f"{csv_path}: row {path!r} (source {source}) has {column}={value!r}, "
+                        "not a number; re-run gi-deploy infer for it") from e
 
 
 def _prefix(csv_path: Path, out_prefix: Path | None, source: str, several: bool) -> Path:
@@ -104,53 +137,71 @@ def score_predictions(csv_path: Path, n_wrong: int = 20, out_prefix: Path | None
     prefix is ``out_prefix`` or the CSV path without its suffix, plus ``.<source>`` when the
     file holds several sources. Sources with no labelled rows get metrics None and no files.
 
-    Raises ConfigError for a negative ``n_wrong``, DataError for a missing/empty/malformed CSV, a label or prediction that is not one of
-    the source's classes, or an unreadable number.
+    The CSV is streamed twice (checks, then numbers) and only labels, predictions and
+    probabilities are kept, as compact arrays: a 100k-row CSV costs a few MB, not its text.
+
+    Raises ConfigError for a negative ``n_wrong``, DataError for a missing/empty/malformed CSV,
+    a label or prediction that is not one of the source's classes, or an unreadable number.
     """
     if n_wrong < 0:
         raise ConfigError(f"n_wrong must be >= 0, got {n_wrong}")
     csv_path = Path(csv_path)
-    all_classes, rows = read_predictions(csv_path)
-    by_source: dict[str, list[dict]] = {}  # dicts keep first-appearance order
-    for r in rows:
-        if not r["source"]:
-            raise DataError(f"{csv_path}: row {r['path']!r} has no source; every row must name its bundle's source")
-        by_source.setdefault(r["source"], []).append(r)
-    # check every source before writing anything, so a bad label leaves no half-written report
-    plans = []
-    for source, src_rows in by_source.items():
-        classes = _source_classes(src_rows, all_classes)
-        _check_labels(src_rows, classes, source, csv_path)
-        plans.append((source, src_rows, classes))
-    scores = {}
-    for source, src_rows, classes in plans:
-        good = [r for r in src_rows if not r["error"]]
-        scored = [r for r in good if r["true_label"]]
-        score = SourceScore(source=source, classes=classes, n_rows=len(src_rows),
-                            n_errors=len(src_rows) - len(good), n_unlabelled=len(good) - len(scored), metrics=None)
-        if scored:
-            prefix = _prefix(csv_path, out_prefix, source, several=len(by_source) > 1)
-            score.metrics, score.files = _score_source(scored, classes, score, prefix, n_wrong, extra, csv_path)
-        scores[source] = score
+    all_classes, col, _ = _open(csv_path)
+    prob_cols = [col[PROB_PREFIX + c] for c in all_classes]
+    tallies = _scan(csv_path, col, prob_cols)
+    classes_of = {}
+    for source, t in tallies.items():  # every source checked before anything is written
+        classes_of[source] = [c for j, c in enumerate(all_classes) if j in t.filled]
+        _check_labels(t, classes_of[source], source, csv_path)
+    scores = {s: SourceScore(source=s, classes=classes_of[s], n_rows=t.n_rows, n_errors=t.n_errors,
+                             n_unlabelled=t.n_rows - t.n_errors - t.n_labelled, metrics=None)
+              for s, t in tallies.items()}
+    gathered = _gather(csv_path, col, {s: classes_of[s] for s, t in tallies.items() if t.n_labelled},
+                       all_classes, prob_cols, n_wrong)
+    for source, (y_true, y_pred, probs, wrong) in gathered.items():
+        score = scores[source]
+        prefix = _prefix(csv_path, out_prefix, source, several=len(tallies) > 1)
+        score.metrics, score.files = _score_source(y_true, y_pred, probs, wrong, score, prefix, extra)
     return scores
 
 
-def _score_source(scored: list[dict], classes: list[str], score: SourceScore, prefix: Path, n_wrong: int,
-                  extra: dict | None, csv_path: Path) -> tuple[dict, dict[str, Path]]:
+def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]], all_classes: list[str],
+            prob_cols: list[int], n_wrong: int) -> dict[str, tuple]:
+    """Pass 2, streaming: per labelled source, y_true and y_pred (int32 (N,)), probabilities in
+    the source's class order (float64 (N, C)) and its ``n_wrong`` most confidently wrong rows
+    (highest confidence first; equal confidences in CSV order)."""
+    index = {s: {c: i for i, c in enumerate(cls)} for s, cls in classes_of.items()}
+    cols = {s: [prob_cols[all_classes.index(c)] for c in cls] for s, cls in classes_of.items()}
+    acc = {s: (array("i"), array("i"), array("d"), []) for s in classes_of}
+    for seq, r in enumerate(_rows(csv_path)):
+        source = r[col["source"]]
+        if source not in acc or r[col["error"]] or not r[col["true_label"]]:
+            continue
+        path, true, pred = r[col["path"]], r[col["true_label"]], r[col["predicted"]]
+        y_true, y_pred, probs, heap = acc[source]
+        y_true.append(index[source][true])
+        y_pred.append(index[source][pred])
+        probs.extend(_float(r[c], "prob", path, source, csv_path) for c in cols[source])
+        if pred != true and n_wrong:
+            conf = _float(r[col["confidence"]], "confidence", path, source, csv_path)
+            item = (conf, -seq, {"path": path, "true_label": true, "predicted": pred, "confidence": conf})
+            (heapq.heappush if len(heap) < n_wrong else heapq.heappushpop)(heap, item)
+    out = {}
+    for s, (y_true, y_pred, probs, heap) in acc.items():
+        wrong = [w for _, _, w in sorted(heap, key=lambda h: (-h[0], -h[1]))]
+        out[s] = (np.frombuffer(y_true, np.int32), np.frombuffer(y_pred, np.int32),
+                  np.frombuffer(probs, np.float64).reshape(len(y_true), len(classes_of[s])), wrong)
+    return out
+
+
+def _score_source(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, wrong: list[dict],
+                  score: SourceScore, prefix: Path, extra: dict | None) -> tuple[dict, dict[str, Path]]:
     """Metrics and files for one source's labelled, error-free rows."""
-    y_true = [classes.index(r["true_label"]) for r in scored]
-    y_pred = [classes.index(r["predicted"]) for r in scored]
-    probs = np.array([[_float(r, PROB_PREFIX + c, csv_path) for c in classes] for r in scored])  # (N, C)
-    wrong = [{"path": r["path"], "true_label": r["true_label"], "predicted": r["predicted"],
-              "confidence": _float(r, "confidence", csv_path)}
-             for r in scored if r["predicted"] != r["true_label"]]
-    # stable sort: equal confidences keep the CSV's order
-    wrong = sorted(wrong, key=lambda w: -w["confidence"])[:n_wrong]
-    metrics = classification_metrics(y_true, y_pred, classes, probs=probs)
+    metrics = classification_metrics(y_true, y_pred, score.classes, probs=probs)
     metrics.update(source=score.source, n_errors=score.n_errors, n_unlabelled=score.n_unlabelled)
     metrics.update(extra or {})
     metrics["most_confidently_wrong"] = wrong
     files = {"metrics": prefix.with_name(prefix.name + ".metrics.json")}
     write_json(files["metrics"], metrics)
-    files.update(write_report(prefix, metrics, classes, y_true, probs, wrong))
+    files.update(write_report(prefix, metrics, score.classes, y_true, probs, wrong))
     return metrics, files

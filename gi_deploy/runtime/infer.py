@@ -196,11 +196,6 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         sc = scores[b.source]
         runs[b.source] = SourceRun(b.source, b.provider, b.backend.notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
                                    sc.metrics, sc.files)
-    n_errors = len({r["path"] for r in _read_rows(cfg.out_csv) if r["error"]})
+    n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
     return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
                        n_resumed=len(done), n_classified=n_done, seconds=seconds, sources=runs)
-
-
-def _read_rows(csv_path: Path) -> list[dict]:
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))

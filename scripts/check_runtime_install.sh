@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The torch-free install, checked for real: `pip install .` alone (no extras) into its own virtual
+# environment must run `gi-deploy infer` (every bundle, int8 included when exported) and
+# `gi-deploy evaluate` on the bundles the demo exported, and must not have pulled torch in.
+# Prints the installed size of this environment next to the full one (.venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+demo=${1:-gi-deploy-demo}
+venv=${RUNTIME_VENV:-.venv-runtime}
+if [[ ! -d "$demo/deploy" ]]; then
+  echo "no bundles under $demo/deploy: run \`gi-deploy demo\` first (the README's setup does)" >&2
+  exit 1
+fi
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q .
+if "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  echo "torch is importable in the runtime-only install: a core dependency pulled it in" >&2
+  exit 1
+fi
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+"$venv/bin/gi-deploy" infer "$demo/data/capsule/test" --deploy "$demo/deploy" --source all --out "$out/pred.csv"
+"$venv/bin/gi-deploy" evaluate "$out/pred.csv"
+for kind in metrics.json confusion.png roc.png; do  # pred.<kind>, or pred.<source>.<kind> with several sources
+  compgen -G "$out/pred*.$kind" > /dev/null || { echo "evaluate wrote no pred*.$kind" >&2; exit 1; }
+done
+"$venv/bin/python" - "$out/pred.csv" <<'PY'
+import sys
+assert "torch" not in sys.modules
+import gi_deploy.cli, gi_deploy.runtime.infer, gi_deploy.runtime.evaluate  # noqa: F401
+assert "torch" not in sys.modules, "a runtime module imported torch"
+PY
+size() { du -sm "$1/lib" | cut -f1; }
+echo "installed size: runtime-only $venv $(size "$venv") MB; full .venv $( [[ -d .venv ]] && size .venv || echo '?') MB"
