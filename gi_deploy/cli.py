@@ -500,7 +500,7 @@ def infer_cmd(
                                                         "(default: up to 4)")] = None,
     threads: Annotated[Optional[int], typer.Option(help="The model's CPU threads. (default: every core)")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="CSV of (path, label): the true class of each image.")] = None,
-    top_k: Annotated[int, typer.Option(help="Classes and probabilities per row. (default: 3)")] = 3,
+    top_k: Annotated[int, typer.Option(help="Classes and probabilities per row.")] = 3,
     resume: Annotated[bool, typer.Option(help="Keep the rows already in --out (a killed run's) and classify only "
                                               "the rest.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of writing an error "

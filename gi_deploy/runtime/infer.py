@@ -102,23 +102,29 @@ def true_label(rel: Path, classes: list[str]) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in classes else None
 
 
-def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> list[dict]:
-    """The complete rows of a predictions CSV a killed run left behind. A last line cut short by
-    the kill is dropped from the file; a CSV with another header is a ConfigError."""
+def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> tuple[set[tuple[str, str]], int]:
+    """The (path, source) pairs of the complete rows a killed run left in a predictions CSV, and
+    their count. A last line cut short by the kill is dropped from the file; a CSV with another
+    header is a ConfigError. Only the pairs are kept, so resuming a 100k-image run stays small."""
     if not csv_path.is_file() or csv_path.stat().st_size == 0:
-        return []
+        return set(), 0
     raw = csv_path.read_bytes()
     if not raw.endswith(b"\n"):
         raw = raw[:raw.rfind(b"\n") + 1]
         csv_path.write_bytes(raw)
         if not raw:  # killed before the header was complete: nothing to keep
-            return []
+            return set(), 0
     with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != columns:
-            raise ConfigError(f"--resume: {csv_path} has columns {reader.fieldnames}, this run writes {list(columns)} "
+        reader = csv.reader(f)
+        header = tuple(next(reader, ()))
+        if header != columns:
+            raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
                               "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
-        return list(reader)
+        pairs, n = set(), 0
+        for row in reader:
+            pairs.add((row[0], row[1]))  # path, source
+            n += 1
+        return pairs, n
 
 
 def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int, error: str,
@@ -156,16 +162,15 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
     k_top = min(cfg.top_k, max(len(b.classes) for b in bundles))
     columns = csv_columns(k_top, all_classes)
-    done = _rows_done(cfg.out_csv, columns) if cfg.resume else []
-    finished = {(r["path"], r["source"]) for r in done}
+    finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
     todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
     specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
     spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
     start, n_done = time.perf_counter(), 0
-    with open(cfg.out_csv, "a" if done else "w", newline="", encoding="utf-8") as f:
+    with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        if not done:
+        if not n_resumed:
             writer.writerow(columns)
         for batch in decoded_batches(todo, specs, cfg.batch_size, cfg.workers):
             probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
@@ -189,7 +194,8 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
             if progress:
                 progress(n_done, len(todo))
     seconds = time.perf_counter() - start
-    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision}
+    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision,
+             "backends": {b.source: b.provider for b in bundles}}
     scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
     runs = {}
     for b in bundles:
@@ -198,4 +204,4 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                                    sc.metrics, sc.files)
     n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
     return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
-                       n_resumed=len(done), n_classified=n_done, seconds=seconds, sources=runs)
+                       n_resumed=n_resumed, n_classified=n_done, seconds=seconds, sources=runs)
