@@ -582,15 +582,22 @@ def evaluate_cmd(
 
         with reported():
             r = cross_evaluate(deploy_dir, out_dir, _parse_tests(test or []) or None, class_map)
-        table = Table(title="Accuracy (%) of each source's model (rows) on each source's test set (columns)")
-        table.add_column("model")
-        for t in r.tests:
-            table.add_column(f"{t} test", justify="right")
-        for m in r.models:
-            table.add_row(m, *("n/a" if r.cells[(m, t)].accuracy is None else
-                               f"{100 * r.cells[(m, t)].accuracy:.2f} (n={r.cells[(m, t)].n})" for t in r.tests))
-        out.print(table)
-        out.print(f"matrix -> {r.files['matrix']}, details -> {r.files['json']}", soft_wrap=True)
+        for attr, title in (("accuracy", "Accuracy (%) of each source's model (rows) on each source's test set "
+                                          "(columns), over the classes the model has"),
+                            ("accuracy_all", "The same over every test image (classes the model lacks count as "
+                                             "wrong)")):
+            table = Table(title=title)
+            table.add_column("model")
+            for t in r.tests:
+                table.add_column(f"{t} test", justify="right")
+            for m in r.models:
+                cells = [r.cells[(m, t)] for t in r.tests]
+                table.add_row(m, *("n/a" if getattr(c, attr) is None else
+                                   f"{100 * getattr(c, attr):.2f} (n={c.n if attr == 'accuracy' else c.n + c.n_skipped})"
+                                   for c in cells))
+            out.print(table)
+        out.print(f"matrices -> {r.files['matrix']}, {r.files['matrix_all']}; details -> {r.files['json']}",
+                  soft_wrap=True)
         return
     if predictions is None:
         err.print("error: give a predictions CSV, or --cross", style="red")

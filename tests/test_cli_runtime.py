@@ -97,7 +97,8 @@ def test_evaluate_cross_prints_the_matrix(two_sources, tiny_data, tmp_path, wide
         row = next(line for line in lines if line.strip("│ ").startswith(m + " "))
         shown = [f"{100 * cells[(m, t)]['accuracy']:.2f} (n=12)" for t in ("capsule", "endoscope")]
         assert row.index(shown[0]) < row.rindex(shown[1]), row  # both cells, in column order
-    assert f"matrix -> {out / 'cross_accuracy.csv'}" in r.output
+    assert f"matrices -> {out / 'cross_accuracy.csv'}, {out / 'cross_accuracy_all_images.csv'}" in r.output
+    assert "The same over every test image" in r.output  # the strict matrix is printed too
     r = invoke("evaluate", "--cross", "--deploy", two_sources, "--test", "capsule", "--out", out)
     assert r.exit_code == 1 and "expected SOURCE=FOLDER" in r.output
 

@@ -32,7 +32,14 @@ class CrossCell:
 
     @property
     def accuracy(self) -> float | None:
+        """Over the test images of classes the model has."""
         return self.correct / self.n if self.n else None
+
+    @property
+    def accuracy_all(self) -> float | None:
+        """Over every readable test image, those of classes the model lacks counted wrong: the
+        stricter reading, and the one a single model deployed on every source would live with."""
+        return self.correct / (self.n + self.n_skipped) if self.n + self.n_skipped else None
 
 
 @dataclass
@@ -130,16 +137,18 @@ def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path]
     if not any(c.n for c in cells.values()):
         raise DataError("no test image has a class any model predicts: the class names differ; give --class-map")
     names = list(tests)
-    files["matrix"] = out_dir / "cross_accuracy.csv"
-    with open(files["matrix"], "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["model \\ test", *names])
-        for m in models:
-            w.writerow([m, *("" if cells[(m, t)].accuracy is None else f"{cells[(m, t)].accuracy:.4f}"
-                             for t in names)])
+    for key, attr in (("matrix", "accuracy"), ("matrix_all", "accuracy_all")):
+        files[key] = out_dir / ("cross_accuracy.csv" if attr == "accuracy" else "cross_accuracy_all_images.csv")
+        with open(files[key], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["model \\ test", *names])
+            for m in models:
+                values = (getattr(cells[(m, t)], attr) for t in names)
+                w.writerow([m, *("" if v is None else f"{v:.4f}" for v in values)])
     files["json"] = out_dir / "cross.json"
     write_json(files["json"], {"models": models, "tests": {t: str(w) for t, w in tests.items()},
                                "class_map": str(class_map) if class_map else None,
-                               "cells": [{"model": c.model, "test": c.test, "accuracy": c.accuracy, "n": c.n,
+                               "cells": [{"model": c.model, "test": c.test, "accuracy": c.accuracy,
+                                          "accuracy_all_images": c.accuracy_all, "n": c.n,
                                           "n_skipped": c.n_skipped, "correct": c.correct} for c in cells.values()]})
     return CrossResult(models, names, cells, files)

@@ -199,6 +199,12 @@ def test_cross_with_a_map_that_renames_only_the_test_labels_skips_them(two_sourc
             assert cell.n_skipped == 0
         else:
             assert cell.n_skipped == n_polyp and cell.n == len(rel_images(tiny_data / "test")) - n_polyp
+            # the strict reading counts the images of classes the model lacks as wrong
+            assert cell.accuracy_all == pytest.approx(cell.correct / (cell.n + n_polyp))
+            assert cell.accuracy_all < cell.accuracy or cell.correct == 0
+    with open(r.files["matrix_all"], newline="") as f:
+        strict = {row[0]: row[1:] for row in list(csv.reader(f))[1:]}
+    assert float(strict["endoscope"][0]) == pytest.approx(r.cells[("endoscope", "capsule")].accuracy_all, abs=1e-4)
 
 
 def test_cross_class_map_naming_an_unknown_source_is_a_config_error(two_source_deploy, tiny_data, tmp_path):
