@@ -223,3 +223,15 @@ def test_cross_default_test_sets_are_the_runs_test_splits(cross, two_source_depl
         listed = read_rows(tmp_path / "out" / f"{s}.test.csv")
         assert len(listed) == plain.cells[(s, s)].n and all(Path(row["path"]).is_absolute() for row in listed)
     assert {k: (c.n, c.correct) for k, c in r.cells.items()} == {k: (c.n, c.correct) for k, c in plain.cells.items()}
+
+
+def test_the_shipped_kvasir_gastrovision_class_map_names_real_classes():
+    from gi_deploy.runtime.cross import read_class_map
+    from gi_deploy.training.sources import GASTROVISION, KVASIR
+
+    path = Path(__file__).parents[2] / "docs" / "class_map_kvasir_gastrovision.json"
+    maps = read_class_map(path, ["kvasir", "gastrovision"])
+    for spec in (KVASIR, GASTROVISION):
+        assert set(maps[spec.name]) <= set(spec.classes), spec.name
+    shared = {s: set(maps[s].values()) for s in maps}
+    assert shared["kvasir"] == shared["gastrovision"] == {"blood", "ileocecal valve", "pylorus"}
