@@ -7,6 +7,7 @@ torch-free install."""
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -480,6 +481,25 @@ def _print_scores(title: str, scores: dict, n_wrong: int = 5) -> None:
                       f"{w['predicted']})", soft_wrap=True)
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _interrupted_keeps(out_csv: Path):
+    """Ctrl-C or SIGTERM (kill, timeout, a batch scheduler) during infer: stop the same way, so
+    the decode workers are shut down, and say where the finished rows are and how to go on."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the rows written so far are in {out_csv}; run the same command with --resume to "
+                  "classify the rest", style="yellow", soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command("infer")
 def infer_cmd(
     inputs: Annotated[str, typer.Argument(metavar="INPUT", help="A folder (searched recursively), an image, a glob "
@@ -512,7 +532,7 @@ def infer_cmd(
     (class-named sub-folders, --labels, or a label column in the list)."""
     from gi_deploy.runtime.infer import InferConfig, infer_folder
 
-    with reported():
+    with reported(), _interrupted_keeps(out_csv):
         cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
@@ -571,8 +591,9 @@ def evaluate_cmd(
                     ] = None,
     class_map: Annotated[Optional[Path], typer.Option(help="JSON mapping each source's class names to shared "
                                                            "names (--cross).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where --cross writes its matrix and predictions.")
-                       ] = Path("cross"),
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Where the report files go (default: beside the CSV); with --cross, the matrices and "
+                      "predictions (default: cross/).")] = None,
     n_wrong: Annotated[int, typer.Option(help="Most confidently wrong images to list.")] = 20,
 ) -> None:
     """Re-score a predictions CSV without running a model (metrics.json, confusion matrices, ROC
@@ -580,8 +601,11 @@ def evaluate_cmd(
     if cross:
         from gi_deploy.runtime.cross import cross_evaluate
 
+        if predictions is not None:
+            err.print(f"error: --cross runs the models itself; drop {predictions}", style="red")
+            raise typer.Exit(code=2)
         with reported():
-            r = cross_evaluate(deploy_dir, out_dir, _parse_tests(test or []) or None, class_map)
+            r = cross_evaluate(deploy_dir, out_dir or Path("cross"), _parse_tests(test or []) or None, class_map)
         for attr, title in (("accuracy", "Accuracy (%) of each source's model (rows) on each source's test set "
                                           "(columns), over the classes the model has"),
                             ("accuracy_all", "The same over every test image (classes the model lacks count as "
@@ -602,10 +626,17 @@ def evaluate_cmd(
     if predictions is None:
         err.print("error: give a predictions CSV, or --cross", style="red")
         raise typer.Exit(code=2)
+    if test or class_map:
+        err.print("error: --test and --class-map belong to --cross", style="red")
+        raise typer.Exit(code=2)
     from gi_deploy.runtime.evaluate import score_predictions
 
+    prefix = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prefix = out_dir / predictions.stem
     with reported():
-        scores = score_predictions(predictions, n_wrong=n_wrong)
+        scores = score_predictions(predictions, n_wrong=n_wrong, out_prefix=prefix)
     for s, sc in scores.items():
         out.print(f"{s}: {sc.n_rows} rows, {sc.n_errors} unreadable, {sc.n_unlabelled} unlabelled")
     if not any(sc.metrics for sc in scores.values()):

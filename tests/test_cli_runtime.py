@@ -78,11 +78,17 @@ def test_evaluate_rescores_a_predictions_csv(tiny_deploy, tiny_data, tmp_path, w
     for suffix in (".confusion.png", ".roc.png", ".confusion.csv", ".wrong.csv"):
         written = tmp_path / f"pred{suffix}"
         assert written.is_file() and written.stat().st_size > 0 and str(written) in r.output
+    r = invoke("evaluate", pred, "--out", tmp_path / "report")  # --out: the files go there instead
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "report" / "pred.metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert (tmp_path / "report" / "pred.roc.png").is_file()
 
 
-def test_evaluate_without_a_csv_or_cross_exits_2():
+def test_evaluate_without_a_csv_or_cross_exits_2(tmp_path):
     r = invoke("evaluate")
     assert r.exit_code == 2 and "give a predictions CSV, or --cross" in r.output
+    r = invoke("evaluate", tmp_path / "p.csv", "--class-map", tmp_path / "m.json")  # a --cross option alone
+    assert r.exit_code == 2 and "belong to --cross" in r.output
 
 
 def test_evaluate_cross_prints_the_matrix(two_sources, tiny_data, tmp_path, wide):

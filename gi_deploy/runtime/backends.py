@@ -167,7 +167,7 @@ def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
                    runner, notes, path.stat().st_size)
 
 
-def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str) -> Backend:
+def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None = None) -> Backend:
     """The merged torch model rebuilt from the training run the bundle names (checked to be the
     same run by its manifest hash): eager PyTorch, for debugging and as the benchmark's baseline."""
     from gi_deploy._deps import require_training_extra
@@ -185,6 +185,8 @@ def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str) ->
         raise DependencyError("--device cuda but torch sees no CUDA GPU; use --device cpu")
     if precision == "fp16" and dev == "cpu":
         raise ConfigError("--backend torch --precision fp16 needs CUDA; on the CPU use fp32")
+    if dev == "cpu":  # the same cores onnxruntime gets, so the benchmark compares like with like
+        torch.set_num_threads(threads or cpu_threads())
     model = load_merged_model(training_run_of(manifest)).to(dev).eval()
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = model.to(dtype)
@@ -203,12 +205,15 @@ def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads
     """The fastest backend this machine can run: a TensorRT engine when TensorRT, a GPU and an
     engine for it are here (fp16 only), else onnxruntime on its best provider."""
     reason = ""
-    if precision == "fp16" and device != "cpu":
+    has_engine = (manifest.get("engine") or {}).get("status") == "built" or any(bundle_dir.glob("model.*.engine"))
+    if precision == "fp16" and device != "cpu" and not has_engine:  # do not even import TensorRT
+        reason = " (no TensorRT engine in the bundle: export --engine, or run its build_engine.sh)"
+    elif precision == "fp16" and device != "cpu":
         try:
             b = open_tensorrt(bundle_dir, manifest, precision)
             b.notes.insert(0, "auto: TensorRT engine (fastest available)")
             return b
-        except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine here: onnxruntime is next best
+        except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine for this GPU: onnxruntime is next
             reason = f" (no TensorRT: {e})"
     b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
     b.notes.insert(0, f"auto: {b.detail}{reason}")
@@ -238,4 +243,4 @@ def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precis
         return open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
     if backend == "tensorrt":
         return open_tensorrt(bundle_dir, manifest, precision)
-    return open_torch(bundle_dir, manifest, precision, device)
+    return open_torch(bundle_dir, manifest, precision, device, threads)

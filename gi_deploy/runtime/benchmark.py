@@ -51,6 +51,9 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         self.deploy_dir = Path(self.deploy_dir)
+        if self.batch_size < 1 or self.workers < 0 or (self.threads is not None and self.threads < 1):
+            raise ConfigError(f"batch_size must be >= 1, workers >= 0 and threads >= 1; got {self.batch_size}, "
+                              f"{self.workers} and {self.threads}")
         if self.n_images < 2 * self.batch_size:
             raise ConfigError(f"--n-images {self.n_images} must be at least twice --batch-size {self.batch_size}: "
                               "the first batch warms up and is not timed")

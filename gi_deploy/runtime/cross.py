@@ -62,6 +62,9 @@ def read_class_map(path: Path | None, sources: list[str]) -> dict[str, dict[str,
         raise ConfigError(f"--class-map {path}: expected {{source: {{class: shared}}}} or {{class: shared}}")
     if all(isinstance(v, str) for v in raw.values()):
         return {s: dict(raw) for s in sources}
+    if not all(isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in raw.values()):
+        raise ConfigError(f"--class-map {path} mixes the two forms: use either {{source: {{class: shared}}}} for "
+                          "every entry, or a flat {class: shared}")
     unknown = sorted(set(raw) - set(sources))
     if unknown:
         raise ConfigError(f"--class-map {path} names sources with no bundle: {', '.join(unknown)}; bundles: "
@@ -83,6 +86,9 @@ def default_test_set(deploy_dir: Path, source: str, scratch: Path) -> Path:
     if not data_dir.is_absolute():  # recorded as typed: relative to where training ran
         data_dir = next((d for d in (Path.cwd() / data_dir, run_dir.parent.parent / data_dir) if d.is_dir()),
                         data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"no test set for {source}: its run's data folder {data_dir} is not here; give one with "
+                          f"--test {source}=FOLDER")
     out = scratch / f"{source}.test.csv"
     with open(split, newline="", encoding="utf-8") as f_in, open(out, "w", newline="", encoding="utf-8") as f_out:
         w = csv.writer(f_out)
@@ -99,7 +105,9 @@ def _truth(test: str | Path) -> dict[str, str]:
     truth = {}
     for p in inputs.paths:
         rel = inputs.rel(p)
-        label = inputs.labels.get(p.resolve()) or (Path(rel).parts[0] if len(Path(rel).parts) > 1 else None)
+        inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts  # a class folder under the root
+        label = inputs.labels.get(p.resolve()) or (Path(rel).parts[0] if inside and len(Path(rel).parts) > 1
+                                                   else None)
         if label is None:
             raise DataError(f"test set {test}: {rel} has no label (use class-named sub-folders or a list with a "
                             "label column)")
@@ -135,6 +143,8 @@ def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path]
             correct = sum(maps[m].get(r["predicted"], r["predicted"]) == truth[r["path"]] for r in scored)
             cells[(m, test)] = CrossCell(m, test, len(scored), len(mine) - len(scored), correct)
     if not any(c.n for c in cells.values()):
+        if not any(c.n_skipped for c in cells.values()):
+            raise DataError(f"no test image could be read; see the error column of the predictions in {out_dir}")
         raise DataError("no test image has a class any model predicts: the class names differ; give --class-map")
     names = list(tests)
     for key, attr in (("matrix", "accuracy"), ("matrix_all", "accuracy_all")):

@@ -82,8 +82,8 @@ class InferResult:
     n_images: int  # images in the input
     n_errors: int  # of them unreadable (error rows)
     n_resumed: int  # rows that were already in the CSV (--resume)
-    n_classified: int  # images decoded and classified by this run
-    seconds: float  # this run's wall time from the first batch to the last row
+    n_classified: int  # images this run decoded and classified (unreadable ones not counted)
+    seconds: float  # this run's classification wall time, decode workers' start-up included
     sources: dict[str, SourceRun]
 
     @property
@@ -157,6 +157,12 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
     bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads) for d in dirs]
+    seen: dict[str, Path] = {}
+    for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
+        if b.source in seen:
+            raise ConfigError(f"{seen[b.source]} and {b.path} are both bundles of source {b.source!r} (a copied or "
+                              "renamed folder?); select one of them with --source")
+        seen[b.source] = b.path
     all_classes = list(dict.fromkeys(c for b in bundles for c in b.classes))
     if cfg.score:
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
@@ -167,7 +173,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
     spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
-    start, n_done = time.perf_counter(), 0
+    start, n_done, n_classified = time.perf_counter(), 0, 0
     with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if not n_resumed:
@@ -191,6 +197,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                 good += error is None
             f.flush()
             n_done += len(batch.paths)
+            n_classified += batch.n_good
             if progress:
                 progress(n_done, len(todo))
     seconds = time.perf_counter() - start
@@ -204,4 +211,4 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                                    sc.metrics, sc.files)
     n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
     return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
-                       n_resumed=n_resumed, n_classified=n_done, seconds=seconds, sources=runs)
+                       n_resumed=n_resumed, n_classified=n_classified, seconds=seconds, sources=runs)

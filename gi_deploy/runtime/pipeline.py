@@ -13,9 +13,12 @@ numpy normalisation do not, and the model's own threads would wait on it.
 from __future__ import annotations
 
 import multiprocessing
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +61,24 @@ def decode_batch(paths: list[Path], specs: tuple[PreprocessSpec, ...]) -> Decode
     return DecodedBatch(list(paths), errors, inputs)
 
 
+def _submit(pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...]) -> Future:
+    future = pool.submit(decode_batch, chunk, specs)
+    future.paths = chunk  # named in the error if the worker dies on it
+    return future
+
+
+def _worker_init() -> None:
+    """In each decode worker: leave Ctrl-C to the parent (which shuts the pool down, instead of
+    every worker printing its own traceback), and on Linux die with the parent, so a run killed
+    with SIGKILL leaves no idle workers behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int, workers: int,
                     prefetch: int | None = None) -> Iterator[DecodedBatch]:
     """Batches of ``batch_size`` paths, decoded, in order. ``workers=0`` (or a single batch)
@@ -73,19 +94,25 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
     # spawn, not fork: the parent already runs onnxruntime's thread pool, and forking a threaded
     # process can deadlock the child
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
     try:
         pending: deque[Future] = deque()
         todo = iter(chunks)
         for chunk in todo:
-            pending.append(pool.submit(decode_batch, chunk, specs))
+            pending.append(_submit(pool, chunk, specs))
             if len(pending) >= depth:
                 break
         while pending:
-            batch = pending.popleft().result()
+            future = pending.popleft()
+            try:
+                batch = future.result()
+            except BrokenProcessPool as e:  # a worker died (out of memory, a crash in a native decoder)
+                first, last = future.paths[0], future.paths[-1]
+                raise DataError(f"a decode worker died on the batch {first} ... {last} ({e}); rerun with --workers 0 "
+                                "--resume to find the file that kills the decoder") from e
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.submit(decode_batch, nxt, specs))
+                pending.append(_submit(pool, nxt, specs))
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -119,13 +119,19 @@ def test_tensorrt_engine_matches_the_fp32_onnx(tiny_run, batch, tmp_path):
     assert auto.name == "tensorrt" and auto.notes[0].startswith("auto:")
 
 
-def test_auto_picks_onnxruntime_here(bundle):
+def test_auto_picks_onnxruntime_here(bundle, tmp_path):
     d, manifest = bundle
     b = open_backend(d, manifest, "auto", "fp32", "auto")
     assert b.name == "onnxruntime" and b.notes[0].startswith("auto: onnxruntime")
-    if not HAVE_TRT:  # fp16 would take a TensorRT engine; without one, auto says why it did not
-        b16 = open_backend(d, manifest, "auto", "fp16", "auto")
-        assert b16.name == "onnxruntime" and b16.notes[0].startswith("auto:")
+    # fp16 would take a TensorRT engine; the tiny bundle has none, so auto says so without importing TensorRT
+    b16 = open_backend(d, manifest, "auto", "fp16", "auto")
+    assert b16.name == "onnxruntime" and b16.notes[0].startswith("auto:")
+    assert "(no TensorRT engine in the bundle" in b16.notes[0]
+    if not HAVE_TRT:  # with an engine file present, the reason is that TensorRT itself is missing
+        copy = tmp_path / "capsule"
+        shutil.copytree(d, copy)
+        (copy / "model.sm90-trt10.0.engine").write_bytes(b"built on some other machine")
+        b16 = open_backend(copy, manifest, "auto", "fp16", "auto")
         assert f"(no TensorRT: --backend tensorrt: {TRT_REASON}" in b16.notes[0]
 
 

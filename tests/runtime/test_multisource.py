@@ -235,3 +235,20 @@ def test_the_shipped_kvasir_gastrovision_class_map_names_real_classes():
         assert set(maps[spec.name]) <= set(spec.classes), spec.name
     shared = {s: set(maps[s].values()) for s in maps}
     assert shared["kvasir"] == shared["gastrovision"] == {"blood", "ileocecal valve", "pylorus"}
+
+
+def test_two_folders_of_one_source_are_refused(tiny_deploy, tiny_data, tmp_path):
+    deploy = tmp_path / "deploy"
+    shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
+    shutil.copytree(tiny_deploy / "capsule", deploy / "capsule_old")  # a kept copy: its manifest says capsule
+    with pytest.raises(ConfigError, match="both bundles of source 'capsule'"):
+        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=deploy, sources=["all"],
+                                 out_csv=tmp_path / "p.csv"))
+    assert not (tmp_path / "p.csv").exists()  # refused before anything was written
+
+
+def test_a_class_map_mixing_both_forms_is_a_config_error(two_source_deploy, tiny_data, tmp_path):
+    class_map = tmp_path / "map.json"
+    class_map.write_text(json.dumps({"capsule": {"polyp": "lesion"}, "endoscope": "lesion"}))
+    with pytest.raises(ConfigError, match="mixes the two forms"):
+        cross_evaluate(two_source_deploy, tmp_path / "out", {"capsule": tiny_data / "test"}, class_map=class_map)
