@@ -346,18 +346,6 @@ def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
                           names, progress)
 
 
-def most_confidently_wrong(csv_path: Path, n: int, source: str | None = None) -> list[tuple[str, str, str, float]]:
-    """(path, true label, predicted, confidence) of the ``n`` labelled rows of a predictions CSV
-    (of ``source``'s rows when given) that are wrong with the highest confidence."""
-    import csv
-
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["true_label"] and r["predicted"] and r["true_label"] != r["predicted"]
-                and (source is None or r["source"] == source)]
-    rows.sort(key=lambda r: -float(r["confidence"]))
-    return [(r["path"], r["true_label"], r["predicted"], float(r["confidence"])) for r in rows[:n]]
-
-
 def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, out_dir: Path,
                   method: str = "gradcam") -> ExplainResult | None:
     """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, for the class the
@@ -365,8 +353,10 @@ def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, o
     run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
     None when nothing was wrong."""
     from gi_deploy.runtime.bundle import training_run_of
+    from gi_deploy.runtime.evaluate import most_confidently_wrong
 
-    wrong = most_confidently_wrong(csv_path, n, bundle_manifest["source"])
+    wrong = [(w["path"], w["true_label"], w["predicted"], w["confidence"])
+             for w in most_confidently_wrong(csv_path, n, bundle_manifest["source"])]
     if not wrong:
         return None
     run_dir = training_run_of(bundle_manifest)  # the same run, unchanged since the export

@@ -27,7 +27,7 @@ import numpy as np
 from gi_deploy.errors import ConfigError, DataError, GiDeployError
 from gi_deploy.runtime.backends import Backend, cpu_threads, open_backend
 from gi_deploy.runtime.bundle import read_bundle_manifest, resolve_bundle_dir
-from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
+from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
 from gi_deploy.runtime.preprocess import PreprocessSpec, list_images
 
 # (row name, backend, precision); the torch row is the baseline every ratio is against
@@ -45,7 +45,7 @@ class BenchmarkConfig:
     n_images: int = 256  # the folder's images are cycled to this many
     batch_size: int = 32
     latency_runs: int = 50
-    workers: int = field(default_factory=lambda: min(4, cpu_threads()))
+    workers: int = field(default_factory=default_workers)
     threads: int | None = None
     device: str = "auto"
 

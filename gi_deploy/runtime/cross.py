@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_deploy._io import write_json
+from gi_deploy._io import read_json, write_json
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.bundle import list_bundles, read_bundle_manifest
 from gi_deploy.runtime.infer import InferConfig, infer_folder
@@ -82,7 +82,7 @@ def default_test_set(deploy_dir: Path, source: str, scratch: Path) -> Path:
     if not split.is_file() or not run_json.is_file():
         raise ConfigError(f"no test set for {source}: its training run {run_dir} is not here; give one with "
                           f"--test {source}=FOLDER")
-    data_dir = Path(json.loads(run_json.read_text(encoding="utf-8"))["config"]["data_dir"])
+    data_dir = Path(read_json(run_json, "run manifest")["config"]["data_dir"])
     if not data_dir.is_absolute():  # recorded as typed: relative to where training ran
         data_dir = next((d for d in (Path.cwd() / data_dir, run_dir.parent.parent / data_dir) if d.is_dir()),
                         data_dir)

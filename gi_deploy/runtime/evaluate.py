@@ -24,7 +24,7 @@ from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.report import write_report
 
 REQUIRED_COLUMNS = ("path", "source", "true_label", "predicted", "confidence", "error")
-PROB_PREFIX = "prob:"
+PROB_PREFIX = "prob:"  # one column per class: the full distribution, so ROC AUC needs no model
 
 
 @dataclass
@@ -51,7 +51,7 @@ class _Tally:
     predicted: dict[str, str] = field(default_factory=dict)
 
 
-def _open(csv_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
+def _open(csv_path: Path, need_probs: bool = True) -> tuple[list[str], dict[str, int], list[str]]:
     """Header checks: the prob: class names, the column index of each name, the header.
     Raises DataError naming the file when it is missing, empty or lacks a required column."""
     if not csv_path.is_file():
@@ -62,11 +62,41 @@ def _open(csv_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
         raise DataError(f"predictions CSV {csv_path} is empty; re-run gi-deploy infer to write it")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     classes = [c[len(PROB_PREFIX):] for c in header if c.startswith(PROB_PREFIX)]
-    if missing or not classes:
-        what = ", ".join(missing + ([] if classes else ["prob:<class> columns"]))
+    if missing or (need_probs and not classes):
+        what = ", ".join(missing + ([] if classes or not need_probs else ["prob:<class> columns"]))
         raise DataError(f"predictions CSV {csv_path} lacks {what} (columns: {header}); it must be written by "
                         "gi-deploy infer, whose CSV carries every class probability")
     return classes, {c: i for i, c in enumerate(header)}, header
+
+
+class _TopWrong:
+    """The ``n`` wrong rows with the highest confidence, kept in a heap of size n while the CSV
+    streams by; ``result()`` is highest first, equal confidences in CSV order."""
+
+    def __init__(self, n: int):
+        self.n, self._heap = n, []
+
+    def add(self, seq: int, path: str, true: str, pred: str, conf: float) -> None:
+        if self.n:
+            item = (conf, -seq, {"path": path, "true_label": true, "predicted": pred, "confidence": conf})
+            (heapq.heappush if len(self._heap) < self.n else heapq.heappushpop)(self._heap, item)
+
+    def result(self) -> list[dict]:
+        return [w for _, _, w in sorted(self._heap, key=lambda h: (-h[0], -h[1]))]
+
+
+def most_confidently_wrong(csv_path: Path, n: int, source: str | None = None) -> list[dict]:
+    """The ``n`` labelled, readable rows of a predictions CSV (of ``source``'s rows when given)
+    that are wrong with the highest confidence: dicts of path, true_label, predicted, confidence."""
+    csv_path = Path(csv_path)
+    _, col, _ = _open(csv_path, need_probs=False)
+    top = _TopWrong(n)
+    for seq, r in enumerate(_rows(csv_path)):
+        true, pred, src = r[col["true_label"]], r[col["predicted"]], r[col["source"]]
+        if true and pred and pred != true and not r[col["error"]] and source in (None, src):
+            top.add(seq, r[col["path"]], true, pred,
+                    _float(r[col["confidence"]], "confidence", r[col["path"]], src, csv_path))
+    return top.result()
 
 
 def _rows(csv_path: Path) -> Iterator[list[str]]:
@@ -172,25 +202,22 @@ def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]
     (highest confidence first; equal confidences in CSV order)."""
     index = {s: {c: i for i, c in enumerate(cls)} for s, cls in classes_of.items()}
     cols = {s: [prob_cols[all_classes.index(c)] for c in cls] for s, cls in classes_of.items()}
-    acc = {s: (array("i"), array("i"), array("d"), []) for s in classes_of}
+    acc = {s: (array("i"), array("i"), array("d"), _TopWrong(n_wrong)) for s in classes_of}
     for seq, r in enumerate(_rows(csv_path)):
         source = r[col["source"]]
         if source not in acc or r[col["error"]] or not r[col["true_label"]]:
             continue
         path, true, pred = r[col["path"]], r[col["true_label"]], r[col["predicted"]]
-        y_true, y_pred, probs, heap = acc[source]
+        y_true, y_pred, probs, wrong = acc[source]
         y_true.append(index[source][true])
         y_pred.append(index[source][pred])
         probs.extend(_float(r[c], "prob", path, source, csv_path) for c in cols[source])
         if pred != true and n_wrong:
-            conf = _float(r[col["confidence"]], "confidence", path, source, csv_path)
-            item = (conf, -seq, {"path": path, "true_label": true, "predicted": pred, "confidence": conf})
-            (heapq.heappush if len(heap) < n_wrong else heapq.heappushpop)(heap, item)
+            wrong.add(seq, path, true, pred, _float(r[col["confidence"]], "confidence", path, source, csv_path))
     out = {}
-    for s, (y_true, y_pred, probs, heap) in acc.items():
-        wrong = [w for _, _, w in sorted(heap, key=lambda h: (-h[0], -h[1]))]
+    for s, (y_true, y_pred, probs, wrong) in acc.items():
         out[s] = (np.frombuffer(y_true, np.int32), np.frombuffer(y_pred, np.int32),
-                  np.frombuffer(probs, np.float64).reshape(len(y_true), len(classes_of[s])), wrong)
+                  np.frombuffer(probs, np.float64).reshape(len(y_true), len(classes_of[s])), wrong.result())
     return out
 
 

@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.backends import cpu_threads
 from gi_deploy.runtime.bundle import Bundle, load_bundle, resolve_bundle_dirs
-from gi_deploy.runtime.evaluate import score_predictions
+from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
-from gi_deploy.runtime.pipeline import decoded_batches
+from gi_deploy.runtime.pipeline import decoded_batches, default_workers
 
-PROB_PREFIX = "prob:"  # one column per class: the full distribution, so evaluate can compute ROC AUC
 
 
 def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
@@ -38,7 +36,7 @@ class InferConfig:
     backend: str = "auto"  # auto | onnxruntime | tensorrt | torch (runtime/backends.py)
     precision: str = "fp32"
     device: str = "auto"  # auto | cpu | cuda
-    workers: int = field(default_factory=lambda: min(4, cpu_threads()))  # decode processes; 0: inline
+    workers: int = field(default_factory=default_workers)  # decode processes; 0: inline
     threads: int | None = None  # the model's CPU threads (default: every core this process may use)
     labels: Path | None = None  # CSV of (path, class)
     top_k: int = 3  # classes and probabilities per row

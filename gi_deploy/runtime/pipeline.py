@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy.errors import DataError
+from gi_deploy.runtime.backends import cpu_threads
 from gi_deploy.runtime.preprocess import PreprocessSpec, load_rgb, to_input
 
 
@@ -59,6 +60,11 @@ def decode_batch(paths: list[Path], specs: tuple[PreprocessSpec, ...]) -> Decode
             out.append(x)
     inputs = [np.stack(a) if a else np.zeros((0, 3, *spec.size), np.float32) for a, spec in zip(arrays, specs)]
     return DecodedBatch(list(paths), errors, inputs)
+
+
+def default_workers() -> int:
+    """Decode processes for this machine: one per core, at most 4 (the model needs the rest)."""
+    return min(4, cpu_threads())
 
 
 def _submit(pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...]) -> Future:
