@@ -37,7 +37,7 @@ def main() -> None:
             for exporter in onnx_export.EXPORTERS:
                 path = Path(tmp) / f"{name}-{exporter}.onnx"
                 t0 = time.perf_counter()
-                opset = onnx_export.export_onnx(model, path, (args.img_size, args.img_size), exporter=exporter)
+                opset = onnx_export.export_onnx(model, path, (args.img_size, args.img_size), exporter=exporter).opset
                 seconds = time.perf_counter() - t0
                 out, _ = onnx_export.run_onnx(path, x.numpy())
                 nodes = len(onnx.load(str(path), load_external_data=False).graph.node)

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from gi_deploy.runtime.preprocess import list_images
+    from gi_deploy.core.preprocess import list_images
 
     images = [p.resolve() for p in list_images(args.images)]
     results = []

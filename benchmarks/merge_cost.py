@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from gi_deploy.export.merge import merge_into_plain
 from gi_deploy.export.onnx_export import INPUT_NAME, export_onnx, ort_session
-from gi_deploy.training.config import LoraSettings
-from gi_deploy.training.model import apply_lora, create_base_model
+from gi_deploy.model.adapters import merge_into_plain
+from gi_deploy.model.base import create_base_model
+from gi_deploy.model.lora import apply_lora
+from gi_deploy.model.settings import LoraSettings
 
 
 def main() -> None:

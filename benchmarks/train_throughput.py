@@ -62,8 +62,10 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError
-from gi_deploy.training.config import ColoraSettings, LoraSettings
-from gi_deploy.training.model import apply_lora, apply_method, count_parameters
+from gi_deploy.model.adapters import apply_method
+from gi_deploy.model.base import count_parameters
+from gi_deploy.model.lora import apply_lora
+from gi_deploy.model.settings import ColoraSettings, LoraSettings
 from gi_deploy.training.trainer import resolve_device
 
 VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear", "colora", "colora-branch", "colora-k3")
@@ -190,7 +192,7 @@ def build_model(name: str, variant: str) -> nn.Module:
     torch.manual_seed(SEED)
     model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
     if variant in ("full", "linear"):
-        return apply_method(model, variant, LoraSettings())
+        return apply_method(model, variant)
     if variant == "lora":
         return apply_lora(model, LoraSettings())
     if variant == "lora-rank":
@@ -198,7 +200,7 @@ def build_model(name: str, variant: str) -> nn.Module:
     if variant == "lora-nodrop":
         return apply_lora(model, LoraSettings(dropout=0.0))
     if variant in COLORA_VARIANTS:
-        return apply_method(model, "colora", LoraSettings(), COLORA_VARIANTS[variant])
+        return apply_method(model, "colora", colora=COLORA_VARIANTS[variant])
     raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
 
 

@@ -42,8 +42,26 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_deploy(tiny_run, tmp_path_factory) -> Path:
     """A deploy folder holding the verified fp32 + fp16 bundle of ``tiny_run``."""
-    from gi_deploy.export.bundle import export_source
+    from gi_deploy.export.writer import export_source
 
     deploy = tmp_path_factory.mktemp("deploy")
     export_source(tiny_run, deploy / "capsule")
     return deploy
+
+
+@pytest.fixture(scope="session")
+def two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy) -> Path:
+    """``<basetemp>/two-source/deploy/{capsule,endoscope}``: the tiny capsule bundle and a second
+    tiny run, trained as source "endoscope" with another seed."""
+    import shutil
+
+    from gi_deploy.export.writer import export_source
+    from gi_deploy.training.trainer import train
+
+    root = tmp_path_factory.getbasetemp() / "two-source"
+    run = train(tiny_train_config(tiny_data, root / "runs", source="endoscope", seed=1)).run_dir
+    deploy = root / "deploy"
+    export_source(run, deploy / "endoscope")
+    shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
+    return deploy
+

@@ -15,32 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gi_deploy.demo.synthetic import SOURCES, SPLIT_SIZES, write_source
-from gi_deploy.export.bundle import ExportConfig, export_runs
+from gi_deploy.core.runs import FULL_WEIGHTS
+from gi_deploy.demo.config import BASE, MODEL, DemoConfig
+from gi_deploy.demo.synthetic import write_source
+from gi_deploy.export.writer import ExportConfig, export_runs
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.training.config import TrainConfig
-from gi_deploy.training.run import FULL_WEIGHTS
 from gi_deploy.training.trainer import train
-
-BASE = "base"
-MODEL = "convnextv2_atto"
-
-
-@dataclass
-class DemoConfig:
-    out_dir: Path = Path("gi-deploy-demo")
-    img_size: int = 48
-    image_px: int = 64
-    base_epochs: int = 15
-    lora_epochs: int = 12
-    # From random init, ConvNeXt collapses to a constant output at lr 1e-3 on this little data;
-    # 3e-4 learns. The LoRA adapters start at B = 0 and take a larger step.
-    base_lr: float = 3e-4
-    lora_lr: float = 2e-3
-    batch_size: int = 16
-    seed: int = 0
-    sources: tuple[str, ...] = SOURCES
-    split_sizes: dict[str, int] = field(default_factory=lambda: dict(SPLIT_SIZES))  # images per class
 
 
 @dataclass

@@ -19,9 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy.errors import ExportError, VerificationError
+from gi_deploy.export import verify
+from gi_deploy.export.onnx_export import INPUT_NAME, run_onnx
 
 # Op types kept in fp32 wherever they occur (besides onnxruntime's list of ops with no fp16 kernel).
 FP32_OPS = ("LayerNormalization",)
+# The fp16 gate also runs in true fp16 arithmetic (run_fp16_emulated) on the inputs that drive the
+# largest activations: seconds per image for convnextv2_base, so a few.
+FP16_EMULATED_IMAGES = 3
 
 
 def grn_island_nodes(graph) -> list[str]:
@@ -208,3 +213,32 @@ def run_fp16_emulated(path: Path, inputs: np.ndarray, input_name: str) -> np.nda
         warnings.simplefilter("ignore", RuntimeWarning)
         out = [evaluator.run(None, {input_name: inputs[i:i + 1]})[0] for i in range(len(inputs))]
     return np.concatenate(out).astype(np.float32)
+
+
+def _gate_providers_fp16() -> list[str]:
+    """onnxruntime's CUDA provider runs fp16 kernels in fp16; its CPU provider casts most fp16 ops
+    back to fp32 (so the CPU run alone cannot show an fp16 overflow; fp16_emulated does)."""
+    import onnxruntime as ort
+
+    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers()
+            else ["CPUExecutionProvider"])
+
+
+def export_fp16(name: str, fp32_path: Path, dst: Path, inputs: np.ndarray, fp32_logits: np.ndarray,
+                peaks: np.ndarray) -> tuple[dict, dict]:
+    """model.fp16.onnx and its two gates: onnxruntime on the whole batch, true-fp16 arithmetic on
+    the inputs with the largest activations. Returns (the gates' numbers, the conversion's settings);
+    raises GateFailed."""
+    conversion = convert_fp16(fp32_path, dst)
+    logits, provider = run_onnx(dst, inputs, _gate_providers_fp16())
+    ort_result = verify.check("onnx_fp16", f"{name} fp16 ONNX vs fp32", {
+        **verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN), "provider": provider},
+        min_top1=verify.FP16_MIN_TOP1)
+    idx = np.argsort(-peaks, kind="stable")[:FP16_EMULATED_IMAGES]
+    emulated = run_fp16_emulated(dst, inputs[idx], INPUT_NAME)
+    emu_result = verify.check("fp16_emulated", f"{name} fp16 ONNX in true fp16 arithmetic vs fp32", {
+        **verify.compare_logits(fp32_logits[idx], emulated, verify.FP16_TIE_MARGIN), "inputs": idx.tolist(),
+        "peak_activations": [round(float(p), 3) for p in peaks[idx]]}, min_top1=verify.FP16_MIN_TOP1,
+        hint="fp16 arithmetic overflows here as it would on a GPU; onnxruntime's CPU provider hides it by computing "
+             "in fp32")
+    return {"onnx_fp16": ort_result, "fp16_emulated": emu_result}, conversion

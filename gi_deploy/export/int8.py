@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.errors import DataError
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
+from gi_deploy.core.preprocess import PreprocessSpec, load_input
+from gi_deploy.errors import DataError, GateFailed
+from gi_deploy.export import verify
+from gi_deploy.export.onnx_export import INPUT_NAME, run_onnx
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +69,45 @@ class _Reader:
         self.i = 0
 
 
+class _QuantizerToDebug(logging.Filter):
+    """onnxruntime's quantiser logs through the root logger (``logging.warning``), e.g. one
+    ``Expected bias '...conv_dw.bias' to be an initializer`` per depthwise convolution: ~120 lines
+    for convnextv2_base that bury the gate summary and ask nothing of the user. On the root logger
+    this filter moves them to this module's debug log (``gi-deploy -v`` shows them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        if "onnxruntime/quantization/" not in path:
+            return True
+        log.debug("onnxruntime quantizer: %s", record.getMessage())
+        return False
+
+
+@contextmanager
+def _quiet_quantizer():
+    root, quiet = logging.getLogger(), _QuantizerToDebug()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str) -> dict:
     """Write the QDQ INT8 model of ``fp32_path`` to ``dst``, calibrated on ``calib`` (N, 3, H, W).
     Returns the settings for the manifest."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader = type("CalibrationReader", (_Reader, CalibrationDataReader), {})(calib, input_name)
     reduce_range = not cpu_has_vnni()
-    with tempfile.TemporaryDirectory(prefix="gi-deploy-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gi-deploy-int8-") as tmp, _quiet_quantizer():
         prepared = Path(tmp) / "prepared.onnx"
         # onnxruntime's recommended pre-processing: shape inference and graph optimisation (BN folding)
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -87,3 +119,35 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
     return {"format": "QDQ", "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel",
             "reduce_range": reduce_range, "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS),
             "calibration_images": int(len(calib))}
+
+
+def export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
+                fp32_logits: np.ndarray, calib_images: int, eval_images: int, min_top1: float,
+                max_accuracy_drop: float) -> tuple[dict, dict]:
+    """model.int8.onnx, calibrated on the training split, gated on the validation split (agreement with
+    fp32 and the accuracy drop) and on the verification batch. Returns (the gate's numbers, the
+    quantiser's settings); raises GateFailed or DataError."""
+    classes = manifest["classes"]
+    calib = load_images([p for p, _ in verify.split_images(manifest, "train", calib_images)],
+                                 spec, "training")
+    settings = quantize_int8(fp32_path, dst, calib, INPUT_NAME)
+    logits, provider = run_onnx(dst, inputs)
+    val = verify.split_images(manifest, "val", eval_images)
+    x_val = load_images([p for p, _ in val], spec, "validation")
+    y_val = np.array([classes.index(label) for _, label in val])
+    val_fp32, _ = run_onnx(fp32_path, x_val)
+    val_int8, _ = run_onnx(dst, x_val)
+    acc32, acc8 = float((val_fp32.argmax(1) == y_val).mean()), float((val_int8.argmax(1) == y_val).mean())
+    what = f"{name} INT8 ONNX vs fp32"
+    batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits))
+    result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
+                          min_top1=verify.int8_min_agreement(min_top1, len(val)),
+                          hint="calibrate on more images: --calib-images")
+    drop = acc32 - acc8
+    allowed = verify.int8_allowed_drop(max_accuracy_drop, len(val))
+    result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop, max_accuracy_drop=allowed,
+                  provider=provider, verification_batch=batch)
+    if drop > allowed + 1e-12:
+        raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop, allowed,
+                         "at most", f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")
+    return result, settings

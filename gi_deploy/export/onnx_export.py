@@ -1,8 +1,10 @@
-"""ONNX export (exporter choice, dynamic batch axis), metadata stamping and onnxruntime runs."""
+"""ONNX export (exporter choice, dynamic batch axis) that checks its own output, metadata stamping
+and onnxruntime runs."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +12,34 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError, DependencyError, ExportError
+from gi_deploy.export import verify
+from gi_deploy.export.options import DEFAULT_EXPORTER, EXPORTERS, OPSET
 
-# opset 17 keeps LayerNorm as one LayerNormalization node rather than a decomposed chain.
-OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-# "torchscript" is torch's legacy exporter, "dynamo" the torch.export-based default since torch 2.9.
-EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_EXPORTER = "torchscript"
+
 # The metadata_props key prefix of the essentials stamped into every ONNX file of a bundle.
 METADATA_PREFIX = "gi_deploy."
 
 
+@dataclass
+class ExportedOnnx:
+    """An fp32 ONNX file that passed its parity gate: its opset, its logits on the check inputs,
+    and the gate's numbers (``verification``, the manifest's ``onnx_fp32`` entry)."""
+
+    path: Path
+    opset: int
+    logits: np.ndarray
+    verification: dict
+
+
 def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset: int = OPSET,
-                exporter: str = DEFAULT_EXPORTER) -> int:
-    """Export ``model`` (eval mode, CPU, fp32) with a dynamic batch axis.
+                exporter: str = DEFAULT_EXPORTER, inputs: np.ndarray | None = None,
+                reference: np.ndarray | None = None, what: str = "fp32 ONNX vs torch") -> ExportedOnnx:
+    """Export ``model`` (eval mode, CPU, fp32) with a dynamic batch axis, then check the file: its
+    onnxruntime logits on ``inputs`` (default: a few seeded random images) against ``reference``
+    (default: ``model``'s own logits on them) must be within ``verify.FP32_ATOL`` with the same
+    top-1 everywhere, the first input alone and the rest in chunks, so the dynamic batch axis is
+    exercised. Raises GateFailed (the file is left for the caller to discard) or ExportError.
 
     The TorchScript exporter is the default, chosen deliberately: the dynamo exporter (torch's
     default since 2.9) has reported silent accuracy losses and fixed batch dims (pytorch#169178,
@@ -56,8 +72,19 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
                 "smaller than 7x7 up with adaptive pooling, which ONNX cannot express below 224 px): "
                 "train at the model's default --img-size") from None
     onnx.checker.check_model(str(path))
-    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                if o.domain in ("", "ai.onnx"))
+    version = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                   if o.domain in ("", "ai.onnx"))
+    if inputs is None:
+        inputs = np.random.default_rng(verify.VERIFY_SEED).standard_normal((3, 3, *input_size)).astype(np.float32)
+    if reference is None:
+        with torch.no_grad():
+            reference = model(torch.from_numpy(inputs)).numpy()
+    logits, provider = run_onnx(path, inputs)
+    gate = verify.check("onnx_fp32", what, {
+        **verify.compare_logits(reference, logits), "provider": provider,
+        "batch_sizes": [1] + [min(RUN_CHUNK, len(inputs) - i) for i in range(1, len(inputs), RUN_CHUNK)]},
+        atol=verify.FP32_ATOL, min_top1=verify.FP32_MIN_TOP1)
+    return ExportedOnnx(path, version, logits, gate)
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -1,4 +1,5 @@
-"""TensorRT engines, isolated here: build, stamp, run and the ``trtexec`` fallback script.
+"""TensorRT engine building, isolated here (the runner and the stamp check are the runtime's,
+runtime/tensorrt.py): build, stamp and the ``trtexec`` fallback script.
 
 Written to TensorRT's Python API as it is in both 10.x and 11.x:
 
@@ -9,14 +10,12 @@ Written to TensorRT's Python API as it is in both 10.x and 11.x:
   is not used (ignored since 10, absent in 11).
 * One optimisation profile on the batch axis: min 1, opt = max = ``max_batch``; H x W fixed.
   The runtime splits work into chunks of at most ``max_batch``.
-* The timing cache is keyed by GPU compute capability and TensorRT version (a cache is only
-  valid for the device and version that made it), kept in the user's cache folder.
-* An engine only runs on the GPU architecture and TensorRT version that built it (TensorRT#2176):
-  its file name and the manifest carry both, and :func:`check_stamp` refuses a mismatch.
+* The timing cache is keyed by GPU model and TensorRT version (a cache is only valid for the
+  device and version that made it), kept in the user's cache folder.
 
 Nothing here is mocked in tests: without TensorRT and a CUDA GPU, export writes
 ``build_engine.sh`` (the exact ``trtexec`` command) instead, and the tests that need an engine
-skip with :func:`tensorrt_status`'s reason.
+skip with :func:`~gi_deploy.runtime.tensorrt.tensorrt_status`'s reason.
 """
 
 from __future__ import annotations
@@ -24,82 +23,20 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.errors import BundleError, DependencyError, ExportError
+from gi_deploy.core.bundles import BUILD_SCRIPT
+from gi_deploy.errors import DependencyError, ExportError
+from gi_deploy.export import verify
+from gi_deploy.export.onnx_export import INPUT_NAME
+from gi_deploy.runtime.tensorrt import EngineRunner, EngineTarget, current_target, tensorrt_status
 
 log = logging.getLogger(__name__)
 
-MIN_MAJOR = 10
 WORKSPACE_BYTES = 4 << 30
-BUILD_SCRIPT = "build_engine.sh"
 JETSON_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"  # JetPack installs it here, off PATH
-
-
-@dataclass(frozen=True)
-class EngineTarget:
-    """The GPU and TensorRT version an engine is built for (and only runs on)."""
-
-    gpu_name: str
-    compute_capability: str  # "9.0"
-    tensorrt_version: str  # "10.16.1.11"
-
-    @property
-    def tag(self) -> str:
-        return f"sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
-
-    @property
-    def gpu_slug(self) -> str:
-        return "".join(c if c.isalnum() else "-" for c in self.gpu_name.lower()).strip("-")
-
-    @property
-    def engine_file(self) -> str:
-        return f"model.{self.tag}.engine"
-
-    def to_dict(self) -> dict:
-        return {"gpu_name": self.gpu_name, "compute_capability": self.compute_capability,
-                "tensorrt_version": self.tensorrt_version}
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(True, what) when an engine can be built and run here, else (False, why not)."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return False, "TensorRT is not installed"
-    major = int(trt.__version__.split(".")[0])
-    if major < MIN_MAJOR:
-        return False, f"TensorRT {trt.__version__} is older than {MIN_MAJOR}"
-    try:
-        import torch
-    except ImportError:
-        return False, "torch is needed to drive the CUDA buffers of the engine check"
-    if not torch.cuda.is_available():
-        return False, f"TensorRT {trt.__version__} but no CUDA GPU"
-    return True, f"TensorRT {trt.__version__} on {current_target().gpu_name}"
-
-
-def current_target() -> EngineTarget:
-    """This machine's GPU 0 and TensorRT version."""
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return EngineTarget(torch.cuda.get_device_name(0), f"{major}.{minor}", trt.__version__)
-
-
-def check_stamp(stamp: dict, engine_path: Path) -> None:
-    """Raise BundleError, with the rebuild command, when the engine was built for another GPU
-    architecture or TensorRT version than this machine has."""
-    here = current_target()
-    for key, label in (("compute_capability", "GPU compute capability"), ("tensorrt_version", "TensorRT version")):
-        if stamp.get(key) != getattr(here, key):
-            raise BundleError(f"{engine_path.name} was built for {label} {stamp.get(key)}, this machine has "
-                              f"{getattr(here, key)}; engines only run where they were built. Rebuild it here: "
-                              f"bash {engine_path.parent / BUILD_SCRIPT}")
 
 
 def timing_cache_path(target: EngineTarget) -> Path:
@@ -153,47 +90,6 @@ def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tu
     return engine_path, stamp
 
 
-class EngineRunner:
-    """A deserialised engine with one execution context and CUDA stream, kept for many batches
-    (the runtime's TensorRT backend); ``runner(x)`` runs float32 (N, 3, H, W) in chunks of at most
-    ``max_batch`` and returns float32 logits (N, C)."""
-
-    def __init__(self, engine_path: Path, max_batch: int):
-        import tensorrt as trt
-        import torch
-
-        self.engine_path, self.max_batch = engine_path, max_batch
-        logger = trt.Logger(trt.Logger.WARNING)
-        self._engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-        if self._engine is None:
-            raise BundleError(f"TensorRT cannot load {engine_path}; rebuild it with {BUILD_SCRIPT}")
-        self._context = self._engine.create_execution_context()
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        (self._out,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[
-            self._engine.get_tensor_dtype(self._out)]
-        self._stream = torch.cuda.Stream()
-
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        import torch
-
-        results = []
-        for i in range(0, len(inputs), self.max_batch):
-            with torch.cuda.stream(self._stream):  # copy, allocation and the engine ordered on one stream
-                x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
-                self._context.set_input_shape(self._inp, tuple(x.shape))
-                y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype,
-                                device="cuda")
-                self._context.set_tensor_address(self._inp, x.data_ptr())
-                self._context.set_tensor_address(self._out, y.data_ptr())
-                if not self._context.execute_async_v3(self._stream.cuda_stream):
-                    raise ExportError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
-            self._stream.synchronize()
-            results.append(y.float().cpu().numpy())
-        return np.concatenate(results)
-
-
 def run_engine(engine_path: Path, inputs: np.ndarray, max_batch: int) -> np.ndarray:
     """Logits of the engine on float32 ``inputs`` (N, 3, H, W), in chunks of at most ``max_batch``."""
     return EngineRunner(engine_path, max_batch)(inputs)
@@ -240,3 +136,21 @@ echo "built $ENGINE from {shlex.quote(onnx_name)}; verify it against model.onnx 
     path.write_text(script)
     path.chmod(0o755)
     return path, command
+
+
+def export_engine(name: str, fp16_path: Path, staging: Path, input_size: tuple[int, int], inputs: np.ndarray,
+                  fp32_logits: np.ndarray, max_batch: int) -> tuple[dict | None, dict, str | None]:
+    """The TensorRT engine and its parity gate, or build_engine.sh when TensorRT or a GPU is
+    missing. Returns (verification or None, the manifest entry, a note for the user or None)."""
+    ok, why = tensorrt_status()
+    if not ok:
+        script, command = write_build_script(staging, fp16_path.name, INPUT_NAME, input_size,
+                                                      max_batch)
+        return None, {"status": "not built", "reason": why, "script": script.name, "command": command}, (
+            f"no TensorRT engine here ({why}): wrote {script.name}, the trtexec command that builds it on the target")
+    path, stamp = build_engine(fp16_path, staging, INPUT_NAME, input_size, max_batch)
+    logits = run_engine(path, inputs, max_batch)
+    result = verify.check("engine", f"{name} TensorRT engine vs fp32 ONNX",
+                          verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN),
+                          min_top1=verify.FP16_MIN_TOP1)
+    return result, {"status": "built", "file": path.name, **stamp}, None  # hashed with the other files

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gi_deploy.core.metrics import softmax
+from gi_deploy.core.preprocess import PreprocessSpec, load_input, normalize
 from gi_deploy.errors import DataError, GateFailed
-from gi_deploy.runtime.infer import softmax
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_input, normalize
 
 # fp32 ONNX and the merged model vs the un-merged model: the same maths in another summation
 # order; observed differences are ~1e-6 on logits, so 1e-4 catches any real error (the issue's bound).
@@ -183,24 +183,3 @@ def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray
     batch = np.concatenate([np.stack(real), stress]) if real else stress
     return batch.astype(np.float32), {"real_images": len(real), "stress_images": list(STRESS_IMAGES),
                                       "n": int(len(batch))}
-
-
-def logits_and_peaks(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass: the logits, and per input the largest |value| entering any normalisation
-    layer (LayerNorm, GRN, BatchNorm, GroupNorm) of ``model``, where fp16 overflows first."""
-    import torch
-
-    peaks = torch.zeros(len(x))
-
-    def hook(module, inputs, output):
-        t = inputs[0].detach()
-        peaks.copy_(torch.maximum(peaks, t.abs().reshape(len(t), -1).amax(1).float()))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if "Norm" in type(m).__name__]
-    try:
-        with torch.no_grad():
-            logits = model(torch.as_tensor(x))
-    finally:
-        for h in handles:
-            h.remove()
-    return logits.numpy(), peaks.numpy()

@@ -3,55 +3,26 @@ engines, and the merged torch model (for debugging and as the benchmark's baseli
 
 Each backend turns float32 (N, 3, H, W) into float32 logits (N, C) and says, in ``detail``, what it
 really runs on; ``notes`` carries what the user must hear (a requested provider that is not the
-active one, an unverified engine). Only ``tensorrt`` imports TensorRT (through
-``gi_deploy.export.tensorrt``) and only ``torch`` imports torch, so the onnxruntime path stays
+active one, an unverified engine). The TensorRT runner (runtime/tensorrt.py) and the torch backend
+(runtime/torch_backend.py) are imported only when asked for, so the onnxruntime path stays
 torch-free.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from gi_deploy._io import sha256_file
+from gi_deploy.core.bundles import BUILD_SCRIPT
+from gi_deploy.core.choices import BACKENDS, DEVICES, PRECISIONS
 from gi_deploy.errors import BundleError, ConfigError, DependencyError, GiDeployError
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "int8")
+from gi_deploy.runtime import tensorrt  # imports TensorRT itself only when an engine is opened
+from gi_deploy.runtime.base import Backend, cpu_threads
 
 # onnxruntime's providers, best first (the issue's order: TensorRT -> CUDA -> CPU)
 ORT_PROVIDERS = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
                  "cpu": ["CPUExecutionProvider"]}
-
-
-@dataclass
-class Backend:
-    """A loaded model: ``run(batch)`` gives logits. ``name`` is the backend, ``detail`` what it
-    runs on (provider, engine, device), ``notes`` messages for the user."""
-
-    name: str
-    precision: str
-    detail: str
-    run: Callable[[np.ndarray], np.ndarray]
-    notes: list[str] = field(default_factory=list)
-    model_bytes: int = 0
-
-    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
-        return np.asarray(self.run(batch), dtype=np.float32)
-
-
-def cpu_threads() -> int:
-    """Cores this process may use (the affinity mask of a container or taskset, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def model_file(bundle_dir: Path, manifest: dict, precision: str, check_hash: bool = True) -> Path:
@@ -127,8 +98,6 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
 def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list[str]]:
     """The bundle's engine for this GPU and TensorRT version: the one built and verified at export
     (stamp checked), else one built here by build_engine.sh (named for this target)."""
-    from gi_deploy.export import tensorrt
-
     ok, why = tensorrt.tensorrt_status()
     if not ok:
         raise DependencyError(f"--backend tensorrt: {why}; use --backend onnxruntime")
@@ -137,10 +106,10 @@ def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list
         path = bundle_dir / engine["file"]
         tensorrt.check_stamp(engine, path)  # raises with the rebuild command on another GPU/TensorRT
         if not path.is_file():
-            raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+            raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / BUILD_SCRIPT}")
         if sha256_file(path) != engine["sha256"]:
             raise BundleError(f"{path} does not match the sha256 in its manifest; rebuild it: "
-                              f"bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+                              f"bash {bundle_dir / BUILD_SCRIPT}")
         return path, engine, []
     here = tensorrt.current_target()
     path = bundle_dir / here.engine_file
@@ -148,16 +117,14 @@ def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list
         built = sorted(p.name for p in bundle_dir.glob("model.*.engine"))
         raise BundleError(f"no TensorRT engine for this GPU ({here.gpu_name}, {here.tag}) in {bundle_dir}"
                           + (f" (it has {', '.join(built)}, built for another GPU or TensorRT)" if built else "")
-                          + f"; build it here: bash {bundle_dir / tensorrt.BUILD_SCRIPT}")
+                          + f"; build it here: bash {bundle_dir / BUILD_SCRIPT}")
     return path, {"max_batch": manifest.get("options", {}).get("max_batch", 32)}, [
-        f"{path.name} was built on this machine by {tensorrt.BUILD_SCRIPT}, not checked against the fp32 ONNX at "
+        f"{path.name} was built on this machine by {BUILD_SCRIPT}, not checked against the fp32 ONNX at "
         "export; compare a labelled folder with --backend onnxruntime before trusting it"]
 
 
 def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
     """The bundle's TensorRT engine (built from the fp16 ONNX, so ``precision`` must be fp16)."""
-    from gi_deploy.export import tensorrt
-
     if precision != "fp16":
         raise ConfigError(f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
                           f"with --backend tensorrt (got {precision})")
@@ -165,39 +132,6 @@ def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
     runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)))
     return Backend("tensorrt", "fp16", f"TensorRT {tensorrt.current_target().tensorrt_version} {path.name}",
                    runner, notes, path.stat().st_size)
-
-
-def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None = None) -> Backend:
-    """The merged torch model rebuilt from the training run the bundle names (checked to be the
-    same run by its manifest hash): eager PyTorch, for debugging and as the benchmark's baseline."""
-    from gi_deploy._deps import require_training_extra
-
-    require_training_extra("--backend torch")
-    import torch
-
-    from gi_deploy.export.merge import load_merged_model
-    from gi_deploy.runtime.bundle import training_run_of
-
-    if precision == "int8":
-        raise ConfigError("--backend torch runs fp32 (or fp16 on CUDA); int8 is the onnxruntime model")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise DependencyError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    if precision == "fp16" and dev == "cpu":
-        raise ConfigError("--backend torch --precision fp16 needs CUDA; on the CPU use fp32")
-    if dev == "cpu":  # the same cores onnxruntime gets, so the benchmark compares like with like
-        torch.set_num_threads(threads or cpu_threads())
-    model = load_merged_model(training_run_of(manifest)).to(dev).eval()
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    model = model.to(dtype)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x).to(dev, dtype)).float().cpu().numpy()
-
-    return Backend("torch", precision, f"torch {torch.__version__} eager on {dev}"
-                   + (f" ({torch.get_num_threads()} threads)" if dev == "cpu" else ""), run, [], n_bytes)
 
 
 def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None,
@@ -243,4 +177,6 @@ def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precis
         return open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
     if backend == "tensorrt":
         return open_tensorrt(bundle_dir, manifest, precision)
+    from gi_deploy.runtime.torch_backend import open_torch  # lazy: torch is the training extra's
+
     return open_torch(bundle_dir, manifest, precision, device, threads)

@@ -19,16 +19,18 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.core.bundles import read_bundle_manifest, resolve_bundle_dir
+from gi_deploy.core.fields import helped
+from gi_deploy.core.preprocess import PreprocessSpec, list_images
 from gi_deploy.errors import ConfigError, DataError, GiDeployError
-from gi_deploy.runtime.backends import Backend, cpu_threads, open_backend
-from gi_deploy.runtime.bundle import read_bundle_manifest, resolve_bundle_dir
+from gi_deploy.runtime.backends import open_backend
+from gi_deploy.runtime.base import Backend, cpu_threads
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
-from gi_deploy.runtime.preprocess import PreprocessSpec, list_images
 
 # (row name, backend, precision); the torch row is the baseline every ratio is against
 CANDIDATES = (("PyTorch eager", "torch", "fp32"), ("onnxruntime fp32", "onnxruntime", "fp32"),
@@ -39,15 +41,15 @@ GPU_CANDIDATES = (("PyTorch eager fp16", "torch", "fp16"),)
 
 @dataclass
 class BenchmarkConfig:
-    deploy_dir: Path = Path("deploy")
-    source: str | None = None
-    images: Path | None = None  # a folder of images; None: synthetic 720x576 JPEG frames
-    n_images: int = 256  # the folder's images are cycled to this many
-    batch_size: int = 32
-    latency_runs: int = 50
-    workers: int = field(default_factory=default_workers)
-    threads: int | None = None
-    device: str = "auto"
+    deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
+    source: str | None = helped(None, "Bundle to measure (none: the only one).")
+    images: Path | None = helped(None, "Folder of images (none: synthetic 720x576 JPEG frames).")
+    n_images: int = helped(256, "Images per throughput run (the folder is cycled).")
+    batch_size: int = helped(32, "Images per model call.")
+    latency_runs: int = helped(50, "Batch-1 calls timed for p50/p95.")
+    workers: int = helped(default_factory=default_workers, help="Decoding processes (default: one per core, up to 4).")
+    threads: int | None = helped(None, "The model's CPU threads (none: every core).")
+    device: str = helped("auto", "auto | cpu | cuda.")
 
     def __post_init__(self) -> None:
         self.deploy_dir = Path(self.deploy_dir)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gi_deploy._io import read_json, write_json
+from gi_deploy.core.bundles import list_bundles, read_bundle_manifest
+from gi_deploy.core.runs import RUN_MANIFEST, SPLITS_DIR
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.bundle import list_bundles, read_bundle_manifest
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.inputs import collect_inputs
 
@@ -50,6 +51,17 @@ class CrossResult:
     files: dict[str, Path]
 
 
+def parse_tests(tests: list[str]) -> dict[str, str]:
+    """``--test SOURCE=FOLDER`` (or ``SOURCE=LIST.csv``) options as {source: where}."""
+    parsed = {}
+    for t in tests:
+        name, sep, where = t.partition("=")
+        if not sep or not name or not where:
+            raise ConfigError(f"--test {t!r}: expected SOURCE=FOLDER (or SOURCE=LIST.csv)")
+        parsed[name] = where
+    return parsed
+
+
 def read_class_map(path: Path | None, sources: list[str]) -> dict[str, dict[str, str]]:
     """Per source, its class name -> the shared name (empty: identity)."""
     if path is None:
@@ -77,8 +89,8 @@ def default_test_set(deploy_dir: Path, source: str, scratch: Path) -> Path:
     its paths relative to the run's data folder), as a list file of absolute paths and labels."""
     manifest = read_bundle_manifest(deploy_dir / source)
     run_dir = Path((manifest.get("training") or {}).get("run_dir", ""))
-    split = run_dir / "splits" / "test.csv"
-    run_json = run_dir / "run.json"
+    split = run_dir / SPLITS_DIR / "test.csv"
+    run_json = run_dir / RUN_MANIFEST
     if not split.is_file() or not run_json.is_file():
         raise ConfigError(f"no test set for {source}: its training run {run_dir} is not here; give one with "
                           f"--test {source}=FOLDER")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import write_json
+from gi_deploy.core.metrics import classification_metrics
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.report import write_report
 
 REQUIRED_COLUMNS = ("path", "source", "true_label", "predicted", "confidence", "error")
@@ -232,3 +232,17 @@ def _score_source(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, wro
     write_json(files["metrics"], metrics)
     files.update(write_report(prefix, metrics, score.classes, y_true, probs, wrong))
     return metrics, files
+
+
+def evaluate_csv(csv_path: Path, out_dir: Path | None = None, n_wrong: int = 20) -> dict[str, SourceScore]:
+    """``gi-deploy evaluate``: :func:`score_predictions` with the report files in ``out_dir``
+    (created; default: beside the CSV). Raises DataError when no row is labelled: nothing to score."""
+    prefix = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        prefix = Path(out_dir) / Path(csv_path).stem
+    scores = score_predictions(csv_path, n_wrong=n_wrong, out_prefix=prefix)
+    if not any(sc.metrics for sc in scores.values()):
+        raise DataError(f"no labelled rows in {csv_path}: nothing to score")
+    return scores
+

@@ -5,17 +5,19 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.core.bundles import resolve_bundle_dirs
+from gi_deploy.core.fields import helped
+from gi_deploy.core.metrics import softmax
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.bundle import Bundle, load_bundle, resolve_bundle_dirs
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
+from gi_deploy.runtime.loader import Bundle, load_bundle
 from gi_deploy.runtime.pipeline import decoded_batches, default_workers
-
 
 
 def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
@@ -28,21 +30,25 @@ def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]
 
 @dataclass
 class InferConfig:
-    inputs: str | Path  # a folder, an image, a glob or a list file (runtime/inputs.py)
-    deploy_dir: Path = Path("deploy")
-    sources: list[str] | None = None  # bundle names, or ["all"]; None: the only bundle there
-    out_csv: Path = Path("predictions.csv")
-    batch_size: int = 32
-    backend: str = "auto"  # auto | onnxruntime | tensorrt | torch (runtime/backends.py)
-    precision: str = "fp32"
-    device: str = "auto"  # auto | cpu | cuda
-    workers: int = field(default_factory=default_workers)  # decode processes; 0: inline
-    threads: int | None = None  # the model's CPU threads (default: every core this process may use)
-    labels: Path | None = None  # CSV of (path, class)
-    top_k: int = 3  # classes and probabilities per row
-    resume: bool = False  # keep the rows already in out_csv and classify only the rest
-    strict: bool = False  # stop at the first unreadable file instead of writing an error row
-    n_wrong: int = 20  # most confidently wrong images listed in the metrics
+    inputs: str | Path = helped(help="A folder (searched recursively), an image, a glob ('scans/**/*.jpg') or a "
+                                     ".txt/.csv list of paths.")
+    deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
+    sources: list[str] | None = helped(None, "Bundle(s) to run, repeatable, or 'all'; each image gets one row per "
+                                             "source (none: the only bundle).")
+    out_csv: Path = helped(Path("predictions.csv"), "Predictions CSV.")
+    batch_size: int = helped(32, "Images per model call.")
+    backend: str = helped("auto", "auto: the fastest available (TensorRT engine, else onnxruntime on its best "
+                                  "provider); torch: the merged model rebuilt from its training run, for debugging.")
+    precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files).")
+    device: str = helped("auto", "auto: TensorRT -> CUDA -> CPU, whichever is installed.")
+    workers: int = helped(default_factory=default_workers,
+                          help="Decoding processes (0: decode in the main process; default: one per core, up to 4).")
+    threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
+    labels: Path | None = helped(None, "CSV of (path, label): the true class of each image.")
+    top_k: int = helped(3, "Classes and probabilities per row.")
+    resume: bool = helped(False, "Keep the rows already in --out (a killed run's) and classify only the rest.")
+    strict: bool = helped(False, "Stop at the first unreadable file instead of writing an error row for it.")
+    n_wrong: int = helped(20, "Most confidently wrong images listed in the metrics.")
     score: bool = True  # False: no labels read, checked or scored (evaluate --cross maps them itself)
 
     def __post_init__(self) -> None:
@@ -87,12 +93,6 @@ class InferResult:
     @property
     def images_per_second(self) -> float:
         return self.n_classified / self.seconds if self.seconds > 0 else 0.0
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def true_label(rel: Path, classes: list[str]) -> str | None:

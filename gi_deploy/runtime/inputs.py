@@ -14,8 +14,8 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gi_deploy.core.preprocess import IMAGE_EXTENSIONS, list_images
 from gi_deploy.errors import ConfigError, DataError
-from gi_deploy.runtime.preprocess import IMAGE_EXTENSIONS, list_images
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
 PATH_COLUMNS = ("path", "file", "filename", "image")

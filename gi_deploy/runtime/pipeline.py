@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.core.preprocess import PreprocessSpec, load_rgb, to_input
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.backends import cpu_threads
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_rgb, to_input
+from gi_deploy.runtime.base import cpu_threads
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.runtime.metrics import binary_roc_auc, roc_curve
+from gi_deploy.core.metrics import binary_roc_auc, roc_curve
 
 SUFFIXES = {
     "confusion_csv": ".confusion.csv",

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gi_deploy._io import read_json
+from gi_deploy.core.methods import METHODS, method_spec
+from gi_deploy.core.runs import CHECKPOINT, RUN_MANIFEST
 from gi_deploy.errors import ConfigError
-from gi_deploy.training.config import METHODS, RESUME_MAY_CHANGE, TrainConfig
-from gi_deploy.training.run import CHECKPOINT, RUN_MANIFEST, artifact_bytes
+from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig
+from gi_deploy.training.trainer import train
 
 COLUMNS = ("method", "label_fraction", "train_images", "eval_split", "accuracy", "f1_weighted", "mcc",
            "trainable_params", "total_params", "artifact_bytes", "epochs", "best_epoch", "epoch_seconds",
@@ -58,7 +60,7 @@ def row_of(manifest: dict, run_dir: Path) -> dict:
         "train_images": manifest["splits"]["counts"]["train"], "eval_split": split,
         "accuracy": scores["accuracy"], "f1_weighted": scores["f1_weighted"], "mcc": scores["mcc"],
         "trainable_params": manifest["params"]["trainable"], "total_params": manifest["params"]["total"],
-        "artifact_bytes": artifact_bytes(run_dir, method), "epochs": len(history),
+        "artifact_bytes": method_spec(method).artifact_bytes(run_dir), "epochs": len(history),
         "best_epoch": manifest["best"]["epoch"],
         "epoch_seconds": sum(r["seconds"] for r in history) / len(history),
         "peak_mem_mib": max(peaks) if peaks else None,
@@ -94,8 +96,6 @@ def compare(base: TrainConfig, methods: list[str], fractions: list[float],
     """Train every (method, label fraction) cell of the grid with ``base``'s recipe; write the
     table to ``<base.out_dir>/<source>-compare/compare.{csv,md}``. Errors (including Ctrl-C as
     TrainingInterrupted) propagate; calling again reuses finished cells and resumes the stopped one."""
-    from gi_deploy.training.trainer import train
-
     train_fn = train_fn or train
     report = report or (lambda event, data: None)
     unknown = [m for m in methods if m not in METHODS]

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gi_deploy.errors import ConfigError
+import tomllib
 
-METHODS = ("lora", "full", "linear", "colora", "lora+colora")
-LORA_METHODS = ("lora", "lora+colora")  # methods whose run holds a peft LoRA adapter
-COLORA_METHODS = ("colora", "lora+colora")  # methods whose run holds CoLoRA layers
-COLORA_FORWARD = ("branch", "fused")
-DEVICES = ("auto", "cpu", "cuda")
+from gi_deploy.core.choices import DEVICES
+from gi_deploy.core.fields import helped
+from gi_deploy.core.methods import METHODS
+from gi_deploy.core.runs import RUN_MANIFEST, stored_config
+from gi_deploy.errors import ConfigError
+from gi_deploy.model.settings import ColoraSettings, LoraSettings
+
 SCHEDULERS = ("none", "cosine", "plateau")
 BALANCE = ("none", "weighted-loss", "sampler")
 AMP = ("auto", "off", "bf16", "fp16")
@@ -29,106 +30,48 @@ RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "device", "num_workers", "
 
 
 @dataclass
-class LoraSettings:
-    """LoRA as the seed paper sets it: r=16, alpha=32, dropout 0.1 on the block MLP fc1/fc2,
-    with the freshly initialised classifier ``head.fc`` trained in full."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("fc1", "fc2")
-    modules_to_save: tuple[str, ...] = ("head.fc",)
-    # "input": peft's (and the paper's) dropout on the layer input, full width; "rank": the same rate
-    # on the r-dimensional output of A, 6-190x fewer elements (a cheaper, different regulariser;
-    # see benchmarks/train_throughput.py). Training-only: saved adapters and merges are identical.
-    dropout_position: str = "input"
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        if self.dropout_position not in ("input", "rank"):
-            raise ConfigError(f"lora dropout_position must be 'input' or 'rank', got {self.dropout_position!r}")
-        if not self.target_modules:
-            raise ConfigError("lora target_modules is empty; the paper targets ('fc1', 'fc2')")
-
-
-@dataclass
-class ColoraSettings:
-    """CoLoRA (seeds/002) as the paper runs it: every dense convolution of the backbone gets a
-    pointwise-then-depthwise update, merged into the frozen kernel after every epoch.
-
-    ``targets`` are fnmatch patterns on module names (``layer4.*``, ``stages.*.downsample.*``);
-    empty = every dense convolution outside the classifier. ``min_kernel`` 3 skips 1x1
-    convolutions, whose CoLoRA pointwise factor is as large as the kernel itself (no saving).
-    ``merge_every`` N merges after every N-th epoch; 0 merges only at export."""
-
-    merge_every: int = 1
-    targets: tuple[str, ...] = ()
-    min_kernel: int = 1
-    # fused: one convolution with K0 + K_p*K_d; branch: K0*x + K_d*(K_p*x), the paper's Fig. 4 layer.
-    # Identical outputs and gradients; fused measured 1.85-2.1x faster (two runs) with 0.73x the peak
-    # memory of branch on ResNet50 (CPU; benchmarks/train_throughput.py), where most convolutions are
-    # 1x1 and the branch doubles their cost.
-    forward_mode: str = "fused"
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if self.merge_every < 0:
-            raise ConfigError(f"colora merge_every must be >= 0 (0 = only at export), got {self.merge_every}")
-        if self.min_kernel < 1:
-            raise ConfigError(f"colora min_kernel must be >= 1, got {self.min_kernel}")
-        if self.forward_mode not in COLORA_FORWARD:
-            raise ConfigError(f"colora forward_mode {self.forward_mode!r} unknown; use {' or '.join(COLORA_FORWARD)}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-
-@dataclass
 class TrainConfig:
     """Everything that defines a training run; stored resolved in the run manifest."""
 
-    source: str
-    data_dir: Path
-    method: str = "lora"  # lora | full | linear (head only) | colora | lora+colora
-    model: str = "convnextv2_base"
-    pretrained: bool = True
-    weights: Path | None = None
-    img_size: int = 224
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    patience: int = 5
-    seed: int = 0
-    out_dir: Path = Path("runs")
-    device: str = "auto"
-    num_workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split: str = "seeded"  # kvasir: official-0 / official-1 train on that official fold, test on the other
-    label_fraction: float = 1.0  # keep this share of each class's training images (seeded)
-    resize: str = "direct"  # direct: squash to img_size (the paper); crop: shorter side, centre crop
-    crop_pct: float = 0.875  # with resize=crop: crop img_size out of img_size / crop_pct
-    hflip: bool = True
-    vflip: bool = False
-    rotation_degrees: float = 10.0
-    color_jitter: float = 0.0
-    scheduler: str = "none"  # none (the paper) | cosine | plateau (on val accuracy)
-    balance: str = "none"  # none | weighted-loss (inverse class frequency) | sampler (balanced batches)
-    amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU
-    channels_last: bool | None = None  # None: on CUDA only
-    compile: bool = False  # torch.compile the model
-    overwrite: bool = False  # replace a finished run in run_dir instead of refusing
-    resume: bool = False  # continue an interrupted run from its last checkpoint
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    colora: ColoraSettings = field(default_factory=ColoraSettings)
+    source: str = helped(help="kvasir, gastrovision (built-in layouts, see `gi-deploy sources`) or any name for "
+                              "an ImageFolder tree; the run goes to OUT/SOURCE.")
+    data_dir: Path = helped(help="The dataset folder (layout: `gi-deploy sources`).")
+    method: str = helped("lora", "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".")
+    model: str = helped("convnextv2_base", "timm model name.")
+    pretrained: bool = helped(True, "ImageNet weights from the Hugging Face hub.")
+    weights: Path | None = helped(None, "Local base checkpoint (.pth/.safetensors); overrides --pretrained.")
+    img_size: int = helped(224, "Input height and width in pixels.")
+    epochs: int = helped(30, "Maximum epochs.")
+    batch_size: int = helped(32, "Images per training step.")
+    lr: float = helped(1e-4, "AdamW learning rate.")
+    weight_decay: float = helped(0.01, "AdamW weight decay.")
+    patience: int = helped(5, "Early stopping: epochs without a val accuracy gain.")
+    seed: int = helped(0, "Seed of the split, the label fraction, initialisation and augmentation.")
+    out_dir: Path = helped(Path("runs"), "Runs folder.")
+    device: str = helped("auto", "auto | cpu | cuda.")
+    num_workers: int | None = helped(None, "DataLoader workers (none: 0 on CPU, up to 8 on CUDA).")
+    val_fraction: float = helped(0.1, "Share of each class held out for validation.")
+    test_fraction: float = helped(0.1, "Share of each class held out for testing.")
+    split: str = helped("seeded", "seeded | official-0 | official-1 (kvasir's official folds: train on one, "
+                                  "test on the other).")
+    label_fraction: float = helped(1.0, "Train on this share of each class's labels (seeded).")
+    resize: str = helped("direct", "direct (squash to img_size, the paper) | crop (shorter side + centre crop).")
+    crop_pct: float = helped(0.875, "With resize crop: crop size / resize size.")
+    hflip: bool = helped(True, "Random horizontal flip.")
+    vflip: bool = helped(False, "Random vertical flip.")
+    rotation_degrees: float = helped(10.0, "Random rotation range in degrees.")
+    color_jitter: float = helped(0.0, "Brightness/contrast/saturation jitter.")
+    scheduler: str = helped("none", "none (the paper) | cosine | plateau (on val accuracy).")
+    balance: str = helped("none", "Class imbalance: none | weighted-loss (inverse class frequency) | sampler "
+                                  "(balanced batches).")
+    amp: str = helped("auto", "auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")
+    channels_last: bool | None = helped(None, "Channels-last memory format (none: on CUDA only).")
+    compile: bool = helped(False, "torch.compile the model.")
+    overwrite: bool = helped(False, "Replace an existing run of this source.")
+    resume: bool = helped(False, "Continue an interrupted run from its last checkpoint.")
+    lora: LoraSettings = helped(default_factory=LoraSettings, help="LoRA settings (a [lora] table in --config).")
+    colora: ColoraSettings = helped(default_factory=ColoraSettings,
+                                    help="CoLoRA settings (a [colora] table in --config).")
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -183,9 +126,7 @@ class TrainConfig:
         d = asdict(self)
         for key in ("data_dir", "out_dir", "weights"):
             d[key] = str(d[key]) if d[key] is not None else None
-        d["lora"]["target_modules"] = list(self.lora.target_modules)
-        d["lora"]["modules_to_save"] = list(self.lora.modules_to_save)
-        d["colora"] = self.colora.to_dict()
+        d["lora"], d["colora"] = self.lora.to_dict(), self.colora.to_dict()
         return d
 
     @classmethod
@@ -261,3 +202,21 @@ def load_config_file(path: Path) -> dict:
     def norm(d: dict) -> dict:
         return {str(k).replace("-", "_"): (norm(v) if isinstance(v, dict) else v) for k, v in d.items()}
     return norm(data)
+
+
+def layered_config(flags: dict, config_file: Path | None = None, resume: bool = False) -> TrainConfig:
+    """The config of ``gi-deploy train`` and ``compare``: layers, later winning, of the stored
+    config of the run being resumed (with ``resume``), a ``--config`` file, then the flags actually
+    given (None = not given). ``lora`` / ``colora`` flags are tables merged key by key."""
+    layers = []
+    file_layer = load_config_file(config_file) if config_file is not None else {}
+    if resume:
+        out_dir = flags.get("out_dir") or Path(file_layer.get("out_dir", field_default("out_dir")))
+        run_dir = Path(out_dir) / flags["source"]
+        if (run_dir / RUN_MANIFEST).is_file():
+            layers.append(stored_config(run_dir))
+    if config_file is not None:
+        layers.append(file_layer)
+    layers.append({k: v for k, v in flags.items() if v is not None and v != {}})
+    return TrainConfig.from_layers(*layers)
+

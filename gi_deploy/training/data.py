@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_rgb, normalize, resize_for, to_input
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_rgb, normalize, resize_for, to_input
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gi_deploy.core.preprocess import list_images
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.preprocess import list_images
 from gi_deploy.training.config import SPLIT_MODES
-from gi_deploy.training.data import (DatasetSplits, _describe, _stratified_take, check_no_leak,
-                                     discover_splits, group_split)
+from gi_deploy.training.data import (
+    DatasetSplits,
+    _describe,
+    _stratified_take,
+    check_no_leak,
+    discover_splits,
+    group_split,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from gi_deploy._io import sha256_file
+from gi_deploy.core.methods import method_spec
+from gi_deploy.core.runs import RANDOM_BASE_WEIGHTS, select_runs
 from gi_deploy.errors import BundleError, ExportFailed, GateFailed
-from gi_deploy.export import bundle as bundle_mod
-from gi_deploy.export import merge, onnx_export, verify
-from gi_deploy.export.bundle import ExportConfig, export_runs, export_source
-from gi_deploy.runtime.bundle import load_bundle
-from gi_deploy.training.run import RANDOM_BASE_WEIGHTS, artifact_bytes, load_run_model
+from gi_deploy.export import fp16, onnx_export, verify
+from gi_deploy.export.options import ExportConfig
+from gi_deploy.export.writer import export_runs, export_source
+from gi_deploy.model import lora, merge
+from gi_deploy.model.run import load_run_model
+from gi_deploy.runtime.loader import load_bundle
 
 
 def test_adapter_under_test_has_nonzero_b(tiny_run):
@@ -46,7 +49,7 @@ def test_bundle_is_verified_and_self_describing(tiny_run, tiny_deploy):
     assert m["adapter"]["lora"]["r"] == 16 and m["adapter"]["lora"]["alpha"] == 32 and m["model"]["merged"] is True
     assert m["model"]["exporter"] == "torchscript" and m["model"]["opset"] >= 17
     fp = m["footprint"]
-    assert fp["artifact_bytes"] == artifact_bytes(tiny_run, "lora") and fp["merged_model_bytes"] == m["files"]["model.onnx"]["bytes"]
+    assert fp["artifact_bytes"] == method_spec("lora").artifact_bytes(tiny_run) and fp["merged_model_bytes"] == m["files"]["model.onnx"]["bytes"]
     assert fp["artifact_vs_merged_model"] < 0.15  # the storage argument: r=16 adapters are a small fraction
     assert m["engine"] is None and m["versions"]["onnxruntime"]
     assert not list(tiny_deploy.glob(".*"))  # no staging left behind
@@ -113,7 +116,7 @@ def test_a_broken_merge_is_refused_by_the_merge_gate(tiny_run, tiny_deploy, tmp_
     shutil.copytree(tiny_deploy / "capsule", target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     real = merge.lora_delta
-    monkeypatch.setattr(merge, "lora_delta", lambda f: 2 * real(f))  # e.g. a scaling applied twice
+    monkeypatch.setattr(lora, "lora_delta", lambda f: 2 * real(f))  # where the LoRA adapter kind computes ΔW  # e.g. a scaling applied twice
     with pytest.raises(GateFailed, match=r"gate merge failed .*max \|Δlogit\| .*must be at most 0.0001") as e:
         export_source(tiny_run, target, force=True)
     assert e.value.gate == "merge" and e.value.value > 1e-4 and e.value.threshold == 1e-4
@@ -137,8 +140,8 @@ def test_naive_fp16_is_refused_and_islands_pass_on_large_activations(tiny_run, t
     ok = export_source(run, tmp_path / "deploy" / "capsule").manifest["verification"]
     assert ok["inputs"]["peak_activation"] > 40 and ok["fp16_emulated"]["finite"]
     assert ok["fp16_emulated"]["top1_agreement"] == 1.0
-    convert = bundle_mod.fp16_mod.convert_fp16
-    monkeypatch.setattr(bundle_mod.fp16_mod, "convert_fp16", lambda src, dst: convert(src, dst, islands=False))
+    convert = fp16.convert_fp16
+    monkeypatch.setattr(fp16, "convert_fp16", lambda src, dst: convert(src, dst, islands=False))
     with pytest.raises(GateFailed, match="gate fp16_emulated failed .*share of inputs with finite logits 0"):
         export_source(run, tmp_path / "deploy" / "capsule", force=True)
     assert (tmp_path / "deploy" / "capsule" / "model.fp16.onnx").is_file()  # the good bundle is kept
@@ -165,7 +168,7 @@ def test_changed_base_weights_are_detected(tiny_run, tmp_path):
 
 def test_unknown_source_lists_trained_ones(tiny_run, tmp_path):
     with pytest.raises(BundleError, match="no trained run for kvasir .*trained: capsule"):
-        ExportConfig(runs_dir=tiny_run.parent, sources=["kvasir"]).resolve_sources()
+        select_runs(tiny_run.parent, ["kvasir"])
 
 
 def test_one_failing_source_does_not_stop_the_others(tiny_run, tmp_path):
@@ -216,7 +219,7 @@ def test_grouped_split_rows_export_and_an_interrupted_export_is_restored(tiny_ru
     first = export_source(run, deploy / "capsule", fp16=False)
     assert first.manifest["verification"]["inputs"]["real_images"] == 8
     (deploy / "capsule").rename(deploy / ".capsule.old")
-    from gi_deploy.runtime.bundle import list_bundles
+    from gi_deploy.core.bundles import list_bundles
 
     assert list_bundles(deploy) == []  # hidden folders are never bundles
     again = export_source(run, deploy / "capsule", fp16=False)

@@ -8,14 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import tiny_train_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import tiny_train_config
+from gi_deploy.core.runs import read_run_manifest
 from gi_deploy.export import onnx_export, verify
-from gi_deploy.export.bundle import export_source
-from gi_deploy.runtime.bundle import load_bundle
-from gi_deploy.training.run import load_run_model, read_run_manifest, rebuild_base
+from gi_deploy.export.writer import export_source
+from gi_deploy.model.run import load_run_model, rebuild_base
+from gi_deploy.runtime.loader import load_bundle
 from gi_deploy.training.trainer import train
 
 

@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from gi_deploy.errors import ConfigError, DataError, GateFailed
-from gi_deploy.export import bundle as bundle_mod
 from gi_deploy.export import int8 as int8_mod
-from gi_deploy.export.bundle import export_source
-from gi_deploy.runtime.bundle import load_bundle
+from gi_deploy.export.options import ExportOptions
+from gi_deploy.export.writer import export_source
+from gi_deploy.runtime.loader import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_int8_bundle_records_its_gates_and_runs(int8_bundle, tiny_run):
 def test_bad_calibration_is_refused_by_the_int8_gate(tiny_run, tmp_path, monkeypatch):
     """Calibrating on a blank image collapses every activation range: the gate must refuse it."""
     real = int8_mod.quantize_int8
-    monkeypatch.setattr(bundle_mod.int8_mod, "quantize_int8",
+    monkeypatch.setattr(int8_mod, "quantize_int8",
                         lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name))
     with pytest.raises(GateFailed, match=r"gate int8 failed .*validation images: (top-1 agreement|accuracy drop)"):
         export_source(tiny_run, tmp_path / "capsule", int8=True, calib_images=16)
@@ -65,7 +65,7 @@ def test_int8_needs_the_training_images(tiny_run, tmp_path):
 
 def test_int8_thresholds_are_validated():
     with pytest.raises(ConfigError, match="fractions"):
-        bundle_mod.ExportOptions(int8=True, int8_max_accuracy_drop=2.0)
+        ExportOptions(int8=True, int8_max_accuracy_drop=2.0)
 
 
 def test_accuracy_gate_resolution():

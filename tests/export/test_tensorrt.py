@@ -8,7 +8,8 @@ import pytest
 
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.export import tensorrt
-from gi_deploy.export.bundle import ExportOptions, export_source
+from gi_deploy.export.options import ExportOptions
+from gi_deploy.export.writer import export_source
 
 HAVE_TRT, TRT_REASON = tensorrt.tensorrt_status()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason=TRT_REASON)

@@ -9,11 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from gi_deploy.core.bundles import read_bundle_manifest
+from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
 from gi_deploy.errors import BundleError, ConfigError, DependencyError
 from gi_deploy.export import tensorrt
 from gi_deploy.runtime.backends import open_backend
-from gi_deploy.runtime.bundle import read_bundle_manifest
-from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_input
 
 HAVE_TRT, TRT_REASON = tensorrt.tensorrt_status()
 
@@ -51,7 +51,7 @@ def test_onnxruntime_runs_on_the_cpu_provider_and_matches_a_plain_session(bundle
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU provider is installed")
 def test_cuda_requested_on_a_cpu_machine_runs_on_cpu_and_says_so(bundle, batch, caplog):
-    from gi_deploy.runtime.bundle import load_bundle
+    from gi_deploy.runtime.loader import load_bundle
 
     d, manifest = bundle
     b = open_backend(d, manifest, "onnxruntime", "fp32", "cuda")
@@ -105,7 +105,7 @@ def test_tensorrt_without_tensorrt_says_why(bundle):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAVE_TRT, reason=TRT_REASON)
 def test_tensorrt_engine_matches_the_fp32_onnx(tiny_run, batch, tmp_path):
-    from gi_deploy.export.bundle import export_source
+    from gi_deploy.export.writer import export_source
 
     d = tmp_path / "capsule"
     export_source(tiny_run, d, engine=True, max_batch=4)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gi_deploy.core.preprocess import BACKGROUND, MAX_PIXELS, list_images, load_rgb
 from gi_deploy.errors import DataError
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-from gi_deploy.runtime.preprocess import BACKGROUND, MAX_PIXELS, list_images, load_rgb
 
 
 def _picture(w: int = 40, h: int = 24) -> Image.Image:

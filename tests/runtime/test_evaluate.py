@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
+from gi_deploy.core.metrics import classification_metrics
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.evaluate import score_predictions
-from gi_deploy.runtime.metrics import classification_metrics
 from gi_deploy.runtime.report import write_report
 
 CAPSULE = ["erosion", "normal", "polyp"]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from gi_deploy.core.metrics import softmax
+from gi_deploy.core.preprocess import load_input
 from gi_deploy.errors import BundleError, ConfigError
-from gi_deploy.runtime.bundle import load_bundle
-from gi_deploy.runtime.infer import InferConfig, infer_folder, softmax
-from gi_deploy.runtime.preprocess import load_input
+from gi_deploy.runtime.infer import InferConfig, infer_folder
+from gi_deploy.runtime.loader import load_bundle
 
 
 def read_rows(path: Path) -> list[dict]:

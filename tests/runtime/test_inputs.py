@@ -74,7 +74,7 @@ def test_a_csv_list_with_a_label_column(images, tiny_deploy, tmp_path):
 
 
 def test_a_killed_run_resumes_with_every_image_exactly_once(images, tiny_deploy, tmp_path, monkeypatch):
-    from gi_deploy.runtime import bundle as bundle_mod
+    from gi_deploy.runtime import loader as bundle_mod
 
     full = tmp_path / "full.csv"
     infer_folder(InferConfig(inputs=images, deploy_dir=tiny_deploy, out_csv=full, batch_size=3))

@@ -8,38 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from gi_deploy.core.preprocess import list_images
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.cross import cross_evaluate
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-from gi_deploy.runtime.preprocess import list_images
 
 SOURCES = ["capsule", "endoscope"]  # list_bundles order: the CSV's per-image row order
-
-
-def build_two_source_deploy(tmp_path_factory, tiny_data: Path, tiny_deploy: Path) -> Path:
-    """``<basetemp>/two-source/deploy/{capsule,endoscope}``: the tiny capsule bundle and a second
-    tiny run, trained as source "endoscope" with another seed. Built once per session: another
-    test module's fixture calling this finds it done."""
-    from conftest import tiny_train_config
-    from gi_deploy.export.bundle import export_source
-    from gi_deploy.training.trainer import train
-
-    root = tmp_path_factory.getbasetemp() / "two-source"
-    deploy, done = root / "deploy", root / "done"
-    if done.is_file():
-        return deploy
-    if root.exists():
-        shutil.rmtree(root)
-    run = train(tiny_train_config(tiny_data, root / "runs", source="endoscope", seed=1)).run_dir
-    export_source(run, deploy / "endoscope")
-    shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
-    done.write_text("ok")
-    return deploy
-
-
-@pytest.fixture(scope="session")
-def two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy) -> Path:
-    return build_two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy)
 
 
 def read_rows(path: Path) -> list[dict]:

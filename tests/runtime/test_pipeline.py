@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from gi_deploy._io import read_json
+from gi_deploy.core.bundles import read_bundle_manifest
+from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
 from gi_deploy.runtime import pipeline
-from gi_deploy.runtime.bundle import read_bundle_manifest
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
-from gi_deploy.runtime.preprocess import PreprocessSpec, list_images, load_input
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -46,8 +46,8 @@ def training_eval_arrays(root: Path, paths: list[Path], spec: PreprocessSpec, tm
     """What the trainer feeds the model for its val and test splits: its own DataLoaders
     (trainer._loaders, the ImageDataset without augmentation), as numpy (N, 3, H, W)."""
     import torch
-
     from conftest import tiny_train_config
+
     from gi_deploy.training.data import DatasetSplits
     from gi_deploy.training.trainer import _loaders
 

@@ -2,9 +2,9 @@ import shutil
 
 import pytest
 
+from gi_deploy.core.preprocess import PreprocessSpec, load_input
 from gi_deploy.errors import DataError
 from gi_deploy.training.data import Augment, ImageDataset, discover_splits
-from gi_deploy.runtime.preprocess import PreprocessSpec, load_input
 
 SPEC = PreprocessSpec(size=(32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -95,7 +95,7 @@ def test_training_geometry_is_the_runtime_geometry(tiny_data, resize):
 def test_crop_resize_keeps_aspect_and_centres():
     from PIL import Image
 
-    from gi_deploy.runtime.preprocess import resize_for
+    from gi_deploy.core.preprocess import resize_for
 
     img = Image.new("RGB", (200, 100), (0, 0, 0))
     img.paste((255, 0, 0), (0, 0, 50, 100))  # a red band on the left quarter: cropped away

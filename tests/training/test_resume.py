@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_train_config
 from safetensors.torch import load_file
 
-from conftest import tiny_train_config
 from gi_deploy.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from gi_deploy.training.trainer import train
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PX, tiny_train_config
 from PIL import Image
 
-from conftest import TINY_PX, tiny_train_config
 from gi_deploy.errors import DataError
 from gi_deploy.training.data import check_no_leak
 from gi_deploy.training.sources import GASTROVISION, KVASIR, load_splits

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_train_config
+
 from gi_deploy.errors import ConfigError
 from gi_deploy.training.trainer import train
 

@@ -36,10 +36,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gi_deploy.core.runs import COLORA_WEIGHTS
 from gi_deploy.errors import BundleError, ConfigError
-from gi_deploy.export.merge import colora_delta
-from gi_deploy.training.config import ColoraSettings
-from gi_deploy.training.model import head_state
+from gi_deploy.model.base import head_state, inner_model
+from gi_deploy.model.merge import colora_delta
+from gi_deploy.model.settings import ColoraSettings
 
 # names that belong to the classifier stage of timm CNNs rather than the backbone
 # (VGG's fc6/fc7 run as ``pre_logits`` convolutions; the paper replaces that top with its own head)
@@ -154,7 +155,7 @@ def colora_candidates(model: nn.Module, settings: ColoraSettings, head: str) -> 
             if all(convs[n].groups > 1 for n in hits):
                 raise ConfigError(f"CoLoRA target {pattern!r} matches only grouped/depthwise convolutions "
                                   f"({hits[0]}, ...); their kernels cannot hold CoLoRA's channel-mixing update "
-                                  "(see gi_deploy/training/colora.py). Target dense convolutions")
+                                  "(see gi_deploy/model/colora.py). Target dense convolutions")
     else:
         chosen = convs
     report = ColoraReport(
@@ -292,3 +293,29 @@ def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: st
 def is_merge_epoch(epoch: int, merge_every: int) -> bool:
     return merge_every > 0 and epoch % merge_every == 0
 
+
+# The adapter kind's uniform interface (model/adapters.py): CoLoRA wraps convolutions of the timm
+# model in place, inside a peft wrapper when LoRA is applied too.
+
+def apply_colora_adapter(model: nn.Module, settings: ColoraSettings, head: str) -> nn.Module:
+    apply_colora(inner_model(model), settings, head)
+    return model
+
+
+def save_colora_adapter(model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str, with_head: bool,
+                        merges: int) -> None:
+    """``colora.safetensors``: the factors and merges, with the classifier when no peft adapter holds it."""
+    inner = inner_model(model)
+    extra = head_state(inner.state_dict(), head) if with_head else {}
+    save_colora(inner, Path(run_dir) / COLORA_WEIGHTS, settings, merges, extra)
+
+
+def load_colora_adapter(model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str,
+                        with_head: bool) -> nn.Module:
+    load_colora(inner_model(model), Path(run_dir) / COLORA_WEIGHTS, settings, head, head_in_file=with_head)
+    return model
+
+
+def colora_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every CoLoRA layer's total update as state-dict deltas; CoLoRA replaces no tensor whole."""
+    return colora_parts(inner_model(model)), {}

@@ -168,3 +168,10 @@ def classification_metrics(
     out["confusion_matrix"] = cm.tolist()
     out["confusion_matrix_normalized"] = _safe_div(cm.astype(np.float64), support[:, None]).tolist()
     return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, stable for large values."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,24 +1,34 @@
-"""Load a deployment bundle (``deploy/<source>/``) with onnxruntime. No torch import here."""
+"""The deployment bundle's format (``deploy/<source>/``), readable without torch or onnxruntime:
+file names, the manifest's format version, reading it, finding bundles, the training run a bundle
+came from, and the one formatter of its verification gates.
+
+Bundle layout::
+
+    model.onnx                    merged fp32 classifier, dynamic batch axis
+    model.fp16.onnx               fp16 with fp32 input/output and fp32 LayerNorm/GRN islands (default on)
+    model.int8.onnx               with --int8: QDQ INT8, calibrated on the source's training images
+    model.sm<CC>-trt<V>.engine    with --engine on a TensorRT + CUDA machine (else build_engine.sh)
+    labels.json                   class names in logit order
+    manifest.json                 source, classes, preprocessing, base weights and licence, adapter
+                                  settings, training metrics, footprint, sha256 of every file,
+                                  library versions and every verification gate's numbers
+"""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gi_deploy._io import read_json, sha256_file
+from gi_deploy.core.runs import RUN_MANIFEST
 from gi_deploy.errors import BundleError, ConfigError, DataError
-from gi_deploy.runtime.backends import Backend, open_backend
-from gi_deploy.runtime.preprocess import PreprocessSpec
-
-log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "gi-deploy-bundle"
 BUNDLE_FORMAT_VERSION = 2  # 2: model.fp16.onnx, int8, engine, files/footprint/export_key
 MANIFEST_NAME = "manifest.json"
+LABELS_NAME = "labels.json"
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+BUILD_SCRIPT = "build_engine.sh"  # written by export --engine where TensorRT or a GPU is missing
+
 
 def list_bundles(deploy_dir: Path) -> list[str]:
     """Names of the sources that have a bundle manifest under ``deploy_dir``."""
@@ -57,29 +67,6 @@ def resolve_bundle_dirs(deploy_dir: Path, sources: list[str] | None) -> list[Pat
     return [resolve_bundle_dir(deploy_dir, s) for s in dict.fromkeys(sources)]
 
 
-@dataclass
-class Bundle:
-    """A verified classifier with its class names and preprocessing, loaded on a backend."""
-
-    path: Path
-    manifest: dict
-    classes: list[str]
-    preprocess: PreprocessSpec
-    backend: Backend
-
-    @property
-    def source(self) -> str:
-        return self.manifest["source"]
-
-    @property
-    def provider(self) -> str:
-        return self.backend.detail
-
-    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
-        return self.backend.predict_logits(batch)
-
-
 def read_bundle_manifest(bundle_dir: Path) -> dict:
     """The bundle's manifest; BundleError when missing or of another format version."""
     manifest = read_json(bundle_dir / MANIFEST_NAME, "bundle manifest")
@@ -87,24 +74,6 @@ def read_bundle_manifest(bundle_dir: Path) -> dict:
         raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} v{BUNDLE_FORMAT_VERSION} "
                           "manifest; re-export with this version of gi-deploy")
     return manifest
-
-
-def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
-                backend: str = "onnxruntime", threads: int | None = None) -> Bundle:
-    """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
-    ``backend`` (runtime/backends.py; onnxruntime by default, no torch import).
-
-    Raises BundleError when files are missing or altered, ConfigError for an unknown
-    precision/device/backend. A requested provider that is not the active one is logged as a
-    warning and kept in ``bundle.backend.notes`` (onnxruntime-gpu silently falls back to CPU when
-    CUDA libraries are missing)."""
-    manifest = read_bundle_manifest(bundle_dir)
-    b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash)
-    for note in b.notes:
-        if not note.startswith("auto:"):
-            log.warning("%s: %s", manifest["source"], note)
-    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
-                  preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)
 
 
 def training_run_of(manifest: dict) -> Path:
@@ -115,7 +84,7 @@ def training_run_of(manifest: dict) -> Path:
         raise BundleError("this bundle's manifest does not name the training run it came from; re-export it "
                           "with this version of gi-deploy")
     run_dir = Path(training["run_dir"])
-    run_manifest = run_dir / "run.json"
+    run_manifest = run_dir / RUN_MANIFEST
     if not run_manifest.is_file():
         raise DataError(f"the training run this bundle came from, {run_dir}, is gone; use the ONNX backends, or "
                         "run on the machine that trained it")
@@ -125,12 +94,32 @@ def training_run_of(manifest: dict) -> Path:
     return run_dir
 
 
-def _gate_text(gate: str, g: dict) -> str:
-    if gate in ("merge", "onnx_fp32"):
-        return f"max|Δlogit| {g['max_abs_logit_diff']:.1e}"
+def gate_text(gate: str, g: dict) -> str:
+    """One verification gate's headline numbers, as the export summary and ``export --list`` show them."""
+    if gate == "merge":
+        return f"merge max|Δlogit| {g['max_abs_logit_diff']:.1e}"
+    if gate == "onnx_fp32":
+        return f"fp32 ONNX max|Δlogit| {g['max_abs_logit_diff']:.1e}, top-1 {g['top1_agreement']:.0%}"
+    if gate == "onnx_fp16":
+        return f"fp16 top-1 {g['top1_agreement']:.1%} max|Δprob| {g['max_abs_prob_diff']:.1e}"
+    if gate == "fp16_emulated":
+        return f"true fp16: top-1 {g['top1_agreement']:.0%}, max|Δprob| {g['max_abs_prob_diff']:.1e}"
     if gate == "int8":
-        return f"top-1 {g['top1_agreement']:.1%}, acc {g['accuracy_fp32']:.1%}→{g['accuracy_int8']:.1%}"
-    return f"top-1 {g['top1_agreement']:.1%}, max|Δp| {g['max_abs_prob_diff']:.0e}"
+        return (f"int8 top-1 {g['top1_agreement']:.1%} on {g['n']} val images, accuracy {g['accuracy_fp32']:.1%} -> "
+                f"{g['accuracy_int8']:.1%}")
+    return f"{gate} top-1 {g['top1_agreement']:.1%} max|Δprob| {g['max_abs_prob_diff']:.1e}"
+
+
+def gates_line(verification: dict) -> str:
+    """Every gate a bundle passed, on one line (the true-fp16 check beside the fp16 one)."""
+    parts = []
+    for gate in ("merge", "onnx_fp32", "onnx_fp16", "int8", "engine"):
+        if gate in verification:
+            text = gate_text(gate, verification[gate])
+            if gate == "onnx_fp16" and "fp16_emulated" in verification:
+                text += f" ({gate_text('fp16_emulated', verification['fp16_emulated'])})"
+            parts.append(text)
+    return "; ".join(parts)
 
 
 def bundle_summary(bundle_dir: Path) -> dict:
@@ -156,11 +145,11 @@ def bundle_summary(bundle_dir: Path) -> dict:
         elif not gates:
             rows.append((name, size, "", ""))
         for i, gate in enumerate(gates):
-            rows.append((name if i == 0 else "", size if i == 0 else None, gate, _gate_text(gate, v[gate])))
+            rows.append((name if i == 0 else "", size if i == 0 else None, gate, gate_text(gate, v[gate])))
     fp = m.get("footprint") or {}
     if "merge" in v:
         rows.append((f"{fp.get('trained_artifact', 'adapter')} (run)", fp.get("artifact_bytes"), "merge",
-                     _gate_text("merge", v["merge"])))
+                     gate_text("merge", v["merge"])))
     if fp:
         rows.append(("", None, "footprint", f"{fp['artifact_vs_merged_model']:.1%} of {MODEL_FILES['fp32']}"))
     return {"source": m.get("source", bundle_dir.name), "model": m["model"]["name"], "method": m["model"]["method"],

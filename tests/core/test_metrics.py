@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from gi_deploy.runtime.metrics import binary_roc_auc, classification_metrics, roc_curve
+from gi_deploy.core.metrics import binary_roc_auc, classification_metrics, roc_curve
 
 CLASSES = ["erosion", "normal", "polyp", "ulcer"]
 

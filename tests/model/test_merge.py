@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError, VerificationError
-from gi_deploy.export.merge import LoraFactors, lora_delta, merge_into_plain, merge_lora_state_dict
-from gi_deploy.training.config import LoraSettings
-from gi_deploy.training.model import apply_lora, create_base_model
+from gi_deploy.model.adapters import merge_into_plain
+from gi_deploy.model.base import create_base_model
+from gi_deploy.model.lora import apply_lora
+from gi_deploy.model.merge import LoraFactors, lora_delta, merge_lora_state_dict
+from gi_deploy.model.settings import LoraSettings
 
 
 def test_linear_delta_by_hand():

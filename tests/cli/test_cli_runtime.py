@@ -4,17 +4,12 @@
 import csv
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from gi_deploy.cli import app
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-
-sys.path.insert(0, str(Path(__file__).parent / "runtime"))
-from test_multisource import build_two_source_deploy  # noqa: E402  (one builder, built once per session)
 
 runner = CliRunner()
 
@@ -23,20 +18,15 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="session")
-def two_sources(tmp_path_factory, tiny_data, tiny_deploy) -> Path:
-    return build_two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy)
-
-
 @pytest.fixture
 def wide(monkeypatch):
     """Rich reads COLUMNS when it prints: wide enough that no table cell wraps."""
     monkeypatch.setenv("COLUMNS", "400")
 
 
-def test_infer_source_all_prints_one_line_per_source(two_sources, tiny_data, tmp_path, wide):
+def test_infer_source_all_prints_one_line_per_source(two_source_deploy, tiny_data, tmp_path, wide):
     out = tmp_path / "pred.csv"
-    r = invoke("infer", tiny_data / "test", "--deploy", two_sources, "--source", "all", "--out", out,
+    r = invoke("infer", tiny_data / "test", "--deploy", two_source_deploy, "--source", "all", "--out", out,
                "--workers", 0)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -91,9 +81,9 @@ def test_evaluate_without_a_csv_or_cross_exits_2(tmp_path):
     assert r.exit_code == 2 and "belong to --cross" in r.output
 
 
-def test_evaluate_cross_prints_the_matrix(two_sources, tiny_data, tmp_path, wide):
+def test_evaluate_cross_prints_the_matrix(two_source_deploy, tiny_data, tmp_path, wide):
     out = tmp_path / "cross"
-    r = invoke("evaluate", "--cross", "--deploy", two_sources, "--test", f"capsule={tiny_data / 'test'}",
+    r = invoke("evaluate", "--cross", "--deploy", two_source_deploy, "--test", f"capsule={tiny_data / 'test'}",
                "--test", f"endoscope={tiny_data / 'test'}", "--out", out)
     assert r.exit_code == 0, r.output
     assert "capsule test" in r.output and "endoscope test" in r.output
@@ -105,7 +95,7 @@ def test_evaluate_cross_prints_the_matrix(two_sources, tiny_data, tmp_path, wide
         assert row.index(shown[0]) < row.rindex(shown[1]), row  # both cells, in column order
     assert f"matrices -> {out / 'cross_accuracy.csv'}, {out / 'cross_accuracy_all_images.csv'}" in r.output
     assert "The same over every test image" in r.output  # the strict matrix is printed too
-    r = invoke("evaluate", "--cross", "--deploy", two_sources, "--test", "capsule", "--out", out)
+    r = invoke("evaluate", "--cross", "--deploy", two_source_deploy, "--test", "capsule", "--out", out)
     assert r.exit_code == 1 and "expected SOURCE=FOLDER" in r.output
 
 

@@ -1,4 +1,5 @@
-"""LoRA and CoLoRA merge maths, once, as pure functions on tensors and state dicts.
+"""LoRA and CoLoRA merge maths, once, as pure functions on tensors and state dicts (the one copy:
+training's CoLoRA merges, export and the torch backend all use these).
 
 For a target layer with frozen weight W, LoRA factors A (r x in) and B (out x r) and scaling
 s = alpha / r (alpha / sqrt(r) with rsLoRA), the merged weight is W' = W + s * B @ A. For a
@@ -15,12 +16,9 @@ weights and its spatial kernel), used with K0's stride, padding and dilation.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from gi_deploy.errors import ConfigError, VerificationError
 
@@ -95,69 +93,3 @@ def merge_lora_state_dict(base: dict[str, torch.Tensor], factors: dict[str, Lora
                           replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """:func:`merge_state_dict` with every ``<module>.weight`` in ``factors`` updated by s * B A."""
     return merge_state_dict(base, {f"{module}.weight": lora_delta(f) for module, f in factors.items()}, replaced)
-
-
-def peft_lora_parts(peft_model: nn.Module, adapter: str = "default",
-                    ) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
-    """Read LoRA factors and fully trained modules (``modules_to_save``) out of a peft model,
-    keyed by the plain model's module / state-dict names."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    config = peft_model.peft_config[adapter]
-    if getattr(config, "use_dora", False):
-        raise ConfigError("DoRA adapters are not supported by the LoRA merge; retrain without use_dora")
-    inner = peft_model.get_base_model()
-    factors: dict[str, LoraFactors] = {}
-    replaced: dict[str, torch.Tensor] = {}
-    for name, module in inner.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            factors[name] = LoraFactors(A=module.lora_A[adapter].weight.detach(),
-                                        B=module.lora_B[adapter].weight.detach(),
-                                        scaling=float(module.scaling[adapter]))
-        elif isinstance(module, ModulesToSaveWrapper):
-            trained = module.modules_to_save[adapter]
-            replaced.update({f"{name}.{k}": v for k, v in trained.state_dict().items()})
-    if not factors:
-        raise ConfigError(f"peft model has no LoRA layers for adapter {adapter!r}")
-    return factors, replaced
-
-
-def merge_into_plain(plain: nn.Module, trained: nn.Module, adapter: str = "default") -> nn.Module:
-    """A copy of the plain timm model with every adapter of ``trained`` merged in: peft LoRA
-    (factors and ``modules_to_save``), CoLoRA layers (accumulated merges + live factors, and the
-    trained classifier when there is no peft wrapper), or both. The strict load guarantees the
-    result has exactly the plain architecture. ``plain`` must hold the base ``trained`` started from."""
-    from gi_deploy.training.colora import colora_parts  # the layer lives with training
-    from gi_deploy.training.model import classifier_name, head_state
-
-    is_peft = hasattr(trained, "peft_config")
-    deltas: dict[str, torch.Tensor] = {}
-    replaced: dict[str, torch.Tensor] = {}
-    inner = trained
-    if is_peft:
-        factors, replaced = peft_lora_parts(trained, adapter)
-        deltas = {f"{module}.weight": lora_delta(f) for module, f in factors.items()}
-        inner = trained.get_base_model()
-    colora = colora_parts(inner)
-    if not deltas and not colora:
-        raise ConfigError(f"{type(trained).__name__} has neither LoRA nor CoLoRA layers; nothing to merge")
-    if colora and not is_peft:  # CoLoRA alone trains the classifier directly, in place
-        replaced = head_state(inner.state_dict(), classifier_name(plain))
-    merged_sd = merge_state_dict(plain.state_dict(), {**deltas, **colora}, replaced)
-    out = copy.deepcopy(plain)
-    out.load_state_dict(merged_sd, strict=True)
-    return out.eval()
-
-
-def load_merged_model(run_dir: Path) -> nn.Module:
-    """A finished run's deployed function as a torch model in eval mode: the base with the run's
-    adapters merged in (lora, colora, lora+colora), or the trained model itself (full, linear)."""
-    from gi_deploy.training.run import ADAPTER_METHODS, attach_trained, read_run_manifest, rebuild_base
-
-    manifest = read_run_manifest(run_dir)
-    plain = rebuild_base(manifest, run_dir).eval()
-    trained = attach_trained(copy.deepcopy(plain), manifest, run_dir).eval()
-    if manifest["config"]["method"] in ADAPTER_METHODS:
-        return merge_into_plain(plain, trained)
-    return trained.eval()

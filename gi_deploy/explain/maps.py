@@ -1,7 +1,7 @@
 """Saliency maps: where each per-source model looks (the seed paper's Fig. 3).
 
 Grad-CAM and Grad-CAM++ come from the maintained ``grad-cam`` package (pytorch_grad_cam), on the
-merged model of each run (the same function as the adapter model, see export/merge.py). The
+merged model of each run (the same function as the adapter model, see model/run.py). The
 target layer is the backbone's deepest feature map with at least 4 cells per side at the run's
 input size, read from timm's ``feature_info`` (at 224 px ConvNeXt ``stages.3``, ResNet ``layer4``,
 VGG ``features.30``); ``layer`` overrides it.
@@ -16,7 +16,7 @@ it saw.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from gi_deploy.core.bundles import read_bundle_manifest, training_run_of
+from gi_deploy.core.preprocess import PreprocessSpec, crop_geometry, list_images, load_rgb, to_input
+from gi_deploy.core.runs import read_run_manifest, select_runs
 from gi_deploy.errors import ConfigError, DataError, DependencyError
-from gi_deploy.runtime.preprocess import PreprocessSpec, crop_geometry, list_images, load_rgb, to_input
+from gi_deploy.explain.config import METHODS, ExplainConfig
+from gi_deploy.model.run import load_merged_model
+from gi_deploy.runtime.evaluate import most_confidently_wrong
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gradcam", "gradcam++", "smoothgrad")
 SMOOTHGRAD_SAMPLES = 25
 SMOOTHGRAD_NOISE = 0.15  # noise sd as a share of the input's value range (the SmoothGrad paper's 10-20%)
 
@@ -163,34 +167,9 @@ class ExplainSource:
 
 def load_source(run_dir: Path) -> ExplainSource:
     """The run's merged model (adapters folded in: the deployed function) in eval mode."""
-    from gi_deploy.export.merge import load_merged_model
-    from gi_deploy.training.run import read_run_manifest
-
     manifest = read_run_manifest(run_dir)
     return ExplainSource(Path(run_dir).name, load_merged_model(run_dir), list(manifest["classes"]),
                          PreprocessSpec.from_dict(manifest["preprocess"]))
-
-
-@dataclass
-class ExplainConfig:
-    path: Path
-    runs_dir: Path = Path("runs")
-    sources: list[str] = field(default_factory=list)  # empty: every trained run
-    method: str = "gradcam"
-    target: str = "predicted"  # or a class name
-    layer: str | None = None
-    out_dir: Path = Path("explain")
-    sheet_rows: int = 24  # images on the contact sheet
-    limit: int | None = None  # explain only the first N images of a folder
-
-    def __post_init__(self) -> None:
-        self.path, self.runs_dir, self.out_dir = Path(self.path), Path(self.runs_dir), Path(self.out_dir)
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r} unknown; use one of {', '.join(METHODS)}")
-        if not self.path.exists():
-            raise ConfigError(f"nothing to explain at {self.path}: no such file or folder")
-        if self.sheet_rows < 1 or (self.limit is not None and self.limit < 1):
-            raise ConfigError(f"sheet_rows and limit must be >= 1, got {self.sheet_rows} and {self.limit}")
 
 
 @dataclass
@@ -199,26 +178,6 @@ class ExplainResult:
     sheet: Path
     sources: list[str]
     errors: list[str]
-
-
-def _resolve_runs(cfg: ExplainConfig) -> list[Path]:
-    from gi_deploy.training.run import RUN_MANIFEST
-
-    from gi_deploy._io import read_json
-
-    trained = sorted(p.parent.name for p in cfg.runs_dir.glob(f"*/{RUN_MANIFEST}"))
-    if cfg.sources:
-        missing = [s for s in cfg.sources if s not in trained]
-        if missing:
-            raise ConfigError(f"no trained run for {', '.join(missing)} under {cfg.runs_dir}; "
-                              f"trained: {', '.join(trained) or 'none'}")
-        return [cfg.runs_dir / s for s in cfg.sources]
-    finished = [s for s in trained if read_json(cfg.runs_dir / s / RUN_MANIFEST, "run manifest").get("best")]
-    for s in sorted(set(trained) - set(finished)):
-        log.warning("skipping %s: its run has no finished epoch yet", s)
-    if not finished:
-        raise ConfigError(f"no finished training run under {cfg.runs_dir}; train a source first")
-    return [cfg.runs_dir / s for s in finished]
 
 
 DISPLAY_MAX_SIDE = 320  # panels are drawn ~200 px wide: maps and overlays are made at this size
@@ -339,7 +298,7 @@ def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
         paths = paths[:cfg.limit]
     if not paths:
         raise DataError(f"no images found under {cfg.path}")
-    sources = [load_source(run) for run in _resolve_runs(cfg)]
+    sources = [load_source(run) for run in select_runs(cfg.runs_dir, cfg.sources, finished_only=True)]
     root = cfg.path if cfg.path.is_dir() else cfg.path.parent
     names = ["__".join(p.relative_to(root).with_suffix("").parts) for p in paths]
     return explain_images(paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows,
@@ -352,9 +311,6 @@ def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, o
     bundle predicted, from the training run the bundle was exported from (checked to be the same
     run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
     None when nothing was wrong."""
-    from gi_deploy.runtime.bundle import training_run_of
-    from gi_deploy.runtime.evaluate import most_confidently_wrong
-
     wrong = [(w["path"], w["true_label"], w["predicted"], w["confidence"])
              for w in most_confidently_wrong(csv_path, n, bundle_manifest["source"])]
     if not wrong:
@@ -367,3 +323,17 @@ def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, o
     names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
     return explain_images([folder / p for p, *_ in wrong], [model], method, [k for _, _, k, _ in wrong], None,
                           out_dir, min(n, SHEET_MAX_ROWS), names)
+
+
+def explain_wrong_sources(csv_path: Path, folder: Path, deploy_dir: Path, sources: list[str], n: int,
+                          ) -> dict[str, tuple[Path, ExplainResult | None]]:
+    """``infer --explain-wrong N``: for each source of an infer run, the heatmaps of its ``n`` most
+    confidently wrong images in ``<csv stem>_wrong/`` (``<csv stem>_<source>_wrong/`` with several
+    sources). Returns {source: (folder, result or None when nothing was wrong)}."""
+    csv_path = Path(csv_path)
+    done = {}
+    for s in sources:
+        out_dir = csv_path.with_name(csv_path.stem + ("_wrong" if len(sources) == 1 else f"_{s}_wrong"))
+        done[s] = (out_dir, explain_wrong(csv_path, folder, read_bundle_manifest(Path(deploy_dir) / s), n, out_dir))
+    return done
+

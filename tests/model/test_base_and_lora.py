@@ -3,8 +3,10 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError, WeightsError
-from gi_deploy.training.config import LoraSettings, TrainConfig
-from gi_deploy.training.model import apply_lora, count_parameters, create_base_model, state_fingerprint
+from gi_deploy.model.base import count_parameters, create_base_model, state_fingerprint
+from gi_deploy.model.lora import apply_lora
+from gi_deploy.model.settings import LoraSettings
+from gi_deploy.training.config import TrainConfig
 
 
 @pytest.mark.parametrize("name,layer_type", [("convnextv2_atto", nn.Conv2d), ("convnextv2_tiny", nn.Linear)])

@@ -9,9 +9,10 @@ import timm
 import torch
 from PIL import Image
 
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError
-from gi_deploy.explain import METHODS, map_to_original, saliency, target_layer_name
-from gi_deploy.runtime.preprocess import PreprocessSpec
+from gi_deploy.explain.config import METHODS
+from gi_deploy.explain.maps import map_to_original, saliency, target_layer_name
 
 PX = 64
 DISTRACTOR = 2.0
@@ -96,7 +97,7 @@ def test_maps_go_back_onto_the_original_pixels():
 
 
 def test_explain_cli_writes_one_png_per_image_and_a_side_by_side_sheet(tiny_run, tiny_data, tmp_path):
-    from tests.test_cli import invoke
+    from tests.cli.test_cli import invoke
 
     runs = tmp_path / "runs"
     for source in ("capsule", "endoscope"):
@@ -125,7 +126,7 @@ def test_explain_cli_writes_one_png_per_image_and_a_side_by_side_sheet(tiny_run,
 def test_explain_works_from_colora_and_full_runs(tiny_data, tmp_path, method, model):
     """The maps come from each run's deployed function: CoLoRA merged into a ResNet, a full
     fine-tune as it is; a named --target class gets its own map."""
-    from gi_deploy.explain import explain_images, load_source
+    from gi_deploy.explain.maps import explain_images, load_source
     from gi_deploy.training.trainer import train
     from tests.conftest import tiny_train_config
 
@@ -152,7 +153,7 @@ def test_a_layer_without_an_nchw_feature_map_is_refused():
 
 
 def test_output_names_never_collide():
-    from gi_deploy.explain import _unique_names
+    from gi_deploy.explain.maps import _unique_names
 
     assert _unique_names(["a__b", "a__b", "A__B", "contact_sheet"]) == [
         "a__b.png", "a__b-2.png", "A__B-3.png", "contact_sheet-2.png"]
@@ -162,7 +163,7 @@ def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_
     import json
 
     from gi_deploy.errors import BundleError
-    from gi_deploy.explain import explain_wrong
+    from gi_deploy.explain.maps import explain_wrong
 
     manifest = json.loads((tiny_deploy / "capsule" / "manifest.json").read_text())
     csv_path = tmp_path / "pred.csv"

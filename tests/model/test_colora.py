@@ -4,22 +4,27 @@ convolutions it adapts (depthwise skipped), adapter save/load, training with mer
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import TINY_MODEL, tiny_train_config
-from gi_deploy.errors import BundleError, ConfigError, TrainingInterrupted
-from gi_deploy.export.merge import colora_delta, merge_into_plain
-from gi_deploy.training.colora import (CoLoRAConv2d, apply_colora, colora_layers, colora_summary, load_colora,
-                                       merge_all, save_colora)
-from gi_deploy.training.config import ColoraSettings, LoraSettings
-from gi_deploy.training.model import apply_method, create_base_model
-from gi_deploy.training.trainer import train
+from gi_deploy.errors import BundleError, ConfigError
+from gi_deploy.model.adapters import apply_method, merge_into_plain
+from gi_deploy.model.base import create_base_model
+from gi_deploy.model.colora import (
+    CoLoRAConv2d,
+    apply_colora,
+    colora_layers,
+    colora_summary,
+    load_colora,
+    merge_all,
+    save_colora,
+)
+from gi_deploy.model.merge import colora_delta
+from gi_deploy.model.settings import ColoraSettings, LoraSettings
 
 # fp32: the branch form sums K0*x and K_d*(K_p*x) as two convolutions, the merged form runs one
 # convolution with K0 + dK; the same products accumulate in another order, ~1e-6 on O(1) outputs.
@@ -177,7 +182,7 @@ def test_conv_subclasses_are_skipped_not_merged_wrongly():
 ])
 def test_paper_backbones_counts(name, settings, layers, backprop, merged_into):
     model, _ = create_base_model(name, num_classes=4, pretrained=False)
-    model = apply_method(model, "colora", LoraSettings(), settings)
+    model = apply_method(model, "colora", colora=settings)
     s = colora_summary(model)
     assert (s["layers"], s["backprop_params"], s["merged_into_params"]) == (layers, backprop, merged_into)
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.pretrained_cfg["classifier"]))
@@ -190,7 +195,7 @@ def test_lora_plus_colora_splits_layers_and_merges_into_the_plain_model():
     torch.manual_seed(0)
     plain, _ = create_base_model(TINY_MODEL, num_classes=4, pretrained=False)
     plain.eval()
-    model = apply_method(copy.deepcopy(plain), "lora+colora", LoraSettings(), ColoraSettings()).eval()
+    model = apply_method(copy.deepcopy(plain), "lora+colora", lora=LoraSettings(), colora=ColoraSettings()).eval()
     inner = model.get_base_model()
     assert set(colora_layers(inner)) == {"stem.0", "stages.1.downsample.1", "stages.2.downsample.1",
                                          "stages.3.downsample.1"}  # fc1/fc2 (1x1 convs in atto) stay LoRA's
@@ -214,7 +219,7 @@ def test_lora_plus_colora_splits_layers_and_merges_into_the_plain_model():
 def test_adapter_file_round_trip_and_refuses_another_model(tmp_path):
     torch.manual_seed(0)
     base, _ = create_base_model(TINY_MODEL, num_classes=4, pretrained=False)
-    model = apply_method(copy.deepcopy(base), "colora", LoraSettings(), ColoraSettings())
+    model = apply_method(copy.deepcopy(base), "colora", colora=ColoraSettings())
     _perturb(model)
     merge_all(model)
     _perturb(model, seed=1)  # accumulated merge and live factors both non-zero
@@ -231,38 +236,3 @@ def test_adapter_file_round_trip_and_refuses_another_model(tmp_path):
     # merge-at-export adapters (no merge yet) leave the zero merge buffers out
     save_colora(model, tmp_path / "live.safetensors", ColoraSettings(), merges=0, extra=head)
     assert (tmp_path / "live.safetensors").stat().st_size < (tmp_path / "colora.safetensors").stat().st_size
-
-
-def test_colora_training_keeps_frozen_batchnorm_statistics(tiny_data, tmp_path):
-    """A frozen ResNet's batch norms stay in eval mode: their running statistics are the base's,
-    so the adapter-only artifact reproduces the validated model."""
-    cfg = tiny_train_config(tiny_data, tmp_path / "runs", method="colora", model="resnet18", epochs=2)
-    result = train(cfg)
-    run = json.loads((result.run_dir / "run.json").read_text())
-    assert run["colora"]["merges"] == 2 and run["colora"]["layers"] == 20
-    assert [r["colora_merged"] for r in run["history"]] == [True, True]
-    assert run["params"]["trainable"] == run["colora"]["backprop_params"] + 512 * 4 + 4
-    from gi_deploy.training.run import load_run_model, rebuild_base
-    trained, base = load_run_model(result.run_dir), rebuild_base(run, result.run_dir)
-    stats = {k: v for k, v in base.state_dict().items() if "running_" in k}
-    trained_inner = {k.replace(".base.", "."): v for k, v in trained.state_dict().items()}
-    assert stats and all(torch.equal(trained_inner[k], v) for k, v in stats.items())
-
-
-def test_killed_colora_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
-    from safetensors.torch import load_file
-
-    recipe = dict(method="colora", epochs=3, lr=3e-3, colora=ColoraSettings(merge_every=1))
-    whole = train(tiny_train_config(tiny_data, tmp_path / "whole", **recipe))
-    cfg = tiny_train_config(tiny_data, tmp_path / "killed", **recipe)
-
-    def stop(event, d):
-        if event == "batch" and d["epoch"] == 3 and d["step"] == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(TrainingInterrupted):
-        train(cfg, report=stop)
-    resumed = train(dataclasses.replace(cfg, resume=True))
-    a, b = (load_file(str(r.run_dir / "colora.safetensors")) for r in (whole, resumed))
-    assert a.keys() == b.keys() and any("merged_weight" in k for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.test == whole.test

@@ -102,7 +102,7 @@ def test_sources_lists_the_built_in_layouts():
 def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_path):
     import csv
 
-    from gi_deploy.export.bundle import export_source
+    from gi_deploy.export.writer import export_source
 
     args = ("compare", "capsule", "--data-dir", tiny_data, "--methods", "lora,full,linear", "--label-fractions",
             "0.5,1.0", "--model", "convnextv2_atto", "--no-pretrained", "--img-size", 32, "--epochs", 1,
@@ -155,10 +155,10 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
 
 
 def test_a_failing_gate_exits_nonzero_naming_gate_number_and_threshold(tiny_run, tmp_path, monkeypatch):
-    from gi_deploy.export import merge
+    from gi_deploy.model import lora
 
-    real = merge.lora_delta
-    monkeypatch.setattr(merge, "lora_delta", lambda f: 2 * real(f))  # a planted merge bug
+    real = lora.lora_delta
+    monkeypatch.setattr(lora, "lora_delta", lambda f: 2 * real(f))  # a planted merge bug
     r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "deploy")
     assert r.exit_code == 1
     assert "gate merge failed for capsule" in r.output and "must be at most 0.0001; nothing written" in r.output

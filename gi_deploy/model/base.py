@@ -1,5 +1,5 @@
-"""Build the timm backbone (hub weights, a local file, or random init) and make exactly what a
-method trains trainable: peft LoRA, CoLoRA, both, the head, or everything."""
+"""The timm backbone: built from hub weights, a local file or random init, its weights' provenance
+and fingerprint (so export rebuilds exactly the same base), and small helpers on it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from gi_deploy.errors import ConfigError, WeightsError
-from gi_deploy.training.config import ColoraSettings, LoraSettings
 
 
 @dataclass
@@ -30,6 +29,16 @@ class BaseWeights:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped by peft (a PeftModel), without importing peft."""
+    return hasattr(model, "peft_config")
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The timm model inside a peft wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if is_peft(model) else model
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -129,86 +138,12 @@ def create_base_model(name: str, num_classes: int, pretrained: bool = True,
     return model, BaseWeights(kind=kind, ref=ref, license=license_, fingerprint=fp)
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
-    """Wrap ``model`` with peft LoRA; check first that every target matches a mergeable module."""
-    from peft import LoraConfig, get_peft_model
-
-    names = [n for n, _ in model.named_modules()]
-    for target in lora.target_modules:
-        hits = [n for n in names if n == target or n.endswith("." + target)]
-        if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-            raise ConfigError(f"LoRA target {target!r} matched no module; module names are: {', '.join(leaves)}")
-        grouped = [n for n in hits if isinstance(model.get_submodule(n), nn.Conv2d)
-                   and model.get_submodule(n).groups > 1]
-        if grouped:  # peft cannot merge LoRA into grouped (depthwise) convolutions
-            raise ConfigError(f"LoRA target {target!r} matches grouped convolutions ({grouped[0]}, ...) "
-                              "which cannot be merged; target the block MLP fc1/fc2")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), modules_to_save=list(lora.modules_to_save))
-    peft_model = get_peft_model(model, config)
-    if lora.dropout_position == "rank" and lora.dropout > 0:
-        move_lora_dropout_to_rank(peft_model, lora.dropout)
-    return peft_model
-
-
-class _RankDropout:
-    """Forward hook on a LoRA ``A``: dropout on its r-dimensional output (active in train mode only)."""
-
-    def __init__(self, p: float):
-        self.p = p
-
-    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        return nn.functional.dropout(output, self.p, module.training)
-
-
-def move_lora_dropout_to_rank(model: nn.Module, p: float) -> int:
-    """Replace peft's input dropout (a full-width copy and mask of every adapted layer's input) by
-    dropout on ``A``'s rank-r output. Returns the number of layers changed. Weights, saved adapters
-    and merges are unaffected; only the training-time noise moves."""
-    changed = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name in list(dropouts):
-            dropouts[name] = nn.Identity()
-            module.lora_A[name].register_forward_hook(_RankDropout(p))
-            changed += 1
-    return changed
-
-
-def _train_only_head(model: nn.Module) -> nn.Module:
+def train_only_head(model: nn.Module) -> nn.Module:
+    """Freeze every parameter but the classifier's (a linear probe; the starting point of the adapter methods)."""
     head = classifier_name(model)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(head + "."))
     return model
-
-
-def apply_method(model: nn.Module, method: str, lora: LoraSettings,
-                 colora: ColoraSettings | None = None) -> nn.Module:
-    """Make exactly what ``method`` trains trainable: LoRA adapters + head (``lora``), CoLoRA
-    factors + head (``colora``), both (``lora+colora``), the classifier only (``linear``, a linear
-    probe), or every weight (``full``)."""
-    from gi_deploy.training.colora import apply_colora
-
-    colora = colora or ColoraSettings()
-    if method == "lora":
-        return apply_lora(model, lora)
-    if method == "linear":
-        return _train_only_head(model)
-    if method == "colora":
-        head = classifier_name(model)
-        apply_colora(_train_only_head(model), colora, head)
-        return model
-    if method == "lora+colora":
-        head = classifier_name(model)
-        peft_model = apply_lora(model, lora)  # peft first: CoLoRA then skips the layers LoRA holds
-        apply_colora(peft_model.get_base_model(), colora, head)
-        return peft_model
-    if method == "full":
-        return model
-    raise ConfigError(f"method {method!r} unknown; use lora, full, linear, colora or lora+colora")
 
 
 def train_mode(model: nn.Module) -> nn.Module:

@@ -1,0 +1,3 @@
+from gi_deploy.cli import app
+
+app()

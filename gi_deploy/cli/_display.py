@@ -1,0 +1,149 @@
+"""What the commands share: the consoles, turning library errors into one line and an exit code,
+options whose help and defaults come from the library's config fields, progress bars and tables."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gi_deploy.core.fields import help_of
+from gi_deploy.errors import GiDeployError, TrainingInterrupted
+
+# markup off: paths and messages may hold brackets ("gi-deploy[train]", "scan[2].jpg") that rich would
+# swallow as markup; highlight off: no guessed colours on numbers in paths
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+
+
+def opt(cls: type, name: str, *flags: str, shown_default: bool = False, **kwargs: Any) -> Any:
+    """A Typer option whose help is the config field's own (core/fields.py). With
+    ``shown_default`` the help ends with the library's default: for options whose CLI default is
+    None, meaning "not given" (a config file or a resumed run may set them)."""
+    kwargs.setdefault("help", help_of(cls, name, default=shown_default))
+    return typer.Option(*flags, **kwargs)
+
+
+def arg(cls: type, name: str, **kwargs: Any) -> Any:
+    return typer.Argument(help=help_of(cls, name, default=False), **kwargs)
+
+
+def given(**flags: Any) -> dict:
+    """The options the user gave: Enum choices as their values, None (not given) dropped."""
+    return {k: getattr(v, "value", v) for k, v in flags.items() if v is not None}
+
+
+@contextmanager
+def reported():
+    """Turn library errors into one red line on stderr and exit code 1."""
+    try:
+        yield
+    except TrainingInterrupted as e:  # Ctrl-C: the conventional 128 + SIGINT exit code
+        err.print(str(e), style="yellow", soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    except GiDeployError as e:
+        # soft_wrap: keep paths and commands unbroken for copy-paste
+        err.print(f"error: {e}", style="red", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def usage_error(message: str) -> None:
+    """A wrong combination of options: one line, exit code 2 (Typer's own usage errors use 2)."""
+    err.print(f"error: {message}", style="red", soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Warnings by default; with --verbose, gi-deploy's info and debug lines (the quantiser's
+    per-layer messages among them, export/int8.py) and the libraries' info."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("gi_deploy").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def metrics_table(title: str, rows: dict[str, dict]) -> Table:
+    """One row per name: the paper's metrics (weighted averages) plus macro F1."""
+    table = Table(title=title)
+    table.add_column("", no_wrap=True)
+    for col in ("n", "Acc", "Prec", "Rec", "F1", "F1 macro", "MCC"):
+        table.add_column(col, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in (
+            "accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "mcc")))
+    return table
+
+
+def print_scores(title: str, scores: dict, n_wrong: int = 5) -> None:
+    """The metrics table of every scored source, the files written, and the worst mistakes."""
+    scored = {s: sc for s, sc in scores.items() if sc.metrics}
+    if not scored:
+        return
+    out.print(metrics_table(title, {s: sc.metrics for s, sc in scored.items()}))
+    for s, sc in scored.items():
+        m = sc.metrics
+        auc = f", ROC AUC macro {m['roc_auc_macro']:.4f}" if m.get("roc_auc_macro") is not None else ""
+        out.print(f"{s}: specificity macro {m['specificity_macro']:.4f}{auc}; files: "
+                  + ", ".join(str(p) for p in sc.files.values()), soft_wrap=True)
+        for w in m.get("most_confidently_wrong", [])[:n_wrong]:
+            out.print(f"  wrong at {w['confidence']:.3f}: {w['path']} (true {w['true_label']}, predicted "
+                      f"{w['predicted']})", soft_wrap=True)
+
+
+@contextmanager
+def image_progress(label: str):
+    """A rich bar for a folder run: images done of total, images/s, time left. Yields the
+    ``progress(done, total)`` callback the library calls after every batch."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    task, started = None, [0.0]
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task(label, total=total, rate="")
+            started[0] = time.perf_counter()
+        elapsed = time.perf_counter() - started[0]
+        bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
+
+    with bar:
+        yield update
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupted_keeps(out_csv: Path):
+    """Ctrl-C or SIGTERM (kill, timeout, a batch scheduler) during infer: stop the same way, so
+    the decode workers are shut down, and say where the finished rows are and how to go on."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the rows written so far are in {out_csv}; run the same command with --resume to "
+                  "classify the rest", style="yellow", soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

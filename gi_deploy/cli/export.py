@@ -1,0 +1,104 @@
+"""``gi-deploy export``: verified bundles from trained runs, and ``--list`` of what is there.
+
+The export library is imported inside the command: it needs the training extra (torch), which a
+runtime-only install lacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gi_deploy._deps import require_training_extra
+from gi_deploy.cli._display import arg, opt, out, reported, size_text
+from gi_deploy.core.bundles import bundle_summary, gates_line, list_bundles
+from gi_deploy.core.fields import default_of
+from gi_deploy.errors import BundleError, ExportFailed
+from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
+
+O, E = ExportOptions, ExportConfig
+
+
+def bundles_table(deploy_dir: Path) -> Table:
+    """``--list``: every bundle's files, sizes, gates and footprint."""
+    names = list_bundles(deploy_dir)
+    if not names:
+        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+    table = Table(title=f"Bundles in {deploy_dir}")
+    for col in ("source", "file", "size", "gate", "result"):
+        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    for name in names:
+        b = bundle_summary(deploy_dir / name)
+        heading = [b["source"], f"{b['model']} ({b['method']})", b["created"][:16].replace("T", " ")]
+        for i, (file, size, gate, result) in enumerate(b["rows"]):
+            table.add_row(heading[i] if i < len(heading) else "", file, size_text(size) if size is not None else "",
+                          gate, result)
+        table.add_section()
+    return table
+
+
+def _report(results: dict, storage: dict | None) -> None:
+    for name, r in results.items():
+        b = r.manifest
+        if r.skipped:
+            out.print(f"{name}: unchanged since {b['created']} ({r.bundle_dir}); --force to re-export", soft_wrap=True)
+            continue
+        out.print(f"{name}: {r.bundle_dir} ({b['model']['parameters']:,} params, {sum(b['timings_s'].values()):.1f}s): "
+                  + gates_line(b["verification"]), soft_wrap=True)
+        fp = b["footprint"]
+        out.print(f"  footprint: {fp['trained_artifact']} artifact {size_text(fp['artifact_bytes'])} vs merged model "
+                  f"{size_text(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})", soft_wrap=True)
+        for note in r.notes:
+            out.print(f"  {note}", soft_wrap=True)
+    if storage:  # the storage argument: one base plus small adapters vs a full model per source
+        s = storage
+        out.print(f"storage for {len(s['sources'])} adapted sources ({', '.join(s['sources'])}): one base "
+                  f"{size_text(s['base_bytes'])} + adapters {size_text(s['adapter_bytes'])} = "
+                  f"{size_text(s['base_bytes'] + s['adapter_bytes'])}, vs {size_text(s['merged_bytes'])} as merged "
+                  "models", soft_wrap=True)
+
+
+def export_cmd(
+    sources: Annotated[Optional[list[str]], arg(E, "sources")] = None,
+    merge: Annotated[bool, opt(O, "merge")] = default_of(O, "merge"),
+    fp16: Annotated[bool, opt(O, "fp16", "--fp16/--no-fp16")] = default_of(O, "fp16"),
+    int8: Annotated[bool, opt(O, "int8")] = default_of(O, "int8"),
+    calib_images: Annotated[int, opt(O, "calib_images")] = default_of(O, "calib_images"),
+    int8_eval_images: Annotated[int, opt(O, "int8_eval_images")] = default_of(O, "int8_eval_images"),
+    int8_min_agreement: Annotated[float, opt(O, "int8_min_top1")] = default_of(O, "int8_min_top1"),
+    int8_max_drop: Annotated[float, opt(O, "int8_max_accuracy_drop")] = default_of(O, "int8_max_accuracy_drop"),
+    engine: Annotated[bool, opt(O, "engine")] = default_of(O, "engine"),
+    max_batch: Annotated[int, opt(O, "max_batch")] = default_of(O, "max_batch"),
+    exporter: Annotated[Exporter, opt(O, "exporter")] = Exporter(default_of(O, "exporter")),
+    force: Annotated[bool, opt(E, "force")] = default_of(E, "force"),
+    list_: Annotated[bool, typer.Option("--list", help="Show the bundles under --out (files, gates, footprint) "
+                                                       "and exit.")] = False,
+    runs_dir: Annotated[Path, opt(E, "runs_dir", "--runs")] = default_of(E, "runs_dir"),
+    deploy_dir: Annotated[Path, opt(E, "deploy_dir", "--out")] = default_of(E, "deploy_dir"),
+) -> None:
+    """Merge each run's adapter, export verified ONNX (fp32, fp16, int8) and TensorRT bundles."""
+    if list_:
+        with reported():
+            out.print(bundles_table(deploy_dir))
+        return
+    with reported():
+        require_training_extra("export")
+    from gi_deploy.export.writer import export_runs, storage_summary  # lazy: torch is the training extra's
+
+    with reported():
+        options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
+                                int8_eval_images=int8_eval_images, int8_min_top1=int8_min_agreement,
+                                int8_max_accuracy_drop=int8_max_drop, engine=engine, max_batch=max_batch,
+                                exporter=exporter.value)
+        cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
+                           force=force)
+        try:
+            results, failure = export_runs(cfg), None
+        except ExportFailed as e:  # report the sources that did export, then the failures
+            results, failure = e.exported, e
+    _report(results, storage_summary(results))
+    if failure is not None:
+        with reported():
+            raise failure

@@ -1,0 +1,191 @@
+"""``gi-deploy infer``, ``evaluate`` and ``benchmark``: the runtime's commands, torch-free (only
+``--explain-wrong`` needs the training extra, and imports it when asked)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gi_deploy._deps import require_training_extra
+from gi_deploy._io import write_json
+from gi_deploy.cli._display import (
+    arg,
+    err,
+    image_progress,
+    interrupted_keeps,
+    opt,
+    out,
+    print_scores,
+    reported,
+    usage_error,
+)
+from gi_deploy.core.choices import BackendName, Device, Precision
+from gi_deploy.core.fields import default_of
+from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals, run_benchmark
+from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
+from gi_deploy.runtime.evaluate import evaluate_csv
+from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
+
+I, B = InferConfig, BenchmarkConfig
+
+
+def _report_infer(r: InferResult, inputs: str) -> None:
+    for s, run in r.sources.items():
+        for note in run.notes:  # auto's choice is news; anything else (a provider fallback) must be loud
+            if note.startswith("auto:"):
+                out.print(f"{s}: {note}", soft_wrap=True)
+            else:
+                err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
+        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled; on "
+                  f"{run.backend}", soft_wrap=True)
+    out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
+              f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
+              + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
+    print_scores(f"scored on {inputs}", r.sources)
+    if r.n_errors:
+        err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
+
+
+def infer_cmd(
+    inputs: Annotated[str, arg(I, "inputs", metavar="INPUT")],
+    source: Annotated[Optional[list[str]], opt(I, "sources", "--source")] = None,
+    out_csv: Annotated[Path, opt(I, "out_csv", "--out")] = default_of(I, "out_csv"),
+    deploy_dir: Annotated[Path, opt(I, "deploy_dir", "--deploy")] = default_of(I, "deploy_dir"),
+    backend: Annotated[BackendName, opt(I, "backend")] = BackendName(default_of(I, "backend")),
+    precision: Annotated[Precision, opt(I, "precision")] = Precision(default_of(I, "precision")),
+    device: Annotated[Device, opt(I, "device")] = Device(default_of(I, "device")),
+    batch_size: Annotated[int, opt(I, "batch_size")] = default_of(I, "batch_size"),
+    workers: Annotated[Optional[int], opt(I, "workers")] = None,
+    threads: Annotated[Optional[int], opt(I, "threads")] = None,
+    labels: Annotated[Optional[Path], opt(I, "labels")] = None,
+    top_k: Annotated[int, opt(I, "top_k")] = default_of(I, "top_k"),
+    resume: Annotated[bool, opt(I, "resume")] = False,
+    strict: Annotated[bool, opt(I, "strict")] = False,
+    explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
+                                                    "images (needs the training extra and the bundle's run).")] = 0,
+) -> None:
+    """Classify every image of INPUT with each selected source; score them when labels are known
+    (class-named sub-folders, --labels, or a label column in the list)."""
+    with reported(), interrupted_keeps(out_csv):
+        cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
+                          batch_size=batch_size, backend=backend.value, precision=precision.value,
+                          device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
+                          **({} if workers is None else {"workers": workers}))
+        with image_progress("classifying") as progress:
+            r = infer_folder(cfg, progress)
+    _report_infer(r, inputs)
+    if explain_wrong > 0:
+        with reported():
+            require_training_extra("infer --explain-wrong")
+            from gi_deploy.explain.maps import explain_wrong_sources  # lazy: torch is the training extra's
+
+            done = explain_wrong_sources(out_csv, r.root, deploy_dir, list(r.sources), explain_wrong)
+        for s, (folder, e) in done.items():
+            out.print(f"{s}: no labelled image was wrong: no heatmaps to write" if e is None else
+                      f"{s}: heatmaps of the {len(e.images)} most confidently wrong image(s) -> {folder}",
+                      soft_wrap=True)
+
+
+def _cross_tables(r: CrossResult) -> list[Table]:
+    tables = []
+    for attr, title in (("accuracy", "Accuracy (%) of each source's model (rows) on each source's test set "
+                                     "(columns), over the classes the model has"),
+                        ("accuracy_all", "The same over every test image (classes the model lacks count as wrong)")):
+        table = Table(title=title)
+        table.add_column("model")
+        for t in r.tests:
+            table.add_column(f"{t} test", justify="right")
+        for m in r.models:
+            cells = [r.cells[(m, t)] for t in r.tests]
+            table.add_row(m, *("n/a" if getattr(c, attr) is None else
+                               f"{100 * getattr(c, attr):.2f} (n={c.n if attr == 'accuracy' else c.n + c.n_skipped})"
+                               for c in cells))
+        tables.append(table)
+    return tables
+
+
+def evaluate_cmd(
+    predictions: Annotated[Optional[Path], typer.Argument(help="A predictions CSV written by `gi-deploy infer`.")
+                           ] = None,
+    cross: Annotated[bool, typer.Option("--cross", help="Run every source's model on every source's test set "
+                                                        "(the seed paper's Table 1).")] = False,
+    deploy_dir: Annotated[Path, opt(I, "deploy_dir", "--deploy")] = default_of(I, "deploy_dir"),
+    test: Annotated[Optional[list[str]], typer.Option(
+        help="SOURCE=FOLDER or SOURCE=LIST.csv, repeatable (--cross; default: each bundle's own test split).")
+                    ] = None,
+    class_map: Annotated[Optional[Path], typer.Option(help="JSON mapping each source's class names to shared "
+                                                           "names (--cross).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Where the report files go (default: beside the CSV); with --cross, the matrices and "
+                      "predictions (default: cross/).")] = None,
+    n_wrong: Annotated[int, opt(I, "n_wrong")] = default_of(I, "n_wrong"),
+) -> None:
+    """Re-score a predictions CSV without running a model (metrics.json, confusion matrices, ROC
+    curves, the most confidently wrong images), or with --cross build the cross-source matrix."""
+    if cross and predictions is not None:
+        usage_error(f"--cross runs the models itself; drop {predictions}")
+    if not cross and predictions is None:
+        usage_error("give a predictions CSV, or --cross")
+    if not cross and (test or class_map):
+        usage_error("--test and --class-map belong to --cross")
+    if cross:
+        with reported():
+            r = cross_evaluate(deploy_dir, out_dir or Path("cross"), parse_tests(test or []) or None, class_map)
+        for table in _cross_tables(r):
+            out.print(table)
+        out.print(f"matrices -> {r.files['matrix']}, {r.files['matrix_all']}; details -> {r.files['json']}",
+                  soft_wrap=True)
+        return
+    with reported():
+        scores = evaluate_csv(predictions, out_dir, n_wrong)
+    for s, sc in scores.items():
+        out.print(f"{s}: {sc.n_rows} rows, {sc.n_errors} unreadable, {sc.n_unlabelled} unlabelled")
+    print_scores(f"scored from {predictions}", scores)
+
+
+def _benchmark_table(r: BenchmarkResult) -> Table:
+    table = Table(title=f"{r.source}: {r.model} at {r.input_size[1]}x{r.input_size[0]}, {r.n_images} images, "
+                        f"batch {r.batch_size}, {r.workers} decode workers, {r.machine}")
+    for col in ("backend", "e2e img/s", "model img/s", "p50 ms", "p95 ms", "e2e vs eager", "model vs eager", "MB"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for row in r.rows:
+        if row.status == "ok":
+            ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+            table.add_row(row.name, f"{row.end_to_end:.1f}", f"{row.model_only:.1f}", f"{row.p50_ms:.1f}",
+                          f"{row.p95_ms:.1f}", ratio(row.e2e_vs_eager), ratio(row.model_vs_eager),
+                          f"{row.model_bytes / 1e6:.1f}")
+    return table
+
+
+def benchmark_cmd(
+    source: Annotated[Optional[str], opt(B, "source")] = None,
+    images: Annotated[Optional[Path], opt(B, "images")] = None,
+    deploy_dir: Annotated[Path, opt(B, "deploy_dir", "--deploy")] = default_of(B, "deploy_dir"),
+    n_images: Annotated[int, opt(B, "n_images")] = default_of(B, "n_images"),
+    batch_size: Annotated[int, opt(B, "batch_size")] = default_of(B, "batch_size"),
+    workers: Annotated[Optional[int], opt(B, "workers")] = None,
+    threads: Annotated[Optional[int], opt(B, "threads")] = None,
+    device: Annotated[Device, opt(B, "device")] = Device(default_of(B, "device")),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
+) -> None:
+    """One table: PyTorch eager, onnxruntime fp32/fp16/int8 and TensorRT on the same images and
+    batch; images/s end to end and model-only, latency p50/p95 at batch 1, ratios, model size."""
+    with reported():
+        cfg = BenchmarkConfig(deploy_dir=deploy_dir, source=source, images=images, n_images=n_images,
+                              batch_size=batch_size, threads=threads, device=device.value,
+                              **({} if workers is None else {"workers": workers}))
+        r = run_benchmark(cfg, say=lambda m: err.print(m, style="dim"))
+    out.print(_benchmark_table(r))
+    out.print("e2e: the infer pipeline (decode workers + model); model: pre-decoded batches; p50/p95: batch 1")
+    for row in sorted(r.rows, key=lambda row: row.status != "ok"):  # what ran, then what could not and why
+        out.print(f"{row.name}: {row.detail}" if row.status == "ok" else f"{row.name}: {row.status}", soft_wrap=True)
+    for what, value, target in goals(r):
+        verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
+        out.print(f"goal {what} >= {target}x: " + ("n/a" if value is None else f"{value:.2f}x") + f" ({verdict})")
+    if json_out:
+        write_json(json_out, asdict(r))
+        out.print(f"-> {json_out}")

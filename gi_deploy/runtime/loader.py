@@ -1,0 +1,57 @@
+"""Open a deployment bundle (``deploy/<source>/``) on a backend. No torch import here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gi_deploy.core.bundles import read_bundle_manifest
+from gi_deploy.core.preprocess import PreprocessSpec
+from gi_deploy.runtime.backends import open_backend
+from gi_deploy.runtime.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bundle:
+    """A verified classifier with its class names and preprocessing, loaded on a backend."""
+
+    path: Path
+    manifest: dict
+    classes: list[str]
+    preprocess: PreprocessSpec
+    backend: Backend
+
+    @property
+    def source(self) -> str:
+        return self.manifest["source"]
+
+    @property
+    def provider(self) -> str:
+        return self.backend.detail
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
+        return self.backend.predict_logits(batch)
+
+
+def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
+                backend: str = "onnxruntime", threads: int | None = None) -> Bundle:
+    """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
+    ``backend`` (runtime/backends.py; onnxruntime by default, no torch import).
+
+    Raises BundleError when files are missing or altered, ConfigError for an unknown
+    precision/device/backend. A requested provider that is not the active one is logged as a
+    warning and kept in ``bundle.backend.notes`` (onnxruntime-gpu silently falls back to CPU when
+    CUDA libraries are missing)."""
+    manifest = read_bundle_manifest(bundle_dir)
+    b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash)
+    for note in b.notes:
+        if not note.startswith("auto:"):
+            log.warning("%s: %s", manifest["source"], note)
+    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
+                  preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)

@@ -1,0 +1,126 @@
+"""TensorRT engines at inference, isolated here: which GPU and TensorRT version an engine is for,
+whether this machine can run one, the stamp check, and the runner the runtime keeps for a whole
+run. The builder is export's (export/tensorrt.py). Written to TensorRT's Python API as it is in
+both 10.x and 11.x.
+
+An engine only runs on the GPU architecture and TensorRT version that built it (TensorRT#2176):
+its file name and the manifest carry both, and :func:`check_stamp` refuses a mismatch. TensorRT and
+torch (for the CUDA buffers) are imported inside the functions that need them: importing this
+module needs neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gi_deploy.core.bundles import BUILD_SCRIPT
+from gi_deploy.errors import BundleError
+
+MIN_MAJOR = 10
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """The GPU and TensorRT version an engine is built for (and only runs on)."""
+
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    tensorrt_version: str  # "10.16.1.11"
+
+    @property
+    def tag(self) -> str:
+        return f"sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
+
+    @property
+    def gpu_slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.gpu_name.lower()).strip("-")
+
+    @property
+    def engine_file(self) -> str:
+        return f"model.{self.tag}.engine"
+
+    def to_dict(self) -> dict:
+        return {"gpu_name": self.gpu_name, "compute_capability": self.compute_capability,
+                "tensorrt_version": self.tensorrt_version}
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(True, what) when an engine can be built and run here, else (False, why not)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "TensorRT is not installed"
+    major = int(trt.__version__.split(".")[0])
+    if major < MIN_MAJOR:
+        return False, f"TensorRT {trt.__version__} is older than {MIN_MAJOR}"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is needed to drive the CUDA buffers of the engine check"
+    if not torch.cuda.is_available():
+        return False, f"TensorRT {trt.__version__} but no CUDA GPU"
+    return True, f"TensorRT {trt.__version__} on {current_target().gpu_name}"
+
+
+def current_target() -> EngineTarget:
+    """This machine's GPU 0 and TensorRT version."""
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return EngineTarget(torch.cuda.get_device_name(0), f"{major}.{minor}", trt.__version__)
+
+
+def check_stamp(stamp: dict, engine_path: Path) -> None:
+    """Raise BundleError, with the rebuild command, when the engine was built for another GPU
+    architecture or TensorRT version than this machine has."""
+    here = current_target()
+    for key, label in (("compute_capability", "GPU compute capability"), ("tensorrt_version", "TensorRT version")):
+        if stamp.get(key) != getattr(here, key):
+            raise BundleError(f"{engine_path.name} was built for {label} {stamp.get(key)}, this machine has "
+                              f"{getattr(here, key)}; engines only run where they were built. Rebuild it here: "
+                              f"bash {engine_path.parent / BUILD_SCRIPT}")
+
+
+class EngineRunner:
+    """A deserialised engine with one execution context and CUDA stream, kept for many batches
+    (the runtime's TensorRT backend); ``runner(x)`` runs float32 (N, 3, H, W) in chunks of at most
+    ``max_batch`` and returns float32 logits (N, C)."""
+
+    def __init__(self, engine_path: Path, max_batch: int):
+        import tensorrt as trt
+        import torch
+
+        self.engine_path, self.max_batch = engine_path, max_batch
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+        if self._engine is None:
+            raise BundleError(f"TensorRT cannot load {engine_path}; rebuild it with {BUILD_SCRIPT}")
+        self._context = self._engine.create_execution_context()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        (self._out,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[
+            self._engine.get_tensor_dtype(self._out)]
+        self._stream = torch.cuda.Stream()
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        import torch
+
+        results = []
+        for i in range(0, len(inputs), self.max_batch):
+            with torch.cuda.stream(self._stream):  # copy, allocation and the engine ordered on one stream
+                x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
+                self._context.set_input_shape(self._inp, tuple(x.shape))
+                y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype,
+                                device="cuda")
+                self._context.set_tensor_address(self._inp, x.data_ptr())
+                self._context.set_tensor_address(self._out, y.data_ptr())
+                if not self._context.execute_async_v3(self._stream.cuda_stream):
+                    raise BundleError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
+            self._stream.synchronize()
+            results.append(y.float().cpu().numpy())
+        return np.concatenate(results)

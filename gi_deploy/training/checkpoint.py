@@ -1,0 +1,135 @@
+"""The run folder a training writes (its layout is in core/runs.py): creating it, the per-epoch
+checkpoint and what ``--resume`` reads back, the metrics log and the curves."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gi_deploy._io import read_json
+from gi_deploy.core.runs import CHECKPOINT, METRICS_JSONL, RUN_DIRS, RUN_FILES, RUN_MANIFEST
+from gi_deploy.errors import ConfigError
+from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig, field_default
+
+
+@dataclass
+class LoopState:
+    """Where the epoch loop stands; checkpointed with the weights so a resumed run continues it."""
+
+    epoch: int = 0  # last complete epoch
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    merges: int = 0  # CoLoRA merges done
+
+
+def rng_state(loader_gen: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "loader": loader_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: trainable parameters plus every buffer (norm statistics update in
+    train mode even in frozen layers)."""
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    if (cfg.run_dir / RUN_MANIFEST).exists() and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"{cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                          "replace it, or choose another --out or source name")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder. With ``cfg.overwrite``, a previous run there is removed whole, so no
+    stale adapter or base of it can mix with the new one; called only once the new base is built."""
+    run_dir = cfg.run_dir
+    check_run_dir(cfg)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_for_resume(cfg: TrainConfig) -> tuple[dict, dict]:
+    """The run's manifest and last checkpoint; refuses when there is nothing to resume or the
+    config differs in anything but ``RESUME_MAY_CHANGE``."""
+    run_dir = cfg.run_dir
+    if not (run_dir / RUN_MANIFEST).is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: no {RUN_MANIFEST}; drop --resume to start a run")
+    manifest = read_json(run_dir / RUN_MANIFEST, "run manifest")
+    if manifest.get("status") == "done":
+        raise ConfigError(f"run {run_dir} already finished; pass --overwrite to train it again")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"run {run_dir} stopped before its first epoch finished ({CHECKPOINT} missing); "
+                          "start it again with --overwrite")
+    old, new = manifest["config"], cfg.to_dict()
+    # a key the run did not record was added to gi-deploy after it started: it ran with the default
+    changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k, field_default(k)) != new[k])
+    if changed:
+        raise ConfigError(f"--resume with a different config: {', '.join(f'{k} {old.get(k)!r} -> {new[k]!r}' for k in changed)}; "
+                          "resume with the original settings, or start again with --overwrite")
+    checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    return manifest, checkpoint
+
+
+def write_metrics_jsonl(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / (METRICS_JSONL + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    tmp.replace(run_dir / METRICS_JSONL)
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, state: LoopState,
+                     loader_gen: torch.Generator) -> None:
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(), "loop": vars(state).copy(), "rng": rng_state(loader_gen)}, tmp)
+    tmp.replace(run_dir / CHECKPOINT)  # atomic: an interrupt never leaves half a checkpoint
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Training loss and train/val accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in history], marker="o", label="train")
+    ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], marker="o", label="val")
+    best = [r for r in history if r["best"]]
+    if best:
+        ax_acc.axvline(best[-1]["epoch"], color="grey", linestyle="--", label=f"best (epoch {best[-1]['epoch']})")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
