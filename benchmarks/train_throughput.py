@@ -231,11 +231,12 @@ def make_train_setup(name: str, variant: str, args: argparse.Namespace,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     x, y = synthetic_batch(args.batch_size, args.img_size, device, args.channels_last)
+    forward = torch.compile(model) if getattr(args, "compile", False) else model
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
         loss.backward()
         optimizer.step()
 
@@ -401,6 +402,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (meant for CUDA)")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each variant's model (the compile runs "
+                                                           "in the warm-up steps, which are not timed)")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write results as JSON")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the benchmark, profile one variant on the first model")
@@ -450,7 +453,8 @@ def main() -> None:
     meter: CpuPeakMeter | CudaPeakMeter = CudaPeakMeter(device) if device.type == "cuda" else CpuPeakMeter()
     if device.type == "cpu" and not meter.available:
         print("note: /proc/self/statm absent, peak memory reported as n/a")
-    prime(args.models[0], args, device, meter)
+    if not args.compile:  # compiled variants compile in their own warm-up steps; priming would compile twice
+        prime(args.models[0], args, device, meter)
     tables, records = [], {}
     for name in args.models:
         results = benchmark_model(name, args, device, meter)

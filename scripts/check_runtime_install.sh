@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The torch-free install, checked for real: `pip install .` alone (no extras) into its own virtual
-# environment must run `gi-deploy infer` (every bundle, int8 included when exported) and
+# The torch-free install, checked for real: the runtime alone (no training extra) into its own virtual
+# environment (`pip install ".[cpu]"`: the core install with the CPU onnxruntime) must run `gi-deploy infer` (every bundle, int8 included when exported) and
 # `gi-deploy evaluate` on the bundles the demo exported, and must not have pulled torch in.
 # Prints the installed size of this environment next to the full one (.venv).
 set -euo pipefail
@@ -13,7 +13,7 @@ if [[ ! -d "$demo/deploy" ]]; then
 fi
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q .
+"$venv/bin/pip" install -q ".[cpu]" -c constraints.txt
 if "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "torch is importable in the runtime-only install: a core dependency pulled it in" >&2
   exit 1

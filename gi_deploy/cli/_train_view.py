@@ -57,8 +57,10 @@ class TrainProgress:
             self.progress.update(self.task, completed=d["step"], info=info)
         elif event == "epoch":
             peak = f"  peak {d['peak_mem_mib']:.0f} MiB" if d.get("peak_mem_mib") is not None else ""
+            steady = (f", steady {d['steady_img_per_s']:.0f} img/s after a {d['first_step_s']:.1f}s first step"
+                      if d.get("steady_img_per_s") else "")
             say(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
-                f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s){peak}"
+                f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s{steady}){peak}"
                 f"{'  merged' if d.get('colora_merged') else ''}{'  *best' if d['best'] else ''}")
         elif event == "cell":
             say(f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"

@@ -42,6 +42,7 @@ def _report_infer(r: InferResult, inputs: str) -> None:
                 err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
         out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled; on "
                   f"{run.backend}", soft_wrap=True)
+    out.print(f"decoded by {r.decoder}, {r.workers} worker process(es)", soft_wrap=True)
     out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
               f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
               + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
@@ -61,6 +62,8 @@ def infer_cmd(
     batch_size: Annotated[int, opt(I, "batch_size")] = default_of(I, "batch_size"),
     workers: Annotated[Optional[int], opt(I, "workers")] = None,
     threads: Annotated[Optional[int], opt(I, "threads")] = None,
+    compile: Annotated[Optional[bool], opt(I, "compile", "--compile/--no-compile")] = None,
+    decode: Annotated[str, opt(I, "decode")] = default_of(I, "decode"),
     labels: Annotated[Optional[Path], opt(I, "labels")] = None,
     top_k: Annotated[int, opt(I, "top_k")] = default_of(I, "top_k"),
     resume: Annotated[bool, opt(I, "resume")] = False,
@@ -74,7 +77,7 @@ def infer_cmd(
         cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
-                          **({} if workers is None else {"workers": workers}))
+                          workers=workers, compile=compile, decode=decode)
         with image_progress("classifying") as progress:
             r = infer_folder(cfg, progress)
     _report_infer(r, inputs)
@@ -170,14 +173,15 @@ def benchmark_cmd(
     workers: Annotated[Optional[int], opt(B, "workers")] = None,
     threads: Annotated[Optional[int], opt(B, "threads")] = None,
     device: Annotated[Device, opt(B, "device")] = Device(default_of(B, "device")),
+    rows: Annotated[Optional[list[str]], opt(B, "rows", "--row")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
 ) -> None:
     """One table: PyTorch eager, onnxruntime fp32/fp16/int8 and TensorRT on the same images and
     batch; images/s end to end and model-only, latency p50/p95 at batch 1, ratios, model size."""
     with reported():
         cfg = BenchmarkConfig(deploy_dir=deploy_dir, source=source, images=images, n_images=n_images,
-                              batch_size=batch_size, threads=threads, device=device.value,
-                              **({} if workers is None else {"workers": workers}))
+                              batch_size=batch_size, threads=threads, device=device.value, workers=workers,
+                              rows=rows or [])
         r = run_benchmark(cfg, say=lambda m: err.print(m, style="dim"))
     out.print(_benchmark_table(r))
     out.print("e2e: the infer pipeline (decode workers + model); model: pre-decoded batches; p50/p95: batch 1")

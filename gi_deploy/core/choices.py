@@ -13,8 +13,11 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
+    """The bundle's ONNX files are fp32, fp16 and int8; bf16 is the torch backend's (autocast)."""
+
     fp32 = "fp32"
     fp16 = "fp16"
+    bf16 = "bf16"
     int8 = "int8"
 
 

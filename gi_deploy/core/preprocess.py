@@ -19,6 +19,11 @@ from gi_deploy.errors import ConfigError, DataError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 RESIZE_MODES = ("direct", "crop")
+# "draft": a JPEG at least twice the size the resize needs is decoded at 1/2, 1/4 or 1/8 scale by
+# libjpeg first (Pillow's Image.draft, DCT-domain scaling), then resized: measured 2.5x faster on
+# endoscope frames, with slightly different pixels, so training and inference both use it (the spec
+# travels in every manifest). "full": decode every pixel, then resize (bundles made before "draft").
+DECODE_MODES = ("full", "draft")
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -37,6 +42,7 @@ class PreprocessSpec:
     interpolation: str = "bilinear"
     resize: str = "direct"
     crop_pct: float = 1.0
+    decode: str = "full"
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -51,6 +57,8 @@ class PreprocessSpec:
             raise ConfigError(f"resize {self.resize!r} unknown; use one of {', '.join(RESIZE_MODES)}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"decode {self.decode!r} unknown; use one of {', '.join(DECODE_MODES)}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layout": "NCHW", "color": "RGB", "scale": "1/255"}
@@ -60,7 +68,7 @@ class PreprocessSpec:
         return cls(
             size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             interpolation=d.get("interpolation", "bilinear"), resize=d.get("resize", "direct"),
-            crop_pct=d.get("crop_pct", 1.0),
+            crop_pct=d.get("crop_pct", 1.0), decode=d.get("decode", "full"),
         )
 
 
@@ -89,9 +97,36 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to upright 8-bit RGB. Raises DataError naming the file and the reason
-    (unreadable, not an image, truncated, a symlink loop, a canvas over ``MAX_PIXELS``)."""
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def resize_target(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
+    """The (width, height) :func:`resize_for` resizes an image of ``size`` (width, height) to,
+    before any crop."""
+    if spec.resize == "crop":
+        return crop_geometry(size, spec)[:2]
+    return spec.size[1], spec.size[0]
+
+
+def _draft(img: Image.Image, spec: PreprocessSpec) -> None:
+    """With ``spec.decode == "draft"``, ask libjpeg for the largest 1/2, 1/4 or 1/8 scale that is
+    still at least the size the resize needs (a JPEG under twice that size is decoded whole)."""
+    if spec.decode != "draft" or img.format != "JPEG":
+        return
+    w, h = img.size
+    turned = img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED  # stored sideways: the target turns too
+    tw, th = resize_target((h, w) if turned else (w, h), spec)
+    if turned:
+        tw, th = th, tw
+    if w >= 2 * tw and h >= 2 * th:
+        img.draft(None, (tw, th))
+
+
+def load_rgb(path: Path, spec: PreprocessSpec | None = None) -> Image.Image:
+    """Decode an image file to upright 8-bit RGB (at reduced scale where ``spec`` asks for draft
+    decoding). Raises DataError naming the file and the reason (unreadable, not an image,
+    truncated, a symlink loop, a canvas over ``MAX_PIXELS``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own check, as an error
@@ -101,6 +136,8 @@ def load_rgb(path: Path) -> Image.Image:
             if w * h > MAX_PIXELS:
                 raise DataError(f"cannot read image {path}: it declares a {w}x{h} canvas ({w * h / 1e6:.0f} MP, over "
                                 f"the {MAX_PIXELS / 1e6:.0f} MP limit): a decompression bomb, or not an endoscopy frame")
+            if spec is not None:
+                _draft(img, spec)
             # apply the EXIF orientation, so a rotated JPEG is seen upright by training and runtime alike
             return _to_rgb(ImageOps.exif_transpose(img))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
@@ -144,9 +181,23 @@ def to_input(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return normalize(resize_for(img, spec), spec)
 
 
+def to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB PIL image -> uint8 array (H, W, 3) of ``spec.size``: the geometry step alone, a quarter
+    of the bytes of the normalised input (what decode workers send; see :func:`normalize_pixels`)."""
+    return np.array(resize_for(img, spec), dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
+
+
+def normalize_pixels(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), scaled and normalised with the same float32
+    operations as :func:`normalize` (bit-identical results)."""
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def load_input(path: Path, spec: PreprocessSpec) -> np.ndarray:
     """Decode ``path`` and preprocess it: float32 (3, H, W). Raises DataError for bad files."""
-    return to_input(load_rgb(path), spec)
+    return to_input(load_rgb(path, spec), spec)
 
 
 def list_images(folder: Path) -> list[Path]:

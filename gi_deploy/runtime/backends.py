@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
+from gi_deploy._deps import onnxruntime_builds, require_onnxruntime
 from gi_deploy._io import sha256_file
 from gi_deploy.core.bundles import BUILD_SCRIPT
 from gi_deploy.core.choices import BACKENDS, DEVICES, PRECISIONS
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError, ConfigError, DependencyError, GiDeployError
 from gi_deploy.runtime import tensorrt  # imports TensorRT itself only when an engine is opened
 from gi_deploy.runtime.base import Backend, cpu_threads
@@ -32,7 +36,8 @@ def model_file(bundle_dir: Path, manifest: dict, precision: str, check_hash: boo
     models = manifest["models"]
     if precision not in models:
         raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
-                          + {"fp16": "; export with --fp16", "int8": "; export with --int8"}.get(precision, ""))
+                          + {"fp16": "; export with --fp16", "int8": "; export with --int8",
+                             "bf16": "; bf16 is the torch backend's (--backend torch on CUDA)"}.get(precision, ""))
     path = bundle_dir / models[precision]["file"]
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
@@ -58,7 +63,10 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
                      check_hash: bool = True) -> Backend:
     """An onnxruntime session on the best provider installed for ``device`` (auto: TensorRT, CUDA,
     then CPU). A requested GPU provider that is not the active one (onnxruntime-gpu falls back to
-    CPU silently when CUDA libraries are missing) is reported in ``notes``."""
+    CPU silently when CUDA libraries are missing) is reported in ``notes``, and so are two
+    onnxruntime builds installed side by side. Raises DependencyError naming both installs when
+    no onnxruntime is installed."""
+    require_onnxruntime()
     import onnxruntime as ort
 
     path = model_file(bundle_dir, manifest, precision, check_hash)
@@ -80,6 +88,9 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
         raise BundleError(f"onnxruntime cannot load {path}: {e}") from e
     active = session.get_providers()[0]
     notes = []
+    if len(builds := onnxruntime_builds()) > 1:
+        notes.append(f"{' and '.join(builds)} are installed side by side: they install the same module and break each "
+                     "other; uninstall both and install one (pip install 'gi-deploy[cpu]' or 'gi-deploy[gpu]')")
     if device == "cuda" and active == "CPUExecutionProvider":
         notes.append(f"requested CUDA but onnxruntime is running {path.name} on the CPU (installed providers: "
                      f"{', '.join(available)}); install onnxruntime-gpu and the CUDA libraries it names, alone "
@@ -90,9 +101,29 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
                      "provider failed to start (missing CUDA/cuDNN libraries?); run with -v for its log")
     input_name = session.get_inputs()[0].name
     threads_used = session.get_session_options().intra_op_num_threads
+    on_gpu = active in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
     return Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
-                   + (f" ({threads_used} threads)" if active == "CPUExecutionProvider" else ""),
-                   lambda x: session.run(None, {input_name: x})[0], notes, path.stat().st_size)
+                   + ("" if on_gpu else f" ({threads_used} threads)"),
+                   _bound_run(session, input_name) if on_gpu else (lambda x: session.run(None, {input_name: x})[0]),
+                   notes, path.stat().st_size, device="cuda" if on_gpu else "cpu")
+
+
+def _bound_run(session, input_name: str):
+    """onnxruntime on a GPU provider with I/O binding: the input is copied to the device once and the
+    logits are bound on the device, so no intermediate host copy is made (onnxruntime's guidance for
+    CUDA). Unmeasured here: no onnxruntime-gpu on the machines this was written on."""
+    import onnxruntime as ort
+
+    output_name = session.get_outputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), "cuda", 0))
+        binding.bind_output(output_name, "cuda", 0)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    return run
 
 
 def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list[str]]:
@@ -129,34 +160,76 @@ def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
         raise ConfigError(f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
                           f"with --backend tensorrt (got {precision})")
     path, stamp, notes = _engine_for_here(bundle_dir, manifest)
-    runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)))
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)), spec)
     return Backend("tensorrt", "fp16", f"TensorRT {tensorrt.current_target().tensorrt_version} {path.name}",
-                   runner, notes, path.stat().st_size)
+                   runner, notes, path.stat().st_size, device="cuda", run_pixels=runner.run_pixels)
 
 
 def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None,
-          check_hash: bool) -> Backend:
-    """The fastest backend this machine can run: a TensorRT engine when TensorRT, a GPU and an
-    engine for it are here (fp16 only), else onnxruntime on its best provider."""
-    reason = ""
+          check_hash: bool, compile: bool | None, batch_size: int) -> Backend:
+    """The fastest backend this machine can run, in this order: a TensorRT engine (fp16, with
+    TensorRT, a GPU and an engine for it), onnxruntime on a GPU provider, the torch backend on
+    CUDA (when torch sees a GPU and the bundle's training run is here), onnxruntime on the CPU.
+    The first note says which was chosen and why the faster ones were not."""
+    why: list[str] = []
     has_engine = (manifest.get("engine") or {}).get("status") == "built" or any(bundle_dir.glob("model.*.engine"))
-    if precision == "fp16" and device != "cpu" and not has_engine:  # do not even import TensorRT
-        reason = " (no TensorRT engine in the bundle: export --engine, or run its build_engine.sh)"
-    elif precision == "fp16" and device != "cpu":
+    if device != "cpu" and precision == "fp16" and has_engine:
         try:
-            b = open_tensorrt(bundle_dir, manifest, precision)
-            b.notes.insert(0, "auto: TensorRT engine (fastest available)")
-            return b
-        except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine for this GPU: onnxruntime is next
-            reason = f" (no TensorRT: {e})"
+            return _chosen(open_tensorrt(bundle_dir, manifest, precision), "TensorRT engine (fastest available)")
+        except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine for this GPU: the next one
+            why.append(f"no TensorRT: {e}")
+    elif device != "cpu":
+        why.append("no TensorRT engine in the bundle" if precision == "fp16" else f"TensorRT runs fp16, not {precision}")
+    gpu_providers = device != "cpu" and _ort_gpu_installed()
+    if gpu_providers:
+        b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
+        if b.device == "cuda":
+            return _chosen(b, b.detail, why)
+        why.append(f"onnxruntime's GPU provider did not start ({b.detail})")
+    elif device != "cpu":
+        why.append("onnxruntime has no GPU provider here (onnxruntime-gpu is not installed)")
+    if device != "cpu" and precision != "int8" and (device == "cuda" or nvidia_gpu_present()):
+        from gi_deploy.runtime.torch_backend import open_torch, torch_cuda  # lazy: torch is optional
+
+        ok, reason = torch_cuda()
+        if ok:
+            try:
+                return _chosen(open_torch(bundle_dir, manifest, precision, "cuda", threads, compile, batch_size),
+                               "torch on CUDA", why)
+            except GiDeployError as e:  # e.g. the training run is not on this machine
+                why.append(f"torch on CUDA: {e}")
+        else:
+            why.append(reason)
     b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
-    b.notes.insert(0, f"auto: {b.detail}{reason}")
+    return _chosen(b, b.detail, why)
+
+
+def _chosen(b: Backend, what: str, why: list[str] | None = None) -> Backend:
+    b.notes.insert(0, f"auto: {what}" + (f" ({'; '.join(why)})" if why else ""))
     return b
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU, asked without importing torch or CUDA (the device
+    nodes the driver creates), so ``auto`` on a CPU machine never pays torch's import."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def _ort_gpu_installed() -> bool:
+    require_onnxruntime()
+    import onnxruntime as ort
+
+    return any(p in ort.get_available_providers() for p in ORT_PROVIDERS["cuda"][:-1])
+
+
 def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precision: str = "fp32",
-                 device: str = "auto", threads: int | None = None, check_hash: bool = True) -> Backend:
-    """Load the bundle's model on ``backend`` (auto | onnxruntime | tensorrt | torch).
+                 device: str = "auto", threads: int | None = None, check_hash: bool = True,
+                 compile: bool | None = None, batch_size: int = 32) -> Backend:
+    """Load the bundle's model on ``backend`` (auto | onnxruntime | tensorrt | torch). ``compile``:
+    torch.compile the torch backend (None: on CUDA only), at ``batch_size`` rows.
 
     Raises ConfigError for an unknown name or a combination that does not exist (int8 on
     TensorRT or torch, TensorRT with device cpu), BundleError for missing/altered files or an
@@ -172,11 +245,14 @@ def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precis
         raise ConfigError("--backend tensorrt runs on a CUDA GPU, not with --device cpu; use --backend onnxruntime "
                           "on the CPU")
     if backend == "auto":
-        return _auto(bundle_dir, manifest, precision, device, threads, check_hash)
-    if backend == "onnxruntime":
-        return open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
-    if backend == "tensorrt":
-        return open_tensorrt(bundle_dir, manifest, precision)
-    from gi_deploy.runtime.torch_backend import open_torch  # lazy: torch is the training extra's
+        b = _auto(bundle_dir, manifest, precision, device, threads, check_hash, compile, batch_size)
+    elif backend == "onnxruntime":
+        b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
+    elif backend == "tensorrt":
+        b = open_tensorrt(bundle_dir, manifest, precision)
+    else:
+        from gi_deploy.runtime.torch_backend import open_torch  # lazy: torch is the training extra's
 
-    return open_torch(bundle_dir, manifest, precision, device, threads)
+        b = open_torch(bundle_dir, manifest, precision, device, threads, compile, batch_size)
+    b.spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    return b

@@ -1,5 +1,5 @@
-"""What every runtime backend is (the :class:`Backend` record: a model that turns an NCHW batch
-into logits, and what it really runs on) and how many cores this process may use."""
+"""What every runtime backend is (the :class:`Backend` record: a model that turns a batch into
+logits, and what it really runs on) and how many cores this process may use."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
+
 
 @dataclass
 class Backend:
-    """A loaded model: ``run(batch)`` gives logits. ``name`` is the backend, ``detail`` what it
-    runs on (provider, engine, device), ``notes`` messages for the user."""
+    """A loaded model. ``run(x)`` gives logits for float32 (N, 3, H, W) normalised inputs;
+    ``run_pixels(u8)``, where the backend has one, takes the decoder's uint8 (N, H, W, 3) pixels and
+    normalises them where the model runs (on the GPU for torch and TensorRT), so the host never
+    makes the 4x larger float32 copy. ``name`` is the backend, ``detail`` what it runs on (provider,
+    engine, device), ``device`` "cpu" or "cuda", ``notes`` messages for the user."""
 
     name: str
     precision: str
@@ -21,9 +26,19 @@ class Backend:
     run: Callable[[np.ndarray], np.ndarray]
     notes: list[str] = field(default_factory=list)
     model_bytes: int = 0
+    device: str = "cpu"
+    spec: PreprocessSpec | None = None
+    run_pixels: Callable[[np.ndarray], np.ndarray] | None = None
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
+        """float32 (N, 3, H, W) normalised inputs, or the decoder's uint8 (N, H, W, 3) pixels ->
+        float32 logits (N, num_classes)."""
+        on_device = type(batch).__module__.startswith("torch")  # pixels the GPU decoder left on the device
+        if on_device or batch.dtype == np.uint8:
+            if self.run_pixels is not None:
+                return np.asarray(self.run_pixels(batch), dtype=np.float32)
+            assert self.spec is not None, "open_backend gives every backend its bundle's preprocessing"
+            batch = normalize_pixels(batch, self.spec)
         return np.asarray(self.run(batch), dtype=np.float32)
 
 

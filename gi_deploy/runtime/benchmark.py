@@ -32,11 +32,12 @@ from gi_deploy.runtime.backends import open_backend
 from gi_deploy.runtime.base import Backend, cpu_threads
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
 
-# (row name, backend, precision); the torch row is the baseline every ratio is against
-CANDIDATES = (("PyTorch eager", "torch", "fp32"), ("onnxruntime fp32", "onnxruntime", "fp32"),
-              ("onnxruntime fp16", "onnxruntime", "fp16"), ("onnxruntime int8", "onnxruntime", "int8"),
-              ("TensorRT fp16", "tensorrt", "fp16"))
-GPU_CANDIDATES = (("PyTorch eager fp16", "torch", "fp16"),)
+# (row name, backend, precision, torch.compile); the first row is the baseline every ratio is against
+CANDIDATES = (("PyTorch eager", "torch", "fp32", False), ("onnxruntime fp32", "onnxruntime", "fp32", None),
+              ("onnxruntime fp16", "onnxruntime", "fp16", None), ("onnxruntime int8", "onnxruntime", "int8", None),
+              ("TensorRT fp16", "tensorrt", "fp16", None))
+GPU_CANDIDATES = (("PyTorch eager fp16", "torch", "fp16", False), ("PyTorch compiled fp16", "torch", "fp16", True),
+                  ("auto fp16", "auto", "fp16", None))
 
 
 @dataclass
@@ -47,13 +48,15 @@ class BenchmarkConfig:
     n_images: int = helped(256, "Images per throughput run (the folder is cycled).")
     batch_size: int = helped(32, "Images per model call.")
     latency_runs: int = helped(50, "Batch-1 calls timed for p50/p95.")
-    workers: int = helped(default_factory=default_workers, help="Decoding processes (default: one per core, up to 4).")
+    workers: int | None = helped(None, "Decoding processes (none: one per core up to 4 for a CPU model, every core "
+                                       "but one for a GPU model).")
     threads: int | None = helped(None, "The model's CPU threads (none: every core).")
     device: str = helped("auto", "auto | cpu | cuda.")
+    rows: list[str] = helped(default_factory=list, help="Measure only these rows (by name; none: every row).")
 
     def __post_init__(self) -> None:
         self.deploy_dir = Path(self.deploy_dir)
-        if self.batch_size < 1 or self.workers < 0 or (self.threads is not None and self.threads < 1):
+        if self.batch_size < 1 or (self.workers or 0) < 0 or (self.threads is not None and self.threads < 1):
             raise ConfigError(f"batch_size must be >= 1, workers >= 0 and threads >= 1; got {self.batch_size}, "
                               f"{self.workers} and {self.threads}")
         if self.n_images < 2 * self.batch_size:
@@ -84,7 +87,7 @@ class BenchmarkResult:
     input_size: tuple[int, int]
     n_images: int
     batch_size: int
-    workers: int
+    workers: int | None
     machine: str
     rows: list[BenchRow]
 
@@ -129,10 +132,11 @@ def _latency(b: Backend, x: np.ndarray, runs: int) -> tuple[float, float]:
     return float(p50), float(p95)
 
 
-def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int) -> float:
+def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None) -> float:
     """The runtime's pipeline (runtime/pipeline.py) feeding this backend, timed from the first
     batch's arrival: images after it / seconds after it."""
     t0, n = None, 0
+    workers = workers if workers is not None else default_workers(gpu=b.device == "cuda")
     for decoded in decoded_batches(paths, (spec,), batch, workers):
         b.predict_logits(decoded.inputs[0])
         if t0 is None:
@@ -173,19 +177,23 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
             raise DataError(f"none of the {len(found)} images in {cfg.images} could be read: {decoded.errors[0]}")
         x = decoded.inputs[0][np.arange(cfg.n_images) % decoded.n_good]  # the same images, pre-decoded
         rows = []
-        for name, backend, precision in _candidates(cfg.device):
+        for name, backend, precision, compile in _candidates(cfg.device):
+            if cfg.rows and name not in cfg.rows:
+                continue
             say(f"{name}...")
             try:
-                b = open_backend(bundle_dir, manifest, backend, precision, cfg.device, cfg.threads)
+                b = open_backend(bundle_dir, manifest, backend, precision, cfg.device, cfg.threads, compile=compile,
+                                 batch_size=cfg.batch_size)
             except (GiDeployError, ImportError) as e:  # not on this machine or not in this bundle: say why
                 rows.append(BenchRow(name, f"skipped: {e}"))
                 continue
             model = _model_only(b, x, cfg.batch_size)
             p50, p95 = _latency(b, x, cfg.latency_runs)
             e2e = _end_to_end(b, paths, spec, cfg.batch_size, cfg.workers)
-            rows.append(BenchRow(name, "ok", b.detail, e2e, model, p50, p95, b.model_bytes))
+            rows.append(BenchRow(name, "ok", "; ".join([b.detail, *b.notes]), e2e, model, p50, p95, b.model_bytes))
             del b
-    eager = next((r for r in rows if r.name == CANDIDATES[0][0] and r.status == "ok"), None)
+    eager = next((r for r in rows if r.status == "ok"), None)  # the first row that ran: CPU eager, or the
+    # first GPU row when --rows leaves it out
     if eager is not None:
         for r in rows:
             if r.status == "ok":
@@ -198,7 +206,17 @@ def goals(result: BenchmarkResult, base: str = "onnxruntime fp32") -> list[tuple
     """The issue's CPU goals as (what, measured ratio or None when a row is missing, target)."""
     rows = {r.name: r for r in result.rows if r.status == "ok"}
     ort, eager, int8 = rows.get(base), rows.get(CANDIDATES[0][0]), rows.get("onnxruntime int8")
-    return [
+    eager16, compiled16, auto = (rows.get(n) for n in ("PyTorch eager fp16", "PyTorch compiled fp16", "auto fp16"))
+    fastest = max((r for r in rows.values() if r.name != "auto fp16"), key=lambda r: r.model_only, default=None)
+    gpu = [] if compiled16 is None and eager16 is None else [
+        ("GPU: end-to-end vs model-only, compiled torch fp16",
+         compiled16.end_to_end / compiled16.model_only if compiled16 else None, 0.8),
+        ("GPU: compiled vs eager torch fp16 model-only",
+         compiled16.model_only / eager16.model_only if compiled16 and eager16 else None, 1.8),
+        ("GPU: auto's model-only vs the fastest row's", auto.model_only / fastest.model_only if auto and fastest
+         else None, 0.9),
+    ]
+    return gpu + [
         ("end-to-end infer vs PyTorch eager end-to-end", ort.end_to_end / eager.end_to_end if ort and eager else None,
          1.5),
         ("end-to-end infer vs onnxruntime model-only", ort.end_to_end / ort.model_only if ort else None, 0.9),

@@ -13,11 +13,11 @@ import numpy as np
 from gi_deploy.core.bundles import resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
-from gi_deploy.errors import ConfigError, DataError
+from gi_deploy.errors import ConfigError, DataError, DependencyError
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
-from gi_deploy.runtime.pipeline import decoded_batches, default_workers
+from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
 
 
 def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
@@ -41,8 +41,12 @@ class InferConfig:
                                   "provider); torch: the merged model rebuilt from its training run, for debugging.")
     precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files).")
     device: str = helped("auto", "auto: TensorRT -> CUDA -> CPU, whichever is installed.")
-    workers: int = helped(default_factory=default_workers,
-                          help="Decoding processes (0: decode in the main process; default: one per core, up to 4).")
+    workers: int | None = helped(None, "Decoding processes (0: decode in the main process; none: one per core up to 4 "
+                                       "for a CPU model, every core but one for a GPU model).")
+    compile: bool | None = helped(None, "torch.compile the torch backend (none: on CUDA).")
+    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs, else cpu) | cpu "
+                                 "(Pillow in the worker processes) | gpu (nvJPEG; other files fall back to the CPU "
+                                 "decoder one by one).")
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
     labels: Path | None = helped(None, "CSV of (path, label): the true class of each image.")
     top_k: int = helped(3, "Classes and probabilities per row.")
@@ -57,7 +61,9 @@ class InferConfig:
             self.sources = [self.sources]
         if self.batch_size < 1 or self.top_k < 1:
             raise ConfigError(f"batch_size and top_k must be >= 1, got {self.batch_size} and {self.top_k}")
-        if self.workers < 0:
+        if self.decode not in DECODERS:
+            raise ConfigError(f"decode {self.decode!r} unknown; use one of {', '.join(DECODERS)}")
+        if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 decodes in the main process), got {self.workers}")
 
 
@@ -89,10 +95,41 @@ class InferResult:
     n_classified: int  # images this run decoded and classified (unreadable ones not counted)
     seconds: float  # this run's classification wall time, decode workers' start-up included
     sources: dict[str, SourceRun]
+    decoder: str = ""  # which decoder ran, and how many images each decoded
+    workers: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.n_classified / self.seconds if self.seconds > 0 else 0.0
+
+
+DECODERS = ("auto", "cpu", "gpu")
+
+
+def specs_of(bundles: list[Bundle]) -> tuple:
+    """The distinct preprocessing specs of the bundles, in order (each image is decoded once per spec)."""
+    return tuple(dict.fromkeys(b.preprocess for b in bundles))
+
+
+def choose_decoder(decode: str, bundles: list[Bundle], specs: tuple) -> tuple[str, Callable, Callable | None]:
+    """(what ran, the workers' function, the main process's finishing step) for ``decode``. The GPU
+    decoder feeds GPU models only (its batches stay on the device); ``auto`` takes it when every
+    selected model runs on a GPU that nvJPEG can use. Raises ConfigError / DependencyError when
+    ``gpu`` is asked for where it cannot run."""
+    on_gpu = all(b.device == "cuda" and b.backend.run_pixels is not None for b in bundles)
+    if decode == "cpu" or (decode == "auto" and not on_gpu):
+        return "cpu (Pillow" + (", draft" if any(s.decode == "draft" for s in specs) else "") + ")", decode_batch, None
+    if not on_gpu:
+        raise ConfigError("--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
+                          f"{', '.join(b.source + ' runs on ' + b.provider for b in bundles)}: use --decode cpu")
+    from gi_deploy.runtime import gpu_decode  # lazy: the GPU decoder needs torch and torchvision
+
+    ok, why = gpu_decode.nvjpeg_status()
+    if not ok:
+        if decode == "auto":
+            return f"cpu (Pillow; no GPU decoding: {why})", decode_batch, None
+        raise DependencyError(f"--decode gpu: {why}; use --decode cpu")
+    return f"gpu ({why})", gpu_decode.read_batch, gpu_decode.GpuDecoder(specs)
 
 
 def true_label(rel: Path, classes: list[str]) -> str | None:
@@ -154,7 +191,10 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     """
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
-    bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads) for d in dirs]
+    bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads, compile=cfg.compile,
+                           batch_size=cfg.batch_size) for d in dirs]
+    workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in bundles))
+    decoder, reader, finish = choose_decoder(cfg.decode, bundles, specs_of(bundles))
     seen: dict[str, Path] = {}
     for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
         if b.source in seen:
@@ -168,7 +208,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     columns = csv_columns(k_top, all_classes)
     finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
     todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
-    specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
+    specs = specs_of(bundles)
     spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
     start, n_done, n_classified = time.perf_counter(), 0, 0
@@ -176,7 +216,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         writer = csv.writer(f)
         if not n_resumed:
             writer.writerow(columns)
-        for batch in decoded_batches(todo, specs, cfg.batch_size, cfg.workers):
+        for batch in decoded_batches(todo, specs, cfg.batch_size, workers, reader=reader, finish=finish):
             probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
                      for b, j in zip(bundles, spec_of)]
             good = 0
@@ -199,7 +239,8 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
             if progress:
                 progress(n_done, len(todo))
     seconds = time.perf_counter() - start
-    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision,
+    decoder = decoder + (f" ({finish.n_gpu} on the GPU, {finish.n_cpu} on the CPU)" if hasattr(finish, "n_gpu") else "")
+    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision, "decoder": decoder, "decode_workers": workers,
              "backends": {b.source: b.provider for b in bundles}}
     scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
     runs = {}
@@ -209,4 +250,5 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                                    sc.metrics, sc.files)
     n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
     return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
-                       n_resumed=n_resumed, n_classified=n_classified, seconds=seconds, sources=runs)
+                       n_resumed=n_resumed, n_classified=n_classified, seconds=seconds, sources=runs, decoder=decoder,
+                       workers=workers)

@@ -34,13 +34,19 @@ class Bundle:
     def provider(self) -> str:
         return self.backend.detail
 
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 logits (N, num_classes)."""
+        """The decoder's uint8 (N, H, W, 3) pixels or normalised float32 (N, 3, H, W) -> float32
+        logits (N, num_classes)."""
         return self.backend.predict_logits(batch)
 
 
 def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
-                backend: str = "onnxruntime", threads: int | None = None) -> Bundle:
+                backend: str = "onnxruntime", threads: int | None = None, compile: bool | None = None,
+                batch_size: int = 32) -> Bundle:
     """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
     ``backend`` (runtime/backends.py; onnxruntime by default, no torch import).
 
@@ -49,7 +55,7 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
     warning and kept in ``bundle.backend.notes`` (onnxruntime-gpu silently falls back to CPU when
     CUDA libraries are missing)."""
     manifest = read_bundle_manifest(bundle_dir)
-    b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash)
+    b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash, compile, batch_size)
     for note in b.notes:
         if not note.startswith("auto:"):
             log.warning("%s: %s", manifest["source"], note)

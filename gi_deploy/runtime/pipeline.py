@@ -1,4 +1,4 @@
-"""Decode + resize + normalise in worker processes, overlapped with the model, in bounded memory.
+"""Decode + resize in worker processes, overlapped with the model, in bounded memory.
 
 The main process runs the model; ``workers`` processes decode the next batches meanwhile. At most
 ``prefetch`` batches are in flight (decoding or decoded and waiting), so memory stays flat
@@ -16,7 +16,7 @@ import multiprocessing
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.preprocess import PreprocessSpec, load_rgb, to_input
+from gi_deploy.core.preprocess import PreprocessSpec, load_rgb, to_pixels
 from gi_deploy.errors import DataError
 from gi_deploy.runtime.base import cpu_threads
 
@@ -32,7 +32,9 @@ from gi_deploy.runtime.base import cpu_threads
 @dataclass
 class DecodedBatch:
     """``paths`` in input order; ``errors[i]`` the reason path i could not be read (None when
-    it could); ``inputs[j]`` float32 (n_good, 3, H, W) of the readable ones under ``specs[j]``."""
+    it could); ``inputs[j]`` the readable ones' pixels under ``specs[j]``: uint8 (n_good, H, W, 3),
+    resized but not normalised. Workers send a quarter of the bytes float32 would take; the
+    backend normalises where its model runs (runtime/base.py: on the GPU for torch and TensorRT)."""
 
     paths: list[Path]
     errors: list[str | None]
@@ -43,32 +45,53 @@ class DecodedBatch:
         return sum(e is None for e in self.errors)
 
 
+def _decode_once(path: Path, specs: tuple[PreprocessSpec, ...]) -> list[np.ndarray]:
+    """One image's pixels under every spec, decoding the file once per decode policy (a full
+    decode serves every "full" spec; a draft decode depends on the target size, so once per spec)."""
+    full, out = None, []
+    for spec in specs:
+        if spec.decode == "full":
+            full = full if full is not None else load_rgb(path)
+            out.append(to_pixels(full, spec))
+        else:
+            out.append(to_pixels(load_rgb(path, spec), spec))
+    return out
+
+
 def decode_batch(paths: list[Path], specs: tuple[PreprocessSpec, ...]) -> DecodedBatch:
-    """Decode and preprocess ``paths`` (in a worker process, or inline). A file that cannot be
-    read becomes an error entry naming it and the reason; the others are unaffected."""
+    """Decode and resize ``paths`` (in a worker process, or inline). A file that cannot be read
+    becomes an error entry naming it and the reason; the others are unaffected."""
     errors: list[str | None] = []
     arrays: list[list[np.ndarray]] = [[] for _ in specs]
     for path in paths:
         try:
-            rgb = load_rgb(path)
-            per_spec = [to_input(rgb, spec) for spec in specs]
+            per_spec = _decode_once(path, specs)
         except DataError as e:
             errors.append(str(e))
             continue
         errors.append(None)
         for out, x in zip(arrays, per_spec):
             out.append(x)
-    inputs = [np.stack(a) if a else np.zeros((0, 3, *spec.size), np.float32) for a, spec in zip(arrays, specs)]
+    inputs = [np.stack(a) if a else np.zeros((0, *spec.size, 3), np.uint8) for a, spec in zip(arrays, specs)]
     return DecodedBatch(list(paths), errors, inputs)
 
 
-def default_workers() -> int:
-    """Decode processes for this machine: one per core, at most 4 (the model needs the rest)."""
-    return min(4, cpu_threads())
+# Decode workers at most: beyond this the pickling and the main process's collection of batches,
+# not decoding, limit the pipeline.
+MAX_WORKERS = 32
 
 
-def _submit(pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...]) -> Future:
-    future = pool.submit(decode_batch, chunk, specs)
+def default_workers(gpu: bool = False) -> int:
+    """Decode processes for this machine. A CPU model needs the cores itself: one worker per core,
+    at most 4 (decoding is ~1/20 of a CPU model's time per image). A GPU model leaves the cores to
+    decoding: every core this process may use but one (the main process feeds the GPU)."""
+    cores = cpu_threads()
+    return max(1, min(MAX_WORKERS, cores - 1)) if gpu else min(4, cores)
+
+
+def _submit(pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...],
+            reader: Callable = decode_batch) -> Future:
+    future = pool.submit(reader, chunk, specs)
     future.paths = chunk  # named in the error if the worker dies on it
     return future
 
@@ -86,15 +109,18 @@ def _worker_init() -> None:
 
 
 def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int, workers: int,
-                    prefetch: int | None = None) -> Iterator[DecodedBatch]:
+                    prefetch: int | None = None, reader: Callable = decode_batch,
+                    finish: Callable | None = None) -> Iterator[DecodedBatch]:
     """Batches of ``batch_size`` paths, decoded, in order. ``workers=0`` (or a single batch)
     decodes inline; otherwise ``workers`` spawned processes keep up to ``prefetch`` (default
     2 x workers) batches ahead of the consumer. Closing the iterator (an error in the consumer,
-    Ctrl-C) cancels what is queued."""
+    Ctrl-C) cancels what is queued. ``reader`` runs in the workers and ``finish`` on its result
+    in this process (runtime/gpu_decode.py: bytes read there, decoded here on the GPU)."""
+    finish = finish or (lambda batch: batch)
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     if workers == 0 or len(chunks) <= 1:
         for chunk in chunks:
-            yield decode_batch(chunk, specs)
+            yield finish(reader(chunk, specs))
         return
     depth = max(1, prefetch or 2 * workers)
     # spawn, not fork: the parent already runs onnxruntime's thread pool, and forking a threaded
@@ -105,7 +131,7 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
         pending: deque[Future] = deque()
         todo = iter(chunks)
         for chunk in todo:
-            pending.append(_submit(pool, chunk, specs))
+            pending.append(_submit(pool, chunk, specs, reader))
             if len(pending) >= depth:
                 break
         while pending:
@@ -118,7 +144,7 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
                                 "--resume to find the file that kills the decoder") from e
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(_submit(pool, nxt, specs))
-            yield batch
+                pending.append(_submit(pool, nxt, specs, reader))
+            yield finish(batch)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -16,6 +16,7 @@ import tomllib
 from gi_deploy.core.choices import DEVICES
 from gi_deploy.core.fields import helped
 from gi_deploy.core.methods import METHODS
+from gi_deploy.core.preprocess import DECODE_MODES
 from gi_deploy.core.runs import RUN_MANIFEST, stored_config
 from gi_deploy.errors import ConfigError
 from gi_deploy.model.settings import ColoraSettings, LoraSettings
@@ -56,6 +57,8 @@ class TrainConfig:
                                   "test on the other).")
     label_fraction: float = helped(1.0, "Train on this share of each class's labels (seeded).")
     resize: str = helped("direct", "direct (squash to img_size, the paper) | crop (shorter side + centre crop).")
+    decode: str = helped("draft", "draft (JPEGs at least twice the input size decoded at 1/2-1/8 scale by libjpeg "
+                                  "first: faster, the same at inference) | full.")
     crop_pct: float = helped(0.875, "With resize crop: crop size / resize size.")
     hflip: bool = helped(True, "Random horizontal flip.")
     vflip: bool = helped(False, "Random vertical flip.")
@@ -83,7 +86,7 @@ class TrainConfig:
             self.colora = _settings_from_dict(ColoraSettings, self.colora, "colora")
         problems = []
         for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
-                              ("split", SPLIT_MODES)):
+                              ("split", SPLIT_MODES), ("decode", DECODE_MODES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} unknown; use one of {', '.join(allowed)}")
         if not 0.0 < self.label_fraction <= 1.0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_rgb, normalize, resize_for, to_input
+from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_rgb, normalize, resize_for, to_input, to_pixels
 from gi_deploy.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -287,16 +287,18 @@ class ImageDataset(Dataset):
     training images are then augmented, and all are normalised by the shared :func:`normalize`."""
 
     def __init__(self, root: Path, items: list[tuple[str, int]], spec: PreprocessSpec,
-                 augment: Augment | None = None):
-        self.root, self.items, self.spec = Path(root), items, spec
-        self.augment = augment.transform() if augment is not None else None
+                 augment: Augment | None = None, pixels: bool = False):
+        self.root, self.items, self.spec, self.pixels = Path(root), items, spec, pixels
+        self.augment = augment.transform() if augment is not None and not pixels else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         rel, y = self.items[i]
-        img = load_rgb(self.root / rel)
+        img = load_rgb(self.root / rel, self.spec)
+        if self.pixels:  # uint8 (H, W, 3): augmented and normalised on the GPU (training/device_input.py)
+            return torch.from_numpy(to_pixels(img, self.spec)), y
         if self.augment is None:
             return torch.from_numpy(to_input(img, self.spec)), y
         return torch.from_numpy(normalize(self.augment(resize_for(img, self.spec)), self.spec)), y

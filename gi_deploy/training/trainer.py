@@ -52,6 +52,7 @@ from gi_deploy.training.checkpoint import (
 )
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
+from gi_deploy.training.device_input import DeviceFeed, augments_on_device
 from gi_deploy.training.memory import PeakMemory, cpu_baseline
 from gi_deploy.training.sources import load_splits
 
@@ -100,15 +101,18 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, classes: list[str],
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
-    """Metrics of ``model`` over ``loader`` (eval mode; restores the previous mode)."""
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False, feed: DeviceFeed | None = None) -> dict:
+    """Metrics of ``model`` over ``loader`` (eval mode; restores the previous mode). ``feed`` turns
+    a loader batch into the model's input (default: move it to ``device``)."""
     was_training = model.training
     model.eval()
     y_true, y_pred = [], []
     for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if feed is not None:
+            x = feed(x, train=False)
+        else:
+            x = x.to(device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
         y_pred += logits.argmax(1).cpu().tolist()
@@ -123,15 +127,28 @@ def _train_counts(ds: DatasetSplits) -> list[int]:
     return [counts[i] for i in range(len(ds.classes))]
 
 
+def _augment(cfg: TrainConfig) -> Augment:
+    return Augment(hflip=cfg.hflip, vflip=cfg.vflip, rotation_degrees=cfg.rotation_degrees,
+                   color_jitter=cfg.color_jitter)
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """DataLoader workers: 0 on the CPU (the model needs the cores), every core but one on CUDA
+    (the main process feeds the GPU), at most 32."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return max(1, min(32, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                      - 1)) if device.type == "cuda" else 0
+
+
 def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
              g: torch.Generator) -> tuple[DataLoader, DataLoader, DataLoader | None]:
-    workers = cfg.num_workers if cfg.num_workers is not None else (
-        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = loader_workers(cfg, device)
     common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0)
-    augment = Augment(hflip=cfg.hflip, vflip=cfg.vflip, rotation_degrees=cfg.rotation_degrees,
-                      color_jitter=cfg.color_jitter)
-    train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment)
+                  persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers > 0 else {}))
+    augment = _augment(cfg)
+    pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there
+    train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment, pixels=pixels)
     if cfg.balance == "sampler":  # every class drawn equally often, with replacement
         counts = _train_counts(ds)
         weights = [1.0 / counts[y] for _, y in ds.splits["train"]]
@@ -139,8 +156,8 @@ def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: 
         train = DataLoader(train_set, sampler=sampler, generator=g, **common)
     else:
         train = DataLoader(train_set, shuffle=True, generator=g, **common)
-    val = DataLoader(ImageDataset(ds.root, ds.splits["val"], spec), shuffle=False, **common)
-    test = DataLoader(ImageDataset(ds.root, ds.splits["test"], spec), shuffle=False, **common) \
+    val = DataLoader(ImageDataset(ds.root, ds.splits["val"], spec, pixels=pixels), shuffle=False, **common)
+    test = DataLoader(ImageDataset(ds.root, ds.splits["test"], spec, pixels=pixels), shuffle=False, **common) \
         if ds.splits["test"] else None
     return train, val, test
 
@@ -164,17 +181,18 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 
 def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn, device: torch.device,
-               amp_dtype: torch.dtype | None, channels_last: bool, epoch: int, report: Report) -> tuple[float, float]:
-    """One pass over the training data; returns (mean loss, accuracy). Raises TrainingDiverged on a
-    non-finite loss before the optimizer can apply it."""
+               amp_dtype: torch.dtype | None, feed: DeviceFeed, epoch: int, report: Report) -> dict:
+    """One pass over the training data; returns the mean loss, the accuracy, the seconds to the
+    end of the first step (loader start-up, cuDNN autotuning, a compile: the warm-up) and the
+    images/s of the steps after it (the steady rate). Raises TrainingDiverged on a non-finite loss
+    before the optimizer can apply it."""
     train_mode(model)
     total_loss, seen = 0.0, 0
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no extra sync per step
     steps, t0 = len(loader), time.perf_counter()
+    first_step_s, after_first = None, 0
     for step, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = feed(x, train=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -189,9 +207,15 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
         total_loss += loss_value * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+        if first_step_s is None:  # loss.item() above synchronised: the first step is done
+            first_step_s = time.perf_counter() - t0
+        else:
+            after_first += len(y)
         report("batch", {"epoch": epoch, "step": step, "steps": steps, "loss": loss_value,
                          "img_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-    return total_loss / max(seen, 1), correct.item() / max(seen, 1)
+    steady = after_first / max(time.perf_counter() - t0 - (first_step_s or 0.0), 1e-9) if after_first else None
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
+            "first_step_s": round(first_step_s or 0.0, 3), "steady_img_per_s": round(steady, 1) if steady else None}
 
 
 @dataclass
@@ -217,6 +241,7 @@ class _Run:
     scheduler: Any
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
+    feed: DeviceFeed
     manifest: dict
     colora: dict | None
     memory_baseline: int | None
@@ -268,9 +293,10 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     seed_everything(cfg.seed)
     model, base, run_dir = _base_model(cfg, ds, manifest)
     head = classifier_name(model)
-    spec = PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
-                          std=tuple(model.pretrained_cfg["std"]), resize=cfg.resize,
-                          crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0)
+    spec = (PreprocessSpec.from_dict(manifest["preprocess"]) if manifest is not None else  # a resumed run's own
+            PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
+                           std=tuple(model.pretrained_cfg["std"]), resize=cfg.resize,
+                           crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0, decode=cfg.decode))
     deployed = sum(p.numel() for p in model.parameters())  # what the exported (merged) model holds
     method, settings = method_spec(cfg.method), {"lora": cfg.lora, "colora": cfg.colora}
     model = apply_method(model, method, **settings)
@@ -285,6 +311,7 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
                torch.compile(model) if cfg.compile else model, method, settings, head,
                _loaders(ds, spec, cfg, device, g), g, optimizer, _scheduler(optimizer, cfg),
                torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), _loss_fn(ds, cfg, device),
+               DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
                manifest or {}, colora_summary(model) if method.carries("colora") else None, memory_baseline)
     if checkpoint is not None:
         _restore(run, checkpoint)
@@ -300,7 +327,7 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
         }
     run.manifest["runtime"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                                "channels_last": channels_last, "compile": cfg.compile,
-                               "num_workers": run.loaders[0].num_workers}
+                               "num_workers": run.loaders[0].num_workers, "augment_on": "gpu" if run.feed.on_device else "cpu"}
     write_json(run_dir / RUN_MANIFEST, run.manifest)
     ds.write_csvs(run_dir / SPLITS_DIR)
     report("start", {"trainable": trainable, "total": total, "deployed": deployed, "colora": run.colora,
@@ -337,18 +364,20 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
     cfg, state = run.cfg, run.state
     t_epoch = time.time()
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
-        train_loss, train_acc = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn,
-                                           run.device, run.amp_dtype, run.channels_last, epoch, report)
+        stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
+                           run.amp_dtype, run.feed, epoch, report)
         merged = run.colora is not None and is_merge_epoch(epoch, cfg.colora.merge_every)
         if merged:  # K0 += K_p * K_d, b0 += db; reset the factors (and their optimizer moments)
             merge_all(run.model, run.optimizer)
             state.merges += 1
-        val = evaluate(run.step_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last)
+        val = evaluate(run.step_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
+                       run.feed)
     seconds = time.time() - t_epoch
-    record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+    record = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
               "val_accuracy": val["accuracy"], "val_f1_weighted": val["f1_weighted"], "val_mcc": val["mcc"],
               "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
               "img_per_s": round(len(run.ds.splits["train"]) / max(seconds, 1e-9), 1),
+              "first_step_s": stats["first_step_s"], "steady_img_per_s": stats["steady_img_per_s"],
               "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None}
     if run.colora is not None:
         record["colora_merged"] = merged
@@ -418,7 +447,7 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
     test_metrics = None
     if run.loaders[2] is not None:
         best_model = load_run_model(run.run_dir, device=run.device, manifest=manifest)  # what was saved, reloaded
-        test_metrics = evaluate(best_model, run.loaders[2], run.device, run.ds.classes)
+        test_metrics = evaluate(best_model, run.loaders[2], run.device, run.ds.classes, feed=run.feed)
     manifest.update(test=test_metrics, status="done", seconds=round(time.time() - t0, 1))
     write_json(run.run_dir / RUN_MANIFEST, manifest)
     params = manifest["params"]

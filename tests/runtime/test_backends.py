@@ -139,7 +139,9 @@ def test_unknown_names_and_impossible_combinations_are_config_errors(bundle):
     d, manifest = bundle
     with pytest.raises(ConfigError, match="backend 'tflite' unknown"):
         open_backend(d, manifest, "tflite")
-    with pytest.raises(ConfigError, match="precision 'bf16' unknown"):
+    with pytest.raises(ConfigError, match="precision 'fp8' unknown"):
+        open_backend(d, manifest, "onnxruntime", "fp8")
+    with pytest.raises(ConfigError, match="no bf16 model.*bf16 is the torch backend's"):
         open_backend(d, manifest, "onnxruntime", "bf16")
     with pytest.raises(ConfigError, match="device 'tpu' unknown"):
         open_backend(d, manifest, "onnxruntime", "fp32", "tpu")
@@ -149,3 +151,26 @@ def test_unknown_names_and_impossible_combinations_are_config_errors(bundle):
         open_backend(d, manifest, "onnxruntime", "int8", "cpu")
     with pytest.raises(ConfigError, match="tensorrt runs on a CUDA GPU, not with --device cpu"):
         open_backend(d, manifest, "tensorrt", "fp16", "cpu")  # refused, whether or not TensorRT is here
+
+
+def test_no_onnxruntime_names_both_installs(bundle, monkeypatch):
+    """onnxruntime comes from the cpu or the gpu extra, not the core install: without either, one
+    line says which two commands exist."""
+    import importlib.util
+
+    from gi_deploy.errors import DependencyError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    d, manifest = bundle
+    with pytest.raises(DependencyError, match=r"gi-deploy\[cpu\].*gi-deploy\[gpu\].*never both"):
+        open_backend(d, manifest, "onnxruntime")
+
+
+def test_two_onnxruntime_builds_side_by_side_are_reported(bundle, monkeypatch):
+    from gi_deploy.runtime import backends
+
+    monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    d, manifest = bundle
+    b = open_backend(d, manifest, "onnxruntime", device="cpu")
+    assert any("onnxruntime and onnxruntime-gpu are installed side by side" in n for n in b.notes)

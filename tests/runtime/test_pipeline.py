@@ -13,7 +13,7 @@ from PIL import Image
 
 from gi_deploy._io import read_json
 from gi_deploy.core.bundles import read_bundle_manifest
-from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
+from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input, normalize_pixels
 from gi_deploy.runtime import pipeline
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
@@ -74,7 +74,9 @@ def test_runtime_input_equals_the_training_evaluation_transform(resize, odd_imag
     sizes = {Image.open(p).size for p in paths}
     assert any(w != h for w, h in sizes)  # the geometry of non-square images is exercised
     trained = training_eval_arrays(odd_images, paths, spec, tmp_path)
-    runtime = np.concatenate([b.inputs[0] for b in decoded_batches(paths, (spec,), batch_size=4, workers=0)])
+    pixels = np.concatenate([b.inputs[0] for b in decoded_batches(paths, (spec,), batch_size=4, workers=0)])
+    assert pixels.shape == (len(paths), *spec.size, 3) and pixels.dtype == np.uint8  # workers send uint8
+    runtime = normalize_pixels(pixels, spec)  # what a backend feeds its model
     assert runtime.shape == (len(paths), 3, *spec.size) and runtime.dtype == np.float32
     for split in ("val", "test"):
         np.testing.assert_allclose(runtime, trained[split], atol=1e-6, rtol=0)
@@ -91,9 +93,9 @@ def test_several_specs_are_each_the_training_transform(odd_images, tiny_deploy, 
     batch = decode_batch(paths, (direct, crop))
     assert batch.errors == [None] * len(paths)
     for spec, array in zip((direct, crop), batch.inputs):
-        np.testing.assert_allclose(array, training_eval_arrays(odd_images, paths, spec, tmp_path)["test"],
-                                   atol=1e-6, rtol=0)
-    assert batch.inputs[1].shape == (len(paths), 3, 24, 40)
+        np.testing.assert_allclose(normalize_pixels(array, spec),
+                                   training_eval_arrays(odd_images, paths, spec, tmp_path)["test"], atol=1e-6, rtol=0)
+    assert batch.inputs[1].shape == (len(paths), 24, 40, 3)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ def test_benchmark_decodes_only_the_images_it_measures(tiny_data, tiny_deploy, m
         return decode_batch(paths, specs)
 
     monkeypatch.setattr(benchmark, "decode_batch", counting_decode)
-    monkeypatch.setattr(benchmark, "CANDIDATES", (("onnxruntime fp32", "onnxruntime", "fp32"),))
+    monkeypatch.setattr(benchmark, "CANDIDATES", (("onnxruntime fp32", "onnxruntime", "fp32", None),))
     cfg = benchmark.BenchmarkConfig(deploy_dir=tiny_deploy, images=tiny_data / "test", n_images=8, batch_size=4,
                                     latency_runs=5, workers=0, device="cpu")
     result = benchmark.run_benchmark(cfg)
