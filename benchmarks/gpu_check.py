@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu_check"))
     ap.add_argument("--quick", action="store_true", help="CPU dry run: convnextv2_atto at 64 px, few images")
     ap.add_argument("--budget", type=float, default=330, help="seconds after which no step starts")
+    ap.add_argument("--steps", default="", help="comma-separated steps to run, in this order (default: all)")
     a = ap.parse_args()
     quick = a.quick
     out = a.out
@@ -100,10 +101,9 @@ def main() -> None:
 
     data = make_data(out / "data", {"train": 16, "val": 4, "test": 4} if quick else
                      {"train": 256, "val": 32, "test": 32}, cores)
-    frames = sorted((data / "test").rglob("*.jpg"))
-    listing = out / "frames.csv"  # the test frames cycled to n_infer rows, labelled
-    listing.write_text("path,label\n" + "".join(f"{frames[i % len(frames)]},{frames[i % len(frames)].parent.name}\n"
-                                                for i in range(n_infer)))
+    frames = sorted(make_data(out / "frames", {"infer": n_infer // len(FINDINGS) + 1}, cores).rglob("*.jpg"))
+    listing = out / "frames.csv"  # n_infer distinct frames (rows are keyed by path), labelled
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in frames[:n_infer]))
     print(f"data: {len(list(data.rglob('*.jpg')))} frames of 720x576 in {time.perf_counter() - t0:.0f}s", flush=True)
 
     common = ["--data-dir", str(data), "--model", model, "--no-pretrained", "--img-size", str(px), "--epochs", "2",
@@ -141,16 +141,18 @@ def main() -> None:
                                   "chose": next(iter(re.findall(r"auto: ([^\n]*)", text)), None),
                                   "decoder": next(iter(re.findall(r"decoded by ([^\n]*)", text)), None)}
 
-    def benchmark() -> None:
-        rows = ["PyTorch eager", "onnxruntime fp32"] if quick else ["PyTorch eager fp16", "PyTorch compiled fp16",
-                                                                   "auto fp16"]
+    def benchmark(decode: str = "cpu") -> None:
+        rows = (["PyTorch eager", "onnxruntime fp32"] if quick else
+                ["PyTorch eager fp16", "PyTorch compiled fp16", "auto fp16"] if decode == "cpu" else
+                ["PyTorch compiled fp16"])
+        key = "benchmark" if decode == "cpu" else f"benchmark_{decode}_decode"
         code, _, _ = run(py + ["benchmark", "--deploy", str(out / "deploy"), "--device", dev, "--n-images",
                                str(n_infer), "--batch-size", str(batch), *[x for r in rows for x in ("--row", r)],
-                               "--json", str(out / "bench.json")], out / "benchmark.log", 240)
+                               "--decode", decode, "--json", str(out / f"{key}.json")], out / f"{key}.log", 240)
         if code == 0:
-            bench = json.loads((out / "bench.json").read_text())
-            summary["benchmark"] = {r["name"]: {k: r[k] for k in ("status", "end_to_end", "model_only", "p50_ms",
-                                                                   "p95_ms", "detail")} for r in bench["rows"]}
+            bench = json.loads((out / f"{key}.json").read_text())
+            summary[key] = {r["name"]: {k: r[k] for k in ("status", "end_to_end", "model_only", "p50_ms",
+                                                           "p95_ms", "detail")} for r in bench["rows"]}
 
     def steps(name: str, extra: list[str], limit: int) -> None:
         code, _, _ = run(tt + extra + ["--json", str(out / f"tt_{name}.json")], out / f"tt_{name}.log", limit)
@@ -159,26 +161,32 @@ def main() -> None:
             summary[f"step_{name}"] = {v: {"img_per_s": round(r["median_img_per_s"], 1),
                                            "peak_mib": r["median_peak_mib"]} for v, r in res.items()}
 
-    # most important first: a step that does not fit the budget costs its own row only
-    train("lora")
-    export()
-    infer("torch fp16 compiled", ["--backend", "torch", "--precision", "fp16", "--compile"])
-    infer("torch fp16 compiled, GPU decode", ["--backend", "torch", "--precision", "fp16", "--compile",
-                                              "--decode", "gpu"])
-    infer("auto fp16", ["--backend", "auto", "--precision", "fp16"])
-    benchmark()
+    compiled = ["--backend", "torch", "--precision", "fp16", "--compile"]
+    plan = {  # most important first: a step that does not fit the budget costs its own row only
+        "train_lora": lambda: train("lora"),
+        "export": export,
+        "infer_cpu": lambda: infer("torch fp16 compiled", compiled + ["--decode", "cpu"]),
+        "infer_gpu": lambda: infer("torch fp16 compiled, GPU decode", compiled + ["--decode", "gpu"]),
+        "infer_auto": lambda: infer("auto fp16", ["--backend", "auto", "--precision", "fp16"]),
+        "benchmark": benchmark,
+        "benchmark_gpu": lambda: None if quick else benchmark("gpu"),
+        "train_full": lambda: train("full"),
+        "steps_eager": lambda: steps("eager", ["--variants", "full,lora,lora-rank,linear"], 120),
+        # where a LoRA step's time goes next to a full one's (top kernels by device time)
+        "profile": lambda: None if quick else [run(tt + ["--variants", v, "--profile", "--profile-variant", v,
+                                                         "--profile-steps", "3"], out / f"profile_{v}.log", 60)
+                                               for v in ("full", "lora")],
+        # what draft decoding changes for the model just trained (with it)
+        "draft": lambda: run([sys.executable, "benchmarks/draft_effect.py", "--run",
+                              str(out / "runs_lora" / "capsule"), "--images", str(data / "test"), "--device", dev],
+                             out / "draft_effect.log", 60),
+        # inductor on a 2-core CPU takes minutes: the CPU dry run checks the eager path only
+        "steps_compiled": lambda: None if quick else steps("compiled", ["--variants", "lora,full", "--compile",
+                                                                        "--repeats", "1", "--warmup", "2"], 240),
+    }
+    for name in a.steps.split(",") if a.steps else plan:
+        plan[name]()
     summary["decoder_agreement"] = agreement(summary["infer"])
-    train("full")
-    steps("eager", ["--variants", "full,lora,lora-rank,linear"], 120)
-    if not quick:  # where a LoRA step's time goes next to a full one's (top kernels by device time)
-        for variant in ("full", "lora"):
-            run(tt + ["--variants", variant, "--profile", "--profile-variant", variant, "--profile-steps", "3"],
-                out / f"profile_{variant}.log", 60)
-    if summary["train"].get("lora"):  # what draft decoding changes for the model just trained (with it)
-        run([sys.executable, "benchmarks/draft_effect.py", "--run", str(out / "runs_lora" / "capsule"), "--images",
-             str(data / "test"), "--device", dev], out / "draft_effect.log", 60)
-    if not quick:  # inductor on a 2-core CPU takes minutes; the CPU dry run checks the eager path only
-        steps("compiled", ["--variants", "lora,full", "--compile", "--repeats", "1", "--warmup", "2"], 240)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)
@@ -209,6 +217,10 @@ def print_table(s: dict) -> None:
                   f"e2e/model {_ratio(r['end_to_end'], r['model_only'])}  p50 {r['p50_ms']:.1f} ms  | {r['detail']}")
         else:
             print(f"benchmark {name:24s} {r['status']}")
+    for name, r in s.get("benchmark_gpu_decode", {}).items():
+        if r["status"] == "ok":
+            print(f"benchmark {name + ', GPU decode':24s} e2e {r['end_to_end']:8.1f}  model {r['model_only']:8.1f} "
+                  f"img/s  e2e/model {_ratio(r['end_to_end'], r['model_only'])}")
     comp, eager = bench.get("PyTorch compiled fp16", {}), bench.get("PyTorch eager fp16", {})
     print(f"goal infer e2e >= 0.8x model-only (compiled fp16): "
           f"{_ratio(comp.get('end_to_end'), comp.get('model_only'))}")

@@ -25,6 +25,7 @@ from gi_deploy.cli._display import (
 )
 from gi_deploy.core.choices import BackendName, Device, Precision
 from gi_deploy.core.fields import default_of
+from gi_deploy.runtime.base import is_info
 from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals, run_benchmark
 from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
@@ -35,8 +36,8 @@ I, B = InferConfig, BenchmarkConfig
 
 def _report_infer(r: InferResult, inputs: str) -> None:
     for s, run in r.sources.items():
-        for note in run.notes:  # auto's choice is news; anything else (a provider fallback) must be loud
-            if note.startswith("auto:"):
+        for note in run.notes:  # auto's choice and a compile's cost are news; anything else must be loud
+            if is_info(note):
                 out.print(f"{s}: {note}", soft_wrap=True)
             else:
                 err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
@@ -174,6 +175,7 @@ def benchmark_cmd(
     threads: Annotated[Optional[int], opt(B, "threads")] = None,
     device: Annotated[Device, opt(B, "device")] = Device(default_of(B, "device")),
     rows: Annotated[Optional[list[str]], opt(B, "rows", "--row")] = None,
+    decode: Annotated[str, opt(B, "decode")] = default_of(B, "decode"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
 ) -> None:
     """One table: PyTorch eager, onnxruntime fp32/fp16/int8 and TensorRT on the same images and
@@ -181,7 +183,7 @@ def benchmark_cmd(
     with reported():
         cfg = BenchmarkConfig(deploy_dir=deploy_dir, source=source, images=images, n_images=n_images,
                               batch_size=batch_size, threads=threads, device=device.value, workers=workers,
-                              rows=rows or [])
+                              rows=rows or [], decode=decode)
         r = run_benchmark(cfg, say=lambda m: err.print(m, style="dim"))
     out.print(_benchmark_table(r))
     out.print("e2e: the infer pipeline (decode workers + model); model: pre-decoded batches; p50/p95: batch 1")

@@ -11,6 +11,13 @@ import numpy as np
 
 from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
 
+# Notes that report a choice or a cost (not a problem the user must act on): shown as information.
+INFO_NOTES = ("auto:", "torch.compile")
+
+
+def is_info(note: str) -> bool:
+    return note.startswith(INFO_NOTES)
+
 
 @dataclass
 class Backend:

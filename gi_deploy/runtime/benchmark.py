@@ -30,6 +30,7 @@ from gi_deploy.core.preprocess import PreprocessSpec, list_images
 from gi_deploy.errors import ConfigError, DataError, GiDeployError
 from gi_deploy.runtime.backends import open_backend
 from gi_deploy.runtime.base import Backend, cpu_threads
+from gi_deploy.runtime.infer import choose_decoder
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
 
 # (row name, backend, precision, torch.compile); the first row is the baseline every ratio is against
@@ -53,6 +54,8 @@ class BenchmarkConfig:
     threads: int | None = helped(None, "The model's CPU threads (none: every core).")
     device: str = helped("auto", "auto | cpu | cuda.")
     rows: list[str] = helped(default_factory=list, help="Measure only these rows (by name; none: every row).")
+    decode: str = helped("cpu", "The end-to-end column's decoder: cpu (Pillow in worker processes) | gpu (nvJPEG, "
+                                "for models on the GPU) | auto (as infer chooses).")
 
     def __post_init__(self) -> None:
         self.deploy_dir = Path(self.deploy_dir)
@@ -132,12 +135,14 @@ def _latency(b: Backend, x: np.ndarray, runs: int) -> tuple[float, float]:
     return float(p50), float(p95)
 
 
-def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None) -> float:
+def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None,
+                decode: str = "cpu") -> float:
     """The runtime's pipeline (runtime/pipeline.py) feeding this backend, timed from the first
-    batch's arrival: images after it / seconds after it."""
+    batch's arrival: images after it / seconds after it. ``decode`` as infer's (runtime/infer.py)."""
     t0, n = None, 0
     workers = workers if workers is not None else default_workers(gpu=b.device == "cuda")
-    for decoded in decoded_batches(paths, (spec,), batch, workers):
+    _, reader, finish = choose_decoder(decode, [b], (spec,))
+    for decoded in decoded_batches(paths, (spec,), batch, workers, reader=reader, finish=finish):
         b.predict_logits(decoded.inputs[0])
         if t0 is None:
             t0 = time.perf_counter()
@@ -189,7 +194,11 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
                 continue
             model = _model_only(b, x, cfg.batch_size)
             p50, p95 = _latency(b, x, cfg.latency_runs)
-            e2e = _end_to_end(b, paths, spec, cfg.batch_size, cfg.workers)
+            try:
+                e2e = _end_to_end(b, paths, spec, cfg.batch_size, cfg.workers, cfg.decode)
+            except GiDeployError as e:  # e.g. --decode gpu for a row that runs on the CPU
+                rows.append(BenchRow(name, f"skipped: {e}"))
+                continue
             rows.append(BenchRow(name, "ok", "; ".join([b.detail, *b.notes]), e2e, model, p50, p95, b.model_bytes))
             del b
     eager = next((r for r in rows if r.status == "ok"), None)  # the first row that ran: CPU eager, or the

@@ -44,7 +44,8 @@ class InferConfig:
     workers: int | None = helped(None, "Decoding processes (0: decode in the main process; none: one per core up to 4 "
                                        "for a CPU model, every core but one for a GPU model).")
     compile: bool | None = helped(None, "torch.compile the torch backend (none: on CUDA).")
-    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs, else cpu) | cpu "
+    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs and the machine has "
+                                 "under 13 cores, else cpu) | cpu "
                                  "(Pillow in the worker processes) | gpu (nvJPEG; other files fall back to the CPU "
                                  "decoder one by one).")
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
@@ -104,6 +105,11 @@ class InferResult:
 
 
 DECODERS = ("auto", "cpu", "gpu")
+# Measured on one H200 with 16 cores (benchmarks/gpu_check.sh, convnextv2_base fp16, 720x576 JPEGs):
+# 15 CPU decode workers fed 2,680 img/s (about 180 per worker), the GPU decoder 2,150 img/s whatever
+# the core count (it decodes and resizes in the main process). Below about 12 workers the GPU
+# decoder is the faster one; auto picks it there.
+GPU_DECODE_BELOW_WORKERS = 12
 
 
 def specs_of(bundles: list[Bundle]) -> tuple:
@@ -111,17 +117,20 @@ def specs_of(bundles: list[Bundle]) -> tuple:
     return tuple(dict.fromkeys(b.preprocess for b in bundles))
 
 
-def choose_decoder(decode: str, bundles: list[Bundle], specs: tuple) -> tuple[str, Callable, Callable | None]:
+def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Callable, Callable | None]:
     """(what ran, the workers' function, the main process's finishing step) for ``decode``. The GPU
-    decoder feeds GPU models only (its batches stay on the device); ``auto`` takes it when every
-    selected model runs on a GPU that nvJPEG can use. Raises ConfigError / DependencyError when
-    ``gpu`` is asked for where it cannot run."""
-    on_gpu = all(b.device == "cuda" and b.backend.run_pixels is not None for b in bundles)
-    if decode == "cpu" or (decode == "auto" and not on_gpu):
+    decoder feeds GPU models only (its batches stay on the device). ``auto`` takes it when every
+    selected model runs on a GPU that nvJPEG can use and this machine has too few cores for the CPU
+    workers to keep up (fewer than ``GPU_DECODE_BELOW_WORKERS`` decode workers). Raises ConfigError
+    / DependencyError when ``gpu`` is asked for where it cannot run."""
+    backends = [getattr(b, "backend", b) for b in bundles]  # bundles, or (in the benchmark) bare backends
+    on_gpu = all(b.device == "cuda" and b.run_pixels is not None for b in backends)
+    few_cores = default_workers(gpu=True) < GPU_DECODE_BELOW_WORKERS
+    if decode == "cpu" or (decode == "auto" and not (on_gpu and few_cores)):
         return "cpu (Pillow" + (", draft" if any(s.decode == "draft" for s in specs) else "") + ")", decode_batch, None
     if not on_gpu:
         raise ConfigError("--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
-                          f"{', '.join(b.source + ' runs on ' + b.provider for b in bundles)}: use --decode cpu")
+                          f"{', '.join(b.name + ' on ' + b.detail for b in backends)}: use --decode cpu")
     from gi_deploy.runtime import gpu_decode  # lazy: the GPU decoder needs torch and torchvision
 
     ok, why = gpu_decode.nvjpeg_status()

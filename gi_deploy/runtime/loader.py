@@ -11,7 +11,7 @@ import numpy as np
 from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.runtime.backends import open_backend
-from gi_deploy.runtime.base import Backend
+from gi_deploy.runtime.base import Backend, is_info
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
     manifest = read_bundle_manifest(bundle_dir)
     b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash, compile, batch_size)
     for note in b.notes:
-        if not note.startswith("auto:"):
+        if not is_info(note):
             log.warning("%s: %s", manifest["source"], note)
     return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
                   preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)

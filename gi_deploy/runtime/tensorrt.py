@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy.core.bundles import BUILD_SCRIPT
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError
 
 MIN_MAJOR = 10
@@ -88,13 +89,15 @@ def check_stamp(stamp: dict, engine_path: Path) -> None:
 class EngineRunner:
     """A deserialised engine with one execution context and CUDA stream, kept for many batches
     (the runtime's TensorRT backend); ``runner(x)`` runs float32 (N, 3, H, W) in chunks of at most
-    ``max_batch`` and returns float32 logits (N, C)."""
+    ``max_batch`` and returns float32 logits (N, C); ``runner.run_pixels(u8)`` takes the decoder's
+    uint8 (N, H, W, 3) pixels (numpy, or a CUDA tensor from the GPU decoder) and normalises them on
+    the GPU with ``spec``'s mean and std first."""
 
-    def __init__(self, engine_path: Path, max_batch: int):
+    def __init__(self, engine_path: Path, max_batch: int, spec: PreprocessSpec | None = None):
         import tensorrt as trt
         import torch
 
-        self.engine_path, self.max_batch = engine_path, max_batch
+        self.engine_path, self.max_batch, self.spec = engine_path, max_batch, spec
         logger = trt.Logger(trt.Logger.WARNING)
         self._engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:
@@ -107,20 +110,43 @@ class EngineRunner:
             self._engine.get_tensor_dtype(self._out)]
         self._stream = torch.cuda.Stream()
 
+    def _run_device(self, x) -> np.ndarray:
+        """float32 (n, 3, H, W) already on the GPU, n <= max_batch -> logits on the host."""
+        import torch
+
+        with torch.cuda.stream(self._stream):  # allocation and the engine ordered on one stream
+            x = x.contiguous()
+            self._context.set_input_shape(self._inp, tuple(x.shape))
+            y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype, device="cuda")
+            self._context.set_tensor_address(self._inp, x.data_ptr())
+            self._context.set_tensor_address(self._out, y.data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise BundleError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
+        self._stream.synchronize()
+        return y.float().cpu().numpy()
+
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         import torch
 
         results = []
         for i in range(0, len(inputs), self.max_batch):
-            with torch.cuda.stream(self._stream):  # copy, allocation and the engine ordered on one stream
+            with torch.cuda.stream(self._stream):
                 x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
-                self._context.set_input_shape(self._inp, tuple(x.shape))
-                y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype,
-                                device="cuda")
-                self._context.set_tensor_address(self._inp, x.data_ptr())
-                self._context.set_tensor_address(self._out, y.data_ptr())
-                if not self._context.execute_async_v3(self._stream.cuda_stream):
-                    raise BundleError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
-            self._stream.synchronize()
-            results.append(y.float().cpu().numpy())
+            results.append(self._run_device(x))
+        return np.concatenate(results)
+
+    def run_pixels(self, pixels) -> np.ndarray:
+        import torch
+
+        assert self.spec is not None, "the TensorRT backend gives its runner the bundle's preprocessing"
+        mean = torch.tensor(self.spec.mean, device="cuda").view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std, device="cuda").view(1, 3, 1, 1)
+        results = []
+        for i in range(0, len(pixels), self.max_batch):
+            with torch.cuda.stream(self._stream):
+                chunk = pixels[i:i + self.max_batch]
+                u8 = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
+                x = u8.to("cuda", non_blocking=True).permute(0, 3, 1, 2).float()
+                x = (x * (1.0 / 255.0) - mean) / std
+            results.append(self._run_device(x))
         return np.concatenate(results)
