@@ -90,7 +90,7 @@ class BenchmarkResult:
     input_size: tuple[int, int]
     n_images: int
     batch_size: int
-    workers: int | None
+    workers: int | str  # "auto": one per core up to 4 for a CPU row, every core but one for a GPU row
     machine: str
     rows: list[BenchRow]
 
@@ -208,7 +208,8 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
             if r.status == "ok":
                 r.e2e_vs_eager, r.model_vs_eager = r.end_to_end / eager.end_to_end, r.model_only / eager.model_only
     return BenchmarkResult(manifest["source"], manifest["model"]["name"], spec.size, cfg.n_images, cfg.batch_size,
-                           cfg.workers, f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
+                           cfg.workers if cfg.workers is not None else "auto",
+                           f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
 
 
 def goals(result: BenchmarkResult, base: str = "onnxruntime fp32") -> list[tuple[str, float | None, float]]:
