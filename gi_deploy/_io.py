@@ -38,8 +38,8 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise BundleError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{what} {path} is not valid JSON ({e}); re-create it") from e
 
 

@@ -23,7 +23,15 @@ import torch
 
 import gi_deploy
 from gi_deploy._io import library_versions, read_json, sha256_file, utc_now, write_json
-from gi_deploy.core.bundles import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LABELS_NAME, MANIFEST_NAME, MODEL_FILES
+from gi_deploy.core.bundles import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    MODEL_FILES,
+    content_sha256,
+    validate_bundle_manifest,
+)
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest, select_runs
@@ -77,17 +85,24 @@ def export_key(hashes: dict, options: ExportOptions) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def current_bundle(bundle_dir: Path, key: str) -> dict | None:
-    """The manifest of the bundle in ``bundle_dir`` when it was made with ``key`` and every file
-    it lists is still there, unchanged; None when it must be (re-)exported."""
+def current_bundle(bundle_dir: Path, key: str, run_manifest: dict | None = None) -> dict | None:
+    """The manifest of the bundle in ``bundle_dir`` when it was made with ``key``, passes every
+    check the runtime makes (:func:`validate_bundle_manifest`: fields, labels.json, content hash),
+    still says what the run says (source, classes, preprocessing), and every file it lists is still
+    there, unchanged; None when it must be (re-)exported. A tampered bundle is never "unchanged"."""
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        manifest = read_json(path, "bundle manifest")
-    except BundleError:
+        manifest = validate_bundle_manifest(bundle_dir, read_json(path, "bundle manifest"))
+    except BundleError as e:
+        log.warning("%s: re-exporting: %s", bundle_dir, e)
         return None
     if manifest.get("export_key") != key:
+        return None
+    if manifest.get("content_sha256") != content_sha256(manifest) or (
+            run_manifest is not None and manifest.get("content_sha256") != content_sha256(run_manifest)):
+        log.warning("%s: re-exporting: its source, classes or preprocessing differ from the run's", bundle_dir)
         return None
     for name, entry in manifest.get("files", {}).items():
         f = bundle_dir / name
@@ -117,7 +132,7 @@ def _stamp(path: Path, manifest: dict, precision: str, merged: bool, key: str) -
         "classes": manifest["classes"], "preprocess": manifest["preprocess"], "model": manifest["model"]["name"],
         "method": manifest["config"]["method"], "merged": merged, "precision": precision,
         "base_weights_license": manifest["base_weights"].get("license", "unknown"),
-        "gi_deploy_version": gi_deploy.__version__, "export_key": key,
+        "gi_deploy_version": gi_deploy.__version__, "export_key": key, "content_sha256": content_sha256(manifest),
         "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME,
     })
 
@@ -136,7 +151,7 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
     hashes = run_hashes(run_dir, manifest)
     key = export_key(hashes, options)
     _restore_interrupted(bundle_dir)
-    if not force and (existing := current_bundle(bundle_dir, key)) is not None:
+    if not force and (existing := current_bundle(bundle_dir, key, manifest)) is not None:
         return ExportResult(bundle_dir, existing, skipped=True)
     timer = _Timer()
     try:
@@ -269,7 +284,8 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
     }
     return {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
-        "export_key": job.key, "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
+        "export_key": job.key, "content_sha256": content_sha256(manifest),
+        "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
         "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
                   "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
                   "opset": written["opset"], "exporter": options.exporter, "input": onnx_export.INPUT_NAME,

@@ -56,3 +56,96 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_data, tmp_path):
     assert r.exit_code == 1, r.output
     assert "checkpoint.pt is refused" in r.output and "could run code" in r.output and "Traceback" not in r.output
     assert not marker.exists()  # nothing from it ran
+
+
+# --- bundles: self-contained, every field checked, classes bound to the model ------------------------------------
+
+@pytest.fixture
+def bundle(tiny_deploy, tmp_path) -> Path:
+    """A private copy of the tiny bundle, free to tamper with: ``<tmp>/deploy/capsule``."""
+    dst = tmp_path / "deploy" / "capsule"
+    shutil.copytree(tiny_deploy / "capsule", dst)
+    return dst
+
+
+def _edit(bundle: Path, **changes) -> dict:
+    m = json.loads((bundle / "manifest.json").read_text())
+    for key, value in changes.items():
+        target, *path = key.split("__")
+        holder = m.get(target)
+        for part in path[:-1]:
+            holder = holder[part]
+        if path:
+            holder[path[-1]] = value
+        elif value is None:
+            m.pop(target)
+        else:
+            m[target] = value
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+def _infer(bundle: Path, tiny_data, tmp_path, *extra):
+    return invoke("infer", tiny_data / "test", "--deploy", bundle.parent, "--out", tmp_path / "p.csv",
+                  "--workers", 0, *extra)
+
+
+@pytest.mark.parametrize("where", ["../outside.onnx", "ABSOLUTE", "sub/model.onnx", "symlink"])
+def test_bundle_model_file_leaving_the_bundle_is_refused(bundle, tiny_data, tmp_path, where):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(bundle / "model.onnx", outside)
+    if where == "symlink":
+        (bundle / "model.onnx").unlink()
+        (bundle / "model.onnx").symlink_to(outside)
+        name = "model.onnx"
+    else:
+        name = str(outside) if where == "ABSOLUTE" else where
+        m = json.loads((bundle / "manifest.json").read_text())
+        m["models"]["fp32"]["file"] = name
+        (bundle / "manifest.json").write_text(json.dumps(m))
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1, r.output
+    assert ("is a symlink" in r.output) if where == "symlink" else ("models.fp32.file" in r.output
+                                                                      and "self-contained" in r.output)
+    assert "Traceback" not in r.output and not (tmp_path / "p.csv").exists()
+
+
+def test_manifest_preprocess_size_out_of_range_is_refused_before_anything_runs(bundle, tiny_data, tmp_path):
+    _edit(bundle, preprocess__size=[100000, 100000])
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "field preprocess.size = [100000, 100000]" in r.output and "1..4096" in r.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"classes": "abc"}, "field classes = 'abc' must be a non-empty list"),
+    ({"classes": ["a", "a", "b", "c"]}, "appear more than once"),
+    ({"classes": [f"c{i}" for i in range(10000)]}, "does not match the 10000 classes"),
+    ({"source": 7}, "field source = 7 must be a non-empty name"),
+    ({"models": None}, "has no 'models' field"),
+    ({"preprocess__mean": "grey"}, "field preprocess.mean = 'grey' must be 3 finite numbers"),
+    ({"model__num_classes": 3}, "field model.num_classes = 3 does not match the 4 classes"),
+])
+def test_malformed_manifest_is_one_line_naming_the_field(bundle, tiny_data, tmp_path, change, message):
+    _edit(bundle, **change)
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "re-export" in r.output and "Traceback" not in r.output
+
+
+def test_reordered_classes_are_refused_at_load_and_re_exported(tiny_run, bundle, tiny_data, tmp_path):
+    m = json.loads((bundle / "manifest.json").read_text())
+    swapped = [m["classes"][1], m["classes"][0], *m["classes"][2:]]
+    _edit(bundle, classes=swapped)  # the manifest alone
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "labels.json lists" in r.output and "mislabelled" in r.output
+    (bundle / "labels.json").write_text(json.dumps(swapped))  # and labels.json: the content hash differs
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "content hash differs" in r.output
+    _edit(bundle, content_sha256=None)  # and the hash dropped: the ONNX file's own record still disagrees
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "was exported with" in r.output and "classes" in r.output, r.output
+    # export never calls the tampered bundle "unchanged": it re-exports it
+    r = invoke("export", "--runs", tiny_run.parent, "--out", bundle.parent, "--no-fp16")
+    assert r.exit_code == 0, r.output
+    assert "unchanged since" not in r.output
+    assert json.loads((bundle / "labels.json").read_text()) == m["classes"]
