@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 
 from gi_deploy._io import read_json, sha256_file
+from gi_deploy.core.methods import method_spec
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST
 from gi_deploy.errors import BundleError, ConfigError, DataError
 
@@ -119,8 +121,6 @@ def validate_bundle_manifest(bundle_dir: Path, manifest) -> dict:
     ``labels.json``), the preprocessing (input sides 1..MAX_INPUT_SIDE), the model files (plain
     names inside the bundle, no symlinks, sha256 given) and, when recorded, the content hash.
     Raises BundleError naming the field and its value."""
-    from gi_deploy.core.preprocess import PreprocessSpec
-
     if not isinstance(manifest, dict):
         raise _bad(bundle_dir, "(top level)", type(manifest).__name__, "must be a JSON object")
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
@@ -266,6 +266,15 @@ def training_run_of(manifest: dict) -> Path:
     if sha256_file(run_manifest) != training.get("run_manifest_sha256"):
         raise BundleError(f"the run {run_dir} changed after this bundle was exported (retrained or resumed): it "
                           "is another model now. Re-export the bundle")
+    spec = method_spec(manifest["model"]["method"])
+    for path in spec.artifact_files(run_dir):
+        recorded = (training.get("artifact_sha256") or {}).get(path.name)
+        if recorded is None or not path.is_file() or sha256_file(path) != recorded:
+            raise BundleError(f"{path} changed after this bundle was exported (its sha256 is not the one the bundle "
+                              "records): the torch model would not be the exported one. Restore it, or retrain and "
+                              "re-export")
+    spec.check_artifact(run_dir, (read_json(run_manifest, "run manifest").get("best") or {}).get("artifact_sha256"),
+                        "training")
     return run_dir
 
 

@@ -16,8 +16,16 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from gi_deploy.core.runs import ADAPTER_DIR, ADAPTER_WEIGHTS, COLORA_WEIGHTS, FULL_WEIGHTS, HEAD_WEIGHTS
-from gi_deploy.errors import ConfigError
+from gi_deploy._io import sha256_file
+from gi_deploy.core.runs import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    COLORA_WEIGHTS,
+    FULL_WEIGHTS,
+    HEAD_WEIGHTS,
+    RANDOM_BASE_WEIGHTS,
+)
+from gi_deploy.errors import BundleError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,30 @@ class MethodSpec:
         """The weights files of a run's artifact (hashed into bundle manifests)."""
         return [Path(run_dir) / name / ADAPTER_WEIGHTS if name == ADAPTER_DIR else Path(run_dir) / name
                 for name in self.artifact]
+
+    def artifact_sha256(self, run_dir: Path) -> dict[str, str]:
+        """sha256 of every file a run's model is rebuilt from (the artifact's weights, peft's adapter
+        config, a random-init base), keyed by the path inside the run folder: recorded in run.json
+        when the best epoch is saved, checked at export and by ``--backend torch``."""
+        run_dir = Path(run_dir)
+        files = self.artifact_files(run_dir)
+        if ADAPTER_DIR in self.artifact:
+            files.append(run_dir / ADAPTER_DIR / "adapter_config.json")
+        if (run_dir / RANDOM_BASE_WEIGHTS).is_file():
+            files.append(run_dir / RANDOM_BASE_WEIGHTS)
+        return {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in files if p.is_file()}
+
+    def check_artifact(self, run_dir: Path, recorded: dict[str, str] | None, when: str) -> None:
+        """Raise BundleError naming the file when a trained file differs from the sha256 ``recorded``
+        (at ``when``): the model would not be the one whose metrics the run reports."""
+        if not recorded:
+            return
+        now = self.artifact_sha256(run_dir)
+        for name, digest in recorded.items():
+            if now.get(name) != digest:
+                raise BundleError(f"{Path(run_dir) / name} " + ("is missing" if name not in now else "changed")
+                                  + f" since {when} (sha256 differs from the one recorded): it is not the model "
+                                  "whose metrics the run reports. Restore it, or retrain with --overwrite")
 
     def artifact_bytes(self, run_dir: Path) -> int:
         """Size on disk of what a run of this method adds to the base model."""

@@ -63,11 +63,18 @@ def _adapter_entry(manifest: dict) -> dict | None:
 
 def run_hashes(run_dir: Path, manifest: dict) -> dict:
     """sha256 of the run's manifest and of its trained files (the bundle's ``training`` record)."""
-    files = method_spec(manifest["config"]["method"]).artifact_files(run_dir)
+    spec = method_spec(manifest["config"]["method"])
+    files = spec.artifact_files(run_dir)
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
                           "--resume it)")
+    recorded = (manifest.get("best") or {}).get("artifact_sha256")
+    if recorded:
+        spec.check_artifact(run_dir, recorded, "training")  # a tampered adapter never exports with the run's metrics
+    else:
+        log.warning("%s was trained before gi-deploy recorded its artifact's sha256; its trained files cannot be "
+                    "checked against training (retrain to record them)", run_dir)
     return {"run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
             "artifact_sha256": {p.name: sha256_file(p) for p in files}}
 

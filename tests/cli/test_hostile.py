@@ -149,3 +149,43 @@ def test_reordered_classes_are_refused_at_load_and_re_exported(tiny_run, bundle,
     assert r.exit_code == 0, r.output
     assert "unchanged since" not in r.output
     assert json.loads((bundle / "labels.json").read_text()) == m["classes"]
+
+
+# --- trained artifacts: hashed at training, checked at export and by --backend torch ------------------------------
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny run, free to tamper with: ``<tmp>/runs/capsule``."""
+    dst = tmp_path / "runs" / "capsule"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+def _tamper(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, str(path))
+
+
+def test_tampered_adapter_is_refused_at_export(run_copy, tmp_path):
+    run = json.loads((run_copy / "run.json").read_text())
+    assert set(run["best"]["artifact_sha256"]) >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
+    _tamper(run_copy / "adapter" / "adapter_model.safetensors")
+    r = invoke("export", "--runs", run_copy.parent, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 1, r.output
+    assert "adapter_model.safetensors changed since training" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "deploy" / "capsule").exists()
+
+
+def test_backend_torch_refuses_an_adapter_changed_after_export(run_copy, tiny_data, tmp_path):
+    r = invoke("export", "--runs", run_copy.parent, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 0, r.output
+    _tamper(run_copy / "adapter" / "adapter_model.safetensors")
+    r = invoke("infer", tiny_data / "test", "--deploy", tmp_path / "deploy", "--out", tmp_path / "p.csv",
+               "--backend", "torch", "--workers", 0)
+    assert r.exit_code == 1, r.output
+    assert "adapter_model.safetensors changed after this bundle was exported" in r.output
+    assert not (tmp_path / "p.csv").exists()
