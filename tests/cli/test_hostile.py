@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_config
@@ -189,3 +190,23 @@ def test_backend_torch_refuses_an_adapter_changed_after_export(run_copy, tiny_da
     assert r.exit_code == 1, r.output
     assert "adapter_model.safetensors changed after this bundle was exported" in r.output
     assert not (tmp_path / "p.csv").exists()
+
+
+# --- every gate able to fail ------------------------------------------------------------------------------------
+
+def test_int8_thresholds_given_are_never_relaxed_and_defaults_say_so(tiny_run, tmp_path, monkeypatch):
+    from gi_deploy.export import int8 as int8_mod
+
+    r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "ok", "--no-fp16", "--int8",
+               "--calib-images", 8)
+    assert r.exit_code == 0, r.output
+    assert "default least agreement 98% relaxed to 87.5%" in r.output  # 8 validation images: said, not silent
+    real = int8_mod.quantize_int8  # a calibration that wrecks the model: blank images
+    monkeypatch.setattr(int8_mod, "quantize_int8",
+                        lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name))
+    r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "bad", "--no-fp16", "--int8",
+               "--calib-images", 8, "--int8-min-agreement", 1.0, "--int8-max-drop", 0.0)
+    assert r.exit_code == 1, r.output
+    assert "gate int8 failed" in r.output and "must be at least 1 " in r.output  # 1.0 as given, not 1 - 1/n
+    assert "verification batch" in r.output  # the batch's own agreement is gated
+    assert not (tmp_path / "bad" / "capsule").exists()
