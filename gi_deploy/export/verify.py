@@ -7,6 +7,8 @@ Gates (numbers go into the bundle manifest under ``verification``):
 gate            compares                              passes when
 =============== ===================================== ==========================================
 merge           merged torch model vs adapter model   max |Δlogit| <= MERGE_ATOL
+                (CoLoRA in the paper's branch form,
+                not the merge's own K0 + ΔK)
 onnx_fp32       onnxruntime fp32 vs adapter model     max |Δlogit| <= FP32_ATOL, top-1 100%
 onnx_fp16       onnxruntime fp16 vs fp32 ONNX         finite, top-1 >= FP16_MIN_TOP1
 fp16_emulated   true-fp16 arithmetic vs fp32 ONNX     finite, top-1 >= FP16_MIN_TOP1

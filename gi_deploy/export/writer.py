@@ -39,6 +39,7 @@ from gi_deploy.errors import BundleError, ExportError, ExportFailed, GiDeployErr
 from gi_deploy.export import fp16, int8, onnx_export, tensorrt, verify
 from gi_deploy.export.activations import logits_and_peaks
 from gi_deploy.export.options import ExportConfig, ExportOptions
+from gi_deploy.model.colora import branch_form
 from gi_deploy.model.run import RunModels, load_run_models
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,8 @@ def _merge_gate(name: str, models: RunModels, inputs: np.ndarray) -> tuple[dict,
     if not models.merged:
         ref_logits, peaks = logits_and_peaks(models.deployed, inputs)
         return {}, ref_logits, peaks
-    with torch.no_grad():
+    # CoLoRA layers in the paper's branch form: not the fused K0 + ΔK that the merge itself computes
+    with torch.no_grad(), branch_form(models.reference):
         ref_logits = models.reference(torch.from_numpy(inputs)).numpy()
     merged_logits, peaks = logits_and_peaks(models.deployed, inputs)
     gate = verify.check("merge", f"{name} merged model vs adapter model",

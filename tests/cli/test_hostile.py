@@ -210,3 +210,21 @@ def test_int8_thresholds_given_are_never_relaxed_and_defaults_say_so(tiny_run, t
     assert "gate int8 failed" in r.output and "must be at least 1 " in r.output  # 1.0 as given, not 1 - 1/n
     assert "verification batch" in r.output  # the batch's own agreement is gated
     assert not (tmp_path / "bad" / "capsule").exists()
+
+
+def test_colora_merge_gate_catches_a_wrong_delta(tiny_data, tmp_path, monkeypatch):
+    """The merge gate holds the merged model to CoLoRA's branch form K0*x + K_d*(K_p*x), not to the
+    fused K0 + dK the merge itself computes: a wrong delta fails it (it read 0.0 before)."""
+    from gi_deploy.model import colora
+
+    runs = tmp_path / "runs"
+    train(tiny_train_config(tiny_data, runs, method="colora"))
+    real = colora.colora_delta
+    monkeypatch.setattr(colora, "colora_delta", lambda pointwise, spatial: real(pointwise, spatial) + 0.01)
+    r = invoke("export", "--runs", runs, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 1, r.output
+    assert "gate merge failed" in r.output and "max |Δlogit|" in r.output
+    assert not (tmp_path / "deploy" / "capsule").exists()
+    monkeypatch.setattr(colora, "colora_delta", real)
+    r = invoke("export", "--runs", runs, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 0 and "merge max|Δlogit|" in r.output, r.output
