@@ -69,6 +69,7 @@ def export_cmd(
     int8_eval_images: Annotated[int, opt(O, "int8_eval_images")] = default_of(O, "int8_eval_images"),
     int8_min_agreement: Annotated[Optional[float], opt(O, "int8_min_top1")] = None,
     int8_max_drop: Annotated[Optional[float], opt(O, "int8_max_accuracy_drop")] = None,
+    allow_no_val: Annotated[bool, opt(O, "allow_no_val")] = default_of(O, "allow_no_val"),
     engine: Annotated[bool, opt(O, "engine")] = default_of(O, "engine"),
     max_batch: Annotated[int, opt(O, "max_batch")] = default_of(O, "max_batch"),
     exporter: Annotated[Exporter, opt(O, "exporter")] = Exporter(default_of(O, "exporter")),
@@ -90,7 +91,7 @@ def export_cmd(
     with reported():
         options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
                                 int8_eval_images=int8_eval_images, int8_min_top1=int8_min_agreement,
-                                int8_max_accuracy_drop=int8_max_drop, engine=engine, max_batch=max_batch,
+                                int8_max_accuracy_drop=int8_max_drop, allow_no_val=allow_no_val, engine=engine, max_batch=max_batch,
                                 exporter=exporter.value)
         cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
                            force=force)

@@ -46,6 +46,9 @@ class ExportOptions:
                                                         f"(default {verify.INT8_MAX_ACCURACY_DROP}, relaxed to one "
                                                         "image on small sets, and said so; a value you give is never "
                                                         "relaxed).")
+    allow_no_val: bool = helped(False, "Export even when none of the run's validation images can be read (the gates then "
+                                       "run on the synthetic stress images alone; said loudly and recorded in the "
+                                       "manifest).")
     engine: bool = helped(False, "Build a TensorRT engine from the fp16 ONNX (needs TensorRT 10/11 and a GPU; "
                                  "otherwise writes build_engine.sh).")
     max_batch: int = helped(32, "TensorRT profile: batch 1 to this.")

@@ -195,13 +195,15 @@ def split_images(manifest: dict, split: str, n: int | None = None) -> list[tuple
 def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
     """The fixed batch every gate runs on: up to ``VERIFY_REAL_IMAGES`` validation images of the
     run (those still on disk) and the ``STRESS_IMAGES``. float32 (N, 3, H, W) and a description."""
-    real = []
-    for path, _ in split_images(manifest, "val", VERIFY_REAL_IMAGES):
+    real, unread = [], []
+    wanted = split_images(manifest, "val", VERIFY_REAL_IMAGES)
+    for path, _ in wanted:
         try:
             real.append(load_input(path, spec))
         except DataError:
-            continue  # the data may have moved since training; the stress images still cover the check
+            unread.append(str(path))  # moved since training: counted, and export refuses when none is left
     stress = stress_inputs(spec)
     batch = np.concatenate([np.stack(real), stress]) if real else stress
-    return batch.astype(np.float32), {"real_images": len(real), "stress_images": list(STRESS_IMAGES),
+    return batch.astype(np.float32), {"real_images": len(real), "real_images_wanted": len(wanted),
+                                      "real_images_unreadable": unread[:3], "stress_images": list(STRESS_IMAGES),
                                       "n": int(len(batch))}

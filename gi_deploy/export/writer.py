@@ -35,7 +35,7 @@ from gi_deploy.core.bundles import (
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest, select_runs
-from gi_deploy.errors import BundleError, ExportError, ExportFailed, GiDeployError
+from gi_deploy.errors import BundleError, DataError, ExportError, ExportFailed, GiDeployError
 from gi_deploy.export import fp16, int8, onnx_export, tensorrt, verify
 from gi_deploy.export.activations import logits_and_peaks
 from gi_deploy.export.options import ExportConfig, ExportOptions
@@ -179,6 +179,25 @@ def _restore_interrupted(bundle_dir: Path) -> None:
         old.rename(bundle_dir)
 
 
+def _check_validation_images(run_dir: Path, info: dict, options: ExportOptions) -> str | None:
+    """None when the verification batch holds some of the run's validation images. With none of them
+    readable, the gates would judge the export on the synthetic stress images alone: refused with
+    DataError unless ``options.allow_no_val``, and then a loud note (``info`` records it in the manifest)."""
+    if info["real_images"] or not info["real_images_wanted"]:
+        info["no_validation_images"] = False
+        return None
+    where = f"none of the {info['real_images_wanted']} validation images of {run_dir} can be read (e.g. " \
+            f"{info['real_images_unreadable'][0]})"
+    if not options.allow_no_val:
+        raise DataError(f"{where}: the verification gates would run on the {len(verify.STRESS_IMAGES)} synthetic "
+                        "stress images alone. Put the images back where training found them, or pass --allow-no-val "
+                        "to export anyway (recorded in the manifest); nothing written")
+    info["no_validation_images"] = True
+    log.warning("%s; exporting on the synthetic stress images alone (--allow-no-val)", where)
+    return (f"WARNING: {where}; the gates ran on the {len(verify.STRESS_IMAGES)} synthetic stress images alone "
+            "(--allow-no-val; recorded in the manifest as verification.inputs.no_validation_images)")
+
+
 def _merge_gate(name: str, models: RunModels, inputs: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     """The adapter model's logits (the reference every later gate is held to), the merge gate when
     the adapters were merged, and the deployed model's peak activations (for the fp16 check)."""
@@ -217,6 +236,7 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
             timer: _Timer) -> ExportResult:
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     inputs, inputs_info = verify.verification_batch(manifest, spec)
+    no_val_note = _check_validation_images(run_dir, inputs_info, options)
     job = _Job(run_dir.name, run_dir, manifest, spec, options, key, hashes,
                bundle_dir.with_name(f".{bundle_dir.name}.staging"), timer, inputs)
     models = load_run_models(run_dir, merge=options.merge, manifest=manifest)
@@ -236,7 +256,7 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
-    notes = written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
+    notes = ([no_val_note] if no_val_note else []) + written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
     return ExportResult(bundle_dir, bundle, notes=notes)
 
 

@@ -228,3 +228,18 @@ def test_colora_merge_gate_catches_a_wrong_delta(tiny_data, tmp_path, monkeypatc
     monkeypatch.setattr(colora, "colora_delta", real)
     r = invoke("export", "--runs", runs, "--out", tmp_path / "deploy", "--no-fp16")
     assert r.exit_code == 0 and "merge max|Δlogit|" in r.output, r.output
+
+
+def test_export_without_validation_images_is_refused_unless_allowed(run_copy, tmp_path):
+    run = json.loads((run_copy / "run.json").read_text())
+    run["splits"]["root"] = str(tmp_path / "moved")  # the data moved since training
+    (run_copy / "run.json").write_text(json.dumps(run))
+    r = invoke("export", "--runs", run_copy.parent, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 1, r.output
+    assert "none of the 8 validation images" in r.output and "--allow-no-val" in r.output
+    assert not (tmp_path / "deploy" / "capsule").exists()
+    r = invoke("export", "--runs", run_copy.parent, "--out", tmp_path / "deploy", "--no-fp16", "--allow-no-val")
+    assert r.exit_code == 0, r.output
+    assert "WARNING: none of the 8 validation images" in r.output and "stress images alone" in r.output
+    m = json.loads((tmp_path / "deploy" / "capsule" / "manifest.json").read_text())
+    assert m["verification"]["inputs"]["no_validation_images"] is True and m["options"]["allow_no_val"] is True
