@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.bundles import resolve_bundle_dirs
+from gi_deploy._io import exclusive_lock, read_json, write_json
+from gi_deploy.core.bundles import content_sha256, resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
 from gi_deploy.errors import ConfigError, DataError
@@ -137,6 +139,60 @@ def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int,
             *(f"{prob[c]:.6f}" if c in prob else "" for c in all_classes)]
 
 
+def bundles_sidecar(csv_path: Path) -> Path:
+    """``<csv>.bundles.json``: which model wrote each source's rows of a predictions CSV."""
+    return csv_path.with_name(csv_path.name + ".bundles.json")
+
+
+def bundle_identity(b: Bundle, precision: str) -> dict:
+    """What makes one source's rows one model's: the bundle's export key and content hash, and the
+    model file (precision and sha256) that ran."""
+    m = b.manifest
+    return {"bundle": str(b.path), "export_key": m.get("export_key"), "content_sha256": content_sha256(m),
+            "precision": precision, "model_sha256": m["models"].get(precision, {}).get("sha256")}
+
+
+def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> None:
+    """--resume keeps rows only when the same models wrote them: ConfigError naming both otherwise."""
+    side = bundles_sidecar(csv_path)
+    if not side.is_file():
+        raise ConfigError(f"--resume: {csv_path} has rows but no {side.name} saying which models wrote them (written by "
+                          "an older gi-deploy, or the file was removed), so they could mix with another model's; use "
+                          "another --out, or drop --resume")
+    recorded = read_json(side, "predictions sidecar")
+    for source, now in identities.items():
+        before = recorded.get(source) if isinstance(recorded, dict) else None
+        if before is not None and {k: before.get(k) for k in now if k != "bundle"} != \
+                {k: v for k, v in now.items() if k != "bundle"}:
+            raise ConfigError(
+                f"--resume: the {source} rows in {csv_path} were written by {before.get('bundle')} (export "
+                f"{str(before.get('export_key'))[:12]}, {before.get('precision')}), this run loads {now['bundle']} "
+                f"(export {str(now['export_key'])[:12]}, {now['precision']}): one CSV would mix two models. Use "
+                "another --out, or drop --resume to start it again")
+
+
+def check_out_path(cfg: InferConfig, inputs) -> None:
+    """Refuse an ``--out`` that would destroy or pollute an input: a folder, an input image, the list
+    or labels file, or a path inside the input folder (a later run would classify its report PNGs)."""
+    out = cfg.out_csv
+    if out.is_dir() or str(out).endswith(("/", "\\")):
+        raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. {out / 'predictions.csv'}")
+    resolved = out.resolve()
+    spec = Path(str(cfg.inputs))
+    protected = {p.resolve() for p in inputs.paths}
+    protected |= {p.resolve() for p in (spec, cfg.labels) if p is not None and p.is_file()}
+    if resolved in protected:
+        raise ConfigError(f"--out {out} is one of the inputs; writing the predictions there would destroy it. Choose "
+                          "another --out")
+    if spec.is_dir() and resolved.is_relative_to(spec.resolve()):
+        raise ConfigError(f"--out {out} lies inside the input folder {spec}: the CSV and its report images would be "
+                          "classified by the next run over that folder. Write it outside, e.g. --out "
+                          f"{spec.resolve().parent / out.name}")
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None = None) -> InferResult:
     """Classify every image of ``cfg.inputs`` (a folder, an image, a glob or a list file) with
     every selected source's bundle; write one CSV row per (image, source) as it goes (path,
@@ -154,6 +210,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     """
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
+    check_out_path(cfg, inputs)
     bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads) for d in dirs]
     seen: dict[str, Path] = {}
     for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
@@ -166,11 +223,32 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
     k_top = min(cfg.top_k, max(len(b.classes) for b in bundles))
     columns = csv_columns(k_top, all_classes)
+    identities = {b.source: bundle_identity(b, cfg.precision) for b in bundles}
+    try:
+        with exclusive_lock(cfg.out_csv, "choose another --out"):
+            return _classify(cfg, inputs, bundles, all_classes, k_top, columns, identities, progress)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise DataError(f"cannot write {cfg.out_csv}: {e.strerror} ({e.filename or cfg.out_csv}); the rows already "
+                        "written are kept: free space or fix the folder's permissions, then run the same command "
+                        "with --resume to continue") from e
+
+
+def _classify(cfg: InferConfig, inputs, bundles: list[Bundle], all_classes: list[str], k_top: int,
+              columns: tuple[str, ...], identities: dict[str, dict],
+              progress: Callable[[int, int], None] | None) -> InferResult:
+    """infer_folder's work once the output is checked and locked: resume, classify, write, score."""
     finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
+    if n_resumed:
+        _check_same_models(cfg.out_csv, identities)
     todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
     specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
     spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
+    side = bundles_sidecar(cfg.out_csv)  # written before the first row: which models write them
+    kept = read_json(side, "predictions sidecar") if n_resumed else {}
+    write_json(side, {**(kept if isinstance(kept, dict) else {}), **identities})
     start, n_done, n_classified = time.perf_counter(), 0, 0
     with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
