@@ -243,3 +243,101 @@ def test_export_without_validation_images_is_refused_unless_allowed(run_copy, tm
     assert "WARNING: none of the 8 validation images" in r.output and "stress images alone" in r.output
     m = json.loads((tmp_path / "deploy" / "capsule" / "manifest.json").read_text())
     assert m["verification"]["inputs"]["no_validation_images"] is True and m["options"]["allow_no_val"] is True
+
+
+# --- no input or result overwritten or mixed ----------------------------------------------------------------------
+
+def test_resume_across_a_re_exported_bundle_is_refused_naming_both(bundle, tiny_data, tmp_path):
+    out = tmp_path / "p.csv"
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]))  # killed after 4 rows
+    m = _edit(bundle, export_key="f" * 64)  # re-exported (same classes): another model
+    r = _infer(bundle, tiny_data, tmp_path, "--resume")
+    assert r.exit_code == 1, r.output
+    assert "one CSV would mix two models" in r.output and "export ffffffffffff" in r.output
+    assert out.read_text() == "".join(lines[:5])  # nothing added to the mixed file
+    assert json.loads((tmp_path / "p.csv.bundles.json").read_text())["capsule"]["export_key"] != m["export_key"]
+
+
+def test_a_second_infer_on_one_out_is_refused_naming_the_holder(tiny_deploy, tiny_data, tmp_path):
+    import os
+
+    from gi_deploy._io import exclusive_lock
+
+    out = tmp_path / "p.csv"
+    with exclusive_lock(out, "choose another --out"):  # another infer writing it
+        r = invoke("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 1, r.output
+    assert f"being written by another gi-deploy process (pid {os.getpid()})" in r.output and not out.exists()
+    r = invoke("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 0, r.output  # the lock went with its holder
+    assert not (tmp_path / ".p.csv.lock").exists()
+
+
+def test_evaluate_refuses_duplicate_and_ragged_rows(tiny_deploy, tiny_data, tmp_path):
+    out = tmp_path / "p.csv"
+    assert invoke("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", out, "--workers", 0).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines) + lines[1])
+    r = invoke("evaluate", out)
+    assert r.exit_code == 1 and "line 14 repeats" in r.output and "first on line 2" in r.output, r.output
+    out.write_text("".join(lines) + lines[1][:20] + "\n")
+    r = invoke("evaluate", out)
+    assert r.exit_code == 1 and "line 14 has" in r.output and "damaged" in r.output, r.output
+
+
+@pytest.mark.parametrize("where", ["image", "inside", "folder", "labels"])
+def test_out_that_would_destroy_or_pollute_an_input_is_refused(tiny_deploy, tiny_data, tmp_path, where):
+    folder = tmp_path / "scans"
+    shutil.copytree(tiny_data / "test", folder)
+    image = sorted(folder.rglob("*.jpg"))[0]
+    labels = tmp_path / "labels.csv"
+    labels_text = f"path,label\n{image.relative_to(tmp_path).as_posix()},{image.parent.name}\n"
+    labels.write_text(labels_text)
+    out = {"image": image, "inside": folder / "p.csv", "folder": tmp_path, "labels": labels}[where]
+    before = image.read_bytes()
+    r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0,
+               *(["--labels", labels] if where == "labels" else []))
+    assert r.exit_code == 1, r.output
+    assert {"image": "is one of the inputs", "inside": "lies inside the input folder", "folder": "is a folder",
+            "labels": "is one of the inputs"}[where] in r.output
+    assert image.read_bytes() == before and labels.read_text() == labels_text
+
+
+@pytest.mark.parametrize("err, text", [(28, "No space left on device"), (13, "Permission denied")])
+def test_infer_write_errors_are_one_line_with_the_resume_hint(tiny_deploy, tiny_data, tmp_path, monkeypatch, err, text):
+    import builtins
+    import os
+
+    from gi_deploy.runtime import infer as infer_mod
+
+    out = tmp_path / "p.csv"
+
+    class Full:
+        """A file that takes the header, then fails as a full disk (or a folder made read-only) would."""
+
+        def __init__(self, *a, **k):
+            self.f, self.n = builtins.open(*a, **k), 0
+
+        def write(self, s):
+            self.n += 1
+            if self.n > 1:
+                raise OSError(err, os.strerror(err))
+            return self.f.write(s)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(infer_mod, "open", Full, raising=False)
+    r = invoke("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 1, r.output
+    assert f"cannot write {out}: {text}" in r.output and "--resume" in r.output and "Traceback" not in r.output
+    assert out.read_text().startswith("path,source,")  # what was written is kept
