@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,14 +178,15 @@ def check_out_path(cfg: InferConfig, inputs) -> None:
     out = cfg.out_csv
     if out.is_dir() or str(out).endswith(("/", "\\")):
         raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. {out / 'predictions.csv'}")
-    resolved = out.resolve()
+    real = lambda p: Path(os.path.realpath(p))  # noqa: E731  (no error on a symlink loop among the inputs)
+    resolved = real(out)
     spec = Path(str(cfg.inputs))
-    protected = {p.resolve() for p in inputs.paths}
-    protected |= {p.resolve() for p in (spec, cfg.labels) if p is not None and p.is_file()}
+    protected = {real(p) for p in inputs.paths}
+    protected |= {real(p) for p in (spec, cfg.labels) if p is not None and p.is_file()}
     if resolved in protected:
         raise ConfigError(f"--out {out} is one of the inputs; writing the predictions there would destroy it. Choose "
                           "another --out")
-    if spec.is_dir() and resolved.is_relative_to(spec.resolve()):
+    if spec.is_dir() and resolved.is_relative_to(real(spec)):
         raise ConfigError(f"--out {out} lies inside the input folder {spec}: the CSV and its report images would be "
                           "classified by the next run over that folder. Write it outside, e.g. --out "
                           f"{spec.resolve().parent / out.name}")
