@@ -55,14 +55,15 @@ def _read_list(list_file: Path) -> tuple[list[Path], dict[Path, str]]:
     if list_file.suffix.lower() != ".csv":
         paths = [base / line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return paths, {}
-    rows = list(csv.DictReader(text.splitlines()))
+    reader = csv.DictReader(text.splitlines())
+    rows = list(reader)
     if not rows:
         raise DataError(f"list {list_file} has no rows")
-    columns = {c.lower().strip(): c for c in rows[0]}
+    columns = {c.lower().strip(): c for c in reader.fieldnames or []}
     path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise DataError(f"list {list_file} has no path column; expected one of {', '.join(PATH_COLUMNS)}, "
-                        f"found {', '.join(rows[0])}")
+                        f"found {', '.join(reader.fieldnames or [])}")
     label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
     paths, labels = [], {}
     for line, row in enumerate(rows, start=2):

@@ -341,3 +341,65 @@ def test_infer_write_errors_are_one_line_with_the_resume_hint(tiny_deploy, tiny_
     assert r.exit_code == 1, r.output
     assert f"cannot write {out}: {text}" in r.output and "--resume" in r.output and "Traceback" not in r.output
     assert out.read_text().startswith("path,source,")  # what was written is kept
+
+
+# --- nothing silently skipped, nothing hangs ---------------------------------------------------------------------
+
+def _rows(csv_path: Path) -> dict[str, dict]:
+    import csv
+
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def test_fifos_get_an_error_row_instead_of_hanging(tiny_deploy, tiny_data, tmp_path):
+    import os
+
+    folder = tmp_path / "scans"
+    shutil.copytree(tiny_data / "test" / "polyp", folder)
+    os.mkfifo(folder / "pipe.jpg")  # a FIFO named .jpg: listed, refused, never opened
+    os.mkfifo(tmp_path / "other_fifo")
+    (folder / "link.jpg").symlink_to(tmp_path / "other_fifo")  # a link to a FIFO
+    out = tmp_path / "p.csv"
+    r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    rows = _rows(out)
+    assert "it is a FIFO (named pipe), not a regular file" in rows["pipe.jpg"]["error"]
+    assert "it is a FIFO" in rows["link.jpg"]["error"] and rows["link.jpg"]["predicted"] == ""
+    (tmp_path / "list.txt").write_text(f"{folder / 'pipe.jpg'}\n")  # in a list file too
+    r = invoke("infer", tmp_path / "list.txt", "--deploy", tiny_deploy, "--out", tmp_path / "q.csv", "--workers", 0)
+    assert r.exit_code == 0 and "FIFO" in next(iter(_rows(tmp_path / "q.csv").values()))["error"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root lists any folder: cannot plant an unreadable one")
+def test_an_unreadable_subfolder_gets_an_error_row(tiny_deploy, tiny_data, tmp_path):
+    folder = tmp_path / "scans"
+    shutil.copytree(tiny_data / "test", folder)
+    (folder / "ulcer").chmod(0)
+    try:
+        r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", tmp_path / "p.csv", "--workers", 0)
+    finally:
+        (folder / "ulcer").chmod(0o755)
+    assert r.exit_code == 0 and "could not be listed" in _rows(tmp_path / "p.csv")["ulcer"]["error"]
+
+
+def test_labels_twice_ragged_utf16_and_unmatched_are_said(tiny_deploy, tiny_data, tmp_path, caplog):
+    test = tiny_data / "test"
+    image = sorted((test / "polyp").glob("*.jpg"))[0]
+    labels = tmp_path / "labels.csv"
+
+    def run(text: str, encoding: str = "utf-8"):
+        labels.write_bytes(text.encode(encoding))
+        return invoke("infer", test, "--deploy", tiny_deploy, "--out", tmp_path / "p.csv", "--workers", 0,
+                      "--labels", labels)
+
+    r = run(f"path,label\n{image},polyp\n{image},ulcer\n")
+    assert r.exit_code == 1 and "line 3 labels" in r.output and "an earlier row labels it 'polyp'" in r.output
+    r = run(f"path,label\n{image},polyp,extra\n")
+    assert r.exit_code == 1 and "line 2 has more or fewer cells" in r.output and "quoted" in r.output
+    r = run(f"path,label\n{tmp_path / 'gone.jpg'},polyp\n")
+    assert r.exit_code == 1 and "none of its 1 paths is an image" in r.output
+    r = run(f"path,label\n{image},polyp\n{tmp_path / 'gone.jpg'},ulcer\n", "utf-16")  # UTF-16 with its BOM: read
+    assert r.exit_code == 0, r.output
+    assert "1 label(s) match no image classified" in caplog.text  # a warning on stderr (pytest captures the log)
