@@ -13,7 +13,7 @@ from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import arg, opt, out, reported, size_text
-from gi_deploy.core.bundles import bundle_summary, gates_line, list_bundles
+from gi_deploy.core.bundles import bundle_summary, gates_line, interrupted_hint, list_bundles
 from gi_deploy.core.fields import default_of
 from gi_deploy.errors import BundleError, ExportFailed
 from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
@@ -25,7 +25,7 @@ def bundles_table(deploy_dir: Path) -> Table:
     """``--list``: every bundle's files, sizes, gates and footprint."""
     names = list_bundles(deploy_dir)
     if not names:
-        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first" + interrupted_hint(deploy_dir))
     table = Table(title=f"Bundles in {deploy_dir}")
     for col in ("source", "file", "size", "gate", "result"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")

@@ -44,6 +44,20 @@ def list_bundles(deploy_dir: Path) -> list[str]:
                   if not p.parent.name.startswith("."))  # .<name>.staging / .old of an export in progress
 
 
+def interrupted_hint(deploy_dir: Path) -> str:
+    """Where an export was killed between its two renames, the previous bundle sits in
+    ``.<source>.old`` and no bundle is listed: a sentence saying so (empty when none is)."""
+    if not Path(deploy_dir).is_dir():
+        return ""
+    old = sorted(p.parent.name[1:-len(".old")] for p in Path(deploy_dir).glob(f".*.old/{MANIFEST_NAME}")
+                 if not (Path(deploy_dir) / p.parent.name[1:-len(".old")]).exists())
+    if not old:
+        return ""
+    return (f" (an interrupted export left the bundle of {', '.join(old)} in "
+            f"{', '.join(str(Path(deploy_dir) / f'.{s}.old') for s in old)}: the next `gi-deploy export` restores it, "
+            "or rename it back by hand)")
+
+
 def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:
     """The bundle folder for ``source``; with no source, the only bundle there is."""
     available = list_bundles(deploy_dir)
@@ -51,12 +65,13 @@ def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:
         if len(available) == 1:
             return deploy_dir / available[0]
         if not available:
-            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first"
+                              + interrupted_hint(deploy_dir))
         raise ConfigError(f"{len(available)} bundles under {deploy_dir} ({', '.join(available)}); "
                           "choose one with --source")
     if source not in available:
         raise BundleError(f"no bundle for source {source!r} under {deploy_dir}; "
-                          f"available: {', '.join(available) or 'none'}")
+                          f"available: {', '.join(available) or 'none'}" + interrupted_hint(deploy_dir))
     return deploy_dir / source
 
 
@@ -68,7 +83,8 @@ def resolve_bundle_dirs(deploy_dir: Path, sources: list[str] | None) -> list[Pat
     if "all" in sources:
         available = list_bundles(deploy_dir)
         if not available:
-            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first"
+                              + interrupted_hint(deploy_dir))
         return [deploy_dir / s for s in available]
     return [resolve_bundle_dir(deploy_dir, s) for s in dict.fromkeys(sources)]
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import gi_deploy
-from gi_deploy._io import library_versions, read_json, sha256_file, utc_now, write_json
+from gi_deploy._io import exclusive_lock, library_versions, read_json, sha256_file, utc_now, write_json
 from gi_deploy.core.bundles import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -158,9 +158,15 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
     manifest = read_run_manifest(run_dir)
     hashes = run_hashes(run_dir, manifest)
     key = export_key(hashes, options)
-    _restore_interrupted(bundle_dir)
-    if not force and (existing := current_bundle(bundle_dir, key, manifest)) is not None:
-        return ExportResult(bundle_dir, existing, skipped=True)
+    with exclusive_lock(bundle_dir, "wait for the other export to finish"):  # two exports never swap one folder
+        _restore_interrupted(bundle_dir)
+        if not force and (existing := current_bundle(bundle_dir, key, manifest)) is not None:
+            return ExportResult(bundle_dir, existing, skipped=True)
+        return _export_timed(run_dir, bundle_dir, manifest, options, key, hashes)
+
+
+def _export_timed(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str,
+                  hashes: dict) -> ExportResult:
     timer = _Timer()
     try:
         return _export(run_dir, bundle_dir, manifest, options, key, hashes, timer)

@@ -403,3 +403,20 @@ def test_labels_twice_ragged_utf16_and_unmatched_are_said(tiny_deploy, tiny_data
     r = run(f"path,label\n{image},polyp\n{tmp_path / 'gone.jpg'},ulcer\n", "utf-16")  # UTF-16 with its BOM: read
     assert r.exit_code == 0, r.output
     assert "1 label(s) match no image classified" in caplog.text  # a warning on stderr (pytest captures the log)
+
+
+def test_a_bundle_left_in_old_by_a_killed_export_is_named(bundle, tiny_data, tmp_path):
+    bundle.rename(bundle.with_name(".capsule.old"))  # killed between the two renames
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "no bundles under" in r.output, r.output
+    assert ".capsule.old" in r.output and "the next `gi-deploy export` restores it" in r.output
+    r = invoke("export", "--list", "--out", bundle.parent)
+    assert r.exit_code == 1 and ".capsule.old" in r.output and "restores it" in r.output
+
+
+def test_a_second_export_of_one_bundle_is_refused_naming_the_holder(tiny_run, tmp_path):
+    from gi_deploy._io import exclusive_lock
+
+    with exclusive_lock(tmp_path / "deploy" / "capsule", "x"):
+        r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "deploy", "--no-fp16")
+    assert r.exit_code == 1 and "being written by another gi-deploy process (pid" in r.output, r.output
