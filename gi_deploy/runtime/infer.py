@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
 from gi_deploy.runtime.pipeline import decoded_batches, default_workers
+
+
+log = logging.getLogger(__name__)
 
 
 def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
@@ -62,6 +67,28 @@ class InferConfig:
             raise ConfigError(f"batch_size and top_k must be >= 1, got {self.batch_size} and {self.top_k}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 decodes in the main process), got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or left out: every core this process may use), got {self.threads}")
+        self.workers = capped_workers(self.workers)
+
+
+# A decode worker holds a process image (~150 MB with numpy and Pillow), its batches in flight and
+# the pool's queue: budget 512 MB each, so --workers never asks for more memory than the machine has.
+WORKER_BYTES = 512 << 20
+
+
+def capped_workers(workers: int) -> int:
+    """``workers``, or as many as the available memory allows (at least 1), with a warning saying so."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no cap
+        return workers
+    cap = max(1, available // WORKER_BYTES, min(workers, os.cpu_count() or 1))
+    if workers > cap:
+        log.warning("--workers %d: the %.1f GB of free memory allows %d decode workers (%d MB each); using %d",
+                    workers, available / 1e9, cap, WORKER_BYTES >> 20, cap)
+        return cap
+    return workers
 
 
 @dataclass
@@ -103,6 +130,15 @@ def true_label(rel: Path, classes: list[str]) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in classes else None
 
 
+@contextmanager
+def _removed_on_error(path: Path):
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> tuple[set[tuple[str, str]], int]:
     """The (path, source) pairs of the complete rows a killed run left in a predictions CSV, and
     their count. A last line cut short by the kill is dropped from the file; a CSV with another
@@ -121,11 +157,29 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> tuple[set[tuple[str,
         if header != columns:
             raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
                               "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
-        pairs, n = set(), 0
-        for row in reader:
-            pairs.add((row[0], row[1]))  # path, source
-            n += 1
-        return pairs, n
+        pairs, n, cut = set(), 0, False
+        tmp = csv_path.with_name(csv_path.name + ".resume.tmp")
+        with _removed_on_error(tmp), open(tmp, "w", newline="", encoding="utf-8") as out:  # the complete rows, re-written identically
+            writer = csv.writer(out)
+            writer.writerow(header)
+            try:
+                for row in reader:
+                    if cut:  # a broken row with rows after it: not a kill, a damaged file
+                        raise ConfigError(f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
+                                          "(two processes wrote it, or it was edited); use another --out")
+                    if len(row) != len(columns):  # the kill cut a quoted path that holds a newline
+                        cut = True
+                        continue
+                    writer.writerow(row)
+                    pairs.add((row[0], row[1]))  # path, source
+                    n += 1
+            except csv.Error:  # the file ends inside a quoted field
+                cut = True
+    if cut:
+        tmp.replace(csv_path)
+    else:
+        tmp.unlink()
+    return pairs, n
 
 
 def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int, error: str,
@@ -178,7 +232,7 @@ def check_out_path(cfg: InferConfig, inputs) -> None:
     out = cfg.out_csv
     if out.is_dir() or str(out).endswith(("/", "\\")):
         raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. {out / 'predictions.csv'}")
-    real = lambda p: Path(os.path.realpath(p))  # noqa: E731  (no error on a symlink loop among the inputs)
+    real = lambda p: Path(os.path.realpath(p))  # no error on a symlink loop among the inputs
     resolved = real(out)
     spec = Path(str(cfg.inputs))
     protected = {real(p) for p in inputs.paths}

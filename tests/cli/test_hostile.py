@@ -420,3 +420,38 @@ def test_a_second_export_of_one_bundle_is_refused_naming_the_holder(tiny_run, tm
     with exclusive_lock(tmp_path / "deploy" / "capsule", "x"):
         r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "deploy", "--no-fp16")
     assert r.exit_code == 1 and "being written by another gi-deploy process (pid" in r.output, r.output
+
+
+# --- clear messages instead of tracebacks -------------------------------------------------------------------------
+
+def test_bad_numbers_and_a_non_checkpoint_weights_file_are_one_line(tiny_deploy, tiny_data, tmp_path, caplog):
+    args = ("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", tmp_path / "p.csv")
+    r = invoke(*args, "--threads", 0)
+    assert r.exit_code == 1 and "threads must be >= 1" in r.output and "Traceback" not in r.output
+    r = invoke(*args, "--explain-wrong", -1)
+    assert r.exit_code == 2 and "--explain-wrong is a number of images" in r.output
+    r = invoke(*args, "--workers", 1_000_000, "--batch-size", 64)
+    assert r.exit_code == 0, r.output
+    assert "--workers 1000000: the" in caplog.text and "GB of free memory allows" in caplog.text  # capped, said
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"not a checkpoint")
+    r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--weights", weights,
+               "--img-size", 32, "--epochs", 1, "--out", tmp_path / "runs", "--device", "cpu")
+    assert r.exit_code == 1 and f"cannot read weights file {weights}" in r.output and "Traceback" not in r.output
+
+
+def test_resume_after_a_kill_inside_a_quoted_path(tiny_deploy, tiny_data, tmp_path):
+    folder = tmp_path / "scans"
+    shutil.copytree(tiny_data / "test" / "polyp", folder)
+    first = min(folder.glob("*.jpg"))
+    first.rename(folder / "a\nnewline, comma.jpg")  # written quoted, over two lines
+    out = tmp_path / "p.csv"
+    r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    whole = out.read_bytes()
+    cut = whole.index(b"\n", whole.index(b'"a\nnewline') + 3) if False else whole.index(b'"a\nnewline') + 3
+    out.write_bytes(whole[:cut])  # killed inside the quoted path, just after its newline
+    r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0, "--resume")
+    assert r.exit_code == 0, r.output
+    rows = _rows(out)
+    assert len(rows) == 3 and "a\nnewline, comma.jpg" in rows and out.read_bytes().count(b"newline") == 1
