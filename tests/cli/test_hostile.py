@@ -449,7 +449,7 @@ def test_resume_after_a_kill_inside_a_quoted_path(tiny_deploy, tiny_data, tmp_pa
     r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0)
     assert r.exit_code == 0, r.output
     whole = out.read_bytes()
-    cut = whole.index(b"\n", whole.index(b'"a\nnewline') + 3) if False else whole.index(b'"a\nnewline') + 3
+    cut = whole.index(b'"a\nnewline') + 3
     out.write_bytes(whole[:cut])  # killed inside the quoted path, just after its newline
     r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0, "--resume")
     assert r.exit_code == 0, r.output
