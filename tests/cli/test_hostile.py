@@ -455,3 +455,22 @@ def test_resume_after_a_kill_inside_a_quoted_path(tiny_deploy, tiny_data, tmp_pa
     assert r.exit_code == 0, r.output
     rows = _rows(out)
     assert len(rows) == 3 and "a\nnewline, comma.jpg" in rows and out.read_bytes().count(b"newline") == 1
+
+
+def test_fewer_classes_than_model_outputs_is_refused(bundle, tiny_data, tmp_path):
+    m = json.loads((bundle / "manifest.json").read_text())
+    three = m["classes"][:3]
+    _edit(bundle, classes=three, model__num_classes=3, content_sha256=None)
+    (bundle / "labels.json").write_text(json.dumps(three))
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "model.onnx outputs 4 scores but" in r.output and "lists 3 classes" in r.output
+
+
+def test_a_second_training_of_one_run_is_refused(tiny_data, tmp_path):
+    from gi_deploy._io import exclusive_lock
+
+    with exclusive_lock(tmp_path / "runs" / "capsule", "x"):
+        r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--no-pretrained",
+                   "--img-size", 32, "--epochs", 1, "--out", tmp_path / "runs", "--device", "cpu")
+    assert r.exit_code == 1 and "being written by another gi-deploy process (pid" in r.output, r.output
+    assert not (tmp_path / "runs" / "capsule" / "run.json").exists()
