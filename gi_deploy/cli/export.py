@@ -30,7 +30,12 @@ def bundles_table(deploy_dir: Path) -> Table:
     for col in ("source", "file", "size", "gate", "result"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
     for name in names:
-        b = bundle_summary(deploy_dir / name)
+        try:
+            b = bundle_summary(deploy_dir / name)
+        except BundleError as e:  # one damaged bundle does not hide the others
+            table.add_row(name, "", "", "refused", str(e))
+            table.add_section()
+            continue
         heading = [b["source"], f"{b['model']} ({b['method']})", b["created"][:16].replace("T", " ")]
         for i, (file, size, gate, result) in enumerate(b["rows"]):
             table.add_row(heading[i] if i < len(heading) else "", file, size_text(size) if size is not None else "",

@@ -327,8 +327,10 @@ def bundle_summary(bundle_dir: Path) -> dict:
     the gates it passed (with their headline numbers), and the footprint. Raises BundleError for
     a missing or foreign manifest."""
     m = read_json(bundle_dir / MANIFEST_NAME, "bundle manifest")
-    if m.get("format") != BUNDLE_FORMAT:
+    if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} manifest")
+    if m.get("format_version") == BUNDLE_FORMAT_VERSION:
+        validate_bundle_manifest(bundle_dir, m)  # a damaged manifest is named, not a traceback
     v = m.get("verification", {})
     files = {name: e["bytes"] for name, e in m.get("files", {}).items()}
     gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32",), MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),

@@ -115,6 +115,8 @@ def test_manifest_preprocess_size_out_of_range_is_refused_before_anything_runs(b
     _edit(bundle, preprocess__size=[100000, 100000])
     r = _infer(bundle, tiny_data, tmp_path)
     assert r.exit_code == 1 and "field preprocess.size = [100000, 100000]" in r.output and "1..4096" in r.output
+    r = invoke("export", "--list", "--out", bundle.parent)  # listed as refused, not a traceback
+    assert r.exit_code == 0 and "refused" in r.output and "preprocess.size" in r.output, r.output
 
 
 @pytest.mark.parametrize("change, message", [
