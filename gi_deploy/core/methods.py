@@ -23,7 +23,6 @@ from gi_deploy.core.runs import (
     COLORA_WEIGHTS,
     FULL_WEIGHTS,
     HEAD_WEIGHTS,
-    RANDOM_BASE_WEIGHTS,
 )
 from gi_deploy.errors import BundleError, ConfigError
 
@@ -65,15 +64,14 @@ class MethodSpec:
                 for name in self.artifact]
 
     def artifact_sha256(self, run_dir: Path) -> dict[str, str]:
-        """sha256 of every file a run's model is rebuilt from (the artifact's weights, peft's adapter
-        config, a random-init base), keyed by the path inside the run folder: recorded in run.json
-        when the best epoch is saved, checked at export and by ``--backend torch``."""
+        """sha256 of the files a run's training wrote (the artifact's weights, peft's adapter config),
+        keyed by the path inside the run folder: recorded in run.json when the best epoch is saved,
+        checked at export and by ``--backend torch``. (The base, random-init or not, is checked by
+        its own fingerprint.)"""
         run_dir = Path(run_dir)
         files = self.artifact_files(run_dir)
         if ADAPTER_DIR in self.artifact:
             files.append(run_dir / ADAPTER_DIR / "adapter_config.json")
-        if (run_dir / RANDOM_BASE_WEIGHTS).is_file():
-            files.append(run_dir / RANDOM_BASE_WEIGHTS)
         return {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in files if p.is_file()}
 
     def check_artifact(self, run_dir: Path, recorded: dict[str, str] | None, when: str) -> None:
@@ -83,10 +81,10 @@ class MethodSpec:
             return
         now = self.artifact_sha256(run_dir)
         for name, digest in recorded.items():
-            if now.get(name) != digest:
-                raise BundleError(f"{Path(run_dir) / name} " + ("is missing" if name not in now else "changed")
-                                  + f" since {when} (sha256 differs from the one recorded): it is not the model "
-                                  "whose metrics the run reports. Restore it, or retrain with --overwrite")
+            if name in now and now[name] != digest:  # a missing file is reported by what loads it
+                raise BundleError(f"{Path(run_dir) / name} changed since {when} (its sha256 differs from the one "
+                                  "recorded): it is not the model whose metrics the run reports. Restore it, or "
+                                  "retrain with --overwrite")
 
     def artifact_bytes(self, run_dir: Path) -> int:
         """Size on disk of what a run of this method adds to the base model."""
