@@ -214,6 +214,7 @@ def test_int8_thresholds_given_are_never_relaxed_and_defaults_say_so(tiny_run, t
     assert not (tmp_path / "bad" / "capsule").exists()
 
 
+@pytest.mark.slow
 def test_colora_merge_gate_catches_a_wrong_delta(tiny_data, tmp_path, monkeypatch):
     """The merge gate holds the merged model to CoLoRA's branch form K0*x + K_d*(K_p*x), not to the
     fused K0 + dK the merge itself computes: a wrong delta fails it (it read 0.0 before)."""

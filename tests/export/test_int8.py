@@ -61,7 +61,7 @@ def test_int8_needs_the_training_images(tiny_run, tmp_path):
     manifest["splits"]["root"] = str(tmp_path / "moved")
     (run / "run.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="training image.*are gone.*moved.*without --int8"):
-        export_source(run, tmp_path / "deploy" / "capsule", int8=True, fp16=False)
+        export_source(run, tmp_path / "deploy" / "capsule", int8=True, fp16=False, allow_no_val=True)
     assert not (tmp_path / "deploy" / "capsule").exists()
 
 
