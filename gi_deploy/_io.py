@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gi_deploy.errors import BundleError
+from gi_deploy.errors import BundleError, ConfigError
 
 _HASH_CHUNK = 1 << 20
 
@@ -38,8 +40,8 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise BundleError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{what} {path} is not valid JSON ({e}); re-create it") from e
 
 
@@ -61,3 +63,50 @@ def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, st
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def lock_path_of(target: Path) -> Path:
+    """The lock file that guards ``target`` (a file or folder being written): ``.<name>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def exclusive_lock(target: Path, what: str):
+    """Hold an exclusive lock on ``target`` (``fcntl.flock`` on :func:`lock_path_of`, which records
+    this process's id) while the block writes it. A second gi-deploy process asking for the same
+    target gets ConfigError naming the process that holds it, instead of interleaving its writes.
+    The lock is the kernel's: it goes with the process, so a killed run leaves no stale lock."""
+    try:
+        import fcntl  # POSIX; where it is missing (Windows) the output is not locked
+    except ImportError:
+        yield
+        return
+    lock = lock_path_of(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"{target} is being written by another gi-deploy process ({holder}); wait for it to "
+                              f"finish or stop it, or {what}") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

@@ -3,6 +3,7 @@ options whose help and defaults come from the library's config fields, progress 
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import time
@@ -40,6 +41,9 @@ def given(**flags: Any) -> dict:
     return {k: getattr(v, "value", v) for k, v in flags.items() if v is not None}
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 @contextmanager
 def reported():
     """Turn library errors into one red line on stderr and exit code 1."""
@@ -51,6 +55,13 @@ def reported():
     except GiDeployError as e:
         # soft_wrap: keep paths and commands unbroken for copy-paste
         err.print(f"error: {e}", style="red", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    except OSError as e:  # a read-only folder, a full disk: the file and the reason, not a traceback
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        err.print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}; free space or choose a folder you "
+                  "can write to (--out), then run the same command again (train and infer: with --resume)",
+                  style="red", soft_wrap=True)
         raise typer.Exit(code=1) from None
 
 

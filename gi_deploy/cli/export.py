@@ -13,7 +13,7 @@ from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import arg, opt, out, reported, size_text
-from gi_deploy.core.bundles import bundle_summary, gates_line, list_bundles
+from gi_deploy.core.bundles import bundle_summary, gates_line, interrupted_hint, list_bundles
 from gi_deploy.core.fields import default_of
 from gi_deploy.errors import BundleError, ExportFailed
 from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
@@ -25,12 +25,17 @@ def bundles_table(deploy_dir: Path) -> Table:
     """``--list``: every bundle's files, sizes, gates and footprint."""
     names = list_bundles(deploy_dir)
     if not names:
-        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first")
+        raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first" + interrupted_hint(deploy_dir))
     table = Table(title=f"Bundles in {deploy_dir}")
     for col in ("source", "file", "size", "gate", "result"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
     for name in names:
-        b = bundle_summary(deploy_dir / name)
+        try:
+            b = bundle_summary(deploy_dir / name)
+        except BundleError as e:  # one damaged bundle does not hide the others
+            table.add_row(name, "", "", "refused", str(e))
+            table.add_section()
+            continue
         heading = [b["source"], f"{b['model']} ({b['method']})", b["created"][:16].replace("T", " ")]
         for i, (file, size, gate, result) in enumerate(b["rows"]):
             table.add_row(heading[i] if i < len(heading) else "", file, size_text(size) if size is not None else "",
@@ -67,8 +72,9 @@ def export_cmd(
     int8: Annotated[bool, opt(O, "int8")] = default_of(O, "int8"),
     calib_images: Annotated[int, opt(O, "calib_images")] = default_of(O, "calib_images"),
     int8_eval_images: Annotated[int, opt(O, "int8_eval_images")] = default_of(O, "int8_eval_images"),
-    int8_min_agreement: Annotated[float, opt(O, "int8_min_top1")] = default_of(O, "int8_min_top1"),
-    int8_max_drop: Annotated[float, opt(O, "int8_max_accuracy_drop")] = default_of(O, "int8_max_accuracy_drop"),
+    int8_min_agreement: Annotated[Optional[float], opt(O, "int8_min_top1")] = None,
+    int8_max_drop: Annotated[Optional[float], opt(O, "int8_max_accuracy_drop")] = None,
+    allow_no_val: Annotated[bool, opt(O, "allow_no_val")] = default_of(O, "allow_no_val"),
     engine: Annotated[bool, opt(O, "engine")] = default_of(O, "engine"),
     max_batch: Annotated[int, opt(O, "max_batch")] = default_of(O, "max_batch"),
     exporter: Annotated[Exporter, opt(O, "exporter")] = Exporter(default_of(O, "exporter")),
@@ -90,7 +96,7 @@ def export_cmd(
     with reported():
         options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
                                 int8_eval_images=int8_eval_images, int8_min_top1=int8_min_agreement,
-                                int8_max_accuracy_drop=int8_max_drop, engine=engine, max_batch=max_batch,
+                                int8_max_accuracy_drop=int8_max_drop, allow_no_val=allow_no_val, engine=engine, max_batch=max_batch,
                                 exporter=exporter.value)
         cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
                            force=force)

@@ -74,6 +74,8 @@ def infer_cmd(
 ) -> None:
     """Classify every image of INPUT with each selected source; score them when labels are known
     (class-named sub-folders, --labels, or a label column in the list)."""
+    if explain_wrong < 0:
+        usage_error(f"--explain-wrong is a number of images (0: none), got {explain_wrong}")
     with reported(), interrupted_keeps(out_csv):
         cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
                           batch_size=batch_size, backend=backend.value, precision=precision.value,

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from gi_deploy._deps import require_training_extra
+from gi_deploy._io import exclusive_lock
 from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported
 from gi_deploy.cli._train_view import TrainProgress, compare_table
 from gi_deploy.core.choices import Device
@@ -104,7 +105,8 @@ def train_cmd(
     with reported():
         cfg = layered_config(flags, config, resume)
         _print_config(cfg)
-        with TrainProgress(source, out) as progress:
+        with exclusive_lock(cfg.run_dir, "wait for that training to finish, or choose another --out"), \
+                TrainProgress(source, out) as progress:  # two trainings never write one run folder
             result = train(cfg, report=progress)
     rows = {f"val (best epoch {result.best_epoch})": result.best_val, **({"test": result.test} if result.test else {})}
     out.print(metrics_table(f"{source} ({cfg.method})", rows))

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from gi_deploy.core.runs import ADAPTER_DIR, ADAPTER_WEIGHTS, COLORA_WEIGHTS, FULL_WEIGHTS, HEAD_WEIGHTS
-from gi_deploy.errors import ConfigError
+from gi_deploy._io import sha256_file
+from gi_deploy.core.runs import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    COLORA_WEIGHTS,
+    FULL_WEIGHTS,
+    HEAD_WEIGHTS,
+)
+from gi_deploy.errors import BundleError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,29 @@ class MethodSpec:
         """The weights files of a run's artifact (hashed into bundle manifests)."""
         return [Path(run_dir) / name / ADAPTER_WEIGHTS if name == ADAPTER_DIR else Path(run_dir) / name
                 for name in self.artifact]
+
+    def artifact_sha256(self, run_dir: Path) -> dict[str, str]:
+        """sha256 of the files a run's training wrote (the artifact's weights, peft's adapter config),
+        keyed by the path inside the run folder: recorded in run.json when the best epoch is saved,
+        checked at export and by ``--backend torch``. (The base, random-init or not, is checked by
+        its own fingerprint.)"""
+        run_dir = Path(run_dir)
+        files = self.artifact_files(run_dir)
+        if ADAPTER_DIR in self.artifact:
+            files.append(run_dir / ADAPTER_DIR / "adapter_config.json")
+        return {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in files if p.is_file()}
+
+    def check_artifact(self, run_dir: Path, recorded: dict[str, str] | None, when: str) -> None:
+        """Raise BundleError naming the file when a trained file differs from the sha256 ``recorded``
+        (at ``when``): the model would not be the one whose metrics the run reports."""
+        if not recorded:
+            return
+        now = self.artifact_sha256(run_dir)
+        for name, digest in recorded.items():
+            if name in now and now[name] != digest:  # a missing file is reported by what loads it
+                raise BundleError(f"{Path(run_dir) / name} changed since {when} (its sha256 differs from the one "
+                                  "recorded): it is not the model whose metrics the run reports. Restore it, or "
+                                  "retrain with --overwrite")
 
     def artifact_bytes(self, run_dir: Path) -> int:
         """Size on disk of what a run of this method adds to the base model."""

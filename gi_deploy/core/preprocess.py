@@ -7,6 +7,8 @@ as a :class:`PreprocessSpec`.
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +99,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def require_regular_file(path: Path) -> None:
+    """Raise DataError unless ``path`` is, after following links, a regular file: opening a FIFO
+    (or a link to one) blocks until a writer appears, i.e. forever, and a device is no image. A
+    folder here is one that could not be listed (its permissions)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
+        raise DataError(f"cannot read folder {path}: it could not be listed (check its permissions); its images "
+                        "were not classified")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise DataError(f"cannot read image {path}: it is {kind}, not a regular file; only regular files are read")
+
+
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -127,6 +145,7 @@ def load_rgb(path: Path, spec: PreprocessSpec | None = None) -> Image.Image:
     """Decode an image file to upright 8-bit RGB (at reduced scale where ``spec`` asks for draft
     decoding). Raises DataError naming the file and the reason (unreadable, not an image,
     truncated, a symlink loop, a canvas over ``MAX_PIXELS``)."""
+    require_regular_file(path)  # a FIFO or device would block the open forever
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own check, as an error
@@ -209,6 +228,6 @@ def list_images(folder: Path) -> list[Path]:
         raise DataError(f"not a folder: {folder}")
     return sorted(
         p for p in folder.rglob("*")  # by default rglob never follows directory symlinks
-        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()  # a FIFO named .jpg too: it gets an error row
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )

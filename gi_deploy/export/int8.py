@@ -122,10 +122,12 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
 
 
 def export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
-                fp32_logits: np.ndarray, calib_images: int, eval_images: int, min_top1: float,
-                max_accuracy_drop: float) -> tuple[dict, dict]:
+                fp32_logits: np.ndarray, calib_images: int, eval_images: int, min_top1: float | None,
+                max_accuracy_drop: float | None) -> tuple[dict, dict]:
     """model.int8.onnx, calibrated on the training split, gated on the validation split (agreement with
-    fp32 and the accuracy drop) and on the verification batch. Returns (the gate's numbers, the
+    fp32 and the accuracy drop) and on the verification batch (agreement). Thresholds given
+    (not None) are used as they are; defaults are relaxed on small sets and ``relaxed`` says how.
+    Returns (the gate's numbers, the
     quantiser's settings); raises GateFailed or DataError."""
     classes = manifest["classes"]
     calib = load_images([p for p, _ in verify.split_images(manifest, "train", calib_images)],
@@ -139,14 +141,21 @@ def export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path
     val_int8, _ = run_onnx(dst, x_val)
     acc32, acc8 = float((val_fp32.argmax(1) == y_val).mean()), float((val_int8.argmax(1) == y_val).mean())
     what = f"{name} INT8 ONNX vs fp32"
-    batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits))
+    # the verification batch is gated too, on the same agreement (a default relaxed by one input of it)
+    batch_min, _, batch_notes = verify.int8_thresholds(min_top1, max_accuracy_drop, len(inputs),
+                                                       "verification-batch inputs")
+    batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits),
+                         min_top1=batch_min, hint="calibrate on more images: --calib-images")
+    val_min, allowed, notes = verify.int8_thresholds(min_top1, max_accuracy_drop, len(val), "validation images")
     result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
-                          min_top1=verify.int8_min_agreement(min_top1, len(val)),
-                          hint="calibrate on more images: --calib-images")
+                          min_top1=val_min, hint="calibrate on more images: --calib-images")
     drop = acc32 - acc8
-    allowed = verify.int8_allowed_drop(max_accuracy_drop, len(val))
+    for note in notes + batch_notes[:1]:
+        log.warning("%s: %s", name, note)
     result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop, max_accuracy_drop=allowed,
-                  provider=provider, verification_batch=batch)
+                  provider=provider, verification_batch=batch,
+                  thresholds="given" if min_top1 is not None and max_accuracy_drop is not None else "default",
+                  relaxed=notes + batch_notes[:1])
     if drop > allowed + 1e-12:
         raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop, allowed,
                          "at most", f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")

@@ -7,6 +7,8 @@ Gates (numbers go into the bundle manifest under ``verification``):
 gate            compares                              passes when
 =============== ===================================== ==========================================
 merge           merged torch model vs adapter model   max |Δlogit| <= MERGE_ATOL
+                (CoLoRA in the paper's branch form,
+                not the merge's own K0 + ΔK)
 onnx_fp32       onnxruntime fp32 vs adapter model     max |Δlogit| <= FP32_ATOL, top-1 100%
 onnx_fp16       onnxruntime fp16 vs fp32 ONNX         finite, top-1 >= FP16_MIN_TOP1
 fp16_emulated   true-fp16 arithmetic vs fp32 ONNX     finite, top-1 >= FP16_MIN_TOP1
@@ -61,6 +63,26 @@ def int8_min_agreement(min_top1: float, n: int) -> float:
     """The top-1 agreement the INT8 gate requires on ``n`` validation images: ``min_top1``, or all
     but one where the set is too small to resolve it (the same resolution rule as the drop)."""
     return min(min_top1, 1.0 - 1.0 / n) if n > 1 else min_top1
+
+
+
+def int8_thresholds(min_top1: float | None, max_drop: float | None, n: int, what: str) -> tuple[float, float, list[str]]:
+    """The INT8 gate's (least agreement, largest drop) on ``n`` images, and a note for each default
+    that was relaxed. A threshold the user gave (not None) is the threshold, never relaxed; a default
+    (None) is relaxed to one image where ``n`` is too small to resolve it, and the note says so."""
+    notes = []
+    if min_top1 is None:
+        min_top1 = int8_min_agreement(INT8_MIN_TOP1, n)
+        if min_top1 < INT8_MIN_TOP1:
+            notes.append(f"INT8 gate on {n} {what}: default least agreement {INT8_MIN_TOP1:.0%} relaxed to "
+                         f"{min_top1:.1%} (all but one image); score more images or set --int8-min-agreement")
+    if max_drop is None:
+        max_drop = int8_allowed_drop(INT8_MAX_ACCURACY_DROP, n)
+        if max_drop > INT8_MAX_ACCURACY_DROP:
+            notes.append(f"INT8 gate on {n} {what}: default largest accuracy drop {INT8_MAX_ACCURACY_DROP:.0%} "
+                         f"relaxed to {max_drop:.1%} (one image); score more images or set --int8-max-drop")
+    return min_top1, max_drop, notes
+
 
 VERIFY_SEED = 0
 VERIFY_REAL_IMAGES = 16  # validation images, spread over the classes
@@ -173,13 +195,15 @@ def split_images(manifest: dict, split: str, n: int | None = None) -> list[tuple
 def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
     """The fixed batch every gate runs on: up to ``VERIFY_REAL_IMAGES`` validation images of the
     run (those still on disk) and the ``STRESS_IMAGES``. float32 (N, 3, H, W) and a description."""
-    real = []
-    for path, _ in split_images(manifest, "val", VERIFY_REAL_IMAGES):
+    real, unread = [], []
+    wanted = split_images(manifest, "val", VERIFY_REAL_IMAGES)
+    for path, _ in wanted:
         try:
             real.append(load_input(path, spec))
         except DataError:
-            continue  # the data may have moved since training; the stress images still cover the check
+            unread.append(str(path))  # moved since training: counted, and export refuses when none is left
     stress = stress_inputs(spec)
     batch = np.concatenate([np.stack(real), stress]) if real else stress
-    return batch.astype(np.float32), {"real_images": len(real), "stress_images": list(STRESS_IMAGES),
+    return batch.astype(np.float32), {"real_images": len(real), "real_images_wanted": len(wanted),
+                                      "real_images_unreadable": unread[:3], "stress_images": list(STRESS_IMAGES),
                                       "n": int(len(batch))}

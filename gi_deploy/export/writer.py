@@ -22,15 +22,24 @@ import numpy as np
 import torch
 
 import gi_deploy
-from gi_deploy._io import library_versions, read_json, sha256_file, utc_now, write_json
-from gi_deploy.core.bundles import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LABELS_NAME, MANIFEST_NAME, MODEL_FILES
+from gi_deploy._io import exclusive_lock, library_versions, read_json, sha256_file, utc_now, write_json
+from gi_deploy.core.bundles import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    MODEL_FILES,
+    content_sha256,
+    validate_bundle_manifest,
+)
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest, select_runs
-from gi_deploy.errors import BundleError, ExportError, ExportFailed, GiDeployError
+from gi_deploy.errors import BundleError, DataError, ExportError, ExportFailed, GiDeployError
 from gi_deploy.export import fp16, int8, onnx_export, tensorrt, verify
 from gi_deploy.export.activations import logits_and_peaks
 from gi_deploy.export.options import ExportConfig, ExportOptions
+from gi_deploy.model.colora import branch_form
 from gi_deploy.model.run import RunModels, load_run_models
 
 log = logging.getLogger(__name__)
@@ -55,11 +64,18 @@ def _adapter_entry(manifest: dict) -> dict | None:
 
 def run_hashes(run_dir: Path, manifest: dict) -> dict:
     """sha256 of the run's manifest and of its trained files (the bundle's ``training`` record)."""
-    files = method_spec(manifest["config"]["method"]).artifact_files(run_dir)
+    spec = method_spec(manifest["config"]["method"])
+    files = spec.artifact_files(run_dir)
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
                           "--resume it)")
+    recorded = (manifest.get("best") or {}).get("artifact_sha256")
+    if recorded:
+        spec.check_artifact(run_dir, recorded, "training")  # a tampered adapter never exports with the run's metrics
+    else:
+        log.warning("%s was trained before gi-deploy recorded its artifact's sha256; its trained files cannot be "
+                    "checked against training (retrain to record them)", run_dir)
     return {"run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
             "artifact_sha256": {p.name: sha256_file(p) for p in files}}
 
@@ -77,17 +93,24 @@ def export_key(hashes: dict, options: ExportOptions) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def current_bundle(bundle_dir: Path, key: str) -> dict | None:
-    """The manifest of the bundle in ``bundle_dir`` when it was made with ``key`` and every file
-    it lists is still there, unchanged; None when it must be (re-)exported."""
+def current_bundle(bundle_dir: Path, key: str, run_manifest: dict | None = None) -> dict | None:
+    """The manifest of the bundle in ``bundle_dir`` when it was made with ``key``, passes every
+    check the runtime makes (:func:`validate_bundle_manifest`: fields, labels.json, content hash),
+    still says what the run says (source, classes, preprocessing), and every file it lists is still
+    there, unchanged; None when it must be (re-)exported. A tampered bundle is never "unchanged"."""
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
-        manifest = read_json(path, "bundle manifest")
-    except BundleError:
+        manifest = validate_bundle_manifest(bundle_dir, read_json(path, "bundle manifest"))
+    except BundleError as e:
+        log.warning("%s: re-exporting: %s", bundle_dir, e)
         return None
     if manifest.get("export_key") != key:
+        return None
+    if manifest.get("content_sha256") != content_sha256(manifest) or (
+            run_manifest is not None and manifest.get("content_sha256") != content_sha256(run_manifest)):
+        log.warning("%s: re-exporting: its source, classes or preprocessing differ from the run's", bundle_dir)
         return None
     for name, entry in manifest.get("files", {}).items():
         f = bundle_dir / name
@@ -117,7 +140,7 @@ def _stamp(path: Path, manifest: dict, precision: str, merged: bool, key: str) -
         "classes": manifest["classes"], "preprocess": manifest["preprocess"], "model": manifest["model"]["name"],
         "method": manifest["config"]["method"], "merged": merged, "precision": precision,
         "base_weights_license": manifest["base_weights"].get("license", "unknown"),
-        "gi_deploy_version": gi_deploy.__version__, "export_key": key,
+        "gi_deploy_version": gi_deploy.__version__, "export_key": key, "content_sha256": content_sha256(manifest),
         "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME,
     })
 
@@ -135,9 +158,15 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
     manifest = read_run_manifest(run_dir)
     hashes = run_hashes(run_dir, manifest)
     key = export_key(hashes, options)
-    _restore_interrupted(bundle_dir)
-    if not force and (existing := current_bundle(bundle_dir, key)) is not None:
-        return ExportResult(bundle_dir, existing, skipped=True)
+    with exclusive_lock(bundle_dir, "wait for the other export to finish"):  # two exports never swap one folder
+        _restore_interrupted(bundle_dir)
+        if not force and (existing := current_bundle(bundle_dir, key, manifest)) is not None:
+            return ExportResult(bundle_dir, existing, skipped=True)
+        return _export_timed(run_dir, bundle_dir, manifest, options, key, hashes)
+
+
+def _export_timed(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str,
+                  hashes: dict) -> ExportResult:
     timer = _Timer()
     try:
         return _export(run_dir, bundle_dir, manifest, options, key, hashes, timer)
@@ -156,13 +185,33 @@ def _restore_interrupted(bundle_dir: Path) -> None:
         old.rename(bundle_dir)
 
 
+def _check_validation_images(run_dir: Path, info: dict, options: ExportOptions) -> str | None:
+    """None when the verification batch holds some of the run's validation images. With none of them
+    readable, the gates would judge the export on the synthetic stress images alone: refused with
+    DataError unless ``options.allow_no_val``, and then a loud note (``info`` records it in the manifest)."""
+    if info["real_images"] or not info["real_images_wanted"]:
+        info["no_validation_images"] = False
+        return None
+    where = f"none of the {info['real_images_wanted']} validation images of {run_dir} can be read (e.g. " \
+            f"{info['real_images_unreadable'][0]})"
+    if not options.allow_no_val:
+        raise DataError(f"{where}: the verification gates would run on the {len(verify.STRESS_IMAGES)} synthetic "
+                        "stress images alone. Put the images back where training found them, or pass --allow-no-val "
+                        "to export anyway (recorded in the manifest); nothing written")
+    info["no_validation_images"] = True
+    log.warning("%s; exporting on the synthetic stress images alone (--allow-no-val)", where)
+    return (f"WARNING: {where}; the gates ran on the {len(verify.STRESS_IMAGES)} synthetic stress images alone "
+            "(--allow-no-val; recorded in the manifest as verification.inputs.no_validation_images)")
+
+
 def _merge_gate(name: str, models: RunModels, inputs: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     """The adapter model's logits (the reference every later gate is held to), the merge gate when
     the adapters were merged, and the deployed model's peak activations (for the fp16 check)."""
     if not models.merged:
         ref_logits, peaks = logits_and_peaks(models.deployed, inputs)
         return {}, ref_logits, peaks
-    with torch.no_grad():
+    # CoLoRA layers in the paper's branch form: not the fused K0 + ΔK that the merge itself computes
+    with torch.no_grad(), branch_form(models.reference):
         ref_logits = models.reference(torch.from_numpy(inputs)).numpy()
     merged_logits, peaks = logits_and_peaks(models.deployed, inputs)
     gate = verify.check("merge", f"{name} merged model vs adapter model",
@@ -193,6 +242,7 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
             timer: _Timer) -> ExportResult:
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     inputs, inputs_info = verify.verification_batch(manifest, spec)
+    no_val_note = _check_validation_images(run_dir, inputs_info, options)
     job = _Job(run_dir.name, run_dir, manifest, spec, options, key, hashes,
                bundle_dir.with_name(f".{bundle_dir.name}.staging"), timer, inputs)
     models = load_run_models(run_dir, merge=options.merge, manifest=manifest)
@@ -212,7 +262,7 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
-    notes = written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
+    notes = ([no_val_note] if no_val_note else []) + written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
     return ExportResult(bundle_dir, bundle, notes=notes)
 
 
@@ -235,6 +285,7 @@ def _write_models(job: _Job, models: RunModels) -> dict:
         verification["int8"], extras["int8"] = int8.export_int8(
             job.name, job.manifest, job.spec, fp32_path, staging / MODEL_FILES["int8"], x, onnx.logits,
             o.calib_images, o.int8_eval_images, o.int8_min_top1, o.int8_max_accuracy_drop)
+        notes += verification["int8"]["relaxed"]  # a relaxed default is said, not silent
         job.timer.lap("int8")
     if o.engine:
         gate, engine, note = tensorrt.export_engine(job.name, staging / MODEL_FILES["fp16"], staging, job.spec.size,
@@ -269,7 +320,8 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
     }
     return {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
-        "export_key": job.key, "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
+        "export_key": job.key, "content_sha256": content_sha256(manifest),
+        "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
         "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
                   "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
                   "opset": written["opset"], "exporter": options.exporter, "input": onnx_export.INPUT_NAME,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +217,23 @@ def merge_all(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
         for p in colora_parameters(model):
             optimizer.state.pop(p, None)
     return len(layers)
+
+
+@contextmanager
+def branch_form(model: nn.Module):
+    """Run every CoLoRA layer of ``model`` in the paper's branch form, K0 ⊛ x + K_d ⊛ (K_p ⊛ x),
+    inside the block: a computation independent of :func:`colora_delta` (which the fused forward
+    and the merge both use), so the export's merge gate compares two different computations and a
+    wrong delta cannot pass it."""
+    layers = colora_layers(model)
+    modes = {name: layer.forward_mode for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.forward_mode = "branch"
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.forward_mode = modes[name]
 
 
 def colora_parts(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from gi_deploy._deps import onnxruntime_builds, require_onnxruntime
 from gi_deploy._io import sha256_file
-from gi_deploy.core.bundles import BUILD_SCRIPT
+from gi_deploy.core.bundles import BUILD_SCRIPT, bundle_file, check_model_metadata
 from gi_deploy.core.choices import BACKENDS, DEVICES, PRECISIONS
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError, ConfigError, DependencyError, GiDeployError
@@ -38,7 +38,7 @@ def model_file(bundle_dir: Path, manifest: dict, precision: str, check_hash: boo
         raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
                           + {"fp16": "; export with --fp16", "int8": "; export with --int8",
                              "bf16": "; bf16 is the torch backend's (--backend torch on CUDA)"}.get(precision, ""))
-    path = bundle_dir / models[precision]["file"]
+    path = bundle_file(bundle_dir, models[precision]["file"], f"models.{precision}.file")  # inside, not a link
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
     if check_hash and sha256_file(path) != models[precision]["sha256"]:
@@ -86,6 +86,9 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
         session = ort.InferenceSession(str(path), sess_options=_ort_options(threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own unrelated exception types; name the file and step
         raise BundleError(f"onnxruntime cannot load {path}: {e}") from e
+    width = session.get_outputs()[0].shape[-1]
+    check_model_metadata(bundle_dir, manifest, path, session.get_modelmeta().custom_metadata_map,
+                         width if isinstance(width, int) else None)
     active = session.get_providers()[0]
     notes = []
     if len(builds := onnxruntime_builds()) > 1:
@@ -134,7 +137,7 @@ def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list
         raise DependencyError(f"--backend tensorrt: {why}; use --backend onnxruntime")
     engine = manifest.get("engine") or {}
     if engine.get("status") == "built":
-        path = bundle_dir / engine["file"]
+        path = bundle_file(bundle_dir, engine["file"], "engine.file")
         tensorrt.check_stamp(engine, path)  # raises with the rebuild command on another GPU/TensorRT
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / BUILD_SCRIPT}")

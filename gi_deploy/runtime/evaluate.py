@@ -109,10 +109,19 @@ def _rows(csv_path: Path) -> Iterator[list[str]]:
 def _scan(csv_path: Path, col: dict[str, int], prob_cols: list[int]) -> dict[str, _Tally]:
     """Pass 1, streaming: per source (first-appearance order) its counts and class evidence."""
     tallies: dict[str, _Tally] = {}
-    for r in _rows(csv_path):
+    seen: dict[tuple[str, str], int] = {}
+    for line, r in enumerate(_rows(csv_path), start=2):
+        if len(r) != len(col):  # two writers interleaved, or a hand edit: nothing below could be trusted
+            raise DataError(f"{csv_path} line {line} has {len(r)} cells, the header {len(col)}: the file is damaged "
+                            "(two processes writing it, or edited); re-run gi-deploy infer into a new --out")
         source, path = r[col["source"]], r[col["path"]]
         if not source:
             raise DataError(f"{csv_path}: row {path!r} has no source; every row must name its bundle's source")
+        if (path, source) in seen:
+            raise DataError(f"{csv_path} line {line} repeats {path!r} for source {source!r} (first on line "
+                            f"{seen[(path, source)]}): it would be counted twice; re-run gi-deploy infer into a new "
+                            "--out")
+        seen[(path, source)] = line
         t = tallies.setdefault(source, _Tally())
         t.n_rows += 1
         if r[col["error"]]:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import errno
+import logging
+import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.bundles import resolve_bundle_dirs
+from gi_deploy._io import exclusive_lock, read_json, write_json
+from gi_deploy.core.bundles import content_sha256, resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
 from gi_deploy.errors import ConfigError, DataError, DependencyError
@@ -18,6 +23,8 @@ from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
+
+log = logging.getLogger(__name__)
 
 
 def csv_columns(top_k: int, classes: list[str] | None = None) -> tuple[str, ...]:
@@ -66,6 +73,31 @@ class InferConfig:
             raise ConfigError(f"decode {self.decode!r} unknown; use one of {', '.join(DECODERS)}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 decodes in the main process), got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or left out: every core this process may use), got {self.threads}")
+        self.workers = capped_workers(self.workers)
+
+
+# A decode worker holds a process image (~150 MB with numpy and Pillow), its batches in flight and
+# the pool's queue: budget 512 MB each, so --workers never asks for more memory than the machine has.
+WORKER_BYTES = 512 << 20
+
+
+def capped_workers(workers: int | None) -> int | None:
+    """``workers``, or as many as the available memory allows (at least 1), with a warning saying so
+    (None, the default decided once the models are loaded, is left to that choice)."""
+    if workers is None:
+        return None
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no cap
+        return workers
+    cap = max(1, available // WORKER_BYTES, min(workers, os.cpu_count() or 1))
+    if workers > cap:
+        log.warning("--workers %d: the %.1f GB of free memory allows %d decode workers (%d MB each); using %d",
+                    workers, available / 1e9, cap, WORKER_BYTES >> 20, cap)
+        return cap
+    return workers
 
 
 @dataclass
@@ -146,6 +178,15 @@ def true_label(rel: Path, classes: list[str]) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in classes else None
 
 
+@contextmanager
+def _removed_on_error(path: Path):
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> tuple[set[tuple[str, str]], int]:
     """The (path, source) pairs of the complete rows a killed run left in a predictions CSV, and
     their count. A last line cut short by the kill is dropped from the file; a CSV with another
@@ -164,11 +205,29 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...]) -> tuple[set[tuple[str,
         if header != columns:
             raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
                               "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
-        pairs, n = set(), 0
-        for row in reader:
-            pairs.add((row[0], row[1]))  # path, source
-            n += 1
-        return pairs, n
+        pairs, n, cut = set(), 0, False
+        tmp = csv_path.with_name(csv_path.name + ".resume.tmp")
+        with _removed_on_error(tmp), open(tmp, "w", newline="", encoding="utf-8") as out:  # the complete rows, re-written identically
+            writer = csv.writer(out)
+            writer.writerow(header)
+            try:
+                for row in reader:
+                    if cut:  # a broken row with rows after it: not a kill, a damaged file
+                        raise ConfigError(f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
+                                          "(two processes wrote it, or it was edited); use another --out")
+                    if len(row) != len(columns):  # the kill cut a quoted path that holds a newline
+                        cut = True
+                        continue
+                    writer.writerow(row)
+                    pairs.add((row[0], row[1]))  # path, source
+                    n += 1
+            except csv.Error:  # the file ends inside a quoted field
+                cut = True
+    if cut:
+        tmp.replace(csv_path)
+    else:
+        tmp.unlink()
+    return pairs, n
 
 
 def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int, error: str,
@@ -181,6 +240,61 @@ def _row(rel: str, bundle: Bundle, label: str, p: np.ndarray | None, k_top: int,
     prob = dict(zip(bundle.classes, p))
     return [rel, bundle.source, label, bundle.classes[order[0]], f"{p[order[0]]:.6f}", *top, "",
             *(f"{prob[c]:.6f}" if c in prob else "" for c in all_classes)]
+
+
+def bundles_sidecar(csv_path: Path) -> Path:
+    """``<csv>.bundles.json``: which model wrote each source's rows of a predictions CSV."""
+    return csv_path.with_name(csv_path.name + ".bundles.json")
+
+
+def bundle_identity(b: Bundle, precision: str) -> dict:
+    """What makes one source's rows one model's: the bundle's export key and content hash, and the
+    model file (precision and sha256) that ran."""
+    m = b.manifest
+    return {"bundle": str(b.path), "export_key": m.get("export_key"), "content_sha256": content_sha256(m),
+            "precision": precision, "model_sha256": m["models"].get(precision, {}).get("sha256")}
+
+
+def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> None:
+    """--resume keeps rows only when the same models wrote them: ConfigError naming both otherwise."""
+    side = bundles_sidecar(csv_path)
+    if not side.is_file():
+        raise ConfigError(f"--resume: {csv_path} has rows but no {side.name} saying which models wrote them (written by "
+                          "an older gi-deploy, or the file was removed), so they could mix with another model's; use "
+                          "another --out, or drop --resume")
+    recorded = read_json(side, "predictions sidecar")
+    for source, now in identities.items():
+        before = recorded.get(source) if isinstance(recorded, dict) else None
+        if before is not None and {k: before.get(k) for k in now if k != "bundle"} != \
+                {k: v for k, v in now.items() if k != "bundle"}:
+            raise ConfigError(
+                f"--resume: the {source} rows in {csv_path} were written by {before.get('bundle')} (export "
+                f"{str(before.get('export_key'))[:12]}, {before.get('precision')}), this run loads {now['bundle']} "
+                f"(export {str(now['export_key'])[:12]}, {now['precision']}): one CSV would mix two models. Use "
+                "another --out, or drop --resume to start it again")
+
+
+def check_out_path(cfg: InferConfig, inputs) -> None:
+    """Refuse an ``--out`` that would destroy or pollute an input: a folder, an input image, the list
+    or labels file, or a path inside the input folder (a later run would classify its report PNGs)."""
+    out = cfg.out_csv
+    if out.is_dir() or str(out).endswith(("/", "\\")):
+        raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. {out / 'predictions.csv'}")
+    real = lambda p: Path(os.path.realpath(p))  # no error on a symlink loop among the inputs
+    resolved = real(out)
+    spec = Path(str(cfg.inputs))
+    protected = {real(p) for p in inputs.paths}
+    protected |= {real(p) for p in (spec, cfg.labels) if p is not None and p.is_file()}
+    if resolved in protected:
+        raise ConfigError(f"--out {out} is one of the inputs; writing the predictions there would destroy it. Choose "
+                          "another --out")
+    if spec.is_dir() and resolved.is_relative_to(real(spec)):
+        raise ConfigError(f"--out {out} lies inside the input folder {spec}: the CSV and its report images would be "
+                          "classified by the next run over that folder. Write it outside, e.g. --out "
+                          f"{spec.resolve().parent / out.name}")
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None = None) -> InferResult:
@@ -200,10 +314,9 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     """
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
+    check_out_path(cfg, inputs)
     bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads, compile=cfg.compile,
                            batch_size=cfg.batch_size) for d in dirs]
-    workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in bundles))
-    decoder, reader, finish = choose_decoder(cfg.decode, bundles, specs_of(bundles))
     seen: dict[str, Path] = {}
     for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
         if b.source in seen:
@@ -215,11 +328,34 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
     k_top = min(cfg.top_k, max(len(b.classes) for b in bundles))
     columns = csv_columns(k_top, all_classes)
+    identities = {b.source: bundle_identity(b, cfg.precision) for b in bundles}
+    try:
+        with exclusive_lock(cfg.out_csv, "choose another --out"):
+            return _classify(cfg, inputs, bundles, all_classes, k_top, columns, identities, progress)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise DataError(f"cannot write {cfg.out_csv}: {e.strerror} ({e.filename or cfg.out_csv}); the rows already "
+                        "written are kept: free space or fix the folder's permissions, then run the same command "
+                        "with --resume to continue") from e
+
+
+def _classify(cfg: InferConfig, inputs, bundles: list[Bundle], all_classes: list[str], k_top: int,
+              columns: tuple[str, ...], identities: dict[str, dict],
+              progress: Callable[[int, int], None] | None) -> InferResult:
+    """infer_folder's work once the output is checked and locked: resume, classify, write, score."""
+    workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in bundles))
+    decoder, reader, finish = choose_decoder(cfg.decode, bundles, specs_of(bundles))
     finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
+    if n_resumed:
+        _check_same_models(cfg.out_csv, identities)
     todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
     specs = specs_of(bundles)
     spec_of = [specs.index(b.preprocess) for b in bundles]
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
+    side = bundles_sidecar(cfg.out_csv)  # written before the first row: which models write them
+    kept = read_json(side, "predictions sidecar") if n_resumed else {}
+    write_json(side, {**(kept if isinstance(kept, dict) else {}), **identities})
     start, n_done, n_classified = time.perf_counter(), 0, 0
     with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

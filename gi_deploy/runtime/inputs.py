@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ LIST_SUFFIXES = (".txt", ".csv", ".lst")
 PATH_COLUMNS = ("path", "file", "filename", "image")
 LABEL_COLUMNS = ("label", "class", "true_label")
 _GLOB_CHARS = set("*?[")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,25 +46,38 @@ class Inputs:
 
 def _read_list(list_file: Path) -> tuple[list[Path], dict[Path, str]]:
     base = list_file.parent
-    text = list_file.read_text(encoding="utf-8-sig")
+    raw = list_file.read_bytes()
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (or UTF-16 "
+                        "with its byte-order mark)") from e
     if list_file.suffix.lower() != ".csv":
         paths = [base / line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return paths, {}
-    rows = list(csv.DictReader(text.splitlines()))
+    reader = csv.DictReader(text.splitlines())
+    rows = list(reader)
     if not rows:
         raise DataError(f"list {list_file} has no rows")
-    columns = {c.lower().strip(): c for c in rows[0]}
+    columns = {c.lower().strip(): c for c in reader.fieldnames or []}
     path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise DataError(f"list {list_file} has no path column; expected one of {', '.join(PATH_COLUMNS)}, "
-                        f"found {', '.join(rows[0])}")
+                        f"found {', '.join(reader.fieldnames or [])}")
     label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
     paths, labels = [], {}
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
+            raise DataError(f"{list_file} line {line} has more or fewer cells than its header's {len(columns)}; fix "
+                            "the row (a path with a comma must be quoted)")
         p = base / row[path_col].strip()
         paths.append(p)
         if label_col and row[label_col].strip():
-            labels[p.resolve()] = row[label_col].strip()
+            label, key = row[label_col].strip(), p.resolve()
+            if key in labels and labels[key] != label:
+                raise DataError(f"{list_file} line {line} labels {row[path_col].strip()!r} {label!r}, an earlier row "
+                                f"labels it {labels[key]!r}; keep one label per image")
+            labels[key] = label
     return paths, labels
 
 
@@ -71,7 +88,7 @@ def collect_inputs(spec: str | Path, labels_csv: Path | None = None) -> Inputs:
     path = Path(text)
     labels: dict[Path, str] = {}
     if path.is_dir():
-        inputs = Inputs(path, list_images(path))
+        inputs = Inputs(path, sorted(list_images(path) + unreadable_folders(path)))
     elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         inputs = Inputs(path.parent, [path])
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
@@ -102,7 +119,27 @@ def collect_inputs(spec: str | Path, labels_csv: Path | None = None) -> Inputs:
         for p in listed:  # ...or to the folder being classified
             if p.resolve() in extra and p.is_relative_to(labels_csv.parent):  # absolute paths are what they say
                 inputs.labels.setdefault((inputs.root / p.relative_to(labels_csv.parent)).resolve(), extra[p.resolve()])
+    if labels_csv is not None:
+        known = {p.resolve() for p in inputs.paths}
+        unmatched = sorted(str(p) for p in listed if p.resolve() in extra and p.resolve() not in known and not (
+            p.is_relative_to(labels_csv.parent)
+            and (inputs.root / p.relative_to(labels_csv.parent)).resolve() in known))
+        if unmatched and len(unmatched) == len(extra):
+            raise DataError(f"--labels {labels_csv}: none of its {len(unmatched)} paths is an image of {spec} (e.g. "
+                            f"{unmatched[0]}); paths are relative to the labels file or to the folder classified")
+        if unmatched:
+            log.warning("--labels %s: %d label(s) match no image classified, e.g. %s", labels_csv, len(unmatched),
+                        unmatched[0])
     return inputs
+
+
+def unreadable_folders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` that cannot be listed (permissions): returned so that each gets an
+    error row (:func:`gi_deploy.core.preprocess.require_regular_file`) rather than a silent skip."""
+    failed: list[Path] = []
+    for _ in os.walk(folder, onerror=lambda e: failed.append(Path(e.filename))):
+        pass
+    return [p for p in failed if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def check_label_names(labels: dict[Path, str], classes: list[str], where: str) -> None:

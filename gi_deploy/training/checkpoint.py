@@ -15,7 +15,7 @@ from torch import nn
 
 from gi_deploy._io import read_json
 from gi_deploy.core.runs import CHECKPOINT, METRICS_JSONL, RUN_DIRS, RUN_FILES, RUN_MANIFEST
-from gi_deploy.errors import ConfigError
+from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig, field_default
 
 
@@ -31,16 +31,24 @@ class LoopState:
 
 
 def rng_state(loader_gen: torch.Generator) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "loader": loader_gen.get_state()}
+    """Every RNG state as tensors and plain numbers only, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (no pickled Python objects: a checkpoint cannot run code)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state(), "loader": loader_gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     loader_gen.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
@@ -92,8 +100,26 @@ def load_for_resume(cfg: TrainConfig) -> tuple[dict, dict]:
     if changed:
         raise ConfigError(f"--resume with a different config: {', '.join(f'{k} {old.get(k)!r} -> {new[k]!r}' for k in changed)}; "
                           "resume with the original settings, or start again with --overwrite")
-    checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    return manifest, checkpoint
+    return manifest, load_checkpoint(run_dir / CHECKPOINT)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint read with ``torch.load(weights_only=True)``: tensors and plain containers and
+    numbers only. A file holding any other pickled object (which could run code when unpickled, e.g.
+    through ``__reduce__``) is refused with BundleError before anything from it runs."""
+    import pickle
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{path} is refused: it is not a plain gi-deploy checkpoint (tensors and numbers only); "
+                          f"loading it could run code it carries ({first}). Nothing from it was run; start the "
+                          "run again with --overwrite (or use a checkpoint written by this version)") from e
+    if not isinstance(checkpoint, dict) or not {"trained", "optimizer", "loop", "rng"} <= set(checkpoint):
+        raise BundleError(f"{path} is not a gi-deploy checkpoint (keys {sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__}); "
+                          "start the run again with --overwrite")
+    return checkpoint
 
 
 def write_metrics_jsonl(run_dir: Path, history: list[dict]) -> None:

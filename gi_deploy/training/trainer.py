@@ -396,6 +396,7 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
         state.best_acc, state.best_epoch, state.stale = val["accuracy"], epoch, 0
         save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
         manifest["best"] = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"}}
+        manifest["best"]["artifact_sha256"] = run.method.artifact_sha256(run.run_dir)  # checked at export
         if run.colora is not None:
             manifest["best"]["colora_merges"] = state.merges
     else:

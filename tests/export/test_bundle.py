@@ -109,6 +109,10 @@ def _corrupt_adapter(run, scale: float, pattern: str = "stages.0") -> None:
     for k in [k for k in state if pattern in k and "fc1" in k and "lora_B" in k]:
         state[k] = torch.randn(state[k].shape, generator=g) * scale
     save_file(state, str(path))
+    run_json = run / "run.json"  # an edit the test means: recorded, as training would have (export checks it)
+    manifest = json.loads(run_json.read_text())
+    manifest["best"]["artifact_sha256"]["adapter/adapter_model.safetensors"] = sha256_file(path)
+    run_json.write_text(json.dumps(manifest))
 
 
 def test_a_broken_merge_is_refused_by_the_merge_gate(tiny_run, tiny_deploy, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import tiny_train_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gi_deploy._io import sha256_file
 from gi_deploy.core.runs import read_run_manifest
 from gi_deploy.export import onnx_export, verify
 from gi_deploy.export.writer import export_source
@@ -30,6 +32,10 @@ def _make_live_factors_nonzero(path) -> None:
         if k.endswith((".spatial", ".bias_delta")):
             state[k] = torch.randn(v.shape, generator=g) * 0.05
     save_file(state, str(path), metadata=meta)
+    run_json = path.parent / "run.json"  # an edit the test means: recorded, as training would have
+    run = json.loads(run_json.read_text())
+    run["best"]["artifact_sha256"][path.name] = sha256_file(path)
+    run_json.write_text(json.dumps(run))
 
 
 def _op_counts(path) -> Counter:

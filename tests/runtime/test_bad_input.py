@@ -131,7 +131,7 @@ def test_listing_lists_broken_links_and_does_not_follow_a_loop(planted):
 
 def test_a_planted_folder_runs_to_completion_with_an_error_row_per_broken_file(planted, tiny_deploy, tmp_path):
     root, bad, odd = planted
-    out = tmp_path / "pred.csv"
+    out = tmp_path.with_name(tmp_path.name + "-pred.csv")  # outside the folder classified
     r = infer_folder(InferConfig(inputs=root, deploy_dir=tiny_deploy, out_csv=out, batch_size=4))
     with open(out, newline="", encoding="utf-8") as f:
         rows = {row["path"]: row for row in csv.DictReader(f)}

@@ -82,7 +82,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_data, tmp_path, monke
         train(cfg)
     manifest = json.loads((cfg.run_dir / "run.json").read_text())
     assert manifest["status"] == "diverged" and [r["epoch"] for r in manifest["history"]] == [1]
-    checkpoint = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["loop"]["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in checkpoint["trained"].values())
 
