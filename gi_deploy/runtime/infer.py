@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
-from gi_deploy.runtime.inputs import check_label_names, collect_inputs
+from gi_deploy.core.preprocess import PreprocessSpec
+from gi_deploy.runtime.inputs import Inputs, check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
 from gi_deploy.runtime.pipeline import decoded_batches, default_workers
 
@@ -155,6 +157,43 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     inputs = collect_inputs(cfg.inputs, cfg.labels)  # cheap checks first, then load the models
     bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads) for d in dirs]
+    job = plan_job(cfg, inputs, bundles)
+    start, n_done, n_classified = time.perf_counter(), 0, 0
+    with open_csv(cfg, job) as (f, writer):
+        for batch in decoded_batches(job.todo, job.specs, cfg.batch_size, cfg.workers):
+            probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
+                     for b, j in zip(bundles, job.spec_of)]
+            write_rows(cfg, job, writer, f, batch.paths, batch.errors, probs)
+            n_done += len(batch.paths)
+            n_classified += batch.n_good
+            if progress:
+                progress(n_done, len(job.todo))
+    return finish_job(cfg, job, {b.source: (b.provider, b.backend.notes) for b in bundles}, n_classified,
+                      time.perf_counter() - start)
+
+
+@dataclass
+class Job:
+    """What one infer run does, decided before any image is decoded (shared by the local run and
+    the Ray one, runtime/ray_infer.py). ``bundles`` need only ``source``, ``classes``,
+    ``preprocess`` and ``path``: the Ray driver plans with manifests, its actors load the models."""
+
+    inputs: Inputs
+    bundles: list
+    all_classes: list[str]
+    k_top: int
+    columns: tuple[str, ...]
+    finished: set[tuple[str, str]]  # (path, source) pairs already in the CSV (--resume)
+    n_resumed: int
+    todo: list[Path]  # images with at least one source still to classify
+    specs: tuple[PreprocessSpec, ...]  # the distinct preprocessing of the bundles
+    spec_of: list[int]  # bundle i's inputs are decoded under specs[spec_of[i]]
+
+
+def plan_job(cfg: InferConfig, inputs: Inputs, bundles: list) -> Job:
+    """Check the selected bundles and labels, read what a resumed CSV already holds and list
+    the images still to classify. Raises ConfigError for two bundles of one source or a label no
+    bundle knows."""
     seen: dict[str, Path] = {}
     for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
         if b.source in seen:
@@ -169,44 +208,57 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
     todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
     specs = tuple(dict.fromkeys(b.preprocess for b in bundles))
-    spec_of = [specs.index(b.preprocess) for b in bundles]
+    return Job(inputs, bundles, all_classes, k_top, columns, finished, n_resumed, todo, specs,
+               [specs.index(b.preprocess) for b in bundles])
+
+
+@contextmanager
+def open_csv(cfg: InferConfig, job: Job) -> Iterator[tuple]:
+    """The predictions CSV, appended to when resuming (else written with its header): (file, writer)."""
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
-    start, n_done, n_classified = time.perf_counter(), 0, 0
-    with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
+    with open(cfg.out_csv, "a" if job.n_resumed else "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        if not n_resumed:
-            writer.writerow(columns)
-        for batch in decoded_batches(todo, specs, cfg.batch_size, cfg.workers):
-            probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
-                     for b, j in zip(bundles, spec_of)]
-            good = 0
-            for path, error in zip(batch.paths, batch.errors):  # rows keep the inputs' order
-                if error and cfg.strict:
-                    f.flush()
-                    raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
-                                    f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
-                rel = inputs.rel(path)
-                for b, p in zip(bundles, probs):
-                    if (rel, b.source) in finished:
-                        continue
-                    label = (inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes))
-                    label = label if cfg.score and label in b.classes else ""  # another source's class: unlabelled
-                    writer.writerow(_row(rel, b, label, None if error else p[good], k_top, error or "", all_classes))
-                good += error is None
+        if not job.n_resumed:
+            writer.writerow(job.columns)
+        yield f, writer
+
+
+def write_rows(cfg: InferConfig, job: Job, writer, f, paths: list[Path], errors: list[str | None],
+               probs: list[np.ndarray | None]) -> None:
+    """Write one batch's rows (one per image and source not already in the CSV) in ``paths``'
+    order and flush. ``probs[i]`` is bundle i's (n_good, classes) probabilities of the readable
+    images, in order. With ``cfg.strict``, the first unreadable file raises DataError (rows before
+    it are flushed)."""
+    inputs, good = job.inputs, 0
+    for path, error in zip(paths, errors):
+        if error and cfg.strict:
             f.flush()
-            n_done += len(batch.paths)
-            n_classified += batch.n_good
-            if progress:
-                progress(n_done, len(todo))
-    seconds = time.perf_counter() - start
+            raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
+                            f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
+        rel = inputs.rel(path)
+        for b, p in zip(job.bundles, probs):
+            if (rel, b.source) in job.finished:
+                continue
+            label = (inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes))
+            label = label if cfg.score and label in b.classes else ""  # another source's class: unlabelled
+            writer.writerow(_row(rel, b, label, None if error else p[good], job.k_top, error or "", job.all_classes))
+        good += error is None
+    f.flush()
+
+
+def finish_job(cfg: InferConfig, job: Job, backends: dict[str, tuple[str, list[str]]], n_classified: int,
+               seconds: float) -> InferResult:
+    """Score the whole CSV (runtime/evaluate.py) and sum the run up. ``backends``: per source,
+    what its model ran on and the backend's notes."""
     extra = {"inputs": str(cfg.inputs), "precision": cfg.precision,
-             "backends": {b.source: b.provider for b in bundles}}
+             "backends": {s: provider for s, (provider, _) in backends.items()}}
     scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
     runs = {}
-    for b in bundles:
-        sc = scores[b.source]
-        runs[b.source] = SourceRun(b.source, b.provider, b.backend.notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
+    for b in job.bundles:
+        sc, (provider, notes) = scores[b.source], backends[b.source]
+        runs[b.source] = SourceRun(b.source, provider, notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
                                    sc.metrics, sc.files)
     n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
-    return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
-                       n_resumed=n_resumed, n_classified=n_classified, seconds=seconds, sources=runs)
+    return InferResult(csv_path=cfg.out_csv, root=job.inputs.root, n_images=len(job.inputs.paths),
+                       n_errors=n_errors, n_resumed=job.n_resumed, n_classified=n_classified, seconds=seconds,
+                       sources=runs)
