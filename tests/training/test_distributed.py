@@ -33,8 +33,11 @@ from gi_deploy.training.distributed import launch_local
 
 # dropout and augmentation off: the 1- and 2-process runs then see the same numbers (see above)
 RECIPE = dict(epochs=3, lr=3e-3, hflip=False, rotation_degrees=0.0, lora={"dropout": 0.0}, batch_size=8)
-# float32 sums in another order: the adapters after 9 AdamW steps differ by ~1e-7 relative
-ADAPTER_ATOL = 1e-5
+# The float32 gradients differ in their last bits (two half-batch sums, then gloo's all-reduce, against
+# one sum) and AdamW divides by sqrt(v): where an element's gradient is near zero that noise changes its
+# step by a visible share of lr. Measured after 9 steps at lr 3e-3: max 1.3e-5 (2 of 295,684 elements
+# above 1e-5, the losses equal to 2e-7). The bound is 1/30 of one step's lr.
+ADAPTER_ATOL = 1e-4
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -98,7 +101,7 @@ def test_two_processes_train_what_one_process_trains(two_process_run, tiny_data,
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=ADAPTER_ATOL, msg=k)
     # all-reduced metrics: the 2-process losses are those of the whole global batch
     for r2, r1 in zip(result.history, one.history):
-        assert r2["train_loss"] == pytest.approx(r1["train_loss"], abs=1e-5)
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], abs=1e-6)
         assert r2["train_accuracy"] == r1["train_accuracy"] and r2["val_accuracy"] == r1["val_accuracy"]
     assert result.test["accuracy"] == one.test["accuracy"]
     assert result.test["confusion_matrix"] == one.test["confusion_matrix"]  # every test image counted once
