@@ -16,7 +16,8 @@ it with ``finish_job``. So ``--resume`` works the same way: the rows already in 
 
 Ray is imported only here, inside the functions: the runtime-only install does not need it (it is
 the ``scale`` extra). ``ray.init(address)`` joins a running cluster (``ray start --head`` is the
-user's); with no address a local Ray starts on this machine.
+user's); with no address ``ray.init()`` joins RAY_ADDRESS or the cluster started on this node, else
+starts a local Ray on this machine.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from gi_deploy.runtime.pipeline import decode_batch
 
 @dataclass
 class RayOptions:
-    address: str | None = helped(None, "Ray cluster to join (ray://HOST:10001, HOST:6379 or 'auto'); none: the "
-                                       "RAY_ADDRESS variable, else a local Ray started on this machine.")
+    address: str | None = helped(None, "Ray cluster to join (HOST:6379, ray://HOST:10001, 'auto'); none: as "
+                                       "ray.init() does: RAY_ADDRESS, else the cluster `ray start` started on this "
+                                       "node, else a new local Ray on this machine.")
     actors: int | None = helped(None, "Classifier actors (none: one per GPU of the cluster, else one per 4 CPUs).")
     gpus_per_actor: float | None = helped(None, "GPUs each actor holds (none: 1 when the cluster has GPUs and "
                                                 "--device is not cpu, else 0).")

@@ -191,8 +191,13 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     neither buckets nor all-reduces them."""
     if not d.active:
         return model
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # peft's 1x1-Conv2d LoRA (ConvNeXt atto..nano) yields channels-last-strided grads for its A/B
+    # kernels; DDP copies them into its buckets correctly and only warns that the copy costs a little
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

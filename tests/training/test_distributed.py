@@ -137,6 +137,19 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(two_process_
     assert len(ckpt["rng_ranks"]) == 2  # each rank resumes its own random stream
 
 
+@pytest.mark.slow
+def test_lora_plus_colora_under_ddp_merges_identically_on_every_rank(tiny_data, tmp_path):
+    """peft's LoRA and CoLoRA together under DDP: no unused-parameter error (every adapter tensor
+    is used in every forward), and after each epoch's merge the ranks' merged weights hash equal
+    (a mismatch raises on every rank; the hash is recorded)."""
+    cfg = tiny_train_config(tiny_data, tmp_path, method="lora+colora", epochs=2)
+    result = launch_local(_train_rank, (cfg.to_dict(),), 2)[0]
+    hashes = [r["colora_merge_hash"] for r in result.history]
+    assert all(r["colora_merged"] for r in result.history) and len(set(hashes)) == 2 and all(hashes)
+    manifest = json.loads((result.run_dir / "run.json").read_text())
+    assert manifest["status"] == "done" and manifest["colora"]["merges"] == 2
+
+
 def test_a_dying_rank_brings_the_job_down_naming_its_rank_and_cause():
     t0 = time.time()
     with pytest.raises(DistributedError, match=r"rank 1 of 2 died \(exit code 1\).*disk full on rank 1.*--resume"):
