@@ -374,8 +374,9 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
         if merged:  # K0 += K_p * K_d, b0 += db; reset the factors (and their optimizer moments)
             merge_hash = _merge_colora(run, epoch)
             state.merges += 1
-        val = evaluate(run.eval_model or run.step_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype,
-                       run.channels_last, run.dist)
+        eval_model = run.eval_model if run.eval_model is not None else run.step_model  # no bool(): compiled
+        val = evaluate(eval_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
+                       run.dist)
     seconds = time.time() - t_epoch
     record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
               "val_accuracy": val["accuracy"], "val_f1_weighted": val["f1_weighted"], "val_mcc": val["mcc"],
