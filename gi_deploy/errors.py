@@ -64,3 +64,8 @@ class TrainingInterrupted(GiDeployError):
 
 class TrainingDiverged(GiDeployError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DistributedError(GiDeployError):
+    """A multi-process (torchrun) training job failed: a rank died, or the ranks disagree on the
+    split or on merged weights. Names the rank and the cause; the last complete epoch is kept."""

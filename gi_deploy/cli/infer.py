@@ -30,8 +30,9 @@ from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals,
 from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
+from gi_deploy.runtime.ray_infer import RayOptions, infer_on_ray  # Ray itself is imported only with --ray
 
-I, B = InferConfig, BenchmarkConfig
+I, B, R = InferConfig, BenchmarkConfig, RayOptions
 
 
 def _report_infer(r: InferResult, inputs: str) -> None:
@@ -71,6 +72,13 @@ def infer_cmd(
     strict: Annotated[bool, opt(I, "strict")] = False,
     explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
                                                     "images (needs the training extra and the bundle's run).")] = 0,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the job on Ray Data (the scale extra): a local Ray, or "
+                                                    "the cluster of --ray-address / RAY_ADDRESS.")] = False,
+    ray_address: Annotated[Optional[str], opt(R, "address", "--ray-address")] = None,
+    ray_actors: Annotated[Optional[int], opt(R, "actors", "--ray-actors")] = None,
+    ray_gpus_per_actor: Annotated[Optional[float], opt(R, "gpus_per_actor", "--ray-gpus-per-actor")] = None,
+    ray_cpus_per_actor: Annotated[float, opt(R, "cpus_per_actor", "--ray-cpus-per-actor")] = 1.0,
+    parquet: Annotated[Optional[Path], opt(R, "parquet_dir", "--parquet")] = None,
 ) -> None:
     """Classify every image of INPUT with each selected source; score them when labels are known
     (class-named sub-folders, --labels, or a label column in the list)."""
@@ -81,8 +89,16 @@ def infer_cmd(
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
                           workers=workers, compile=compile, decode=decode)
-        with image_progress("classifying") as progress:
-            r = infer_folder(cfg, progress)
+        if ray:
+            opts = RayOptions(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
+                              cpus_per_actor=ray_cpus_per_actor, parquet_dir=parquet)
+            with image_progress("classifying on Ray") as progress:
+                r = infer_on_ray(cfg, opts, progress)
+        elif ray_address or ray_actors or ray_gpus_per_actor is not None or parquet:
+            usage_error("--ray-address, --ray-actors, --ray-gpus-per-actor and --parquet need --ray")
+        else:
+            with image_progress("classifying") as progress:
+                r = infer_folder(cfg, progress)
     _report_infer(r, inputs)
     if explain_wrong > 0:
         with reported():

@@ -6,6 +6,8 @@ and ``gi-deploy infer`` must start without it."""
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,11 +39,27 @@ Seed = Annotated[Optional[int], opt(T, "seed", shown_default=True)]
 DeviceOpt = Annotated[Optional[Device], opt(T, "device", shown_default=True)]
 
 
-def _print_config(cfg: TrainConfig) -> None:
+def _print_config(cfg: TrainConfig, processes: int = 1) -> None:
     import yaml
 
     out.print("resolved config:")
     out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
+    if processes > 1:
+        out.print(f"batch_size {cfg.batch_size} is the global batch: {cfg.batch_size // processes} per process x "
+                  f"{processes} processes")
+
+
+def _train_rank(cfg_dict: dict):
+    """One rank of ``train --nproc-per-node N`` (launched by torch's elastic launcher): rank 0
+    shows the progress; returns the TrainResult."""
+    from gi_deploy.training import distributed  # lazy: torch is the training extra's
+    from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
+
+    cfg = TrainConfig(**cfg_dict)
+    if distributed.env_rank() != 0:
+        return train(cfg)
+    with TrainProgress(cfg.source, out) as progress:
+        return train(cfg, report=progress)
 
 
 def train_cmd(
@@ -85,10 +103,15 @@ def train_cmd(
     num_workers: Annotated[Optional[int], opt(T, "num_workers")] = None,
     resume: Annotated[bool, opt(T, "resume")] = False,
     overwrite: Annotated[bool, opt(T, "overwrite")] = False,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
+             "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
+             "train ... (see the README).")] = None,
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
     with reported():
         require_training_extra("train")
+    from gi_deploy.training import distributed  # lazy: torch is the training extra's
     from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
 
     targets = None if colora_targets is None else [t.strip() for t in colora_targets.split(",") if t.strip()]
@@ -102,12 +125,21 @@ def train_cmd(
                   lora=given(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dropout_position=lora_dropout_position),
                   colora=given(merge_every=colora_merge_every, min_kernel=colora_min_kernel,
                                forward_mode=colora_forward, targets=targets))
+    if distributed.env_rank() != 0:
+        out.quiet = True  # under torchrun, rank 0 alone prints (and writes the run folder)
     with reported():
         cfg = layered_config(flags, config, resume)
-        _print_config(cfg)
-        with exclusive_lock(cfg.run_dir, "wait for that training to finish, or choose another --out"), \
-                TrainProgress(source, out) as progress:  # two trainings never write one run folder
-            result = train(cfg, report=progress)
+        _print_config(cfg, nproc_per_node or int(os.environ.get("WORLD_SIZE", "1")))
+        if nproc_per_node is not None and distributed.under_torchrun():
+            raise ConfigError("--nproc-per-node is for launching from a plain shell; under torchrun the process "
+                              "count is torchrun's --nproc-per-node")
+        if nproc_per_node is not None:  # N local processes through torch's elastic launcher
+            result = distributed.launch_local(_train_rank, (cfg.to_dict(),), nproc_per_node)[0]
+        else:
+            lock = exclusive_lock(cfg.run_dir, "wait for that training to finish, or choose another --out") \
+                if distributed.env_rank() == 0 else nullcontext()  # under torchrun rank 0 speaks for the run
+            with lock, TrainProgress(source, out) as progress:  # two trainings never write one run folder
+                result = train(cfg, report=progress)
     rows = {f"val (best epoch {result.best_epoch})": result.best_val, **({"test": result.test} if result.test else {})}
     out.print(metrics_table(f"{source} ({cfg.method})", rows))
     out.print(f"saved {result.run_dir} in {result.seconds:.0f}s (curves.png, metrics.jsonl, splits/)")

@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +18,10 @@ from gi_deploy._io import exclusive_lock, read_json, write_json
 from gi_deploy.core.bundles import content_sha256, resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DataError, DependencyError
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
-from gi_deploy.runtime.inputs import check_label_names, collect_inputs
+from gi_deploy.runtime.inputs import Inputs, check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
 from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
 
@@ -301,7 +302,7 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     """Classify every image of ``cfg.inputs`` (a folder, an image, a glob or a list file) with
     every selected source's bundle; write one CSV row per (image, source) as it goes (path,
     source, label, prediction, confidence, top-k, error, every class's probability), flushed
-    every batch. Images are decoded once, in ``cfg.workers`` processes, while the model runs.
+    every batch. Images are decoded once, in decode worker processes, while the model runs.
 
     With ``cfg.resume``, rows already in the CSV (a killed run's) are kept and only the missing
     (image, source) pairs are classified, so each lands there exactly once. Labels come from
@@ -317,6 +318,51 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     check_out_path(cfg, inputs)
     bundles = [load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads, compile=cfg.compile,
                            batch_size=cfg.batch_size) for d in dirs]
+    workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in bundles))
+    decoder, reader, finish = choose_decoder(cfg.decode, bundles, specs_of(bundles))
+    job = plan_job(cfg, inputs, bundles)
+    start, n_done, n_classified = time.perf_counter(), 0, 0
+    with open_csv(cfg, job) as (f, writer):
+        for batch in decoded_batches(job.todo, job.specs, cfg.batch_size, workers, reader=reader, finish=finish):
+            probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
+                     for b, j in zip(bundles, job.spec_of)]
+            write_rows(cfg, job, writer, f, batch.paths, batch.errors, probs)
+            n_done += len(batch.paths)
+            n_classified += batch.n_good
+            if progress:
+                progress(n_done, len(job.todo))
+    seconds = time.perf_counter() - start
+    decoder += f" ({finish.n_gpu} on the GPU, {finish.n_cpu} on the CPU)" if hasattr(finish, "n_gpu") else ""
+    result = finish_job(cfg, job, {b.source: (b.provider, b.backend.notes) for b in bundles}, n_classified, seconds,
+                        {"decoder": decoder, "decode_workers": workers})
+    result.decoder, result.workers = decoder, workers
+    return result
+
+
+@dataclass
+class Job:
+    """What one infer run does, decided before any image is decoded (shared by the local run and
+    the Ray one, runtime/ray_infer.py). ``bundles`` need only ``source``, ``classes``,
+    ``preprocess``, ``path`` and ``manifest``: the Ray driver plans with manifests, its actors load
+    the models."""
+
+    inputs: Inputs
+    bundles: list
+    all_classes: list[str]
+    k_top: int
+    columns: tuple[str, ...]
+    finished: set[tuple[str, str]]  # (path, source) pairs already in the CSV (--resume)
+    n_resumed: int
+    todo: list[Path]  # images with at least one source still to classify
+    specs: tuple[PreprocessSpec, ...]  # the distinct preprocessing of the bundles
+    spec_of: list[int]  # bundle i's inputs are decoded under specs[spec_of[i]]
+    identities: dict[str, dict]  # per source, the model that writes its rows (the CSV's sidecar)
+
+
+def plan_job(cfg: InferConfig, inputs: Inputs, bundles: list) -> Job:
+    """Check the selected bundles and labels, read what a resumed CSV already holds and list
+    the images still to classify. Raises ConfigError for two bundles of one source or a label no
+    bundle knows."""
     seen: dict[str, Path] = {}
     for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
         if b.source in seen:
@@ -328,10 +374,33 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
     k_top = min(cfg.top_k, max(len(b.classes) for b in bundles))
     columns = csv_columns(k_top, all_classes)
-    identities = {b.source: bundle_identity(b, cfg.precision) for b in bundles}
+    finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
+    todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
+    specs = specs_of(bundles)
+    return Job(inputs, bundles, all_classes, k_top, columns, finished, n_resumed, todo, specs,
+               [specs.index(b.preprocess) for b in bundles],
+               {b.source: bundle_identity(b, cfg.precision) for b in bundles})
+
+
+@contextmanager
+def open_csv(cfg: InferConfig, job: Job) -> Iterator[tuple]:
+    """The predictions CSV under an exclusive lock (a second writer is refused naming the holder),
+    appended to when resuming the same models' rows (else written with its header), with the
+    sidecar naming the models that write it: (file, writer). A full disk or a read-only folder while
+    writing is a DataError that keeps the rows written and says to --resume."""
     try:
         with exclusive_lock(cfg.out_csv, "choose another --out"):
-            return _classify(cfg, inputs, bundles, all_classes, k_top, columns, identities, progress)
+            if job.n_resumed:
+                _check_same_models(cfg.out_csv, job.identities)
+            cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
+            side = bundles_sidecar(cfg.out_csv)  # written before the first row: which models write them
+            kept = read_json(side, "predictions sidecar") if job.n_resumed else {}
+            write_json(side, {**(kept if isinstance(kept, dict) else {}), **job.identities})
+            with open(cfg.out_csv, "a" if job.n_resumed else "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                if not job.n_resumed:
+                    writer.writerow(job.columns)
+                yield f, writer
     except OSError as e:
         if e.errno not in _WRITE_ERRNOS:
             raise
@@ -340,60 +409,42 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                         "with --resume to continue") from e
 
 
-def _classify(cfg: InferConfig, inputs, bundles: list[Bundle], all_classes: list[str], k_top: int,
-              columns: tuple[str, ...], identities: dict[str, dict],
-              progress: Callable[[int, int], None] | None) -> InferResult:
-    """infer_folder's work once the output is checked and locked: resume, classify, write, score."""
-    workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in bundles))
-    decoder, reader, finish = choose_decoder(cfg.decode, bundles, specs_of(bundles))
-    finished, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
-    if n_resumed:
-        _check_same_models(cfg.out_csv, identities)
-    todo = [p for p in inputs.paths if any((inputs.rel(p), b.source) not in finished for b in bundles)]
-    specs = specs_of(bundles)
-    spec_of = [specs.index(b.preprocess) for b in bundles]
-    cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
-    side = bundles_sidecar(cfg.out_csv)  # written before the first row: which models write them
-    kept = read_json(side, "predictions sidecar") if n_resumed else {}
-    write_json(side, {**(kept if isinstance(kept, dict) else {}), **identities})
-    start, n_done, n_classified = time.perf_counter(), 0, 0
-    with open(cfg.out_csv, "a" if n_resumed else "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if not n_resumed:
-            writer.writerow(columns)
-        for batch in decoded_batches(todo, specs, cfg.batch_size, workers, reader=reader, finish=finish):
-            probs = [softmax(b.predict_logits(batch.inputs[j])) if batch.n_good else None
-                     for b, j in zip(bundles, spec_of)]
-            good = 0
-            for path, error in zip(batch.paths, batch.errors):  # rows keep the inputs' order
-                if error and cfg.strict:
-                    f.flush()
-                    raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
-                                    f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
-                rel = inputs.rel(path)
-                for b, p in zip(bundles, probs):
-                    if (rel, b.source) in finished:
-                        continue
-                    label = (inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes))
-                    label = label if cfg.score and label in b.classes else ""  # another source's class: unlabelled
-                    writer.writerow(_row(rel, b, label, None if error else p[good], k_top, error or "", all_classes))
-                good += error is None
+def write_rows(cfg: InferConfig, job: Job, writer, f, paths: list[Path], errors: list[str | None],
+               probs: list[np.ndarray | None]) -> None:
+    """Write one batch's rows (one per image and source not already in the CSV) in ``paths``'
+    order and flush. ``probs[i]`` is bundle i's (n_good, classes) probabilities of the readable
+    images, in order. With ``cfg.strict``, the first unreadable file raises DataError (rows before
+    it are flushed)."""
+    inputs, good = job.inputs, 0
+    for path, error in zip(paths, errors):
+        if error and cfg.strict:
             f.flush()
-            n_done += len(batch.paths)
-            n_classified += batch.n_good
-            if progress:
-                progress(n_done, len(todo))
-    seconds = time.perf_counter() - start
-    decoder = decoder + (f" ({finish.n_gpu} on the GPU, {finish.n_cpu} on the CPU)" if hasattr(finish, "n_gpu") else "")
-    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision, "decoder": decoder, "decode_workers": workers,
-             "backends": {b.source: b.provider for b in bundles}}
+            raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
+                            f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
+        rel = inputs.rel(path)
+        for b, p in zip(job.bundles, probs):
+            if (rel, b.source) in job.finished:
+                continue
+            label = (inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes))
+            label = label if cfg.score and label in b.classes else ""  # another source's class: unlabelled
+            writer.writerow(_row(rel, b, label, None if error else p[good], job.k_top, error or "", job.all_classes))
+        good += error is None
+    f.flush()
+
+
+def finish_job(cfg: InferConfig, job: Job, backends: dict[str, tuple[str, list[str]]], n_classified: int,
+               seconds: float, extra: dict | None = None) -> InferResult:
+    """Score the whole CSV (runtime/evaluate.py) and sum the run up. ``backends``: per source,
+    what its model ran on and the backend's notes; ``extra`` goes into the metrics JSON."""
+    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision,
+             "backends": {s: provider for s, (provider, _) in backends.items()}, **(extra or {})}
     scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
     runs = {}
-    for b in bundles:
-        sc = scores[b.source]
-        runs[b.source] = SourceRun(b.source, b.provider, b.backend.notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
+    for b in job.bundles:
+        sc, (provider, notes) = scores[b.source], backends[b.source]
+        runs[b.source] = SourceRun(b.source, provider, notes, sc.n_rows, sc.n_errors, sc.n_unlabelled,
                                    sc.metrics, sc.files)
     n_errors = max(r.n_errors for r in runs.values())  # an unreadable image has an error row per source
-    return InferResult(csv_path=cfg.out_csv, root=inputs.root, n_images=len(inputs.paths), n_errors=n_errors,
-                       n_resumed=n_resumed, n_classified=n_classified, seconds=seconds, sources=runs, decoder=decoder,
-                       workers=workers)
+    return InferResult(csv_path=cfg.out_csv, root=job.inputs.root, n_images=len(job.inputs.paths),
+                       n_errors=n_errors, n_resumed=job.n_resumed, n_classified=n_classified, seconds=seconds,
+                       sources=runs)

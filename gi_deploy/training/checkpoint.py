@@ -129,11 +129,13 @@ def write_metrics_jsonl(run_dir: Path, history: list[dict]) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, state: LoopState,
-                     loader_gen: torch.Generator) -> None:
+                     loader_gen: torch.Generator, extra: dict | None = None) -> None:
+    """``extra``: more entries (under torchrun, ``rng_ranks``: every rank's RNG state)."""
     tmp = run_dir / (CHECKPOINT + ".tmp")
     torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "loop": vars(state).copy(), "rng": rng_state(loader_gen)}, tmp)
+                "scaler": scaler.state_dict(), "loop": vars(state).copy(), "rng": rng_state(loader_gen),
+                **(extra or {})}, tmp)
     tmp.replace(run_dir / CHECKPOINT)  # atomic: an interrupt never leaves half a checkpoint
 
 

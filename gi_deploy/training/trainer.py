@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from gi_deploy._io import library_versions, utc_now, write_json
 from gi_deploy.core.methods import MethodSpec, method_spec
@@ -38,14 +38,16 @@ from gi_deploy.core.runs import (
 from gi_deploy.errors import BundleError, ConfigError, TrainingDiverged, TrainingInterrupted
 from gi_deploy.model.adapters import apply_method, save_trained
 from gi_deploy.model.base import BaseWeights, classifier_name, count_parameters, create_base_model, train_mode
-from gi_deploy.model.colora import colora_summary, is_merge_epoch, merge_all
+from gi_deploy.model.colora import colora_state, colora_summary, is_merge_epoch, merge_all
 from gi_deploy.model.run import load_run_model, rebuild_base
+from gi_deploy.training import distributed
 from gi_deploy.training.checkpoint import (
     LoopState,
     check_run_dir,
     load_for_resume,
     plot_curves,
     prepare_run_dir,
+    rng_state,
     save_checkpoint,
     set_rng_state,
     write_metrics_jsonl,
@@ -53,6 +55,7 @@ from gi_deploy.training.checkpoint import (
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
 from gi_deploy.training.device_input import DeviceFeed, augments_on_device
+from gi_deploy.training.distributed import Dist
 from gi_deploy.training.memory import PeakMemory, cpu_baseline
 from gi_deploy.training.sources import load_splits
 
@@ -101,9 +104,12 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, classes: list[str],
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False, feed: DeviceFeed | None = None) -> dict:
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False, feed: DeviceFeed | None = None,
+             d: Dist = Dist()) -> dict:
     """Metrics of ``model`` over ``loader`` (eval mode; restores the previous mode). ``feed`` turns
-    a loader batch into the model's input (default: move it to ``device``)."""
+    a loader batch into the model's input (default: move it to ``device``). Under torchrun each
+    rank holds a shard of the data and the predictions are gathered: every rank gets the metrics of
+    the whole split."""
     was_training = model.training
     model.eval()
     y_true, y_pred = [], []
@@ -119,6 +125,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, classes
         y_true += y.tolist()
     if was_training:
         train_mode(model)
+    y_true, y_pred = distributed.gather_lists(d, y_true, y_pred)
     return classification_metrics(y_true, y_pred, classes)
 
 
@@ -142,22 +149,31 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 
 def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-             g: torch.Generator) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+             g: torch.Generator, d: Dist = Dist()) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     workers = loader_workers(cfg, device)
-    common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0, **({"prefetch_factor": 4} if workers > 0 else {}))
+    common = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, d), num_workers=workers,
+                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                  **({"prefetch_factor": 4} if workers > 0 else {}))
     augment = _augment(cfg)
     pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there
     train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment, pixels=pixels)
-    if cfg.balance == "sampler":  # every class drawn equally often, with replacement
+    ddp_sampler = distributed.train_sampler(train_set, d, cfg.seed)
+    if ddp_sampler is not None:
+        if cfg.balance == "sampler":
+            raise ConfigError("--balance sampler is not available under torchrun (it would draw each rank's batches "
+                              "independently); use --balance weighted-loss")
+        train = DataLoader(train_set, sampler=ddp_sampler, generator=g, **common)
+    elif cfg.balance == "sampler":  # every class drawn equally often, with replacement
         counts = _train_counts(ds)
         weights = [1.0 / counts[y] for _, y in ds.splits["train"]]
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
         train = DataLoader(train_set, sampler=sampler, generator=g, **common)
     else:
         train = DataLoader(train_set, shuffle=True, generator=g, **common)
-    val = DataLoader(ImageDataset(ds.root, ds.splits["val"], spec, pixels=pixels), shuffle=False, **common)
-    test = DataLoader(ImageDataset(ds.root, ds.splits["test"], spec, pixels=pixels), shuffle=False, **common) \
+    val = DataLoader(distributed.shard(ImageDataset(ds.root, ds.splits["val"], spec, pixels=pixels), d), shuffle=False,
+                     **common)
+    test = DataLoader(distributed.shard(ImageDataset(ds.root, ds.splits["test"], spec, pixels=pixels), d),
+                      shuffle=False, **common) \
         if ds.splits["test"] else None
     return train, val, test
 
@@ -181,11 +197,13 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 
 
 def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn, device: torch.device,
-               amp_dtype: torch.dtype | None, feed: DeviceFeed, epoch: int, report: Report) -> dict:
-    """One pass over the training data; returns the mean loss, the accuracy, the seconds to the
-    end of the first step (loader start-up, cuDNN autotuning, a compile: the warm-up) and the
-    images/s of the steps after it (the steady rate). Raises TrainingDiverged on a non-finite loss
-    before the optimizer can apply it."""
+               amp_dtype: torch.dtype | None, feed: DeviceFeed, epoch: int, report: Report,
+               d: Dist = Dist()) -> dict:
+    """One pass over the training data; returns the mean loss and the accuracy (over every rank's
+    images under torchrun), the seconds to the end of the first step (loader start-up, cuDNN
+    autotuning, a compile: the warm-up) and the images/s of the steps after it (the steady rate, of
+    all ranks). Raises TrainingDiverged on a non-finite loss before the optimizer can apply it (under
+    torchrun that rank exits and the launcher stops the others)."""
     train_mode(model)
     total_loss, seen = 0.0, 0
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no extra sync per step
@@ -212,10 +230,12 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
         else:
             after_first += len(y)
         report("batch", {"epoch": epoch, "step": step, "steps": steps, "loss": loss_value,
-                         "img_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+                         "img_per_s": d.world * seen / max(time.perf_counter() - t0, 1e-9)})
     steady = after_first / max(time.perf_counter() - t0 - (first_step_s or 0.0), 1e-9) if after_first else None
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct.item() / max(seen, 1),
-            "first_step_s": round(first_step_s or 0.0, 3), "steady_img_per_s": round(steady, 1) if steady else None}
+    total_loss, n_correct, seen = distributed.all_sum(d, total_loss, float(correct.item()), float(seen))
+    return {"loss": total_loss / max(seen, 1), "accuracy": n_correct / max(seen, 1),
+            "first_step_s": round(first_step_s or 0.0, 3),
+            "steady_img_per_s": round(d.world * steady, 1) if steady else None}
 
 
 @dataclass
@@ -246,6 +266,8 @@ class _Run:
     colora: dict | None
     memory_baseline: int | None
     state: LoopState = field(default_factory=LoopState)
+    dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun
+    eval_model: nn.Module | None = None  # step_model without DDP (evaluation runs on unequal shards)
 
 
 def _load_data(cfg: TrainConfig, manifest: dict | None) -> DatasetSplits:
@@ -262,12 +284,17 @@ def _load_data(cfg: TrainConfig, manifest: dict | None) -> DatasetSplits:
     return ds
 
 
-def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: dict | None) -> tuple[nn.Module, BaseWeights, Path]:
+def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: dict | None,
+                main: bool = True) -> tuple[nn.Module, BaseWeights, Path]:
     """The base the run trains from (a resumed run's own, by fingerprint) and the run folder. A
     random-init base is saved in the run, since nothing else could rebuild it at export time."""
     if manifest is not None:
         return rebuild_base(manifest, cfg.run_dir), BaseWeights(**manifest["base_weights"]), cfg.run_dir
     model, base = create_base_model(cfg.model, len(ds.classes), cfg.pretrained, cfg.weights)
+    if not main:  # only rank 0 writes the run folder; DDP gives every rank rank 0's weights anyway
+        if base.kind == "random":
+            base.ref = RANDOM_BASE_WEIGHTS
+        return model, base, cfg.run_dir
     run_dir = prepare_run_dir(cfg)
     if base.kind == "random":
         from safetensors.torch import save_file
@@ -282,16 +309,17 @@ def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: dict | None) -> t
 def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     """Check, load and build everything before the first step; write the run manifest (a crash
     before the first epoch leaves a run that export refuses) and the split CSVs."""
+    d, device = distributed.setup(resolve_device(cfg.device))  # under torchrun: join the job, cuda:LOCAL_RANK
     manifest, checkpoint = load_for_resume(cfg) if cfg.resume else (None, None)
-    if not cfg.resume:
+    if not cfg.resume and d.main:
         check_run_dir(cfg)  # before any heavy work
-    device = resolve_device(cfg.device)
+    distributed.barrier(d)  # every rank has read the run folder before rank 0 writes to it
     amp_dtype = resolve_amp(cfg.amp, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    ds = _load_data(cfg, manifest)
+    ds, split_hash = distributed.share_splits(lambda: _load_data(cfg, manifest), d)  # decided on rank 0
     memory_baseline = cpu_baseline() if device.type == "cpu" else None  # peaks count model + optimizer + activations
     seed_everything(cfg.seed)
-    model, base, run_dir = _base_model(cfg, ds, manifest)
+    model, base, run_dir = _base_model(cfg, ds, manifest, d.main)
     head = classifier_name(model)
     spec = (PreprocessSpec.from_dict(manifest["preprocess"]) if manifest is not None else  # a resumed run's own
             PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
@@ -307,12 +335,14 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     g = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
+    eval_model = torch.compile(model) if cfg.compile else model
     run = _Run(cfg, run_dir, device, amp_dtype, channels_last, ds, model,
-               torch.compile(model) if cfg.compile else model, method, settings, head,
-               _loaders(ds, spec, cfg, device, g), g, optimizer, _scheduler(optimizer, cfg),
+               distributed.wrap(eval_model, d, device), method, settings, head,
+               _loaders(ds, spec, cfg, device, g, d), g, optimizer, _scheduler(optimizer, cfg),
                torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), _loss_fn(ds, cfg, device),
                DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
-               manifest or {}, colora_summary(model) if method.carries("colora") else None, memory_baseline)
+               manifest or {}, colora_summary(model) if method.carries("colora") else None, memory_baseline,
+               dist=d, eval_model=eval_model)
     if checkpoint is not None:
         _restore(run, checkpoint)
     else:
@@ -327,9 +357,14 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
         }
     run.manifest["runtime"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                                "channels_last": channels_last, "compile": cfg.compile,
-                               "num_workers": run.loaders[0].num_workers, "augment_on": "gpu" if run.feed.on_device else "cpu"}
-    write_json(run_dir / RUN_MANIFEST, run.manifest)
-    ds.write_csvs(run_dir / SPLITS_DIR)
+                               "num_workers": run.loaders[0].num_workers,
+                               "augment_on": "gpu" if run.feed.on_device else "cpu",
+                               # --batch-size is the global batch: batch_per_process x processes
+                               "processes": d.world, "global_batch": cfg.batch_size,
+                               "batch_per_process": run.loaders[0].batch_size, "split_hash": split_hash}
+    if d.main:
+        write_json(run_dir / RUN_MANIFEST, run.manifest)
+        ds.write_csvs(run_dir / SPLITS_DIR)
     report("start", {"trainable": trainable, "total": total, "deployed": deployed, "colora": run.colora,
                      "classes": ds.classes, "counts": ds.counts(), "device": str(device), "base_weights": base.kind,
                      "license": base.license, "layout": ds.layout, "notes": ds.notes, "excluded": ds.excluded,
@@ -351,7 +386,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
         run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = LoopState(**checkpoint["loop"])
-    set_rng_state(checkpoint["rng"], run.generator)
+    set_rng_state(distributed.own_rng_state(checkpoint, run.dist), run.generator)
     m = run.manifest
     m["history"] = m["history"][:run.state.epoch]  # drop epochs past the checkpoint
     m.update(config=run.cfg.to_dict(), device=str(run.device), status="training",
@@ -363,15 +398,18 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
     validation metrics."""
     cfg, state = run.cfg, run.state
     t_epoch = time.time()
+    if isinstance(run.loaders[0].sampler, DistributedSampler):
+        run.loaders[0].sampler.set_epoch(epoch)  # this epoch's permutation, the same on every rank
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
         stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
-                           run.amp_dtype, run.feed, epoch, report)
+                           run.amp_dtype, run.feed, epoch, report, run.dist)
         merged = run.colora is not None and is_merge_epoch(epoch, cfg.colora.merge_every)
         if merged:  # K0 += K_p * K_d, b0 += db; reset the factors (and their optimizer moments)
-            merge_all(run.model, run.optimizer)
+            merge_hash = _merge_colora(run, epoch)
             state.merges += 1
-        val = evaluate(run.step_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
-                       run.feed)
+        eval_model = run.eval_model if run.eval_model is not None else run.step_model  # no bool(): compiled
+        val = evaluate(eval_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
+                       run.feed, run.dist)
     seconds = time.time() - t_epoch
     record = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
               "val_accuracy": val["accuracy"], "val_f1_weighted": val["f1_weighted"], "val_mcc": val["mcc"],
@@ -381,7 +419,24 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
               "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None}
     if run.colora is not None:
         record["colora_merged"] = merged
+        if merged and run.dist.active:
+            record["colora_merge_hash"] = merge_hash[:16]  # equal on every rank (checked)
     return record, val
+
+
+def _merge_colora(run: _Run, epoch: int) -> str:
+    """Merge-and-reset CoLoRA on this rank; under torchrun the re-initialised K_p is drawn from a
+    generator seeded by (seed, epoch), and the hash of the merged weights and fresh factors must be
+    equal on every rank (DistributedError otherwise). Returns that hash."""
+    if not run.dist.active:
+        merge_all(run.model, run.optimizer)
+        return ""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(run.cfg.seed * 100_003 + epoch)
+        merge_all(run.model, run.optimizer)
+    digest = distributed.fingerprint(colora_state(run.model, run.state.merges + 1))
+    distributed.check_same(digest, f"CoLoRA's merged weights after epoch {epoch}", run.dist)
+    return digest
 
 
 def _end_epoch(run: _Run, record: dict, val: dict) -> None:
@@ -394,7 +449,8 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
     improved = val["accuracy"] > state.best_acc
     if improved:
         state.best_acc, state.best_epoch, state.stale = val["accuracy"], epoch, 0
-        save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
+        if run.dist.main:
+            save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
         manifest["best"] = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"}}
         manifest["best"]["artifact_sha256"] = run.method.artifact_sha256(run.run_dir)  # checked at export
         if run.colora is not None:
@@ -407,9 +463,12 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
         manifest["colora"] = {**run.colora, "merge_every": cfg.colora.merge_every, "merges": state.merges,
                               "merges_in_best": manifest["best"]["colora_merges"]}
     manifest["history"].append(record)
-    save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.generator)
-    write_metrics_jsonl(run.run_dir, manifest["history"])
-    write_json(run.run_dir / RUN_MANIFEST, manifest)
+    rng_ranks = distributed.rank_rng_states(rng_state(run.generator), run.dist)  # a collective: every rank
+    if run.dist.main:  # only rank 0 writes; every rank resumes from this checkpoint
+        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.generator,
+                        extra={"rng_ranks": rng_ranks} if rng_ranks else None)
+        write_metrics_jsonl(run.run_dir, manifest["history"])
+        write_json(run.run_dir / RUN_MANIFEST, manifest)
 
 
 def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
@@ -422,7 +481,14 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
     report = report or (lambda event, data: None)
     t0 = time.time()
     run = _prepare(cfg, report)
-    state, manifest = run.state, run.manifest
+    try:
+        return _train(run, report, t0)
+    finally:
+        distributed.teardown(run.dist)
+
+
+def _train(run: _Run, report: Report, t0: float) -> TrainResult:
+    cfg, state, manifest, main = run.cfg, run.state, run.manifest, run.dist.main
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             if state.stale >= cfg.patience:
@@ -435,22 +501,27 @@ def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
                 break
     except KeyboardInterrupt:
         manifest["status"] = "interrupted"
-        write_json(run.run_dir / RUN_MANIFEST, manifest)
+        if main:
+            write_json(run.run_dir / RUN_MANIFEST, manifest)
         raise TrainingInterrupted(
             f"interrupted; epochs 1-{state.epoch} are checkpointed in {run.run_dir}. Continue with the same command "
             "plus --resume" if state.epoch else f"interrupted before the first epoch finished; nothing to resume "
             f"in {run.run_dir}") from None
     except TrainingDiverged:
         manifest["status"] = "diverged"
-        write_json(run.run_dir / RUN_MANIFEST, manifest)
+        if main:
+            write_json(run.run_dir / RUN_MANIFEST, manifest)
         raise
-    plot_curves(manifest["history"], run.run_dir / CURVES_PNG, f"{cfg.source} ({cfg.method}, {cfg.model})")
+    if main:
+        plot_curves(manifest["history"], run.run_dir / CURVES_PNG, f"{cfg.source} ({cfg.method}, {cfg.model})")
     test_metrics = None
     if run.loaders[2] is not None:
+        distributed.barrier(run.dist)  # rank 0 has saved the best epoch
         best_model = load_run_model(run.run_dir, device=run.device, manifest=manifest)  # what was saved, reloaded
-        test_metrics = evaluate(best_model, run.loaders[2], run.device, run.ds.classes, feed=run.feed)
+        test_metrics = evaluate(best_model, run.loaders[2], run.device, run.ds.classes, feed=run.feed, d=run.dist)
     manifest.update(test=test_metrics, status="done", seconds=round(time.time() - t0, 1))
-    write_json(run.run_dir / RUN_MANIFEST, manifest)
+    if main:
+        write_json(run.run_dir / RUN_MANIFEST, manifest)
     params = manifest["params"]
     return TrainResult(run_dir=run.run_dir, best_epoch=state.best_epoch, best_val=manifest["best"], test=test_metrics,
                        trainable_params=params["trainable"], total_params=params["total"], seconds=time.time() - t0,
