@@ -29,6 +29,7 @@ from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals,
 from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
+from gi_deploy.runtime.route import infer_routed, is_auto
 
 I, B = InferConfig, BenchmarkConfig
 
@@ -40,8 +41,10 @@ def _report_infer(r: InferResult, inputs: str) -> None:
                 out.print(f"{s}: {note}", soft_wrap=True)
             else:
                 err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
-        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled; on "
-                  f"{run.backend}", soft_wrap=True)
+        refused = run.metrics.get("n_rejected") if run.metrics else None
+        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled"
+                  + (f", {refused} refused as out of distribution" if refused is not None else "")
+                  + f"; on {run.backend}", soft_wrap=True)
     out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
               f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
               + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
@@ -75,8 +78,9 @@ def infer_cmd(
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
                           **({} if workers is None else {"workers": workers}))
+        run = infer_routed if is_auto(cfg.sources) else infer_folder
         with image_progress("classifying") as progress:
-            r = infer_folder(cfg, progress)
+            r = run(cfg, progress)
     _report_infer(r, inputs)
     if explain_wrong > 0:
         with reported():

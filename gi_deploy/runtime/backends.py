@@ -90,9 +90,12 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
                      "provider failed to start (missing CUDA/cuDNN libraries?); run with -v for its log")
     input_name = session.get_inputs()[0].name
     threads_used = session.get_session_options().intra_op_num_threads
-    return Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
-                   + (f" ({threads_used} threads)" if active == "CPUExecutionProvider" else ""),
-                   lambda x: session.run(None, {input_name: x})[0], notes, path.stat().st_size)
+    b = Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
+                + (f" ({threads_used} threads)" if active == "CPUExecutionProvider" else ""),
+                lambda x: session.run(None, {input_name: x})[0], notes, path.stat().st_size)
+    if "features" in [o.name for o in session.get_outputs()]:  # bundle format 3: one call gives both
+        b.run_features = lambda x: tuple(session.run(["logits", "features"], {input_name: x}))
+    return b
 
 
 def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list[str]]:
@@ -131,7 +134,8 @@ def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
     path, stamp, notes = _engine_for_here(bundle_dir, manifest)
     runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)))
     return Backend("tensorrt", "fp16", f"TensorRT {tensorrt.current_target().tensorrt_version} {path.name}",
-                   runner, notes, path.stat().st_size)
+                   runner, notes, path.stat().st_size,
+                   run_features=runner.logits_and_features if runner.has_features else None)
 
 
 def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None,

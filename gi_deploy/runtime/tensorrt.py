@@ -102,25 +102,39 @@ class EngineRunner:
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        (self._out,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[
-            self._engine.get_tensor_dtype(self._out)]
+        # every output needs a buffer; the logits are picked by name (a format-3 bundle's graph also
+        # gives its pooled features, "features"); an engine with one output of another name is the logits
+        self._outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._out = "logits" if "logits" in self._outs else self._outs[0]
+        self._dtypes = {n: {trt.float32: torch.float32, trt.float16: torch.float16}[self._engine.get_tensor_dtype(n)]
+                        for n in self._outs}
+        self.has_features = "features" in self._outs
         self._stream = torch.cuda.Stream()
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        return self.run_outputs(inputs)[self._out]
+
+    def logits_and_features(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = self.run_outputs(inputs)
+        return outs[self._out], outs["features"]
+
+    def run_outputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the engine on float32 (N, 3, H, W), by name, float32."""
         import torch
 
-        results = []
+        results: dict[str, list] = {n: [] for n in self._outs}
         for i in range(0, len(inputs), self.max_batch):
             with torch.cuda.stream(self._stream):  # copy, allocation and the engine ordered on one stream
                 x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
                 self._context.set_input_shape(self._inp, tuple(x.shape))
-                y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype,
-                                device="cuda")
+                ys = {n: torch.empty(tuple(self._context.get_tensor_shape(n)), dtype=self._dtypes[n], device="cuda")
+                      for n in self._outs}
                 self._context.set_tensor_address(self._inp, x.data_ptr())
-                self._context.set_tensor_address(self._out, y.data_ptr())
+                for n, y in ys.items():
+                    self._context.set_tensor_address(n, y.data_ptr())
                 if not self._context.execute_async_v3(self._stream.cuda_stream):
                     raise BundleError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
             self._stream.synchronize()
-            results.append(y.float().cpu().numpy())
-        return np.concatenate(results)
+            for n, y in ys.items():
+                results[n].append(y.float().cpu().numpy())
+        return {n: np.concatenate(parts) for n, parts in results.items()}

@@ -40,5 +40,13 @@ def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, th
     def run(x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x).to(dev, dtype)).float().cpu().numpy()
 
+    @torch.inference_mode()
+    def run_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # what the ONNX graph's two outputs are
+        f = model.forward_features(torch.from_numpy(x).to(dev, dtype))
+        return (model.forward_head(f).float().cpu().numpy(),
+                model.forward_head(f, pre_logits=True).float().cpu().numpy())
+
+    has_features = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
     return Backend("torch", precision, f"torch {torch.__version__} eager on {dev}"
-                   + (f" ({torch.get_num_threads()} threads)" if dev == "cpu" else ""), run, [], n_bytes)
+                   + (f" ({torch.get_num_threads()} threads)" if dev == "cpu" else ""), run, [], n_bytes,
+                   run_features=run_features if has_features else None)
