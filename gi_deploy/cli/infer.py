@@ -30,6 +30,7 @@ from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
 from gi_deploy.runtime.route import infer_routed, is_auto
+from gi_deploy.runtime.routing_eval import evaluate_routing
 
 I, B = InferConfig, BenchmarkConfig
 
@@ -127,9 +128,25 @@ def evaluate_cmd(
         "--out", help="Where the report files go (default: beside the CSV); with --cross, the matrices and "
                       "predictions (default: cross/).")] = None,
     n_wrong: Annotated[int, opt(I, "n_wrong")] = default_of(I, "n_wrong"),
+    routing: Annotated[bool, typer.Option("--routing", help="Score --source auto on the labelled test sets: routing "
+                                                            "confusion and accuracy, routed vs single-model accuracy "
+                                                            "on the mixed folder, OOD AUROC/FPR95 against --ood.")
+                       ] = False,
+    ood: Annotated[Optional[Path], typer.Option(help="--routing: a folder of images no source covers (non-endoscopy, "
+                                                     "blank, saturated frames).")] = None,
 ) -> None:
     """Re-score a predictions CSV without running a model (metrics.json, confusion matrices, ROC
     curves, the most confidently wrong images), or with --cross build the cross-source matrix."""
+    if routing:
+        if predictions is not None or cross or class_map:
+            usage_error("--routing runs the router and models itself; drop the CSV, --cross and --class-map")
+        with reported():
+            r = evaluate_routing(deploy_dir, out_dir or Path("routing"), parse_tests(test or []) or None, ood)
+        _print_routing(r.report)
+        out.print(f"details -> {r.files['json']}, per image -> {r.files['csv']}", soft_wrap=True)
+        return
+    if ood is not None:
+        usage_error("--ood belongs to --routing")
     if cross and predictions is not None:
         usage_error(f"--cross runs the models itself; drop {predictions}")
     if not cross and predictions is None:
@@ -149,6 +166,34 @@ def evaluate_cmd(
     for s, sc in scores.items():
         out.print(f"{s}: {sc.n_rows} rows, {sc.n_errors} unreadable, {sc.n_unlabelled} unlabelled")
     print_scores(f"scored from {predictions}", scores)
+
+
+def _print_routing(rep: dict) -> None:
+    sources = rep["sources"]
+    if "routing_confusion" in rep:
+        table = Table(title=f"routing on {rep['n_images']} labelled test images: accuracy "
+                            f"{rep['routing_accuracy']:.2%}")
+        table.add_column("true \\ routed")
+        for s in sources:
+            table.add_column(s, justify="right")
+        for s, row in zip(sources, rep["routing_confusion"]["matrix"]):
+            table.add_row(s, *map(str, row))
+        out.print(table)
+        acc = Table(title="accuracy on the mixed folder")
+        acc.add_column("model")
+        acc.add_column("accuracy", justify="right")
+        for s, a in rep["single_model_accuracy"].items():
+            acc.add_row(f"{s} model on everything", f"{a:.2%}")
+        acc.add_row("each image's own source model", f"{rep['own_model_accuracy']:.2%}")
+        acc.add_row(f"--source auto (refused = wrong; {rep['id_rejected']} refused)", f"{rep['routed_accuracy']:.2%}")
+        out.print(acc)
+    o = rep.get("ood")
+    if o and o.get("auroc") is not None:
+        out.print(f"out of distribution: AUROC {o['auroc']:.4f}, FPR@95TPR {o['fpr_at_95tpr']:.2%} on {o['n_ood']} "
+                  f"images; at the bundles' thresholds {o['ood_rejected']}/{o['n_ood']} refused "
+                  f"({rep.get('id_rejected', 0)}/{rep['n_images']} test images refused)", soft_wrap=True)
+    elif o:
+        out.print(f"out of distribution: {o['note']}", soft_wrap=True)
 
 
 def _benchmark_table(r: BenchmarkResult) -> Table:

@@ -53,7 +53,7 @@ def routed_columns(top_k: int, classes: list[str]) -> tuple[str, ...]:
     return (*base[:i], *ROUTE_COLUMNS, *base[i:])
 
 
-def _open_routed(cfg: InferConfig) -> tuple[object, dict[str, Bundle], dict[str, IdStats | None], list[str]]:
+def open_routed(cfg: InferConfig) -> tuple[object, dict[str, Bundle], dict[str, IdStats | None], list[str]]:
     router = load_router(cfg.deploy_dir)
     missing = [s for s in router.sources if s not in list_bundles(cfg.deploy_dir)]
     if missing:
@@ -98,7 +98,7 @@ def infer_routed(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     counted apart (runtime/evaluate.py). Raises BundleError when the deploy folder has no router
     (with the command that writes one), DataError with ``cfg.strict`` at the first unreadable file."""
     inputs = collect_inputs(cfg.inputs, cfg.labels)
-    router, bundles, stats, notes = _open_routed(cfg)
+    router, bundles, stats, notes = open_routed(cfg)
     all_classes = list(dict.fromkeys(c for b in bundles.values() for c in b.classes))
     if cfg.score:
         check_label_names(inputs.labels, all_classes, str(cfg.labels or cfg.inputs))
