@@ -25,7 +25,14 @@ from gi_deploy.cli._display import (
 )
 from gi_deploy.core.choices import BackendName, Device, Precision
 from gi_deploy.core.fields import default_of
-from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals, run_benchmark
+from gi_deploy.runtime.benchmark import (
+    ROUTER_MAX_COST,
+    BenchmarkConfig,
+    BenchmarkResult,
+    goals,
+    router_cost,
+    run_benchmark,
+)
 from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
@@ -235,6 +242,10 @@ def benchmark_cmd(
     for what, value, target in goals(r):
         verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
         out.print(f"goal {what} >= {target}x: " + ("n/a" if value is None else f"{value:.2f}x") + f" ({verdict})")
+    cost = router_cost(r)
+    if cost is not None:  # an upper bound, unlike the speed-ups above
+        out.print(f"goal router cost (thumbnail + features + classifier) vs one onnxruntime fp32 model, per image, <= "
+                  f"{ROUTER_MAX_COST:.0%}: {cost:.1%} ({'met' if cost <= ROUTER_MAX_COST else 'NOT met'})")
     if json_out:
         write_json(json_out, asdict(r))
         out.print(f"-> {json_out}")

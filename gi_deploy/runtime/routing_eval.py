@@ -143,6 +143,8 @@ def routing_report(rows: list[dict], sources: list[str]) -> dict:
                 s: {ts: float(np.mean([r[f"pred:{s}"] == r["label"] for r in ind if r["true_source"] == ts]))
                     for ts in sources if any(r["true_source"] == ts for r in ind)} for s in sources},
             "own_model_accuracy": float((own_pred == label).mean()),
+            "routed_accuracy_by_source": {ts: float(correct[t == i].mean()) for i, ts in enumerate(sources)
+                                          if (t == i).any()},
             "routed_accuracy": float(correct.mean()),
             "routed_accuracy_accepted": float(correct[~rejected].mean()) if (~rejected).any() else None,
             "id_rejected": int(rejected.sum()), "id_rejected_share": float(rejected.mean()),
