@@ -64,8 +64,12 @@ def _ring_index(size: int) -> np.ndarray:
 
 def router_features(thumbs: np.ndarray) -> np.ndarray:
     """float32 (N, 3, 32, 32) thumbnails in [0, 1] (``ROUTER_SPEC``) -> float32 (N, F) features
-    (names: :func:`feature_names`). Raises BundleError for another shape."""
-    x = np.asarray(thumbs, dtype=np.float32)
+    (names: :func:`feature_names`). uint8 pixels, NCHW or NHWC, are accepted as well (a decoder
+    that hands the backend raw pixels). Raises BundleError for another shape."""
+    x = np.asarray(thumbs)
+    if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:  # NHWC
+        x = x.transpose(0, 3, 1, 2)
+    x = x.astype(np.float32) * (1.0 / 255.0) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
     if x.ndim != 4 or x.shape[1:] != (3, THUMB_PX, THUMB_PX):
         raise BundleError(f"router features need (N, 3, {THUMB_PX}, {THUMB_PX}) thumbnails, got {x.shape}")
     n = len(x)

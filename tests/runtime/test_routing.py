@@ -272,3 +272,28 @@ def test_ledoit_wolf_and_threshold():
     stats, info = fit_id_stats(x + labels[:, None] * 3, labels, val)
     assert info["val_accepted"] >= 0.95 and stats.threshold == pytest.approx(np.sort(stats.score(val))[19])  # ceil(0.95 * 19) = 19
     assert stats.rejects(np.full((1, 12), 50.0))[1].all()
+
+
+def test_export_router_from_the_cli(routed_deploy, tmp_path):
+    """`gi-deploy export --router` over the bundles already there (the run is unchanged: skipped)."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    shutil.rmtree(deploy / ROUTER_DIR)
+    runs = routed_deploy[0].parent / "runs"
+    r = invoke("export", "--runs", runs, "--out", deploy, "--router")
+    assert r.exit_code == 0, r.output
+    assert "router:" in r.output and "held-out routing accuracy 100.0%" in r.output
+    assert load_router(deploy).sources == ["capsule", "endoscope"]
+    r = invoke("export", "--list", "--out", deploy)
+    assert r.exit_code == 0 and "_router" not in r.output
+
+
+def test_benchmark_has_a_router_row_and_its_cost(routed_deploy, tmp_path):
+    from gi_deploy.runtime.benchmark import ROUTER_ROW, BenchmarkConfig, router_cost, run_benchmark
+
+    result = run_benchmark(BenchmarkConfig(deploy_dir=routed_deploy[0], source="capsule", n_images=8, batch_size=4,
+                                           latency_runs=5, workers=0))
+    row = result.row(ROUTER_ROW)
+    assert row.status == "ok" and row.model_only > 0 and row.thumb_ms > 0
+    ort = result.row("onnxruntime fp32")
+    assert router_cost(result) == pytest.approx((1 / row.model_only + row.thumb_ms / 1000) * ort.model_only)
