@@ -138,7 +138,8 @@ def bundle_summary(bundle_dir: Path) -> dict:
         raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} manifest")
     v = m.get("verification", {})
     files = {name: e["bytes"] for name, e in m.get("files", {}).items()}
-    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32", "onnx_features"), MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
+    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32", "onnx_features"),
+                MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
                 MODEL_FILES["int8"]: ("int8",)}
     engine = m.get("engine") or {}
     if engine.get("status") == "built":
