@@ -41,6 +41,9 @@ def _routing_lines(r) -> list[str]:
     lines = [f"router: held-out validation accuracy {gate['accuracy']:.2%} ({gate['n']} images, gate >= "
              f"{gate['min_accuracy']:.0%}); on the test sets {rep['routing_accuracy']:.2%} "
              f"(confusion true x routed {rep['routing_confusion']['matrix']})"]
+    answered = rep["n_images"] - rep["id_rejected"]
+    lines.append(f"on the {answered} test images --source auto answered: {rep['routed_accuracy_accepted']:.2%} "
+                 f"correct, each through its own source's model {rep['own_model_accuracy_accepted']:.2%}")
     if o.get("auroc") is not None:
         lines.append(f"refused as out of distribution: {auto['ood_refused']}/{auto['ood_frames']} frames no source "
                      f"covers, {auto['test_refused']}/{auto['rows'] - auto['ood_frames']} test images; OOD AUROC "

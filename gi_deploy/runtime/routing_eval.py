@@ -147,6 +147,8 @@ def routing_report(rows: list[dict], sources: list[str]) -> dict:
                                           if (t == i).any()},
             "routed_accuracy": float(correct.mean()),
             "routed_accuracy_accepted": float(correct[~rejected].mean()) if (~rejected).any() else None,
+            # the same answered images through their own source's model: what routing alone costs
+            "own_model_accuracy_accepted": float((own_pred == label)[~rejected].mean()) if (~rejected).any() else None,
             "id_rejected": int(rejected.sum()), "id_rejected_share": float(rejected.mean()),
         })
     id_scores = np.array([r[f"id_ratio:{r['routed']}"] for r in ind], float)

@@ -252,6 +252,8 @@ def test_routing_report_against_hand_counts():
     assert rep["own_model_accuracy"] == pytest.approx(5 / 5)
     assert rep["routed_accuracy"] == pytest.approx(4 / 5)  # the refused one counts as not a diagnosis
     assert rep["id_rejected"] == 1
+    assert rep["routed_accuracy_accepted"] == pytest.approx(4 / 4)  # rows 1, 2, 3 (misrouted, still right), 5
+    assert rep["own_model_accuracy_accepted"] == pytest.approx(4 / 4)
     # routed scores: ID 0.5, 0.7, 0.9, 1.5, 0.4; OOD 2.0, 0.8. Pairs (OOD > ID): 2.0 beats all 5,
     # 0.8 beats 0.5, 0.7, 0.4 -> 8 of 10. 95% TPR bound = the highest ID score 1.5: OOD 0.8 passes.
     assert rep["ood"]["auroc"] == pytest.approx(8 / 10)
