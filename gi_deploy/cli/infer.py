@@ -193,6 +193,9 @@ def _print_routing(rep: dict) -> None:
             acc.add_row(f"{s} model on everything", f"{a:.2%}")
         acc.add_row("each image's own source model", f"{rep['own_model_accuracy']:.2%}")
         acc.add_row(f"--source auto (refused = wrong; {rep['id_rejected']} refused)", f"{rep['routed_accuracy']:.2%}")
+        if rep["routed_accuracy_accepted"] is not None:
+            acc.add_row("--source auto on the images it answered", f"{rep['routed_accuracy_accepted']:.2%}")
+            acc.add_row("  the same images, each through its own model", f"{rep['own_model_accuracy_accepted']:.2%}")
         out.print(acc)
     o = rep.get("ood")
     if o and o.get("auroc") is not None:
