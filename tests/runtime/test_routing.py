@@ -300,3 +300,18 @@ def test_benchmark_has_a_router_row_and_its_cost(routed_deploy, tmp_path):
     assert row.status == "ok" and row.model_only > 0 and row.thumb_ms > 0
     ort = result.row("onnxruntime fp32")
     assert router_cost(result) == pytest.approx((1 / row.model_only + row.thumb_ms / 1000) * ort.model_only)
+
+
+@pytest.mark.parametrize("extra", [("--backend", "torch"), ("--precision", "fp16")])
+def test_infer_auto_on_other_backends_gives_the_same_rows(routed_deploy, mixed, tmp_path, extra):
+    """The torch backend computes the same two outputs as the ONNX graph; the fp16 file keeps both."""
+    deploy, _ = routed_deploy
+    ref, other = tmp_path / "ref.csv", tmp_path / "other.csv"
+    assert invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", ref, "--workers", 0).exit_code == 0
+    r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", other, "--workers", 0, *extra)
+    assert r.exit_code == 0, r.output
+    for a, b in zip(read_rows(ref), read_rows(other), strict=True):
+        assert (a["path"], a["source"], a["rejected"], a["predicted"]) == (b["path"], b["source"], b["rejected"],
+                                                                           b["predicted"])
+        if a["id_score"]:
+            assert float(b["id_score"]) == pytest.approx(float(a["id_score"]), rel=1e-2)
