@@ -22,13 +22,19 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 "$venv/bin/gi-deploy" infer "$demo/data/capsule/test" --deploy "$demo/deploy" --source all --out "$out/pred.csv"
 "$venv/bin/gi-deploy" evaluate "$out/pred.csv"
+# --source auto (router + in-distribution check, numpy only) and evaluate --routing, torch-free too
+"$venv/bin/gi-deploy" infer "$demo/data/mixed" --deploy "$demo/deploy" --source auto --out "$out/auto.csv"
+grep -q ",1,out of distribution" "$out/auto.csv" || { echo "--source auto refused none of the OOD frames" >&2; exit 1; }
+"$venv/bin/gi-deploy" evaluate --routing --deploy "$demo/deploy" --test "capsule=$demo/data/capsule/test" \
+  --test "endoscope=$demo/data/endoscope/test" --ood "$demo/data/ood" --out "$out/routing"
 for kind in metrics.json confusion.png roc.png; do  # pred.<kind>, or pred.<source>.<kind> with several sources
   compgen -G "$out/pred*.$kind" > /dev/null || { echo "evaluate wrote no pred*.$kind" >&2; exit 1; }
 done
 "$venv/bin/python" - "$out/pred.csv" <<'PY'
 import sys
 assert "torch" not in sys.modules
-import gi_deploy.cli, gi_deploy.runtime.infer, gi_deploy.runtime.evaluate  # noqa: F401
+import gi_deploy.cli, gi_deploy.runtime.infer, gi_deploy.runtime.evaluate, gi_deploy.runtime.route  # noqa: F401
+import gi_deploy.runtime.routing_eval  # noqa: F401
 assert "torch" not in sys.modules, "a runtime module imported torch"
 PY
 size() { du -sm "$1/lib" | cut -f1; }

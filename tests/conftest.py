@@ -65,3 +65,27 @@ def two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy) -> Path:
     shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
     return deploy
 
+
+
+@pytest.fixture(scope="session")
+def routed_deploy(tmp_path_factory, tiny_deploy) -> tuple[Path, Path]:
+    """(deploy folder, data folder): the tiny capsule bundle, a tiny run trained on synthetic
+    *endoscope* images (a planted second source that looks different), and the router over both.
+    The data folder holds ``capsule/`` and ``endoscope/`` splits."""
+    import shutil
+
+    from gi_deploy.demo.synthetic import write_source
+    from gi_deploy.export.router import write_router
+    from gi_deploy.export.writer import export_source
+    from gi_deploy.training.trainer import train
+
+    root = tmp_path_factory.getbasetemp() / "routed"
+    data = root / "data"
+    write_source(data, "capsule", seed=1, size=TINY_PX, split_sizes=TINY_SPLITS)  # the same images as tiny_data
+    endo = write_source(data, "endoscope", seed=1, size=TINY_PX, split_sizes=TINY_SPLITS)
+    run = train(tiny_train_config(endo, root / "runs", source="endoscope")).run_dir
+    deploy = root / "deploy"
+    export_source(run, deploy / "endoscope")
+    shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
+    write_router(deploy)
+    return deploy, data

@@ -79,6 +79,9 @@ def export_cmd(
     max_batch: Annotated[int, opt(O, "max_batch")] = default_of(O, "max_batch"),
     exporter: Annotated[Exporter, opt(O, "exporter")] = Exporter(default_of(O, "exporter")),
     force: Annotated[bool, opt(E, "force")] = default_of(E, "force"),
+    router: Annotated[Optional[bool], opt(E, "router", "--router/--no-router")] = None,
+    router_source: Annotated[Optional[list[str]], opt(E, "router_sources", "--router-source")] = None,
+    router_min_accuracy: Annotated[float, opt(E, "router_min_accuracy")] = default_of(E, "router_min_accuracy"),
     list_: Annotated[bool, typer.Option("--list", help="Show the bundles under --out (files, gates, footprint) "
                                                        "and exit.")] = False,
     runs_dir: Annotated[Path, opt(E, "runs_dir", "--runs")] = default_of(E, "runs_dir"),
@@ -91,7 +94,7 @@ def export_cmd(
         return
     with reported():
         require_training_extra("export")
-    from gi_deploy.export.writer import export_runs, storage_summary  # lazy: torch is the training extra's
+    from gi_deploy.export.writer import export_router, export_runs, storage_summary  # lazy: the training extra's
 
     with reported():
         options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
@@ -99,7 +102,8 @@ def export_cmd(
                                 int8_max_accuracy_drop=int8_max_drop, allow_no_val=allow_no_val, engine=engine, max_batch=max_batch,
                                 exporter=exporter.value)
         cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
-                           force=force)
+                           force=force, router=router, router_sources=router_source,
+                           router_min_accuracy=router_min_accuracy)
         try:
             results, failure = export_runs(cfg), None
         except ExportFailed as e:  # report the sources that did export, then the failures
@@ -108,3 +112,10 @@ def export_cmd(
     if failure is not None:
         with reported():
             raise failure
+    with reported():
+        routed = export_router(cfg, results)
+    if routed is not None:
+        g = routed.manifest["verification"]["router"]
+        out.print(f"router: {routed.path} over {', '.join(routed.manifest['sources'])}: held-out routing accuracy "
+                  f"{g['accuracy']:.1%} on {g['n']} validation images (gate >= {g['min_accuracy']:.1%})",
+                  soft_wrap=True)

@@ -26,11 +26,20 @@ from gi_deploy.cli._display import (
 from gi_deploy.core.choices import BackendName, Device, Precision
 from gi_deploy.core.fields import default_of
 from gi_deploy.runtime.base import is_info
-from gi_deploy.runtime.benchmark import BenchmarkConfig, BenchmarkResult, goals, run_benchmark
+from gi_deploy.runtime.benchmark import (
+    ROUTER_MAX_COST,
+    BenchmarkConfig,
+    BenchmarkResult,
+    goals,
+    router_cost,
+    run_benchmark,
+)
 from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
 from gi_deploy.runtime.ray_infer import RayOptions, infer_on_ray  # Ray itself is imported only with --ray
+from gi_deploy.runtime.route import infer_routed, is_auto
+from gi_deploy.runtime.routing_eval import evaluate_routing
 
 I, B, R = InferConfig, BenchmarkConfig, RayOptions
 
@@ -42,9 +51,12 @@ def _report_infer(r: InferResult, inputs: str) -> None:
                 out.print(f"{s}: {note}", soft_wrap=True)
             else:
                 err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
-        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled; on "
-                  f"{run.backend}", soft_wrap=True)
-    out.print(f"decoded by {r.decoder}, {r.workers} worker process(es)", soft_wrap=True)
+        refused = run.metrics.get("n_rejected") if run.metrics else None
+        out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled"
+                  + (f", {refused} refused as out of distribution" if refused is not None else "")
+                  + f"; on {run.backend}", soft_wrap=True)
+    if r.decoder:
+        out.print(f"decoded by {r.decoder}, {r.workers} worker process(es)", soft_wrap=True)
     out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
               f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
               + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
@@ -89,6 +101,8 @@ def infer_cmd(
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
                           workers=workers, compile=compile, decode=decode)
+        if ray and is_auto(cfg.sources):
+            usage_error("--source auto routes images locally; drop --ray, or name the sources with --source")
         if ray:
             opts = RayOptions(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
                               cpus_per_actor=ray_cpus_per_actor, parquet_dir=parquet)
@@ -97,8 +111,9 @@ def infer_cmd(
         elif ray_address or ray_actors or ray_gpus_per_actor is not None or parquet:
             usage_error("--ray-address, --ray-actors, --ray-gpus-per-actor and --parquet need --ray")
         else:
+            run = infer_routed if is_auto(cfg.sources) else infer_folder
             with image_progress("classifying") as progress:
-                r = infer_folder(cfg, progress)
+                r = run(cfg, progress)
     _report_infer(r, inputs)
     if explain_wrong > 0:
         with reported():
@@ -145,9 +160,25 @@ def evaluate_cmd(
         "--out", help="Where the report files go (default: beside the CSV); with --cross, the matrices and "
                       "predictions (default: cross/).")] = None,
     n_wrong: Annotated[int, opt(I, "n_wrong")] = default_of(I, "n_wrong"),
+    routing: Annotated[bool, typer.Option("--routing", help="Score --source auto on the labelled test sets: routing "
+                                                            "confusion and accuracy, routed vs single-model accuracy "
+                                                            "on the mixed folder, OOD AUROC/FPR95 against --ood.")
+                       ] = False,
+    ood: Annotated[Optional[Path], typer.Option(help="--routing: a folder of images no source covers (non-endoscopy, "
+                                                     "blank, saturated frames).")] = None,
 ) -> None:
     """Re-score a predictions CSV without running a model (metrics.json, confusion matrices, ROC
     curves, the most confidently wrong images), or with --cross build the cross-source matrix."""
+    if routing:
+        if predictions is not None or cross or class_map:
+            usage_error("--routing runs the router and models itself; drop the CSV, --cross and --class-map")
+        with reported():
+            r = evaluate_routing(deploy_dir, out_dir or Path("routing"), parse_tests(test or []) or None, ood)
+        _print_routing(r.report)
+        out.print(f"details -> {r.files['json']}, per image -> {r.files['csv']}", soft_wrap=True)
+        return
+    if ood is not None:
+        usage_error("--ood belongs to --routing")
     if cross and predictions is not None:
         usage_error(f"--cross runs the models itself; drop {predictions}")
     if not cross and predictions is None:
@@ -167,6 +198,37 @@ def evaluate_cmd(
     for s, sc in scores.items():
         out.print(f"{s}: {sc.n_rows} rows, {sc.n_errors} unreadable, {sc.n_unlabelled} unlabelled")
     print_scores(f"scored from {predictions}", scores)
+
+
+def _print_routing(rep: dict) -> None:
+    sources = rep["sources"]
+    if "routing_confusion" in rep:
+        table = Table(title=f"routing on {rep['n_images']} labelled test images: accuracy "
+                            f"{rep['routing_accuracy']:.2%}")
+        table.add_column("true \\ routed")
+        for s in sources:
+            table.add_column(s, justify="right")
+        for s, row in zip(sources, rep["routing_confusion"]["matrix"]):
+            table.add_row(s, *map(str, row))
+        out.print(table)
+        acc = Table(title="accuracy on the mixed folder")
+        acc.add_column("model")
+        acc.add_column("accuracy", justify="right")
+        for s, a in rep["single_model_accuracy"].items():
+            acc.add_row(f"{s} model on everything", f"{a:.2%}")
+        acc.add_row("each image's own source model", f"{rep['own_model_accuracy']:.2%}")
+        acc.add_row(f"--source auto (refused = wrong; {rep['id_rejected']} refused)", f"{rep['routed_accuracy']:.2%}")
+        if rep["routed_accuracy_accepted"] is not None:
+            acc.add_row("--source auto on the images it answered", f"{rep['routed_accuracy_accepted']:.2%}")
+            acc.add_row("  the same images, each through its own model", f"{rep['own_model_accuracy_accepted']:.2%}")
+        out.print(acc)
+    o = rep.get("ood")
+    if o and o.get("auroc") is not None:
+        out.print(f"out of distribution: AUROC {o['auroc']:.4f}, FPR@95TPR {o['fpr_at_95tpr']:.2%} on {o['n_ood']} "
+                  f"images; at the bundles' thresholds {o['ood_rejected']}/{o['n_ood']} refused "
+                  f"({rep.get('id_rejected', 0)}/{rep['n_images']} test images refused)", soft_wrap=True)
+    elif o:
+        out.print(f"out of distribution: {o['note']}", soft_wrap=True)
 
 
 def _benchmark_table(r: BenchmarkResult) -> Table:
@@ -210,6 +272,10 @@ def benchmark_cmd(
     for what, value, target in goals(r):
         verdict = "not measured" if value is None else ("met" if value >= target else "NOT met")
         out.print(f"goal {what} >= {target}x: " + ("n/a" if value is None else f"{value:.2f}x") + f" ({verdict})")
+    cost = router_cost(r)
+    if cost is not None:  # an upper bound, unlike the speed-ups above
+        out.print(f"goal router cost (thumbnail + features + classifier) vs one onnxruntime fp32 model, per image, <= "
+                  f"{ROUTER_MAX_COST:.0%}: {cost:.1%} ({'met' if cost <= ROUTER_MAX_COST else 'NOT met'})")
     if json_out:
         write_json(json_out, asdict(r))
         out.print(f"-> {json_out}")

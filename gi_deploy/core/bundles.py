@@ -29,7 +29,10 @@ from gi_deploy.core.runs import RUN_MANIFEST
 from gi_deploy.errors import BundleError, ConfigError, DataError
 
 BUNDLE_FORMAT = "gi-deploy-bundle"
-BUNDLE_FORMAT_VERSION = 2  # 2: model.fp16.onnx, int8, engine, files/footprint/export_key
+BUNDLE_FORMAT_VERSION = 3  # 2: model.fp16.onnx, int8, engine, files/footprint/export_key; 3: features output, ood
+# Versions this gi-deploy still reads: a v2 bundle has no features output and no in-distribution
+# statistics; it classifies as before, and --source auto says how to add them.
+READABLE_FORMAT_VERSIONS = (2, 3)
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.json"
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -37,11 +40,13 @@ BUILD_SCRIPT = "build_engine.sh"  # written by export --engine where TensorRT or
 
 
 def list_bundles(deploy_dir: Path) -> list[str]:
-    """Names of the sources that have a bundle manifest under ``deploy_dir``."""
+    """Names of the sources that have a bundle manifest under ``deploy_dir``. The router's folder
+    (``_router``, core/router.py) has a manifest too but is not a bundle: names starting with ``_``
+    are never listed."""
     if not deploy_dir.is_dir():
         return []
     return sorted(p.parent.name for p in deploy_dir.glob(f"*/{MANIFEST_NAME}")
-                  if not p.parent.name.startswith("."))  # .<name>.staging / .old of an export in progress
+                  if not p.parent.name.startswith((".", "_")))  # .<name>.staging / .old of an export in progress
 
 
 def interrupted_hint(deploy_dir: Path) -> str:
@@ -139,7 +144,7 @@ def validate_bundle_manifest(bundle_dir: Path, manifest) -> dict:
     Raises BundleError naming the field and its value."""
     if not isinstance(manifest, dict):
         raise _bad(bundle_dir, "(top level)", type(manifest).__name__, "must be a JSON object")
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise BundleError(f"{bundle_dir / MANIFEST_NAME} is not a {BUNDLE_FORMAT} v{BUNDLE_FORMAT_VERSION} "
                           "manifest; re-export with this version of gi-deploy")
     for key in ("source", "classes", "preprocess", "models", "model"):
@@ -300,6 +305,8 @@ def gate_text(gate: str, g: dict) -> str:
         return f"merge max|Δlogit| {g['max_abs_logit_diff']:.1e}"
     if gate == "onnx_fp32":
         return f"fp32 ONNX max|Δlogit| {g['max_abs_logit_diff']:.1e}, top-1 {g['top1_agreement']:.0%}"
+    if gate == "onnx_features":
+        return f"features max|Δ| {g['max_abs_feature_diff']:.1e}"
     if gate == "onnx_fp16":
         return f"fp16 top-1 {g['top1_agreement']:.1%} max|Δprob| {g['max_abs_prob_diff']:.1e}"
     if gate == "fp16_emulated":
@@ -313,7 +320,7 @@ def gate_text(gate: str, g: dict) -> str:
 def gates_line(verification: dict) -> str:
     """Every gate a bundle passed, on one line (the true-fp16 check beside the fp16 one)."""
     parts = []
-    for gate in ("merge", "onnx_fp32", "onnx_fp16", "int8", "engine"):
+    for gate in ("merge", "onnx_fp32", "onnx_features", "onnx_fp16", "int8", "engine"):
         if gate in verification:
             text = gate_text(gate, verification[gate])
             if gate == "onnx_fp16" and "fp16_emulated" in verification:
@@ -333,7 +340,8 @@ def bundle_summary(bundle_dir: Path) -> dict:
         validate_bundle_manifest(bundle_dir, m)  # a damaged manifest is named, not a traceback
     v = m.get("verification", {})
     files = {name: e["bytes"] for name, e in m.get("files", {}).items()}
-    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32",), MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
+    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32", "onnx_features"),
+                MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
                 MODEL_FILES["int8"]: ("int8",)}
     engine = m.get("engine") or {}
     if engine.get("status") == "built":

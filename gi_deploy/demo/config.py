@@ -27,3 +27,4 @@ class DemoConfig:
     seed: int = 0
     sources: tuple[str, ...] = SOURCES
     split_sizes: dict[str, int] = field(default_factory=lambda: dict(SPLIT_SIZES))  # images per class
+    ood_per_kind: int = 8  # frames no source covers, per kind (blank, saturated, colour field, pattern)

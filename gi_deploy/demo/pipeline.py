@@ -1,14 +1,19 @@
-"""The main job on an embedded default, end to end on CPU in a few minutes.
+"""The main job on an embedded default, end to end on CPU in a few minutes, telling the product's
+story: one model does not transfer across sources, so each image must meet its own source's
+model, and what no model knows is refused.
 
 No ImageNet weights can be downloaded everywhere, so the demo first trains its own small base
-(``convnextv2_atto``, full fine-tuning) on both sources pooled, then fits one LoRA adapter per
+(``convnextv2_atto``, full fine-tuning) on a findings-free pretext task (fold direction of plain
+synthetic mucosa: it has seen neither source nor any finding), then fits one LoRA adapter per
 source on that base through ``weights=`` (the path a user's local checkpoint takes), exports the
-three models, and scores every model on every source's test set. Synthetic data: it shows the
-pipeline, not clinical accuracy.
+sources' bundles and the router over them, scores every model on every source's test set, and
+runs ``--source auto`` on a mixed folder of both sources' test images plus frames no source
+covers. Synthetic data: it shows the pipeline, not clinical accuracy.
 """
 
 from __future__ import annotations
 
+import csv
 import shutil
 import time
 from collections.abc import Callable
@@ -17,9 +22,11 @@ from pathlib import Path
 
 from gi_deploy.core.runs import FULL_WEIGHTS
 from gi_deploy.demo.config import BASE, MODEL, DemoConfig
-from gi_deploy.demo.synthetic import write_source
-from gi_deploy.export.writer import ExportConfig, export_runs
+from gi_deploy.demo.synthetic import write_ood, write_pretext, write_source
+from gi_deploy.export.writer import ExportConfig, export_router, export_runs
 from gi_deploy.runtime.infer import InferConfig, infer_folder
+from gi_deploy.runtime.route import infer_routed
+from gi_deploy.runtime.routing_eval import evaluate_routing
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.trainer import train
 
@@ -32,16 +39,19 @@ class DemoResult:
     scores: dict[str, dict[str, dict]] = field(default_factory=dict)
     params: dict[str, tuple[int, int]] = field(default_factory=dict)
     verification: dict[str, dict] = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)  # evaluate --routing's report on the mixed folder
+    router_gate: dict = field(default_factory=dict)
+    auto: dict = field(default_factory=dict)  # infer --source auto on the mixed folder: rows, refused
 
 
-def _pool(data_dir: Path, sources: tuple[str, ...], pooled: Path) -> None:
-    """Copy every source's train/ and val/ images into one tree for the base model."""
+def _mixed(data_dir: Path, sources: tuple[str, ...], ood: Path, mixed: Path) -> None:
+    """Every source's test images in one class-named tree, and the OOD frames under ``ood/``."""
     for source in sources:
-        for split in ("train", "val"):
-            for f in (data_dir / source / split).rglob("*.jpg"):
-                dst = pooled / split / f.relative_to(data_dir / source / split)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, dst)
+        for f in (data_dir / source / "test").rglob("*.jpg"):
+            dst = mixed / f.relative_to(data_dir / source / "test")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+    shutil.copytree(ood, mixed / "ood")
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
@@ -51,13 +61,16 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     shutil.rmtree(data, ignore_errors=True)
     for source in cfg.sources:
         write_source(data, source, seed=cfg.seed, size=cfg.image_px, split_sizes=cfg.split_sizes)
-    _pool(data, cfg.sources, data / "pooled")
-    say(f"data: synthetic {', '.join(cfg.sources)} images under {data}")
+    write_pretext(data, seed=cfg.seed, size=cfg.image_px, split_sizes=cfg.split_sizes)
+    ood = write_ood(data / "ood", size=cfg.image_px, n=cfg.ood_per_kind, seed=cfg.seed)
+    _mixed(data, cfg.sources, ood, data / "mixed")
+    say(f"data: synthetic {', '.join(cfg.sources)} images, a findings-free pretext set and frames no source "
+        f"covers, under {data}")
     result = DemoResult(out_dir=out, seconds=0.0)
     common = dict(model=MODEL, img_size=cfg.img_size, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=runs,
                   device="cpu", overwrite=True)  # the demo regenerates its data, so its runs are stale
-    say(f"train {BASE}: {MODEL} from random init, full fine-tuning on all sources pooled")
-    r = train(TrainConfig(source=BASE, data_dir=data / "pooled", method="full", pretrained=False,
+    say(f"train {BASE}: {MODEL} from random init, full fine-tuning on the findings-free pretext task")
+    r = train(TrainConfig(source=BASE, data_dir=data / "pretext", method="full", pretrained=False,
                           epochs=cfg.base_epochs, patience=cfg.base_epochs, lr=cfg.base_lr, **common))
     result.params[BASE] = (r.trainable_params, r.total_params)
     for source in cfg.sources:
@@ -66,15 +79,29 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                               weights=runs / BASE / FULL_WEIGHTS, epochs=cfg.lora_epochs,
                               patience=cfg.lora_epochs, lr=cfg.lora_lr, **common))
         result.params[source] = (r.trainable_params, r.total_params)
-    say("export: merge, ONNX, verify")
-    bundles = export_runs(ExportConfig(runs_dir=runs, deploy_dir=deploy, sources=[BASE, *cfg.sources]))
+    say("export: merge, ONNX (logits + pooled features), verify, in-distribution statistics, router")
+    export_cfg = ExportConfig(runs_dir=runs, deploy_dir=deploy, sources=list(cfg.sources), router=True,
+                              router_sources=list(cfg.sources))
+    bundles = export_runs(export_cfg)
+    result.router_gate = export_router(export_cfg, bundles).manifest["verification"]["router"]
     result.verification = {name: r.manifest["verification"] for name, r in bundles.items()}
-    models = [BASE, *cfg.sources]
+    models = list(cfg.sources)
     result.scores = {model: {} for model in models}
     for source in cfg.sources:  # every model on each test set in one pass: each image decoded once
         res = infer_folder(InferConfig(inputs=data / source / "test", deploy_dir=deploy, sources=models,
                                        out_csv=out / "predictions" / f"{source}_test.csv"))
         for model in models:
             result.scores[model][source] = res.sources[model].metrics
+    say("--source auto on a mixed folder (both test sets and frames no source covers)")
+    auto = infer_routed(InferConfig(inputs=data / "mixed", deploy_dir=deploy, sources=["auto"],
+                                    out_csv=out / "predictions" / "mixed_auto.csv"))
+    with open(auto.csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    is_ood = [r["path"].startswith("ood/") for r in rows]
+    refused = [r["rejected"] == "1" for r in rows]
+    result.auto = {"rows": len(rows), "ood_frames": sum(is_ood),
+                   "ood_refused": sum(o and x for o, x in zip(is_ood, refused)),
+                   "test_refused": sum(x and not o for o, x in zip(is_ood, refused)), "csv": str(auto.csv_path)}
+    result.routing = evaluate_routing(deploy, out / "routing", {s: data / s / "test" for s in cfg.sources}, ood).report
     result.seconds = time.time() - t0
     return result

@@ -4,7 +4,13 @@ Not clinical data: the images exist to exercise the pipeline. Four findings are 
 distinct patterns on a mucosa-like texture; the two sources differ the way capsule and
 conventional endoscopy do: a round field of view, bile tint, low resolution and vignetting
 ("capsule") versus a wide rectangular view, white light, vessels and specular glare
-("endoscope").
+("endoscope"). And, as with real devices, a finding does not look the same through both: the
+endoscope shows a polyp as a pale raised lesion with a red rim and an ulcer as a dark red crater
+(the capsule's polyp look), so a model trained on one source is wrong on the other's polyps and
+ulcers: the seed paper's Table 1 in miniature.
+
+A third, findings-free source (``pretext``) gives the demo's base something to learn that is
+neither source's findings: plain mucosa whose folds run in one of four directions.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from PIL import Image
 CLASSES = ("normal", "polyp", "ulcer", "bleeding")
 SOURCES = ("capsule", "endoscope")
 SPLIT_SIZES = {"train": 60, "val": 15, "test": 30}
+# How the endoscope draws a finding (the capsule draws each as itself): the same pathology looks
+# different through another device.
+DEVICE_LOOK = {"polyp": "ulcer", "ulcer": "polyp"}
+PRETEXT = "pretext"
+PRETEXT_CLASSES = ("folds_0", "folds_45", "folds_90", "folds_135")
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -44,17 +55,18 @@ def render(finding: str, source: str, rng: np.random.Generator, size: int = 64) 
         vessels = np.abs(_smooth_noise(rng, size, 12) - 0.5) < 0.025
         img[vessels] *= np.array([0.75, 0.55, 0.6], dtype=np.float32)
     cy, cx = rng.uniform(0.3, 0.7, size=2)
-    if finding == "polyp":
+    drawn = finding if capsule else DEVICE_LOOK.get(finding, finding)
+    if drawn == "polyp":
         r = rng.uniform(0.12, 0.2)
         d = _blob(yy, xx, cy, cx, r, r * rng.uniform(0.8, 1.2))
         shade = np.clip(1.0 - d, 0, 1)[..., None]
         img = np.where(d[..., None] < 1, img * 0.6 + shade * np.array([0.55, 0.28, 0.25]), img)
-    elif finding == "ulcer":
+    elif drawn == "ulcer":
         r = rng.uniform(0.1, 0.16)
         d = _blob(yy, xx, cy, cx, r, r * rng.uniform(0.7, 1.4))
         img = np.where((d > 1)[..., None] & (d < 1.8)[..., None], img * np.array([1.0, 0.55, 0.5]), img)
         img = np.where(d[..., None] <= 1, np.array([0.93, 0.9, 0.72], dtype=np.float32), img)
-    elif finding == "bleeding":
+    elif drawn == "bleeding":
         for _ in range(rng.integers(3, 7)):
             by, bx = rng.uniform(0.15, 0.85, size=2)
             r = rng.uniform(0.04, 0.1)
@@ -91,3 +103,54 @@ def write_source(root: Path, source: str, seed: int = 0, size: int = 64,
                 Image.fromarray(render(finding, source, rng, size)).save(folder / f"{source}_{split}_{i:04d}.jpg",
                                                                          quality=92)
     return out
+
+
+def render_pretext(direction: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """One uint8 RGB image (size, size, 3) of findings-free mucosa whose folds run in
+    ``direction`` (one of ``PRETEXT_CLASSES``), under a neutral light, square view."""
+    if direction not in PRETEXT_CLASSES:
+        raise ValueError(f"unknown fold direction {direction!r}")
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = np.deg2rad(int(direction.split("_")[1]) + rng.uniform(-12, 12))
+    folds = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * rng.uniform(5, 10) * np.pi)
+    tissue = np.array([0.83, 0.5, 0.45], dtype=np.float32) * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    img = (0.7 + 0.25 * folds + 0.15 * _smooth_noise(rng, size, 6))[..., None] * tissue
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+    return (img * 255).astype(np.uint8)
+
+
+def write_pretext(root: Path, seed: int = 0, size: int = 64, split_sizes: dict[str, int] = SPLIT_SIZES) -> Path:
+    """Write ``root/pretext/{train,val}/<direction>/<n>.jpg`` (no test split: only the base trains
+    on it); returns the folder."""
+    rng = np.random.default_rng([seed, len(SOURCES)])
+    out = Path(root) / PRETEXT
+    for split in ("train", "val"):
+        for direction in PRETEXT_CLASSES:
+            folder = out / split / direction
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(split_sizes[split]):
+                Image.fromarray(render_pretext(direction, rng, size)).save(folder / f"pretext_{split}_{i:04d}.jpg",
+                                                                           quality=92)
+    return out
+
+
+def write_ood(folder: Path, size: int = 64, n: int = 8, seed: int = 0) -> Path:
+    """Frames no source covers, ``4 * n`` of them: blank (black, grey, white) and saturated frames,
+    and non-endoscopy images (smooth colour fields of any hue, stripes and checkerboards)."""
+    rng = np.random.default_rng([seed, 99])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        level = (0, 128, 255)[i % 3]
+        blank = np.full((size, size, 3), level, np.uint8)
+        saturated = np.zeros((size, size, 3), np.uint8)
+        saturated[..., i % 3] = 255
+        field = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+            (size, size), Image.Resampling.BICUBIC))
+        cell = int(rng.integers(2, 12))
+        pattern = np.where((((yy // cell) + (xx // cell * (i % 2))) % 2 == 0)[..., None],
+                           rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)
+        for kind, a in (("blank", blank), ("saturated", saturated), ("colour_field", field), ("pattern", pattern)):
+            Image.fromarray(a).save(folder / f"{kind}_{i:02d}.png")
+    return folder

@@ -11,11 +11,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from gi_deploy.errors import ConfigError, DependencyError, ExportError
+from gi_deploy.errors import ConfigError, DependencyError, ExportError, GateFailed
 from gi_deploy.export import verify
 from gi_deploy.export.options import DEFAULT_EXPORTER, EXPORTERS, OPSET
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FEATURES_NAME = "features"  # the second output: the pooled features the logits are computed from
+# Pooled features (after the head's norm, before the classifier) of the ONNX graph vs torch: the
+# same maths in another summation order, like the logits; they are O(1) (layer-normed), so the
+# logits' tolerance applies as it is.
+FEATURES_ATOL = 1e-4
+
+
+class WithFeatures(nn.Module):
+    """A timm classifier returning ``(logits, features)``: float32 (N, C) and the pooled features
+    (N, D) the classifier layer reads (``forward_head(pre_logits=True)``). The second output is
+    free: the graph computes it anyway on the way to the logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.model.forward_features(x)
+        return self.model.forward_head(f), self.model.forward_head(f, pre_logits=True)
+
+
+def has_pooled_features(model: nn.Module) -> bool:
+    """Whether ``model`` exposes timm's forward_features / forward_head(pre_logits=True)."""
+    return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
 
 # The metadata_props key prefix of the essentials stamped into every ONNX file of a bundle.
 METADATA_PREFIX = "gi_deploy."
@@ -30,6 +54,7 @@ class ExportedOnnx:
     opset: int
     logits: np.ndarray
     verification: dict
+    features_gate: dict | None = None  # the onnx_features gate, when the graph has a features output
 
 
 def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset: int = OPSET,
@@ -59,10 +84,11 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
             if exporter == "dynamo":
                 _export_dynamo(model, example, path, opset)
             else:
+                outputs = [OUTPUT_NAME, FEATURES_NAME] if isinstance(model, WithFeatures) else [OUTPUT_NAME]
                 torch.onnx.export(
                     model, (example,), str(path), dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    input_names=[INPUT_NAME], output_names=outputs,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                 )
         except torch.onnx.errors.OnnxExporterError as e:
             first = str(e).strip().splitlines()[0]
@@ -78,13 +104,36 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
         inputs = np.random.default_rng(verify.VERIFY_SEED).standard_normal((3, 3, *input_size)).astype(np.float32)
     if reference is None:
         with torch.no_grad():
-            reference = model(torch.from_numpy(inputs)).numpy()
+            out = model(torch.from_numpy(inputs))
+            reference = (out[0] if isinstance(out, tuple) else out).numpy()
     logits, provider = run_onnx(path, inputs)
     gate = verify.check("onnx_fp32", what, {
         **verify.compare_logits(reference, logits), "provider": provider,
         "batch_sizes": [1] + [min(RUN_CHUNK, len(inputs) - i) for i in range(1, len(inputs), RUN_CHUNK)]},
         atol=verify.FP32_ATOL, min_top1=verify.FP32_MIN_TOP1)
-    return ExportedOnnx(path, version, logits, gate)
+    result = ExportedOnnx(path, version, logits, gate)
+    if isinstance(model, WithFeatures):
+        result.features_gate = features_gate(model, path, inputs, what)
+    return result
+
+
+def features_gate(model: WithFeatures, path: Path, inputs: np.ndarray, what: str) -> dict:
+    """The ``onnx_features`` gate: the file's ``features`` output vs torch's pooled features,
+    within ``FEATURES_ATOL``. Raises GateFailed."""
+    with torch.no_grad():
+        ref = model(torch.from_numpy(inputs))[1].numpy()
+    feats = run_onnx_output(path, inputs, FEATURES_NAME)
+    finite = bool(np.isfinite(feats).all())
+    diff = float(np.abs(ref - feats).max()) if finite else float("inf")
+    result = {"max_abs_feature_diff": diff, "finite": finite, "finite_share": float(np.isfinite(feats).all(1).mean()),
+              "n": int(len(inputs)), "dim": int(feats.shape[1]), "tolerance": FEATURES_ATOL}
+    if not finite:
+        raise GateFailed("onnx_features", what.replace("fp32 ONNX", "ONNX features"), "share of finite features",
+                         result["finite_share"], 1.0, "equal to")
+    if diff > FEATURES_ATOL:
+        raise GateFailed("onnx_features", what.replace("fp32 ONNX", "ONNX features"), "max |Δfeature|", diff,
+                         FEATURES_ATOL, "at most")
+    return result
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -96,8 +145,9 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
     batch = torch.export.Dim("batch", min=1, max=4096)
     # dynamo implements opset >= 18 only; asking for 17 triggers a down-conversion that fails on
     # timm models and leaves 18 anyway, so ask for 18 (LayerNormalization exists from 17).
+    outputs = [OUTPUT_NAME, FEATURES_NAME] if isinstance(model, WithFeatures) else [OUTPUT_NAME]
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
-                                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+                                output_names=outputs, dynamic_shapes=({0: batch},), verbose=False)
     program.save(str(path))
 
 
@@ -145,3 +195,11 @@ def run_onnx(path: Path, inputs: np.ndarray, providers: list[str] | None = None)
     for i in range(1, len(inputs), RUN_CHUNK):
         parts.append(session.run(None, {name: inputs[i:i + RUN_CHUNK]})[0])
     return np.concatenate(parts).astype(np.float32), session.get_providers()[0]
+
+
+def run_onnx_output(path: Path, inputs: np.ndarray, output: str, providers: list[str] | None = None) -> np.ndarray:
+    """One named output of ``path`` on ``inputs`` (chunks of ``RUN_CHUNK``), float32."""
+    session = ort_session(path, providers)
+    name = session.get_inputs()[0].name
+    parts = [session.run([output], {name: inputs[i:i + RUN_CHUNK]})[0] for i in range(0, len(inputs), RUN_CHUNK)]
+    return np.concatenate(parts).astype(np.float32)

@@ -49,6 +49,8 @@ class ExportOptions:
     allow_no_val: bool = helped(False, "Export even when none of the run's validation images can be read (the gates then "
                                        "run on the synthetic stress images alone; said loudly and recorded in the "
                                        "manifest).")
+    ood_images: int = helped(2000, "In-distribution statistics: most training (and half as many validation) "
+                                   "images whose pooled features fit them.")
     engine: bool = helped(False, "Build a TensorRT engine from the fp16 ONNX (needs TensorRT 10/11 and a GPU; "
                                  "otherwise writes build_engine.sh).")
     max_batch: int = helped(32, "TensorRT profile: batch 1 to this.")
@@ -61,7 +63,7 @@ class ExportOptions:
             raise ConfigError(f"opset must be >= 17 (LayerNormalization as one node), got {self.opset}")
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"exporter {self.exporter!r} unknown; use one of {', '.join(EXPORTERS)}")
-        for name in ("calib_images", "int8_eval_images", "max_batch"):
+        for name in ("calib_images", "int8_eval_images", "max_batch", "ood_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(v is not None and not 0.0 <= v <= 1.0 for v in (self.int8_min_top1, self.int8_max_accuracy_drop)):
@@ -78,8 +80,15 @@ class ExportConfig:
     sources: list[str] = helped(default_factory=list, help="Sources to export (none: every trained run).")
     options: ExportOptions = field(default_factory=ExportOptions)
     force: bool = helped(False, "Re-export even when the bundle is up to date.")
+    router: bool | None = helped(None, "Fit the source router (deploy/_router/) that `infer --source auto` uses "
+                                       "(default: when two or more sources are exported).")
+    router_sources: list[str] | None = helped(None, "Sources the router chooses between (none: the exported "
+                                                    "sources, or every bundle there).")
+    router_min_accuracy: float = helped(0.99, "Router gate: least held-out validation routing accuracy.")
 
     def __post_init__(self) -> None:
         self.runs_dir, self.deploy_dir = Path(self.runs_dir), Path(self.deploy_dir)
+        if not 0.0 <= self.router_min_accuracy <= 1.0:
+            raise ConfigError(f"router_min_accuracy is a fraction in [0, 1], got {self.router_min_accuracy}")
         if not self.runs_dir.is_dir():
             raise ConfigError(f"runs folder {self.runs_dir} does not exist; train a source first")

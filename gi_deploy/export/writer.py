@@ -36,9 +36,10 @@ from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest, select_runs
 from gi_deploy.errors import BundleError, DataError, ExportError, ExportFailed, GiDeployError
-from gi_deploy.export import fp16, int8, onnx_export, tensorrt, verify
+from gi_deploy.export import fp16, id_stats, int8, onnx_export, tensorrt, verify
 from gi_deploy.export.activations import logits_and_peaks
 from gi_deploy.export.options import ExportConfig, ExportOptions
+from gi_deploy.export.router import RouterResult, write_router
 from gi_deploy.model.colora import branch_form
 from gi_deploy.model.run import RunModels, load_run_models
 
@@ -272,10 +273,17 @@ def _write_models(job: _Job, models: RunModels) -> dict:
     (``extras``), the engine entry, the ONNX opset and notes for the user."""
     o, staging, x = job.options, job.staging, job.inputs
     fp32_path = staging / MODEL_FILES["fp32"]
-    onnx = onnx_export.export_onnx(models.deployed, fp32_path, job.spec.size, o.opset, o.exporter, inputs=x,
+    features = onnx_export.has_pooled_features(models.deployed)
+    exported = onnx_export.WithFeatures(models.deployed) if features else models.deployed
+    onnx = onnx_export.export_onnx(exported, fp32_path, job.spec.size, o.opset, o.exporter, inputs=x,
                                    reference=job.ref_logits, what=f"{job.name} fp32 ONNX vs adapter model")
     verification, extras, engine, notes = {"onnx_fp32": onnx.verification}, {}, None, []
+    if onnx.features_gate is not None:
+        verification["onnx_features"] = onnx.features_gate
     job.timer.lap("onnx_fp32")
+    ood = id_stats.write_id_stats(job.name, job.manifest, job.spec, fp32_path, staging, o.ood_images) if features \
+        else None
+    job.timer.lap("id_stats")
     if o.fp16:
         gates, extras["fp16"] = fp16.export_fp16(job.name, fp32_path, staging / MODEL_FILES["fp16"], x, onnx.logits,
                                                  job.peaks)
@@ -295,7 +303,8 @@ def _write_models(job: _Job, models: RunModels) -> dict:
         job.timer.lap("engine")
     for precision in [p for p in MODEL_FILES if (staging / MODEL_FILES[p]).is_file()]:
         _stamp(staging / MODEL_FILES[precision], job.manifest, precision, models.merged, job.key)
-    return {"verification": verification, "extras": extras, "engine": engine, "opset": onnx.opset, "notes": notes}
+    return {"verification": verification, "extras": extras, "engine": engine, "opset": onnx.opset, "notes": notes,
+            "ood": ood, "features": features}
 
 
 def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: dict) -> dict:
@@ -325,7 +334,9 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
         "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
                   "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
                   "opset": written["opset"], "exporter": options.exporter, "input": onnx_export.INPUT_NAME,
-                  "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"]},
+                  "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"],
+                  **({"features_output": onnx_export.FEATURES_NAME} if written["features"] else {})},
+        "ood": written["ood"],
         "models": models_entry, "engine": engine, "verification": verification, "footprint": footprint,
         "base_weights": manifest["base_weights"],
         "adapter": _adapter_entry(manifest),
@@ -383,3 +394,14 @@ def storage_summary(results: dict[str, ExportResult]) -> dict | None:
     return {"sources": list(adapted), "base_bytes": base, "adapter_bytes": artifacts,
             "merged_bytes": sum(f["merged_model_bytes"] for f in adapted.values())}
 
+
+
+def export_router(cfg: ExportConfig, results: dict[str, ExportResult]) -> RouterResult | None:
+    """The source router after :func:`export_runs`: written with ``cfg.router``, or by default when
+    two or more sources were exported; over ``cfg.router_sources``, else the exported sources
+    (or every bundle in the deploy folder when fewer were exported). None when not asked for.
+    Raises what :func:`gi_deploy.export.router.write_router` raises (GateFailed: nothing written)."""
+    if cfg.router is False or (cfg.router is None and len(results) < 2):
+        return None
+    sources = cfg.router_sources or (list(results) if len(results) >= 2 else None)
+    return write_router(cfg.deploy_dir, sources, cfg.router_min_accuracy)

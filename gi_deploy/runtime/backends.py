@@ -105,10 +105,13 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
     input_name = session.get_inputs()[0].name
     threads_used = session.get_session_options().intra_op_num_threads
     on_gpu = active in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-    return Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
-                   + ("" if on_gpu else f" ({threads_used} threads)"),
-                   _bound_run(session, input_name) if on_gpu else (lambda x: session.run(None, {input_name: x})[0]),
-                   notes, path.stat().st_size, device="cuda" if on_gpu else "cpu")
+    b = Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
+                + ("" if on_gpu else f" ({threads_used} threads)"),
+                _bound_run(session, input_name) if on_gpu else (lambda x: session.run(["logits"], {input_name: x})[0]),
+                notes, path.stat().st_size, device="cuda" if on_gpu else "cpu")
+    if "features" in [o.name for o in session.get_outputs()]:  # bundle format 3: one call gives both
+        b.run_features = lambda x: tuple(session.run(["logits", "features"], {input_name: x}))
+    return b
 
 
 def _bound_run(session, input_name: str):
@@ -117,7 +120,8 @@ def _bound_run(session, input_name: str):
     CUDA). Unmeasured here: no onnxruntime-gpu on the machines this was written on."""
     import onnxruntime as ort
 
-    output_name = session.get_outputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    output_name = "logits" if "logits" in names else names[0]
 
     def run(x: np.ndarray) -> np.ndarray:
         binding = session.io_binding()
@@ -166,7 +170,8 @@ def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     runner = tensorrt.EngineRunner(path, int(stamp.get("max_batch", 32)), spec)
     return Backend("tensorrt", "fp16", f"TensorRT {tensorrt.current_target().tensorrt_version} {path.name}",
-                   runner, notes, path.stat().st_size, device="cuda", run_pixels=runner.run_pixels)
+                   runner, notes, path.stat().st_size, device="cuda", run_pixels=runner.run_pixels,
+                   run_features=runner.logits_and_features if runner.has_features else None)
 
 
 def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None,

@@ -36,6 +36,8 @@ class Backend:
     device: str = "cpu"
     spec: PreprocessSpec | None = None
     run_pixels: Callable[[np.ndarray], np.ndarray] | None = None
+    # (logits, pooled features) in one model call, where the model gives both (bundle format 3)
+    run_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) normalised inputs, or the decoder's uint8 (N, H, W, 3) pixels ->
@@ -47,6 +49,20 @@ class Backend:
             assert self.spec is not None, "open_backend gives every backend its bundle's preprocessing"
             batch = normalize_pixels(batch, self.spec)
         return np.asarray(self.run(batch), dtype=np.float32)
+
+    def predict_logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Normalised float32 (N, 3, H, W), or the decoder's uint8 (N, H, W, 3) pixels -> logits (N, C)
+        and pooled features (N, D), both float32, from one model call; features None when this model
+        has no features output."""
+        if self.run_features is None:
+            return self.predict_logits(batch), None
+        if type(batch).__module__.startswith("torch"):  # pixels the GPU decoder left on the device
+            batch = batch.cpu().numpy()
+        if batch.dtype == np.uint8:
+            assert self.spec is not None, "open_backend gives every backend its bundle's preprocessing"
+            batch = normalize_pixels(batch, self.spec)
+        logits, feats = self.run_features(batch)
+        return np.asarray(logits, dtype=np.float32), np.asarray(feats, dtype=np.float32)
 
 
 def cpu_threads() -> int:

@@ -81,6 +81,7 @@ class BenchRow:
     model_bytes: int | None = None
     e2e_vs_eager: float | None = None
     model_vs_eager: float | None = None
+    thumb_ms: float | None = None  # router row: the decoder's extra 32x32 thumbnail, ms per image
 
 
 @dataclass
@@ -201,6 +202,7 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
                 continue
             rows.append(BenchRow(name, "ok", "; ".join([b.detail, *b.notes]), e2e, model, p50, p95, b.model_bytes))
             del b
+        rows += _router_rows(cfg, found, paths)
     eager = next((r for r in rows if r.status == "ok"), None)  # the first row that ran: CPU eager, or the
     # first GPU row when --rows leaves it out
     if eager is not None:
@@ -210,6 +212,49 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
     return BenchmarkResult(manifest["source"], manifest["model"]["name"], spec.size, cfg.n_images, cfg.batch_size,
                            cfg.workers if cfg.workers is not None else "auto",
                            f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
+
+
+ROUTER_ROW = "router (--source auto)"
+
+
+def _router_rows(cfg: BenchmarkConfig, found: list[Path], paths: list[Path]) -> list[BenchRow]:
+    """The source router's row when the deploy folder has one: its features and classifier on
+    ready thumbnails (model only, latency), the pipeline feeding it (end to end), and the cost of
+    the extra thumbnail the decoder makes per image (``thumb_ms``: resize of the decoded frame)."""
+    from gi_deploy.core.preprocess import load_rgb, to_input
+    from gi_deploy.core.router import ROUTER_SPEC, load_router, router_dir, router_features
+
+    if not router_dir(cfg.deploy_dir).is_dir():
+        return []
+    try:
+        router = load_router(cfg.deploy_dir)
+    except GiDeployError as e:
+        return [BenchRow(ROUTER_ROW, f"skipped: {e}")]
+    b = Backend("router", "fp32", f"numpy {np.__version__}, {len(router.sources)} sources",
+                lambda t: router.probabilities_of_features(router_features(t)),
+                model_bytes=router.path.joinpath("router.npz").stat().st_size)
+    rgb = [load_rgb(p) for p in found[:32]]
+    t = time.perf_counter()
+    thumbs = np.stack([to_input(img, ROUTER_SPEC) for img in rgb])
+    thumb_ms = (time.perf_counter() - t) * 1000 / len(rgb)
+    x = thumbs[np.arange(cfg.n_images) % len(thumbs)]
+    model = _model_only(b, x, cfg.batch_size)
+    p50, p95 = _latency(b, x, cfg.latency_runs)
+    e2e = _end_to_end(b, paths, ROUTER_SPEC, cfg.batch_size, cfg.workers)
+    return [BenchRow(ROUTER_ROW, "ok", b.detail, e2e, model, p50, p95, b.model_bytes, thumb_ms=thumb_ms)]
+
+
+ROUTER_MAX_COST = 0.15  # the issue's goal: routing costs at most 15% of one source model's inference
+
+
+def router_cost(result: BenchmarkResult, base: str = "onnxruntime fp32") -> float | None:
+    """The router's cost per image (thumbnail + features + classifier) over one model's
+    model-only cost per image on ``base``; None when either row is missing."""
+    rows = {r.name: r for r in result.rows if r.status == "ok"}
+    router, ort = rows.get(ROUTER_ROW), rows.get(base)
+    if router is None or ort is None:
+        return None
+    return (1.0 / router.model_only + router.thumb_ms / 1000) / (1.0 / ort.model_only)
 
 
 def goals(result: BenchmarkResult, base: str = "onnxruntime fp32") -> list[tuple[str, float | None, float]]:

@@ -36,6 +36,7 @@ class SourceScore:
     n_unlabelled: int  # error-free rows without a true_label
     metrics: dict | None  # None when no error-free row is labelled
     files: dict[str, Path] = field(default_factory=dict)  # "metrics" (the JSON) and the report kinds
+    n_rejected: int = 0  # rows refused as out of distribution (infer --source auto): no diagnosis
 
 
 @dataclass
@@ -49,6 +50,8 @@ class _Tally:
     filled: set[int] = field(default_factory=set)  # indices of prob: columns filled in error-free rows
     labels: dict[str, str] = field(default_factory=dict)  # label -> first path
     predicted: dict[str, str] = field(default_factory=dict)
+    n_rejected: int = 0
+    rejected_labels: dict[str, int] = field(default_factory=dict)  # true label -> refused rows of it
 
 
 def _open(csv_path: Path, need_probs: bool = True) -> tuple[list[str], dict[str, int], list[str]]:
@@ -127,6 +130,11 @@ def _scan(csv_path: Path, col: dict[str, int], prob_cols: list[int]) -> dict[str
         if r[col["error"]]:
             t.n_errors += 1
             continue
+        if _is_rejected(r, col):  # refused, no diagnosis: counted in its own column
+            t.n_rejected += 1
+            label = r[col["true_label"]] or ""
+            t.rejected_labels[label] = t.rejected_labels.get(label, 0) + 1
+            continue
         t.filled.update(j for j, c in enumerate(prob_cols) if r[c])
         if r[col["true_label"]]:
             t.n_labelled += 1
@@ -136,6 +144,10 @@ def _scan(csv_path: Path, col: dict[str, int], prob_cols: list[int]) -> dict[str
     if not tallies:
         raise DataError(f"predictions CSV {csv_path} has a header but no rows")
     return tallies
+
+
+def _is_rejected(r: list[str], col: dict[str, int]) -> bool:
+    return "rejected" in col and r[col["rejected"]] == "1"
 
 
 def _check_labels(t: _Tally, classes: list[str], source: str, csv_path: Path) -> None:
@@ -193,15 +205,31 @@ def score_predictions(csv_path: Path, n_wrong: int = 20, out_prefix: Path | None
         classes_of[source] = [c for j, c in enumerate(all_classes) if j in t.filled]
         _check_labels(t, classes_of[source], source, csv_path)
     scores = {s: SourceScore(source=s, classes=classes_of[s], n_rows=t.n_rows, n_errors=t.n_errors,
-                             n_unlabelled=t.n_rows - t.n_errors - t.n_labelled, metrics=None)
+                             n_unlabelled=t.n_rows - t.n_errors - t.n_labelled - sum(
+                                 v for k, v in t.rejected_labels.items() if k), metrics=None,
+                             n_rejected=t.n_rejected)
               for s, t in tallies.items()}
     gathered = _gather(csv_path, col, {s: classes_of[s] for s, t in tallies.items() if t.n_labelled},
                        all_classes, prob_cols, n_wrong)
     for source, (y_true, y_pred, probs, wrong) in gathered.items():
         score = scores[source]
         prefix = _prefix(csv_path, out_prefix, source, several=len(tallies) > 1)
-        score.metrics, score.files = _score_source(y_true, y_pred, probs, wrong, score, prefix, extra)
+        refused = _rejected_entry(tallies[source], y_true, y_pred) if "rejected" in col else {}
+        score.metrics, score.files = _score_source(y_true, y_pred, probs, wrong, score, prefix,
+                                                   {**(extra or {}), **refused})
     return scores
+
+
+def _rejected_entry(t: _Tally, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Refused rows as their own column: their count per true class, and the accuracy over every
+    labelled row with a refusal counted as not a correct diagnosis (``accuracy`` is over the
+    accepted rows only)."""
+    labelled_rejected = sum(v for k, v in t.rejected_labels.items() if k)
+    n = len(y_true) + labelled_rejected
+    return {"n_rejected": t.n_rejected, "rejected_by_true_label": {k or "(unlabelled)": v for k, v in
+                                                                    sorted(t.rejected_labels.items())},
+            "accuracy_counting_rejected": float((y_true == y_pred).sum() / n) if n else None,
+            "rejected_share": t.n_rejected / max(1, t.n_rows - t.n_errors)}
 
 
 def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]], all_classes: list[str],
@@ -214,7 +242,7 @@ def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]
     acc = {s: (array("i"), array("i"), array("d"), _TopWrong(n_wrong)) for s in classes_of}
     for seq, r in enumerate(_rows(csv_path)):
         source = r[col["source"]]
-        if source not in acc or r[col["error"]] or not r[col["true_label"]]:
+        if source not in acc or r[col["error"]] or not r[col["true_label"]] or _is_rejected(r, col):
             continue
         path, true, pred = r[col["path"]], r[col["true_label"]], r[col["predicted"]]
         y_true, y_pred, probs, wrong = acc[source]

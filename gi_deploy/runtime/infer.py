@@ -42,7 +42,8 @@ class InferConfig:
                                      ".txt/.csv list of paths.")
     deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
     sources: list[str] | None = helped(None, "Bundle(s) to run, repeatable, or 'all'; each image gets one row per "
-                                             "source (none: the only bundle).")
+                                             "source (none: the only bundle). 'auto': the router picks each "
+                                             "image's source, and refuses what no model was trained for.")
     out_csv: Path = helped(Path("predictions.csv"), "Predictions CSV.")
     batch_size: int = helped(32, "Images per model call.")
     backend: str = helped("auto", "auto: the fastest available (TensorRT engine, else onnxruntime on its best "

@@ -43,6 +43,10 @@ class Bundle:
         logits (N, num_classes)."""
         return self.backend.predict_logits(batch)
 
+    def predict_logits_and_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (N, 3, H, W) -> logits (N, C) and pooled features (N, D) (None: no features output)."""
+        return self.backend.predict_logits_and_features(batch)
+
 
 def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
                 backend: str = "onnxruntime", threads: int | None = None, compile: bool | None = None,

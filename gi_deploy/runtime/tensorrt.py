@@ -91,7 +91,9 @@ class EngineRunner:
     (the runtime's TensorRT backend); ``runner(x)`` runs float32 (N, 3, H, W) in chunks of at most
     ``max_batch`` and returns float32 logits (N, C); ``runner.run_pixels(u8)`` takes the decoder's
     uint8 (N, H, W, 3) pixels (numpy, or a CUDA tensor from the GPU decoder) and normalises them on
-    the GPU with ``spec``'s mean and std first."""
+    the GPU with ``spec``'s mean and std first. Every output gets a buffer; the logits are picked by
+    name (a format-3 bundle's graph also gives its pooled features, "features"; an engine with one
+    output of another name is the logits)."""
 
     def __init__(self, engine_path: Path, max_batch: int, spec: PreprocessSpec | None = None):
         import tensorrt as trt
@@ -105,35 +107,48 @@ class EngineRunner:
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        (self._out,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._out_dtype = {trt.float32: torch.float32, trt.float16: torch.float16}[
-            self._engine.get_tensor_dtype(self._out)]
+        self._outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._out = "logits" if "logits" in self._outs else self._outs[0]
+        self._dtypes = {n: {trt.float32: torch.float32, trt.float16: torch.float16}[self._engine.get_tensor_dtype(n)]
+                        for n in self._outs}
+        self.has_features = "features" in self._outs
         self._stream = torch.cuda.Stream()
 
-    def _run_device(self, x) -> np.ndarray:
-        """float32 (n, 3, H, W) already on the GPU, n <= max_batch -> logits on the host."""
+    def _run_device(self, x) -> dict[str, np.ndarray]:
+        """float32 (n, 3, H, W) already on the GPU, n <= max_batch -> every output on the host."""
         import torch
 
         with torch.cuda.stream(self._stream):  # allocation and the engine ordered on one stream
             x = x.contiguous()
             self._context.set_input_shape(self._inp, tuple(x.shape))
-            y = torch.empty(tuple(self._context.get_tensor_shape(self._out)), dtype=self._out_dtype, device="cuda")
+            ys = {n: torch.empty(tuple(self._context.get_tensor_shape(n)), dtype=self._dtypes[n], device="cuda")
+                  for n in self._outs}
             self._context.set_tensor_address(self._inp, x.data_ptr())
-            self._context.set_tensor_address(self._out, y.data_ptr())
+            for n, y in ys.items():
+                self._context.set_tensor_address(n, y.data_ptr())
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise BundleError(f"TensorRT failed to run {self.engine_path.name} on a batch of {len(x)}")
         self._stream.synchronize()
-        return y.float().cpu().numpy()
+        return {n: y.float().cpu().numpy() for n, y in ys.items()}
 
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+    def run_outputs(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the engine on float32 (N, 3, H, W), by name, float32."""
         import torch
 
-        results = []
+        results: dict[str, list] = {n: [] for n in self._outs}
         for i in range(0, len(inputs), self.max_batch):
             with torch.cuda.stream(self._stream):
                 x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
-            results.append(self._run_device(x))
-        return np.concatenate(results)
+            for n, y in self._run_device(x).items():
+                results[n].append(y)
+        return {n: np.concatenate(parts) for n, parts in results.items()}
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        return self.run_outputs(inputs)[self._out]
+
+    def logits_and_features(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = self.run_outputs(inputs)
+        return outs[self._out], outs["features"]
 
     def run_pixels(self, pixels) -> np.ndarray:
         import torch
@@ -148,5 +163,5 @@ class EngineRunner:
                 u8 = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
                 x = u8.to("cuda", non_blocking=True).permute(0, 3, 1, 2).float()
                 x = (x * (1.0 / 255.0) - mean) / std
-            results.append(self._run_device(x))
+            results.append(self._run_device(x)[self._out])
         return np.concatenate(results)

@@ -76,8 +76,10 @@ def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, th
               + (f" ({torch.cuda.get_device_name(0)}, {precision} autocast)" if dev == "cuda"
                  else f" ({torch.get_num_threads()} threads)"))
     notes = [runner.compile_note] if runner.compile_note else []
+    has_features = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
     return Backend("torch", precision, detail, runner.run, notes, n_bytes, device=dev,
-                   run_pixels=runner.run_pixels if dev == "cuda" else None)
+                   run_pixels=runner.run_pixels if dev == "cuda" else None,
+                   run_features=runner.run_features if has_features else None)
 
 
 class _Runner:
@@ -93,7 +95,7 @@ class _Runner:
         self.h, self.w = spec.size
         self._pinned = None
         self.compile_note = ""
-        self.model = model
+        self.model = self.module = model  # module: the eager model (the features path never compiles)
         if compiled:
             COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
@@ -121,6 +123,17 @@ class _Runner:
         if self.dev == "cuda":
             t = t.contiguous(memory_format=torch.channels_last)
         return self._forward(t)
+
+    def run_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled features (what the ONNX graph's two outputs are) from one forward."""
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev)
+        with torch.inference_mode(), torch.autocast(self.dev, dtype=self.amp or torch.float32,
+                                                    enabled=self.amp is not None):
+            f = self.module.forward_features(t)
+            logits, feats = self.module.forward_head(f), self.module.forward_head(f, pre_logits=True)
+        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
 
     def run_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) from the decoder: copied through a pinned buffer (a quarter of the

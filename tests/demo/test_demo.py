@@ -1,12 +1,12 @@
-from gi_deploy.demo.pipeline import BASE, DemoConfig, run_demo
+from gi_deploy.demo.pipeline import DemoConfig, run_demo
 
 
-def test_demo_pipeline_scores_every_model_on_every_source(tmp_path):
+def test_demo_pipeline_scores_every_model_on_every_source_and_routes(tmp_path):
     """The demo's code path at toy size (the README's first command runs it at full size)."""
-    cfg = DemoConfig(out_dir=tmp_path, img_size=32, image_px=32, base_epochs=1, lora_epochs=1,
+    cfg = DemoConfig(out_dir=tmp_path, img_size=32, image_px=32, base_epochs=1, lora_epochs=1, ood_per_kind=2,
                      split_sizes={"train": 4, "val": 2, "test": 2})
     result = run_demo(cfg, say=lambda s: None)
-    assert set(result.scores) == {BASE, "capsule", "endoscope"}
+    assert set(result.scores) == {"capsule", "endoscope"}
     for model, by_source in result.scores.items():
         assert set(by_source) == {"capsule", "endoscope"}
         assert all(m["n"] == 8 for m in by_source.values())
@@ -14,3 +14,8 @@ def test_demo_pipeline_scores_every_model_on_every_source(tmp_path):
         assert result.verification[source]["merge"]["max_abs_logit_diff"] <= 1e-4
         assert (tmp_path / "deploy" / source / "model.onnx").is_file()
         assert (tmp_path / "runs" / source / "adapter").is_dir()
+    assert not (tmp_path / "deploy" / "base").exists()  # the pretext base is no source: no bundle, not routed to
+    assert result.router_gate["accuracy"] >= result.router_gate["min_accuracy"]
+    assert result.routing["n_images"] == 16 and result.routing["n_ood"] == 8
+    assert result.auto["rows"] == 24 and result.auto["ood_frames"] == 8
+    assert {"routed_accuracy", "own_model_accuracy", "single_model_accuracy", "ood"} <= set(result.routing)

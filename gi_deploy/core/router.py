@@ -1,0 +1,160 @@
+"""The source router's format and its runtime half, numpy only (no torch, no onnxruntime): the
+cheap global image features it decides on, the fitted linear classifier, and reading the
+verified artifact ``deploy/_router/``.
+
+Why these features and this classifier: what tells capsule from conventional endoscopy frames
+(and one device from another) is global and low-frequency: the field of view's shape (a round
+capsule mask, black side bands), vignetting, the colour cast of the light and optics (bile tint,
+white light), and the sensor's sharpness. A 32x32 RGB thumbnail keeps all of it, and on it we
+compute colour histograms, a 4x4 grid of colour means (spatial colour moments, which capture the
+field-of-view mask), radial ring statistics (vignette, border darkness), global colour moments,
+chromaticity and gradient energy (blur / resolution). ~90 numbers, standardised, then a
+multinomial logistic regression: a (F, S) matrix product per image, microseconds next to a CNN,
+and the decode already in the pipeline resizes the frame (a 32x32 bilinear resize of the decoded
+image is the only extra pixel work).
+
+Layout of ``deploy/_router/``::
+
+    router.npz      mean, scale (feature standardisation), weights (F, S), bias (S,)
+    manifest.json   format, sources, feature spec (thumbnail preprocessing, names), classifier
+                    settings, sha256 of router.npz, the gate (held-out validation routing accuracy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gi_deploy._io import read_json, sha256_file
+from gi_deploy.core.preprocess import PreprocessSpec
+from gi_deploy.errors import BundleError
+
+ROUTER_DIR = "_router"  # under the deploy folder; core/bundles.list_bundles never lists it
+ROUTER_FORMAT = "gi-deploy-router"
+ROUTER_FORMAT_VERSION = 1
+ROUTER_FILE = "router.npz"
+FEATURE_VERSION = 1
+THUMB_PX = 32
+# The thumbnail every router feature is computed on: [0, 1] RGB (mean 0, std 1 leaves x/255).
+ROUTER_SPEC = PreprocessSpec(size=(THUMB_PX, THUMB_PX), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                             interpolation="bilinear", resize="direct")
+HIST_BINS = 8
+GRID = 4
+RINGS = 4
+DARK = 0.06  # a pixel below this luminance is "black" (a mask, a vignette, a blank frame)
+
+
+def feature_names() -> list[str]:
+    names = [f"hist_{c}{b}" for c in "rgb" for b in range(HIST_BINS)]
+    names += [f"grid{i}{j}_{c}" for i in range(GRID) for j in range(GRID) for c in "rgb"]
+    names += [f"ring{r}_{w}" for r in range(RINGS) for w in ("lum", "dark")]
+    names += [f"{m}_{c}" for m in ("mean", "std") for c in "rgb"]
+    names += ["chroma_r", "chroma_g", "grad_r", "grad_g", "grad_b"]
+    return names
+
+
+def _ring_index(size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2
+    r = np.sqrt((yy - c) ** 2 + (xx - c) ** 2) / (np.sqrt(2) * c)  # 0 at the centre, 1 in the corners
+    return np.minimum((r * RINGS).astype(int), RINGS - 1)
+
+
+def router_features(thumbs: np.ndarray) -> np.ndarray:
+    """float32 (N, 3, 32, 32) thumbnails in [0, 1] (``ROUTER_SPEC``) -> float32 (N, F) features
+    (names: :func:`feature_names`). uint8 pixels, NCHW or NHWC, are accepted as well (a decoder
+    that hands the backend raw pixels). Raises BundleError for another shape."""
+    x = np.asarray(thumbs)
+    if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:  # NHWC
+        x = x.transpose(0, 3, 1, 2)
+    x = x.astype(np.float32) * (1.0 / 255.0) if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+    if x.ndim != 4 or x.shape[1:] != (3, THUMB_PX, THUMB_PX):
+        raise BundleError(f"router features need (N, 3, {THUMB_PX}, {THUMB_PX}) thumbnails, got {x.shape}")
+    n = len(x)
+    x = np.clip(x, 0.0, 1.0)
+    flat = x.reshape(n, 3, -1)
+    bins = np.minimum((flat * HIST_BINS).astype(np.int64), HIST_BINS - 1)
+    hist = np.stack([(bins == b).mean(axis=2) for b in range(HIST_BINS)], axis=2).reshape(n, -1)  # (N, 3*B)
+    cell = THUMB_PX // GRID
+    grid = x.reshape(n, 3, GRID, cell, GRID, cell).mean(axis=(3, 5)).transpose(0, 2, 3, 1).reshape(n, -1)
+    lum = x.mean(axis=1).reshape(n, -1)
+    ring = _ring_index(THUMB_PX).reshape(-1)
+    rings = []
+    for r in range(RINGS):
+        sel = lum[:, ring == r]
+        rings += [sel.mean(axis=1), (sel < DARK).mean(axis=1)]
+    mean, std = flat.mean(axis=2), flat.std(axis=2)
+    total = flat.sum(axis=1).sum(axis=1) + 1e-6
+    chroma = flat.sum(axis=2)[:, :2] / total[:, None]
+    grad = (np.abs(np.diff(x, axis=2)).mean(axis=(2, 3)) + np.abs(np.diff(x, axis=3)).mean(axis=(2, 3)))
+    return np.concatenate([hist, grid, np.stack(rings, axis=1), mean, std, chroma, grad], axis=1).astype(np.float32)
+
+
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Router:
+    """A fitted router: standardisation, then a linear softmax classifier over ``sources``."""
+
+    sources: list[str]
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    weights: np.ndarray  # (F, S)
+    bias: np.ndarray  # (S,)
+    manifest: dict | None = None
+    path: Path | None = None
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return ROUTER_SPEC
+
+    def probabilities_of_features(self, feats: np.ndarray) -> np.ndarray:
+        return softmax_rows(((feats - self.mean) / self.scale) @ self.weights + self.bias)
+
+    def route(self, thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Thumbnails (N, 3, 32, 32) -> (source index (N,), router confidence (N,))."""
+        p = self.probabilities_of_features(router_features(thumbs))
+        idx = p.argmax(axis=1)
+        return idx, p[np.arange(len(p)), idx]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias}
+
+
+def router_dir(deploy_dir: Path) -> Path:
+    return Path(deploy_dir) / ROUTER_DIR
+
+
+def load_router(deploy_dir: Path, check_hash: bool = True) -> Router:
+    """The verified router of ``deploy_dir``. Raises BundleError when there is none (with the
+    command that writes one), when it is of another format, or when router.npz does not match
+    the sha256 in its manifest."""
+    folder = router_dir(deploy_dir)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"--source auto needs a router, and {deploy_dir} has none ({folder} is missing): write "
+                          f"one with `gi-deploy export --router --out {deploy_dir}` (it fits on the bundles' training "
+                          "images; bundles exported before gi-deploy learnt routing also need re-exporting for the "
+                          "in-distribution check)")
+    m = read_json(manifest_path, "router manifest")
+    if m.get("format") != ROUTER_FORMAT or m.get("format_version") != ROUTER_FORMAT_VERSION:
+        raise BundleError(f"{manifest_path} is not a {ROUTER_FORMAT} v{ROUTER_FORMAT_VERSION} manifest; rewrite it "
+                          f"with `gi-deploy export --router --out {deploy_dir}`")
+    path = folder / ROUTER_FILE
+    if not path.is_file():
+        raise BundleError(f"router file missing: {path}; rewrite it with `gi-deploy export --router`")
+    if check_hash and sha256_file(path) != m["files"][ROUTER_FILE]["sha256"]:
+        raise BundleError(f"{path} does not match the sha256 in its manifest: it was changed after export; "
+                          f"rewrite it with `gi-deploy export --router --out {deploy_dir}`")
+    if m.get("features", {}).get("version") != FEATURE_VERSION:
+        raise BundleError(f"{path} was fitted on router features v{m.get('features', {}).get('version')}, this "
+                          f"gi-deploy computes v{FEATURE_VERSION}; rewrite it with `gi-deploy export --router`")
+    with np.load(path) as z:
+        arrays = {k: z[k].astype(np.float32) for k in ("mean", "scale", "weights", "bias")}
+    return Router(sources=list(m["sources"]), manifest=m, path=folder, **arrays)

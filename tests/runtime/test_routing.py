@@ -1,0 +1,317 @@
+"""--source auto: the router (planted sources, its gate and hash check), refusal of planted
+out-of-distribution images with an honest row, resume, the features output's gate, evaluate
+--routing against hand-computed numbers, and a bundle of the previous format still loading."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gi_deploy.cli import app
+from gi_deploy.core.bundles import list_bundles
+from gi_deploy.core.ood import fit_id_stats, ledoit_wolf
+from gi_deploy.core.preprocess import list_images, load_input
+from gi_deploy.core.router import ROUTER_DIR, ROUTER_FILE, ROUTER_SPEC, load_router
+from gi_deploy.errors import BundleError, GateFailed
+from gi_deploy.runtime.routing_eval import OOD, routing_report
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def planted_ood(folder: Path, px: int = 32) -> Path:
+    """Images no source covers: blank, saturated, a non-endoscopy pattern and noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (px, px), (0, 0, 0)).save(folder / "black.png")
+    Image.new("RGB", (px, px), (255, 255, 255)).save(folder / "white.png")
+    Image.new("RGB", (px, px), (255, 0, 0)).save(folder / "saturated_red.png")
+    yy, xx = np.mgrid[0:px, 0:px]
+    Image.fromarray(np.where(((yy // 4 + xx // 4) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, 2)).save(
+        folder / "checker.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (px, px, 3), dtype=np.uint8)).save(folder / "noise.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed(routed_deploy, tmp_path_factory) -> Path:
+    """Both sources' test images in one class-named tree, plus an ood/ folder."""
+    _, data = routed_deploy
+    root = tmp_path_factory.mktemp("mixed")
+    for source in ("capsule", "endoscope"):
+        for f in (data / source / "test").rglob("*.jpg"):
+            (root / f.parent.name).mkdir(exist_ok=True)
+            shutil.copy(f, root / f.parent.name / f.name)
+    planted_ood(root / "ood")
+    return root
+
+
+def test_router_routes_planted_sources_and_is_not_a_bundle(routed_deploy):
+    deploy, data = routed_deploy
+    assert list_bundles(deploy) == ["capsule", "endoscope"]  # _router has a manifest but is not a bundle
+    router = load_router(deploy)
+    gate = router.manifest["verification"]["router"]
+    assert gate["accuracy"] >= gate["min_accuracy"] and gate["n"] == 16
+    for i, source in enumerate(router.sources):
+        thumbs = np.stack([load_input(p, ROUTER_SPEC) for p in list_images(data / source / "test")])
+        idx, conf = router.route(thumbs)
+        assert (idx == i).all() and (conf > 0.5).all()
+
+
+def test_router_hash_check_refuses_an_altered_router(routed_deploy, tmp_path):
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    with np.load(deploy / ROUTER_DIR / ROUTER_FILE) as z:
+        arrays = dict(z)
+    arrays["bias"] = arrays["bias"] + 1.0
+    np.savez(deploy / ROUTER_DIR / ROUTER_FILE, **arrays)
+    with pytest.raises(BundleError, match="sha256"):
+        load_router(deploy)
+    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--deploy", deploy,
+               "--out", tmp_path / "p.csv", "--workers", 0)
+    assert r.exit_code != 0 and "sha256" in r.output
+
+
+def test_router_gate_refuses_sources_that_look_alike(two_source_deploy, tmp_path):
+    """two_source_deploy's two bundles were trained on the same capsule images: no router can
+    tell them apart, so the gate fails and nothing is written."""
+    from gi_deploy.export.router import write_router
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(two_source_deploy, deploy)
+    with pytest.raises(GateFailed, match="gate router failed") as e:
+        write_router(deploy)
+    assert e.value.value < 0.99
+    assert not (deploy / ROUTER_DIR).exists()
+
+
+def test_infer_auto_routes_and_refuses_planted_ood_with_an_honest_row(routed_deploy, mixed, tmp_path):
+    deploy, _ = routed_deploy
+    out = tmp_path / "p.csv"
+    r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", out, "--workers", 0)
+    assert r.exit_code == 0, r.output
+    rows = {row["path"]: row for row in read_rows(out)}
+    assert len(rows) == len(list_images(mixed))
+    for path, row in rows.items():
+        if path.startswith("ood/"):
+            assert row["rejected"] == "1", row  # every planted OOD image is refused ...
+            assert row["predicted"] == "" and row["confidence"] == ""  # ... with no diagnosis ...
+            assert not any(v for k, v in row.items() if k.startswith("prob:"))
+            assert "out of distribution" in row["reason"] and float(row["id_score"]) > float(row["id_threshold"])
+        else:  # each test image goes to its own source's model
+            assert row["source"] == Path(path).name.split("_")[0], row
+            assert float(row["router_confidence"]) > 0.5 and row["id_score"]
+            if row["rejected"] == "0":
+                assert row["predicted"] and not row["reason"]
+    metrics = {s: json.loads((tmp_path / f"p.{s}.metrics.json").read_text()) for s in ("capsule", "endoscope")}
+    n_refused = sum(row["rejected"] == "1" for row in rows.values())
+    assert sum(m["n_rejected"] for m in metrics.values()) == n_refused  # refused rows are counted, not hidden
+    for s, m in metrics.items():
+        accepted = [row for row in rows.values() if row["source"] == s and row["rejected"] == "0" and row["true_label"]]
+        assert m["n"] == len(accepted)
+        labelled_refused = sum(row["source"] == s and row["rejected"] == "1" and bool(row["true_label"])
+                               for row in rows.values())
+        correct = sum(row["predicted"] == row["true_label"] for row in accepted)
+        assert m["accuracy_counting_rejected"] == pytest.approx(correct / (len(accepted) + labelled_refused))
+
+
+def test_infer_auto_resume_classifies_only_the_rest(routed_deploy, mixed, tmp_path):
+    deploy, _ = routed_deploy
+    full, part = tmp_path / "full.csv", tmp_path / "part.csv"
+    assert invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", full, "--workers", 0).exit_code == 0
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:8]) + lines[8][:10])  # 7 rows and half a line: a killed run
+    r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", part, "--workers", 0, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "7 rows kept" in r.output
+    assert read_rows(part) == read_rows(full)  # every image exactly once, the same rows
+
+
+def test_auto_without_router_says_how_to_add_one(routed_deploy, tmp_path):
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    shutil.rmtree(deploy / ROUTER_DIR)
+    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--deploy", deploy,
+               "--out", tmp_path / "p.csv")
+    assert r.exit_code != 0 and "gi-deploy export --router" in r.output
+    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--source", "capsule",
+               "--deploy", deploy, "--out", tmp_path / "p.csv")
+    assert r.exit_code != 0 and "do not name other sources" in r.output
+
+
+def test_a_bundle_of_the_previous_format_still_loads(routed_deploy, tmp_path):
+    """A format-2 bundle (no features output, no in-distribution statistics) classifies as before,
+    and under --source auto its images are routed but never refused, with a note saying why."""
+    import onnx
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    b = deploy / "capsule"
+    m = json.loads((b / "manifest.json").read_text())
+    model = onnx.load(str(b / "model.onnx"))  # the graph as format 2 wrote it: logits only
+    keep = [o for o in model.graph.output if o.name == "logits"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(b / "model.onnx"))
+    (b / "id_stats.npz").unlink()
+    m.update(format_version=2)
+    m.pop("ood")
+    m["model"].pop("features_output")
+    m["verification"].pop("onnx_features")
+    m["files"].pop("id_stats.npz")
+    from gi_deploy._io import sha256_file
+
+    m["models"]["fp32"]["sha256"] = sha256_file(b / "model.onnx")
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "capsule", "--deploy", deploy,
+               "--out", tmp_path / "old.csv", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--deploy", deploy,
+               "--out", tmp_path / "auto.csv", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert "no in-distribution statistics" in r.output
+    rows = read_rows(tmp_path / "auto.csv")
+    assert all(row["source"] == "capsule" and row["rejected"] == "0" and row["id_score"] == "" for row in rows)
+
+
+def test_features_output_is_gated_against_torch(routed_deploy, tiny_run, tmp_path):
+    from gi_deploy.export.onnx_export import FEATURES_ATOL, WithFeatures, export_onnx, features_gate
+    from gi_deploy.model.run import load_merged_model
+
+    m = json.loads((routed_deploy[0] / "capsule" / "manifest.json").read_text())
+    gate = m["verification"]["onnx_features"]
+    assert gate["max_abs_feature_diff"] <= FEATURES_ATOL and gate["dim"] == 320
+    assert m["model"]["features_output"] == "features"
+    model = WithFeatures(load_merged_model(tiny_run))
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    exported = export_onnx(model, tmp_path / "m.onnx", (32, 32), inputs=x)
+    assert exported.features_gate["max_abs_feature_diff"] <= FEATURES_ATOL
+    import torch
+
+    with torch.no_grad():  # the torch model moves after export: the file's features no longer match
+        model.model.head.norm.bias += 0.1
+    with pytest.raises(GateFailed, match="onnx_features"):
+        features_gate(model, tmp_path / "m.onnx", x, "tiny fp32 ONNX vs adapter model")
+
+
+def test_evaluate_routing_matches_sklearn(routed_deploy, mixed, tmp_path):
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    deploy, data = routed_deploy
+    r = invoke("evaluate", "--routing", "--deploy", deploy, "--test", f"capsule={data / 'capsule' / 'test'}",
+               "--test", f"endoscope={data / 'endoscope' / 'test'}", "--ood", mixed / "ood", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "routing.json").read_text())
+    rows = read_rows(tmp_path / "routing.csv")
+    ind = [row for row in rows if row["true_source"] != OOD]
+    assert len(ind) == 24 and len(rows) == 29
+    cm = confusion_matrix([row["true_source"] for row in ind], [row["routed"] for row in ind],
+                          labels=["capsule", "endoscope"])
+    assert rep["routing_confusion"]["matrix"] == cm.tolist()
+    assert rep["routing_accuracy"] == pytest.approx(np.trace(cm) / cm.sum()) and rep["routing_accuracy"] == 1.0
+    score = [float(row[f"id_ratio:{row['routed']}"]) for row in rows]
+    assert rep["ood"]["auroc"] == pytest.approx(roc_auc_score([row["true_source"] == OOD for row in rows], score))
+    for s in ("capsule", "endoscope"):
+        assert rep["single_model_accuracy"][s] == pytest.approx(np.mean([row[f"pred:{s}"] == row["label"]
+                                                                         for row in ind]))
+
+
+def test_routing_report_against_hand_counts():
+    rows = [  # 3 capsule, 2 endoscope test images, 2 OOD; one misrouted, one refused
+        {"true_source": "a", "label": "x", "routed": "a", "rejected": False, "pred:a": "x", "pred:b": "y",
+         "id_ratio:a": 0.5, "id_ratio:b": 3.0},
+        {"true_source": "a", "label": "y", "routed": "a", "rejected": False, "pred:a": "y", "pred:b": "y",
+         "id_ratio:a": 0.7, "id_ratio:b": 3.0},
+        {"true_source": "a", "label": "x", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "x",
+         "id_ratio:a": 0.2, "id_ratio:b": 0.9},
+        {"true_source": "b", "label": "x", "routed": "b", "rejected": True, "pred:a": "y", "pred:b": "x",
+         "id_ratio:a": 4.0, "id_ratio:b": 1.5},
+        {"true_source": "b", "label": "y", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "y",
+         "id_ratio:a": 4.0, "id_ratio:b": 0.4},
+        {"true_source": OOD, "label": "", "routed": "a", "rejected": True, "pred:a": "x", "pred:b": "x",
+         "id_ratio:a": 2.0, "id_ratio:b": 9.0},
+        {"true_source": OOD, "label": "", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "x",
+         "id_ratio:a": 9.0, "id_ratio:b": 0.8},
+    ]
+    rep = routing_report(rows, ["a", "b"])
+    assert rep["routing_confusion"]["matrix"] == [[2, 1], [0, 2]]
+    assert rep["routing_accuracy"] == pytest.approx(4 / 5)
+    assert rep["single_model_accuracy"] == {"a": pytest.approx(3 / 5), "b": pytest.approx(4 / 5)}
+    assert rep["own_model_accuracy"] == pytest.approx(5 / 5)
+    assert rep["routed_accuracy"] == pytest.approx(4 / 5)  # the refused one counts as not a diagnosis
+    assert rep["id_rejected"] == 1
+    assert rep["routed_accuracy_accepted"] == pytest.approx(4 / 4)  # rows 1, 2, 3 (misrouted, still right), 5
+    assert rep["own_model_accuracy_accepted"] == pytest.approx(4 / 4)
+    # routed scores: ID 0.5, 0.7, 0.9, 1.5, 0.4; OOD 2.0, 0.8. Pairs (OOD > ID): 2.0 beats all 5,
+    # 0.8 beats 0.5, 0.7, 0.4 -> 8 of 10. 95% TPR bound = the highest ID score 1.5: OOD 0.8 passes.
+    assert rep["ood"]["auroc"] == pytest.approx(8 / 10)
+    assert rep["ood"]["fpr_at_95tpr"] == pytest.approx(1 / 2)
+    assert rep["ood"]["ood_rejected"] == 1
+
+
+def test_ledoit_wolf_and_threshold():
+    from sklearn.covariance import ledoit_wolf as sk_lw
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 12))
+    cov, shrink = ledoit_wolf(x)
+    sk_cov, sk_shrink = sk_lw(x, assume_centered=True)
+    assert shrink == pytest.approx(sk_shrink) and np.allclose(cov, sk_cov)
+    labels = np.repeat([0, 1], 20)
+    val = rng.standard_normal((20, 12))
+    stats, info = fit_id_stats(x + labels[:, None] * 3, labels, val)
+    # the 95% quantile, "higher": index ceil(0.95 * 19) = 19 of the 20 sorted validation scores
+    assert info["val_accepted"] >= 0.95 and stats.threshold == pytest.approx(np.sort(stats.score(val))[19])
+    assert stats.rejects(np.full((1, 12), 50.0))[1].all()
+
+
+def test_export_router_from_the_cli(routed_deploy, tmp_path):
+    """`gi-deploy export --router` over the bundles already there (the run is unchanged: skipped)."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    shutil.rmtree(deploy / ROUTER_DIR)
+    runs = routed_deploy[0].parent / "runs"
+    r = invoke("export", "--runs", runs, "--out", deploy, "--router")
+    assert r.exit_code == 0, r.output
+    assert "router:" in r.output and "held-out routing accuracy 100.0%" in r.output
+    assert load_router(deploy).sources == ["capsule", "endoscope"]
+    r = invoke("export", "--list", "--out", deploy)
+    assert r.exit_code == 0 and "│ _router" not in r.output and "│ capsule" in r.output  # (tmp_path holds "_router")
+
+
+def test_benchmark_has_a_router_row_and_its_cost(routed_deploy, tmp_path):
+    from gi_deploy.runtime.benchmark import ROUTER_ROW, BenchmarkConfig, router_cost, run_benchmark
+
+    result = run_benchmark(BenchmarkConfig(deploy_dir=routed_deploy[0], source="capsule", n_images=8, batch_size=4,
+                                           latency_runs=5, workers=0))
+    row = result.row(ROUTER_ROW)
+    assert row.status == "ok" and row.model_only > 0 and row.thumb_ms > 0
+    ort = result.row("onnxruntime fp32")
+    assert router_cost(result) == pytest.approx((1 / row.model_only + row.thumb_ms / 1000) * ort.model_only)
+
+
+@pytest.mark.parametrize("extra", [("--backend", "torch"), ("--precision", "fp16")])
+def test_infer_auto_on_other_backends_gives_the_same_rows(routed_deploy, mixed, tmp_path, extra):
+    """The torch backend computes the same two outputs as the ONNX graph; the fp16 file keeps both."""
+    deploy, _ = routed_deploy
+    ref, other = tmp_path / "ref.csv", tmp_path / "other.csv"
+    assert invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", ref, "--workers", 0).exit_code == 0
+    r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", other, "--workers", 0, *extra)
+    assert r.exit_code == 0, r.output
+    for a, b in zip(read_rows(ref), read_rows(other), strict=True):
+        assert (a["path"], a["source"], a["rejected"], a["predicted"]) == (b["path"], b["source"], b["rejected"],
+                                                                           b["predicted"])
+        if a["id_score"]:
+            assert float(b["id_score"]) == pytest.approx(float(a["id_score"]), rel=1e-2)
