@@ -227,6 +227,11 @@ def _print_routing(rep: dict) -> None:
         out.print(f"out of distribution: AUROC {o['auroc']:.4f}, FPR@95TPR {o['fpr_at_95tpr']:.2%} on {o['n_ood']} "
                   f"images; at the bundles' thresholds {o['ood_rejected']}/{o['n_ood']} refused "
                   f"({rep.get('id_rejected', 0)}/{rep['n_images']} test images refused)", soft_wrap=True)
+        if "ood_rejected_by_router" in o:
+            out.print(f"  refused by the router's novelty check (like no source's frames): {o['ood_rejected_by_router']}/"
+                      f"{o['n_ood']} OOD, {rep.get('id_rejected_by_router', 0)}/{rep['n_images']} test images; by the "
+                      f"routed model's check: {o['ood_rejected_by_model']}/{o['n_ood']} OOD; score: {o['score']}",
+                      soft_wrap=True)
     elif o:
         out.print(f"out of distribution: {o['note']}", soft_wrap=True)
 

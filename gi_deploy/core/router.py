@@ -15,9 +15,21 @@ image is the only extra pixel work).
 
 Layout of ``deploy/_router/``::
 
-    router.npz      mean, scale (feature standardisation), weights (F, S), bias (S,)
+    router.npz      mean, scale (feature standardisation), weights (F, S), bias (S,); and, for a
+                    router written since the novelty check, novelty_means (S, F),
+                    novelty_precisions (S, F, F), novelty_thresholds (S,)
     manifest.json   format, sources, feature spec (thumbnail preprocessing, names), classifier
-                    settings, sha256 of router.npz, the gate (held-out validation routing accuracy)
+                    settings, sha256 of router.npz, the gate (held-out validation routing accuracy),
+                    ``novelty`` (per source: threshold, shrinkage, validation/training accepted share)
+
+The novelty check (router space): the linear classifier always picks a source, even for a blank,
+saturated or striped frame. So per source we also keep a Gaussian of its standardised router
+features (mean and a Ledoit-Wolf precision, core/ood.py) with a threshold at the 99% quantile of
+that source's validation images' squared Mahalanobis distance. An image is "like no source" when
+its distance over threshold exceeds 1 for every source: ``novelty`` = min over sources of
+distance / threshold. Such frames have histograms, ring statistics and gradient energy nothing
+like any device's, so this catches them before any model sees them. A router written before the
+check has no novelty arrays: it loads and routes as before, and never refuses on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import read_json, sha256_file
+from gi_deploy.core.ood import IdStats
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError
 
@@ -44,6 +57,8 @@ HIST_BINS = 8
 GRID = 4
 RINGS = 4
 DARK = 0.06  # a pixel below this luminance is "black" (a mask, a vignette, a blank frame)
+NOVELTY_TPR = 0.99  # share of each source's own validation images the router's novelty check accepts
+NOVELTY_KEYS = ("novelty_means", "novelty_precisions", "novelty_thresholds")
 
 
 def feature_names() -> list[str]:
@@ -109,6 +124,9 @@ class Router:
     bias: np.ndarray  # (S,)
     manifest: dict | None = None
     path: Path | None = None
+    # per source, on standardised features: one-class Mahalanobis with its 99% validation threshold;
+    # None for a router written before the novelty check
+    novelty: list[IdStats] | None = None
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -117,14 +135,34 @@ class Router:
     def probabilities_of_features(self, feats: np.ndarray) -> np.ndarray:
         return softmax_rows(((feats - self.mean) / self.scale) @ self.weights + self.bias)
 
+    def novelty_of_features(self, feats: np.ndarray) -> np.ndarray:
+        """(N, F) router features -> (N,) min over sources of Mahalanobis / that source's threshold:
+        over 1 means no source's frames look like this image (nan without a novelty model)."""
+        if self.novelty is None:
+            return np.full(len(feats), np.nan)
+        z = (np.asarray(feats, np.float64) - self.mean) / self.scale
+        return np.stack([m.score(z) / m.threshold for m in self.novelty], axis=1).min(axis=1)
+
     def route(self, thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Thumbnails (N, 3, 32, 32) -> (source index (N,), router confidence (N,))."""
-        p = self.probabilities_of_features(router_features(thumbs))
+        idx, conf, _ = self.route_with_novelty(thumbs)
+        return idx, conf
+
+    def route_with_novelty(self, thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Thumbnails -> (source index, router confidence, novelty ratio (nan: no novelty model)),
+        from one feature computation."""
+        feats = router_features(thumbs)
+        p = self.probabilities_of_features(feats)
         idx = p.argmax(axis=1)
-        return idx, p[np.arange(len(p)), idx]
+        return idx, p[np.arange(len(p)), idx], self.novelty_of_features(feats)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias}
+        out = {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias}
+        if self.novelty is not None:
+            out.update(novelty_means=np.stack([m.means[0] for m in self.novelty]),
+                       novelty_precisions=np.stack([m.precision for m in self.novelty]),
+                       novelty_thresholds=np.array([m.threshold for m in self.novelty]))
+        return out
 
 
 def router_dir(deploy_dir: Path) -> Path:
@@ -157,4 +195,8 @@ def load_router(deploy_dir: Path, check_hash: bool = True) -> Router:
                           f"gi-deploy computes v{FEATURE_VERSION}; rewrite it with `gi-deploy export --router`")
     with np.load(path) as z:
         arrays = {k: z[k].astype(np.float32) for k in ("mean", "scale", "weights", "bias")}
-    return Router(sources=list(m["sources"]), manifest=m, path=folder, **arrays)
+        novelty = None
+        if all(k in z for k in NOVELTY_KEYS):  # absent in a router written before the novelty check
+            novelty = [IdStats(mu[None, :].astype(np.float64), prec.astype(np.float64), float(t)) for mu, prec, t in
+                       zip(z["novelty_means"], z["novelty_precisions"], z["novelty_thresholds"])]
+    return Router(sources=list(m["sources"]), manifest=m, path=folder, novelty=novelty, **arrays)

@@ -17,9 +17,11 @@ import numpy as np
 from gi_deploy._io import library_versions, sha256_file, utc_now, write_json
 from gi_deploy.core.bundles import list_bundles, read_bundle_manifest
 from gi_deploy.core.metrics import confusion_matrix
+from gi_deploy.core.ood import fit_id_stats
 from gi_deploy.core.preprocess import load_input
 from gi_deploy.core.router import (
     FEATURE_VERSION,
+    NOVELTY_TPR,
     ROUTER_FILE,
     ROUTER_FORMAT,
     ROUTER_FORMAT_VERSION,
@@ -85,6 +87,24 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2, s
     return mean.astype(np.float32), scale.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
 
 
+def fit_novelty(router: Router, xs: list[np.ndarray], vxs: list[np.ndarray],
+                tpr: float = NOVELTY_TPR) -> tuple[list, dict]:
+    """Per source: a one-class Ledoit-Wolf Mahalanobis model (core/ood.py's) on its training
+    images' standardised router features, thresholded at the ``tpr`` quantile of its validation
+    images' scores. Returns the models (``Router.novelty``) and the manifest's ``novelty`` entry."""
+    models, info = [], {}
+    for source, x, vx in zip(router.sources, xs, vxs):
+        z, vz = (x - router.mean) / router.scale, (vx - router.mean) / router.scale
+        stats, numbers = fit_id_stats(z, np.zeros(len(z), dtype=int), vz, tpr=tpr)
+        models.append(stats)
+        info[source] = {k: numbers[k] for k in ("threshold", "shrinkage", "n_train", "n_val", "val_accepted",
+                                                "train_accepted")}
+    router.novelty = models
+    entry = {"score": "min over sources of Mahalanobis (Ledoit-Wolf, standardised router features) / threshold",
+             "tpr": tpr, "refuses": "novelty > 1: no source's frames look like the image", "sources": info}
+    return models, entry
+
+
 def write_router(deploy_dir: Path, sources: list[str] | None = None,
                  min_accuracy: float = ROUTER_MIN_ACCURACY) -> RouterResult:
     """Fit, gate and write ``deploy_dir/_router/`` over ``sources`` (default: every bundle
@@ -110,6 +130,7 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     x, y, vx, vy = np.concatenate(xs), np.concatenate(ys), np.concatenate(vxs), np.concatenate(vys)
     mean, scale, w, b = fit_logistic(x, y, len(sources))
     router = Router(sources, mean, scale, w, b)
+    _, novelty = fit_novelty(router, xs, vxs)
     pred = router.probabilities_of_features(vx).argmax(axis=1)
     train_acc = float((router.probabilities_of_features(x).argmax(axis=1) == y).mean())
     accuracy = float((pred == vy).mean())
@@ -133,6 +154,7 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
         "classifier": {"kind": "multinomial_logistic_regression", "l2": L2, "steps": STEPS, "lr": LR,
                        "class_weight": "balanced"},
         "bundles": {s: read_bundle_manifest(deploy_dir / s).get("export_key") for s in sources},
+        "novelty": novelty,
         "verification": {"router": gate},
         "files": {ROUTER_FILE: {"sha256": sha256_file(staging / ROUTER_FILE),
                                 "bytes": (staging / ROUTER_FILE).stat().st_size}},

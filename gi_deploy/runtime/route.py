@@ -5,8 +5,9 @@ trained for it. Torch-free: the router (core/router.py) and the check (core/ood.
 One CSV row per image, in the predictions contract of runtime/evaluate.py, plus the routing
 columns: ``source`` is the routed source; ``router_confidence`` the router's probability for it;
 ``id_score`` the chosen model's Mahalanobis score and ``id_threshold`` its bound; ``rejected`` 1
-with a ``reason`` (and no diagnosis: empty prediction and probabilities) when the score is over
-the bound.
+with a ``reason`` (and no diagnosis: empty prediction and probabilities) when the router's novelty
+check says no source's frames look like the image (core/router.py: blank, saturated, pattern
+frames), or when the routed model's score is over its bound.
 """
 
 from __future__ import annotations
@@ -87,14 +88,25 @@ def open_routed(cfg: InferConfig) -> tuple[object, dict[str, Bundle], dict[str, 
     return router, bundles, stats, notes
 
 
+def refusal_reason(source: str, novelty: float | None, score: float | None, threshold: float | None) -> str:
+    """Why an image is refused ("" when it is not): the router's check first (no source looks like
+    it), then the routed model's."""
+    if novelty is not None and novelty > 1:
+        return (f"not like any source's frames (router features): novelty {novelty:.2f} x the nearest source's "
+                "threshold")
+    if score is not None and threshold is not None and score > threshold:
+        return f"out of distribution for {source}'s model: score {score:.1f} over its threshold {threshold:.1f}"
+    return ""
+
+
 def _routed_row(rel: str, b: Bundle, label: str, p: np.ndarray | None, k: int, error: str, classes: list[str],
-                conf: float | None, score: float | None, threshold: float | None, rejected: bool) -> list[str]:
+                conf: float | None, score: float | None, threshold: float | None, rejected: bool,
+                novelty: float | None = None) -> list[str]:
     cut = 5 + 2 * k + 1  # path, source, true_label, predicted, confidence, top-k, error
     if error:
         row = _row(rel, b, label, None, k, error, classes)
         return [*row[:cut], "", "", "", "", "", *row[cut:]]
-    reason = (f"out of distribution for {b.source}'s model: score {score:.1f} over its threshold {threshold:.1f}"
-              if rejected else "")
+    reason = refusal_reason(b.source, novelty, score, threshold) if rejected else ""
     row = _row(rel, b, label, None if rejected else p, k, "", classes)
     extra = [f"{conf:.6f}", "" if score is None else f"{score:.3f}", "" if threshold is None else f"{threshold:.3f}",
              "1" if rejected else "0", reason]
@@ -144,14 +156,15 @@ def infer_routed(cfg: InferConfig, progress: Callable[[int, int], None] | None =
                     row[1] = AUTO
                     writer.writerow(row)
                     continue
-                s, conf, p, score, rejected = (v[good] for v in out)
+                s, conf, p, score, rejected, novelty = (v[good] for v in out)
                 b = bundles[router.sources[s]]
                 label = inputs.labels.get(path.resolve()) if inputs.labels else true_label(Path(rel), b.classes)
                 label = label if cfg.score and label in b.classes else ""
                 st = stats[b.source]
                 writer.writerow(_routed_row(rel, b, label, p, k_top, "", all_classes, float(conf),
                                             None if np.isnan(score) else float(score),
-                                            st.threshold if st is not None else None, bool(rejected)))
+                                            st.threshold if st is not None else None, bool(rejected),
+                                            None if np.isnan(novelty) else float(novelty)))
                 good += 1
             f.flush()
             n_done += len(batch.paths)
@@ -177,12 +190,13 @@ def _classify_batch(inputs: list[np.ndarray], router, bundles: dict[str, Bundle]
                     spec_of: dict[str, int]) -> tuple[np.ndarray, ...]:
     """Route the batch's readable images, run each source's model on its share (one call each),
     score them in distribution. Returns per image: source index, router confidence, probabilities
-    (object array), id score (nan: none), rejected."""
-    idx, conf = router.route(inputs[0])
+    (object array), id score (nan: none), rejected (by the router's novelty check or the model's),
+    router novelty (nan: a router without the check)."""
+    idx, conf, novelty = router.route_with_novelty(inputs[0])
     n = len(idx)
     probs = np.empty(n, dtype=object)
     score = np.full(n, np.nan)
-    rejected = np.zeros(n, dtype=bool)
+    rejected = novelty > 1  # nan (no novelty model) compares False
     for i, s in enumerate(router.sources):
         sel = np.flatnonzero(idx == i)
         if not len(sel):
@@ -193,5 +207,6 @@ def _classify_batch(inputs: list[np.ndarray], router, bundles: dict[str, Bundle]
         for j, row in zip(sel, p):
             probs[j] = row
         if stats[s] is not None and feats is not None:
-            score[sel], rejected[sel] = stats[s].rejects(feats)
-    return idx, conf, probs, score, rejected
+            score[sel], model_rejects = stats[s].rejects(feats)
+            rejected[sel] |= model_rejects
+    return idx, conf, probs, score, rejected, novelty

@@ -7,10 +7,14 @@ covers) goes through the router and through every source's model, so one pass gi
 - each single model's accuracy on the mixed folder (the seed paper's Table 1 on one folder), the
   accuracy of each image through its own source's model, and of routed inference (a refused
   image counts as not a correct diagnosis; the accuracy over accepted images is given too);
-- out-of-distribution detection with the routed model's score (Mahalanobis over its calibrated
-  threshold, so the models' scales are comparable): AUROC of in-distribution test images vs the
-  ``--ood`` images, FPR at 95% TPR (the share of OOD images accepted when the bound accepts 95% of
-  the test images), and the rates at the thresholds the bundles really use.
+- out-of-distribution detection with the score ``infer --source auto`` refuses on: the larger of
+  the router's novelty ratio (core/router.py: Mahalanobis in router-feature space over its
+  threshold, min over sources) and the routed model's ratio (Mahalanobis over its calibrated
+  threshold), so an image is refused exactly when the score is over 1. AUROC of in-distribution
+  test images vs the ``--ood`` images, FPR at 95% TPR (the share of OOD images accepted when the
+  bound accepts 95% of the test images), and the rates at the thresholds really used, with how
+  many each check refused. A router without the novelty check (written before it) leaves the
+  model's ratio alone.
 
 Written: ``routing.csv`` (one row per image, every number the metrics come from) and
 ``routing.json``. Torch-free.
@@ -96,7 +100,7 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
         bad = [(p, e) for p, e in zip(batch.paths, batch.errors) if e]
         if bad:
             raise DataError(f"evaluate --routing: {bad[0][1]}; every test image must be readable")
-        idx, conf = router.route(batch.inputs[0])
+        idx, conf, novelty = router.route_with_novelty(batch.inputs[0])
         preds, ratios = {}, {}
         for s, b in bundles.items():
             logits, feats = b.predict_logits_and_features(batch.inputs[specs.index(b.preprocess)])
@@ -105,8 +109,10 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
                          else np.full(len(logits), np.nan))
         for j, (true_source, path, label) in enumerate(meta):
             routed = sources[idx[j]]
+            combined = float(np.fmax(ratios[routed][j], novelty[j]))  # nan only when neither check exists
             rows.append({"path": str(path), "true_source": true_source, "label": label, "routed": routed,
-                         "router_confidence": float(conf[j]), "rejected": bool(ratios[routed][j] > 1),
+                         "router_confidence": float(conf[j]), "rejected": bool(combined > 1),
+                         "router_novelty": float(novelty[j]), "ood_score": combined,
                          **{f"pred:{s}": preds[s][j] for s in sources},
                          **{f"id_ratio:{s}": float(ratios[s][j]) for s in sources}})
     report = routing_report(rows, sources)
@@ -118,6 +124,17 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
         w.writerows(rows)
     write_json(files["json"], report)
     return RoutingResult(report, files)
+
+
+def _ood_score(row: dict) -> float:
+    """The refusal score of a routing.csv row: ``ood_score`` (router novelty and model combined), or
+    the routed model's ratio for rows without it."""
+    v = row.get("ood_score")
+    return float(row[f"id_ratio:{row['routed']}"]) if v is None or v == "" else float(v)
+
+
+def _by_router(row: dict) -> bool:
+    return float(row.get("router_novelty", np.nan)) > 1
 
 
 def routing_report(rows: list[dict], sources: list[str]) -> dict:
@@ -151,12 +168,19 @@ def routing_report(rows: list[dict], sources: list[str]) -> dict:
             "own_model_accuracy_accepted": float((own_pred == label)[~rejected].mean()) if (~rejected).any() else None,
             "id_rejected": int(rejected.sum()), "id_rejected_share": float(rejected.mean()),
         })
-    id_scores = np.array([r[f"id_ratio:{r['routed']}"] for r in ind], float)
-    ood_scores = np.array([r[f"id_ratio:{r['routed']}"] for r in ood], float)
+    if ind:
+        report["id_rejected_by_router"] = sum(_by_router(r) for r in ind)
+    id_scores = np.array([_ood_score(r) for r in ind], float)
+    ood_scores = np.array([_ood_score(r) for r in ood], float)
+    combined = any(not np.isnan(float(r.get("router_novelty", np.nan))) for r in rows)
     if ood and not np.isnan(np.r_[id_scores, ood_scores]).any():
-        report["ood"] = {**ood_metrics(id_scores, ood_scores), "score": "routed model's Mahalanobis / its threshold",
+        report["ood"] = {**ood_metrics(id_scores, ood_scores),
+                         "score": ("max(router novelty, routed model's Mahalanobis / its threshold)" if combined
+                                   else "routed model's Mahalanobis / its threshold"),
                          "ood_rejected": int((ood_scores > 1).sum()),
-                         "ood_rejected_share": float((ood_scores > 1).mean())}
+                         "ood_rejected_share": float((ood_scores > 1).mean()),
+                         "ood_rejected_by_router": sum(_by_router(r) for r in ood),
+                         "ood_rejected_by_model": sum(float(r[f"id_ratio:{r['routed']}"]) > 1 for r in ood)}
     elif ood:
         report["ood"] = {"auroc": None, "note": "a routed-to bundle has no in-distribution statistics; re-export it"}
     return report

@@ -21,6 +21,7 @@ from gi_deploy.errors import BundleError, GateFailed
 from gi_deploy.runtime.routing_eval import OOD, routing_report
 
 runner = CliRunner()
+ROUTER_REASON = "not like any source's frames (router features)"
 
 
 def invoke(*args):
@@ -109,7 +110,8 @@ def test_infer_auto_routes_and_refuses_planted_ood_with_an_honest_row(routed_dep
             assert row["rejected"] == "1", row  # every planted OOD image is refused ...
             assert row["predicted"] == "" and row["confidence"] == ""  # ... with no diagnosis ...
             assert not any(v for k, v in row.items() if k.startswith("prob:"))
-            assert "out of distribution" in row["reason"] and float(row["id_score"]) > float(row["id_threshold"])
+            assert ROUTER_REASON in row["reason"] or (
+                "out of distribution" in row["reason"] and float(row["id_score"]) > float(row["id_threshold"]))
         else:  # each test image goes to its own source's model
             assert row["source"] == Path(path).name.split("_")[0], row
             assert float(row["router_confidence"]) > 0.5 and row["id_score"]
@@ -221,7 +223,9 @@ def test_evaluate_routing_matches_sklearn(routed_deploy, mixed, tmp_path):
                           labels=["capsule", "endoscope"])
     assert rep["routing_confusion"]["matrix"] == cm.tolist()
     assert rep["routing_accuracy"] == pytest.approx(np.trace(cm) / cm.sum()) and rep["routing_accuracy"] == 1.0
-    score = [float(row[f"id_ratio:{row['routed']}"]) for row in rows]
+    # the score refusals are made on: the larger of the router's novelty and the routed model's ratio
+    score = [max(float(row[f"id_ratio:{row['routed']}"]), float(row["router_novelty"])) for row in rows]
+    assert all((row["rejected"] == "True") == (sc > 1) for row, sc in zip(rows, score))
     assert rep["ood"]["auroc"] == pytest.approx(roc_auc_score([row["true_source"] == OOD for row in rows], score))
     for s in ("capsule", "endoscope"):
         assert rep["single_model_accuracy"][s] == pytest.approx(np.mean([row[f"pred:{s}"] == row["label"]
@@ -315,3 +319,113 @@ def test_infer_auto_on_other_backends_gives_the_same_rows(routed_deploy, mixed, 
                                                                            b["predicted"])
         if a["id_score"]:
             assert float(b["id_score"]) == pytest.approx(float(a["id_score"]), rel=1e-2)
+
+
+def stripes(folder: Path, px: int = 32) -> Path:
+    """More frames no source covers: vertical stripes, a green field, a grey ramp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    xx = np.mgrid[0:px, 0:px][1]
+    Image.fromarray(np.where((xx // 2 % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, 2)).save(
+        folder / "stripes.png")
+    Image.new("RGB", (px, px), (0, 200, 0)).save(folder / "green.png")
+    Image.fromarray((xx * 255 // (px - 1)).astype(np.uint8)[..., None].repeat(3, 2)).save(folder / "ramp.png")
+    return folder
+
+
+def test_router_novelty_refuses_blank_saturated_and_pattern_frames(routed_deploy, mixed, tmp_path):
+    """The router's own check: blank, saturated and pattern frames look like no source's frames
+    in router-feature space, so they are refused with the router's reason; the sources' own
+    validation images are accepted at the calibrated rate (99%), recorded in the manifest."""
+    deploy, data = routed_deploy
+    router = load_router(deploy)
+    m = router.manifest["novelty"]
+    assert m["tpr"] == 0.99 and set(m["sources"]) == set(router.sources)
+    with np.load(deploy / ROUTER_DIR / ROUTER_FILE) as z:
+        assert z["novelty_thresholds"].tolist() == [m["sources"][s]["threshold"] for s in router.sources]
+    ood = stripes(tmp_path / "ood")
+    for f in (mixed / "ood").iterdir():
+        shutil.copy(f, ood / f.name)
+    thumbs = np.stack([load_input(p, ROUTER_SPEC) for p in list_images(ood)])
+    _, _, novelty = router.route_with_novelty(thumbs)
+    assert (novelty > 1).all(), novelty  # black, white, saturated red, checker, noise, stripes, green, ramp
+    for s in router.sources:  # calibration: the val images' share accepted is the manifest's, >= 99%
+        val = np.stack([load_input(p, ROUTER_SPEC) for p in list_images(data / s / "val")])
+        accepted = (router.route_with_novelty(val)[2] <= 1).mean()
+        assert accepted == pytest.approx(m["sources"][s]["val_accepted"]) and accepted >= 0.99
+    r = invoke("infer", ood, "--source", "auto", "--deploy", deploy, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    rows = read_rows(tmp_path / "p.csv")
+    assert len(rows) == 8
+    for row in rows:
+        assert row["rejected"] == "1" and ROUTER_REASON in row["reason"], row
+        assert row["predicted"] == "" and not any(v for k, v in row.items() if k.startswith("prob:"))
+
+
+def test_router_novelty_keeps_in_distribution_test_images(routed_deploy, tmp_path):
+    """The sources' held-out test images (never seen at export) pass the router's check: at a 99%
+    calibration, none of the 24 tiny test images is refused by it (through the CLI's rows)."""
+    deploy, data = routed_deploy
+    for s in ("capsule", "endoscope"):
+        out = tmp_path / f"{s}.csv"
+        r = invoke("infer", data / s / "test", "--source", "auto", "--deploy", deploy, "--out", out, "--workers", 0)
+        assert r.exit_code == 0, r.output
+        rows = read_rows(out)
+        assert len(rows) == 12 and all(row["source"] == s for row in rows)
+        assert not any(ROUTER_REASON in row["reason"] for row in rows), [row["reason"] for row in rows]
+
+
+def test_a_router_without_novelty_check_still_loads(routed_deploy, mixed, tmp_path):
+    """A router written before the novelty check (router.npz with the classifier only, no
+    ``novelty`` in its manifest) loads, routes as before and never refuses on its own."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    from gi_deploy._io import sha256_file
+
+    path = deploy / ROUTER_DIR / ROUTER_FILE
+    with np.load(path) as z:
+        old = {k: z[k] for k in ("mean", "scale", "weights", "bias")}
+    np.savez(path, **old)
+    mpath = deploy / ROUTER_DIR / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m.pop("novelty")
+    m["files"][ROUTER_FILE]["sha256"] = sha256_file(path)
+    mpath.write_text(json.dumps(m))
+    router, new = load_router(deploy), load_router(routed_deploy[0])
+    assert router.novelty is None
+    thumbs = np.stack([load_input(p, ROUTER_SPEC) for p in list_images(mixed)])
+    idx, conf, novelty = router.route_with_novelty(thumbs)
+    assert np.isnan(novelty).all()
+    assert (idx == new.route(thumbs)[0]).all() and np.allclose(conf, new.route(thumbs)[1])
+    r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    rows = read_rows(tmp_path / "p.csv")
+    assert len(rows) == len(list_images(mixed))
+    assert not any(ROUTER_REASON in row["reason"] for row in rows)
+    for row in rows:  # only the model's check refuses
+        assert (row["rejected"] == "1") == (float(row["id_score"]) > float(row["id_threshold"]))
+    r = invoke("evaluate", "--routing", "--deploy", deploy, "--ood", mixed / "ood", "--out", tmp_path / "ev",
+               "--test", f"capsule={routed_deploy[1] / 'capsule' / 'test'}")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "ev" / "routing.json").read_text())
+    assert rep["ood"]["score"] == "routed model's Mahalanobis / its threshold" and rep["ood"]["ood_rejected_by_router"] == 0
+
+
+def test_routing_report_combines_router_and_model_scores_by_hand():
+    """With the router's novelty, the refusal score is max(novelty, routed model's ratio)."""
+    def row(src, routed, ratio, novelty, label="x"):
+        return {"true_source": src, "label": label, "routed": routed, "rejected": max(ratio, novelty) > 1,
+                "pred:a": "x", "pred:b": "x", "id_ratio:a": ratio, "id_ratio:b": ratio, "router_novelty": novelty,
+                "ood_score": max(ratio, novelty)}
+
+    rows = [row("a", "a", 0.5, 0.2), row("a", "a", 0.6, 1.2), row("b", "b", 0.3, 0.9), row("b", "b", 0.9, 0.1),
+            row(OOD, "a", 0.4, 5.0, ""), row(OOD, "b", 2.0, 0.3, ""), row(OOD, "a", 0.7, 0.5, "")]
+    rep = routing_report(rows, ["a", "b"])
+    # ID scores 0.5, 1.2, 0.9, 0.9; OOD 5.0, 2.0, 0.7. Pairs OOD > ID: 5.0 and 2.0 beat all 4 (8),
+    # 0.7 beats 0.5 (1) -> 9 of 12. 95% TPR bound = the highest ID score 1.2: only OOD 0.7 passes.
+    assert rep["ood"]["auroc"] == pytest.approx(9 / 12)
+    assert rep["ood"]["fpr_at_95tpr"] == pytest.approx(1 / 3)
+    assert rep["ood"]["ood_rejected"] == 2 and rep["ood"]["ood_rejected_by_router"] == 1
+    assert rep["ood"]["ood_rejected_by_model"] == 1
+    assert rep["id_rejected"] == 1 and rep["id_rejected_by_router"] == 1
+    assert rep["routed_accuracy"] == pytest.approx(3 / 4)  # the refused one counts as not a diagnosis
+    assert rep["ood"]["score"].startswith("max(router novelty")
