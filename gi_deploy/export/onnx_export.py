@@ -26,15 +26,36 @@ FEATURES_ATOL = 1e-4
 class WithFeatures(nn.Module):
     """A timm classifier returning ``(logits, features)``: float32 (N, C) and the pooled features
     (N, D) the classifier layer reads (``forward_head(pre_logits=True)``). The second output is
-    free: the graph computes it anyway on the way to the logits."""
+    free: the logits are the classifier layer applied to those features, so the graph pools once.
+    Where that does not reproduce ``forward_head`` (a head that pools after its pre-logits, as VGG's
+    does), both are computed from the backbone's features instead."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, example: torch.Tensor | None = None):
         super().__init__()
         self.model = model
+        self.classifier = _classifier_on_features(model, example)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.model.forward_features(x)
-        return self.model.forward_head(f), self.model.forward_head(f, pre_logits=True)
+        feats = self.model.forward_head(f, pre_logits=True)
+        logits = self.classifier(feats) if self.classifier is not None else self.model.forward_head(f)
+        return logits, feats
+
+
+def _classifier_on_features(model: nn.Module, example: torch.Tensor | None) -> nn.Module | None:
+    """timm's classifier layer when ``classifier(pre-logits features)`` equals ``forward_head`` on
+    ``example`` (checked, eval mode), else None."""
+    get = getattr(model, "get_classifier", None)
+    if example is None or not callable(get):
+        return None
+    classifier = get()
+    try:
+        with torch.no_grad():
+            f = model.forward_features(example)
+            same = torch.allclose(classifier(model.forward_head(f, pre_logits=True)), model.forward_head(f), atol=1e-6)
+    except (RuntimeError, ValueError, TypeError):  # shapes that do not fit: the head does more than its classifier
+        return None
+    return classifier if same else None
 
 
 def has_pooled_features(model: nn.Module) -> bool:

@@ -274,7 +274,8 @@ def _write_models(job: _Job, models: RunModels) -> dict:
     o, staging, x = job.options, job.staging, job.inputs
     fp32_path = staging / MODEL_FILES["fp32"]
     features = onnx_export.has_pooled_features(models.deployed)
-    exported = onnx_export.WithFeatures(models.deployed) if features else models.deployed
+    exported = (onnx_export.WithFeatures(models.deployed, torch.from_numpy(x[:2])) if features  # checks its head on 2
+                else models.deployed)
     onnx = onnx_export.export_onnx(exported, fp32_path, job.spec.size, o.opset, o.exporter, inputs=x,
                                    reference=job.ref_logits, what=f"{job.name} fp32 ONNX vs adapter model")
     verification, extras, engine, notes = {"onnx_fp32": onnx.verification}, {}, None, []

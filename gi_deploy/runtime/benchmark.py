@@ -232,7 +232,7 @@ def _router_rows(cfg: BenchmarkConfig, found: list[Path], paths: list[Path]) -> 
         return [BenchRow(ROUTER_ROW, f"skipped: {e}")]
     b = Backend("router", "fp32", f"numpy {np.__version__}, {len(router.sources)} sources",
                 lambda t: router.probabilities_of_features(router_features(t)),
-                model_bytes=router.path.joinpath("router.npz").stat().st_size)
+                model_bytes=router.path.joinpath("router.npz").stat().st_size, spec=ROUTER_SPEC)
     rgb = [load_rgb(p) for p in found[:32]]
     t = time.perf_counter()
     thumbs = np.stack([to_input(img, ROUTER_SPEC) for img in rgb])

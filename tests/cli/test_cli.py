@@ -32,7 +32,7 @@ def test_train_export_infer_end_to_end(tiny_data, tmp_path):
     assert "capsule:" in r.output and "merge max|Δlogit|" in r.output and "true fp16: top-1 100%" in r.output
     assert "footprint: lora artifact 1.2 MB vs merged model 13.5 MB" in r.output
     assert {p.name for p in (deploy / "capsule").iterdir()} == {"model.onnx", "model.fp16.onnx", "labels.json",
-                                                               "manifest.json"}
+                                                               "manifest.json", "id_stats.npz"}
     r = invoke("export", "--runs", runs, "--out", deploy)  # nothing changed: nothing redone
     assert r.exit_code == 0 and "capsule: unchanged since" in r.output and "--force to re-export" in r.output
     r = invoke("export", "--list", "--out", deploy)
