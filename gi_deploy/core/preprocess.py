@@ -115,7 +115,7 @@ def require_regular_file(path: Path) -> None:
         raise DataError(f"cannot read image {path}: it is {kind}, not a regular file; only regular files are read")
 
 
-_EXIF_ORIENTATION = 0x0112
+EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -133,7 +133,7 @@ def _draft(img: Image.Image, spec: PreprocessSpec) -> None:
     if spec.decode != "draft" or img.format != "JPEG":
         return
     w, h = img.size
-    turned = img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED  # stored sideways: the target turns too
+    turned = img.getexif().get(EXIF_ORIENTATION, 1) in _TRANSPOSED  # stored sideways: the target turns too
     tw, th = resize_target((h, w) if turned else (w, h), spec)
     if turned:
         tw, th = th, tw

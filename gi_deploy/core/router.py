@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import read_json, sha256_file
+from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import IdStats
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError
@@ -107,12 +108,6 @@ def router_features(thumbs: np.ndarray) -> np.ndarray:
     return np.concatenate([hist, grid, np.stack(rings, axis=1), mean, std, chroma, grad], axis=1).astype(np.float32)
 
 
-def softmax_rows(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 @dataclass
 class Router:
     """A fitted router: standardisation, then a linear softmax classifier over ``sources``."""
@@ -133,7 +128,7 @@ class Router:
         return ROUTER_SPEC
 
     def probabilities_of_features(self, feats: np.ndarray) -> np.ndarray:
-        return softmax_rows(((feats - self.mean) / self.scale) @ self.weights + self.bias)
+        return softmax(((feats - self.mean) / self.scale) @ self.weights + self.bias)
 
     def novelty_of_features(self, feats: np.ndarray) -> np.ndarray:
         """(N, F) router features -> (N,) min over sources of Mahalanobis / that source's threshold:

@@ -12,7 +12,7 @@ import numpy as np
 
 from gi_deploy.core.ood import ID_STATS_FILE, fit_id_stats, save_id_stats
 from gi_deploy.core.preprocess import PreprocessSpec, load_input
-from gi_deploy.export.onnx_export import FEATURES_NAME, run_onnx_output
+from gi_deploy.export.onnx_export import FEATURES_NAME, ort_session, run_onnx_output
 from gi_deploy.export.verify import split_images
 
 log = logging.getLogger(__name__)
@@ -20,10 +20,11 @@ CHUNK = 64  # images decoded and run at a time: memory stays flat on thousands o
 
 
 def _features(model_path: Path, items: list[tuple[Path, int]], spec: PreprocessSpec) -> np.ndarray:
+    session = ort_session(model_path)  # once: a session per chunk would reload the model file
     parts = []
     for i in range(0, len(items), CHUNK):
         x = np.stack([load_input(p, spec) for p, _ in items[i:i + CHUNK]]).astype(np.float32)
-        parts.append(run_onnx_output(model_path, x, FEATURES_NAME))
+        parts.append(run_onnx_output(session, x, FEATURES_NAME))
     return np.concatenate(parts)
 
 

@@ -143,7 +143,7 @@ def features_gate(model: WithFeatures, path: Path, inputs: np.ndarray, what: str
     within ``FEATURES_ATOL``. Raises GateFailed."""
     with torch.no_grad():
         ref = model(torch.from_numpy(inputs))[1].numpy()
-    feats = run_onnx_output(path, inputs, FEATURES_NAME)
+    feats = run_onnx_output(ort_session(path), inputs, FEATURES_NAME)
     finite = bool(np.isfinite(feats).all())
     diff = float(np.abs(ref - feats).max()) if finite else float("inf")
     result = {"max_abs_feature_diff": diff, "finite": finite, "finite_share": float(np.isfinite(feats).all(1).mean()),
@@ -218,9 +218,9 @@ def run_onnx(path: Path, inputs: np.ndarray, providers: list[str] | None = None)
     return np.concatenate(parts).astype(np.float32), session.get_providers()[0]
 
 
-def run_onnx_output(path: Path, inputs: np.ndarray, output: str, providers: list[str] | None = None) -> np.ndarray:
-    """One named output of ``path`` on ``inputs`` (chunks of ``RUN_CHUNK``), float32."""
-    session = ort_session(path, providers)
+def run_onnx_output(session, inputs: np.ndarray, output: str) -> np.ndarray:
+    """One named output of an onnxruntime ``session`` (:func:`ort_session`) on ``inputs`` (chunks
+    of ``RUN_CHUNK``), float32."""
     name = session.get_inputs()[0].name
     parts = [session.run([output], {name: inputs[i:i + RUN_CHUNK]})[0] for i in range(0, len(inputs), RUN_CHUNK)]
     return np.concatenate(parts).astype(np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 
 from gi_deploy._io import library_versions, sha256_file, utc_now, write_json
 from gi_deploy.core.bundles import list_bundles, read_bundle_manifest
-from gi_deploy.core.metrics import confusion_matrix
+from gi_deploy.core.metrics import confusion_matrix, softmax
 from gi_deploy.core.ood import fit_id_stats
 from gi_deploy.core.preprocess import load_input
 from gi_deploy.core.router import (
@@ -30,11 +30,10 @@ from gi_deploy.core.router import (
     feature_names,
     router_dir,
     router_features,
-    softmax_rows,
 )
 from gi_deploy.core.runs import read_run_manifest
 from gi_deploy.errors import BundleError, ConfigError, DataError, GateFailed
-from gi_deploy.export.verify import split_images
+from gi_deploy.export.verify import resolvable_share, split_images
 
 # Held-out validation routing accuracy the router must reach (the goal): a misrouted image
 # meets a model that was never trained on its source (the seed paper's 8-10% accuracy). Below
@@ -45,10 +44,6 @@ STEPS = 500
 LR = 0.5
 MAX_TRAIN_IMAGES = 3000  # per source: global statistics of a few thousand frames describe a device well
 MAX_VAL_IMAGES = 1000
-
-
-def router_min_accuracy(min_accuracy: float, n: int) -> float:
-    return min(min_accuracy, 1.0 - 1.0 / n) if n > 1 else min_accuracy
 
 
 @dataclass
@@ -81,7 +76,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2, s
     w = np.zeros((x.shape[1], n_classes))
     b = np.zeros(n_classes)
     for _ in range(steps):
-        g = (softmax_rows(z @ w + b) - onehot) * sample_w[:, None] / len(y)
+        g = (softmax(z @ w + b) - onehot) * sample_w[:, None] / len(y)
         w -= lr * (z.T @ g + l2 * w)
         b -= lr * g.sum(axis=0)
     return mean.astype(np.float32), scale.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
@@ -134,7 +129,7 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     pred = router.probabilities_of_features(vx).argmax(axis=1)
     train_acc = float((router.probabilities_of_features(x).argmax(axis=1) == y).mean())
     accuracy = float((pred == vy).mean())
-    need = router_min_accuracy(min_accuracy, len(vy))
+    need = resolvable_share(min_accuracy, len(vy))
     gate = {"accuracy": accuracy, "n": int(len(vy)), "train_accuracy": train_acc, "min_accuracy": need,
             "confusion": confusion_matrix(vy, pred, len(sources)).tolist(), "split": "val"}
     if accuracy < need:

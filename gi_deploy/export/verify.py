@@ -59,10 +59,11 @@ def int8_allowed_drop(max_drop: float, n: int) -> float:
     return max(max_drop, 1.0 / n)
 
 
-def int8_min_agreement(min_top1: float, n: int) -> float:
-    """The top-1 agreement the INT8 gate requires on ``n`` validation images: ``min_top1``, or all
-    but one where the set is too small to resolve it (the same resolution rule as the drop)."""
-    return min(min_top1, 1.0 - 1.0 / n) if n > 1 else min_top1
+def resolvable_share(min_share: float, n: int) -> float:
+    """The share of ``n`` images a gate requires (the INT8 gate's top-1 agreement, the router's
+    accuracy): ``min_share``, or all but one where the set is too small to resolve it (the same
+    resolution rule as the drop)."""
+    return min(min_share, 1.0 - 1.0 / n) if n > 1 else min_share
 
 
 
@@ -72,7 +73,7 @@ def int8_thresholds(min_top1: float | None, max_drop: float | None, n: int, what
     (None) is relaxed to one image where ``n`` is too small to resolve it, and the note says so."""
     notes = []
     if min_top1 is None:
-        min_top1 = int8_min_agreement(INT8_MIN_TOP1, n)
+        min_top1 = resolvable_share(INT8_MIN_TOP1, n)
         if min_top1 < INT8_MIN_TOP1:
             notes.append(f"INT8 gate on {n} {what}: default least agreement {INT8_MIN_TOP1:.0%} relaxed to "
                          f"{min_top1:.1%} (all but one image); score more images or set --int8-min-agreement")

@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gi_deploy.core.preprocess import MAX_PIXELS, PreprocessSpec, crop_geometry
+from gi_deploy.core.preprocess import EXIF_ORIENTATION, MAX_PIXELS, PreprocessSpec, crop_geometry
 from gi_deploy.errors import DataError
 from gi_deploy.runtime.pipeline import DecodedBatch, _decode_once
-
-_EXIF_ORIENTATION = 0x0112
 
 
 def nvjpeg_status() -> tuple[bool, str]:
@@ -46,7 +44,7 @@ def gpu_decodable(path: Path) -> bool:
         with Image.open(path) as img:
             return (img.format == "JPEG" and img.mode == "RGB" and not img.info.get("progressive")
                     and not img.info.get("progression") and img.size[0] * img.size[1] <= MAX_PIXELS
-                    and img.getexif().get(_EXIF_ORIENTATION, 1) == 1)
+                    and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False  # the CPU decoder takes it, and reports what is wrong with it
 

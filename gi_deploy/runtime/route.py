@@ -24,7 +24,7 @@ from gi_deploy._io import exclusive_lock
 from gi_deploy.core.bundles import list_bundles
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import IdStats, load_id_stats
-from gi_deploy.core.router import load_router
+from gi_deploy.core.router import Router, load_router
 from gi_deploy.errors import BundleError, ConfigError, DataError
 from gi_deploy.runtime.evaluate import score_predictions
 from gi_deploy.runtime.infer import (
@@ -62,6 +62,13 @@ def routed_columns(top_k: int, classes: list[str]) -> tuple[str, ...]:
     base = csv_columns(top_k, classes)
     i = base.index("error") + 1
     return (*base[:i], *ROUTE_COLUMNS, *base[i:])
+
+
+def routed_specs(router: Router, bundles: dict[str, Bundle]) -> tuple[tuple, dict[str, int]]:
+    """The distinct preprocessing specs to decode each image with, the router's first (index 0),
+    and each source's index into them."""
+    specs = tuple(dict.fromkeys([router.spec, *(b.preprocess for b in bundles.values())]))
+    return specs, {s: specs.index(b.preprocess) for s, b in bundles.items()}
 
 
 def open_routed(cfg: InferConfig) -> tuple[object, dict[str, Bundle], dict[str, IdStats | None], list[str]]:
@@ -130,8 +137,7 @@ def infer_routed(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     pairs, n_resumed = _rows_done(cfg.out_csv, columns) if cfg.resume else (set(), 0)
     finished = {path for path, _ in pairs}
     todo = [p for p in inputs.paths if inputs.rel(p) not in finished]
-    specs = tuple(dict.fromkeys([router.spec, *(b.preprocess for b in bundles.values())]))
-    spec_of = {s: specs.index(b.preprocess) for s, b in bundles.items()}
+    specs, spec_of = routed_specs(router, bundles)
     cfg.out_csv.parent.mkdir(parents=True, exist_ok=True)
     start, n_done, n_classified = time.perf_counter(), 0, 0
     with exclusive_lock(cfg.out_csv, "choose another --out"), \

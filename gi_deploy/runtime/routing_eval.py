@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import write_json
-from gi_deploy.core.metrics import binary_roc_auc, confusion_matrix, softmax
+from gi_deploy.core.metrics import binary_roc_auc, confusion_matrix
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.cross import _truth, default_test_set
 from gi_deploy.runtime.infer import InferConfig
 from gi_deploy.runtime.inputs import collect_inputs
 from gi_deploy.runtime.pipeline import decoded_batches
-from gi_deploy.runtime.route import open_routed
+from gi_deploy.runtime.route import open_routed, routed_specs
 
 OOD = "(ood)"
 
@@ -92,7 +92,7 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
     router, bundles, stats, notes = open_routed(cfg)
     sources = router.sources
     items = _sets(deploy_dir, sources, tests, ood, out_dir)
-    specs = tuple(dict.fromkeys([router.spec, *(b.preprocess for b in bundles.values())]))
+    specs, spec_of = routed_specs(router, bundles)
     rows = []
     it = iter(items)
     for batch in decoded_batches([p for _, p, _ in items], specs, batch_size, workers):
@@ -103,8 +103,8 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
         idx, conf, novelty = router.route_with_novelty(batch.inputs[0])
         preds, ratios = {}, {}
         for s, b in bundles.items():
-            logits, feats = b.predict_logits_and_features(batch.inputs[specs.index(b.preprocess)])
-            preds[s] = [b.classes[i] for i in softmax(logits).argmax(axis=1)]
+            logits, feats = b.predict_logits_and_features(batch.inputs[spec_of[s]])
+            preds[s] = [b.classes[i] for i in logits.argmax(axis=1)]
             ratios[s] = (stats[s].score(feats) / stats[s].threshold if stats[s] is not None and feats is not None
                          else np.full(len(logits), np.nan))
         for j, (true_source, path, label) in enumerate(meta):

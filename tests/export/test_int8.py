@@ -75,6 +75,6 @@ def test_accuracy_gate_resolution():
 
     assert int8_allowed_drop(0.01, 500) == 0.01  # one point where the set can resolve it
     assert int8_allowed_drop(0.01, 60) == 1 / 60  # else one image
-    from gi_deploy.export.verify import int8_min_agreement
+    from gi_deploy.export.verify import resolvable_share as int8_min_agreement
 
     assert int8_min_agreement(0.98, 500) == 0.98 and int8_min_agreement(0.98, 30) == 1 - 1 / 30

@@ -410,8 +410,10 @@ def test_a_router_without_novelty_check_still_loads(routed_deploy, mixed, tmp_pa
     assert rep["ood"]["score"] == "routed model's Mahalanobis / its threshold" and rep["ood"]["ood_rejected_by_router"] == 0
 
 
-def test_routing_report_combines_router_and_model_scores_by_hand():
-    """With the router's novelty, the refusal score is max(novelty, routed model's ratio)."""
+def test_routing_report_scores_refusals_and_credits_them_to_router_or_model_by_hand():
+    """The report's AUROC / FPR on the rows' refusal score, each refusal credited to the router
+    (novelty over 1) or the routed model (ratio over 1); forming the score as max(novelty, ratio)
+    is evaluate_routing's, checked in test_evaluate_routing_matches_sklearn."""
     def row(src, routed, ratio, novelty, label="x"):
         return {"true_source": src, "label": label, "routed": routed, "rejected": max(ratio, novelty) > 1,
                 "pred:a": "x", "pred:b": "x", "id_ratio:a": ratio, "id_ratio:b": ratio, "router_novelty": novelty,

@@ -144,9 +144,11 @@ def test_lora_plus_colora_under_ddp_merges_identically_on_every_rank(tiny_data, 
     is used in every forward), and after each epoch's merge the ranks' merged weights hash equal
     (a mismatch raises on every rank; the hash is recorded)."""
     cfg = tiny_train_config(tiny_data, tmp_path, method="lora+colora", epochs=2)
-    result = launch_local(_train_rank, (cfg.to_dict(),), 2)[0]
+    results = launch_local(_train_rank, (cfg.to_dict(),), 2)
+    result = results[0]
     hashes = [r["colora_merge_hash"] for r in result.history]
     assert all(r["colora_merged"] for r in result.history) and len(set(hashes)) == 2 and all(hashes)
+    assert [r["colora_merge_hash"] for r in results[1].history] == hashes  # rank 1 merged to the same weights
     manifest = json.loads((result.run_dir / "run.json").read_text())
     assert manifest["status"] == "done" and manifest["colora"]["merges"] == 2
 
