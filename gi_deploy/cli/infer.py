@@ -25,7 +25,7 @@ from gi_deploy.cli._display import (
 )
 from gi_deploy.core.choices import BackendName, Device, Precision
 from gi_deploy.core.fields import default_of
-from gi_deploy.runtime.base import is_info
+from gi_deploy.runtime.backends.base import is_info
 from gi_deploy.runtime.benchmark import (
     ROUTER_MAX_COST,
     BenchmarkConfig,

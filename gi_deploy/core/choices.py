@@ -22,7 +22,7 @@ class Precision(str, Enum):
 
 
 class BackendName(str, Enum):
-    """Runtime backends (runtime/backends.py). ``auto`` picks the fastest one present."""
+    """Runtime backends (runtime/backends/select.py). ``auto`` picks the fastest one present."""
 
     auto = "auto"
     onnxruntime = "onnxruntime"

@@ -1,5 +1,5 @@
 """TensorRT engine building, isolated here (the runner and the stamp check are the runtime's,
-runtime/tensorrt.py): build, stamp and the ``trtexec`` fallback script.
+runtime/backends/tensorrt.py): build, stamp and the ``trtexec`` fallback script.
 
 Written to TensorRT's Python API as it is in both 10.x and 11.x:
 
@@ -15,7 +15,7 @@ Written to TensorRT's Python API as it is in both 10.x and 11.x:
 
 Nothing here is mocked in tests: without TensorRT and a CUDA GPU, export writes
 ``build_engine.sh`` (the exact ``trtexec`` command) instead, and the tests that need an engine
-skip with :func:`~gi_deploy.runtime.tensorrt.tensorrt_status`'s reason.
+skip with :func:`~gi_deploy.runtime.backends.tensorrt.tensorrt_status`'s reason.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from gi_deploy.core.bundles import BUILD_SCRIPT
 from gi_deploy.errors import DependencyError, ExportError
 from gi_deploy.export import verify
 from gi_deploy.export.onnx_export import INPUT_NAME
-from gi_deploy.runtime.tensorrt import EngineRunner, EngineTarget, current_target, tensorrt_status
+from gi_deploy.runtime.backends.tensorrt import EngineRunner, EngineTarget, current_target, tensorrt_status
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from gi_deploy.core.fields import helped
 from gi_deploy.core.preprocess import PreprocessSpec, list_images
 from gi_deploy.errors import ConfigError, DataError, GiDeployError
 from gi_deploy.runtime.backends import open_backend
-from gi_deploy.runtime.base import Backend, cpu_threads
+from gi_deploy.runtime.backends.base import Backend, cpu_threads
 from gi_deploy.runtime.infer import choose_decoder
-from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
+from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches, default_workers
 
 # (row name, backend, precision, torch.compile); the first row is the baseline every ratio is against
 CANDIDATES = (("PyTorch eager", "torch", "fp32", False), ("onnxruntime fp32", "onnxruntime", "fp32", None),
@@ -138,7 +138,7 @@ def _latency(b: Backend, x: np.ndarray, runs: int) -> tuple[float, float]:
 
 def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None,
                 decode: str = "cpu") -> float:
-    """The runtime's pipeline (runtime/pipeline.py) feeding this backend, timed from the first
+    """The runtime's pipeline (runtime/decode/cpu.py) feeding this backend, timed from the first
     batch's arrival: images after it / seconds after it. ``decode`` as infer's (runtime/infer.py)."""
     t0, n = None, 0
     workers = workers if workers is not None else default_workers(gpu=b.device == "cuda")

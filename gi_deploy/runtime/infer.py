@@ -23,7 +23,7 @@ from gi_deploy.errors import ConfigError, DataError, DependencyError
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import Inputs, check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
-from gi_deploy.runtime.pipeline import decode_batch, decoded_batches, default_workers
+from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches, default_workers
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Calla
     if not on_gpu:
         raise ConfigError("--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
                           f"{', '.join(b.name + ' on ' + b.detail for b in backends)}: use --decode cpu")
-    from gi_deploy.runtime import gpu_decode  # lazy: the GPU decoder needs torch and torchvision
+    from gi_deploy.runtime.decode import gpu as gpu_decode  # lazy: the GPU decoder needs torch and torchvision
 
     ok, why = gpu_decode.nvjpeg_status()
     if not ok:

@@ -11,7 +11,7 @@ import numpy as np
 from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.runtime.backends import open_backend
-from gi_deploy.runtime.base import Backend, is_info
+from gi_deploy.runtime.backends.base import Backend, is_info
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
                 backend: str = "onnxruntime", threads: int | None = None, compile: bool | None = None,
                 batch_size: int = 32) -> Bundle:
     """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
-    ``backend`` (runtime/backends.py; onnxruntime by default, no torch import).
+    ``backend`` (runtime/backends/select.py; onnxruntime by default, no torch import).
 
     Raises BundleError when files are missing or altered, ConfigError for an unknown
     precision/device/backend. A requested provider that is not the active one is logged as a

@@ -5,7 +5,7 @@ what a resumed CSV already holds) from the bundles' manifests, without loading a
 then runs two stages over the image list:
 
 1. ``map_batches(_decode)``: Ray tasks read and decode each batch with the shared decoder
-   (``gi_deploy.runtime.pipeline.decode_batch``, the one the local run and training use), so an
+   (``gi_deploy.runtime.decode.cpu.decode_batch``, the one the local run and training use), so an
    unreadable file becomes an error entry, never a failed task;
 2. ``map_batches(_Classifier, compute=ActorPoolStrategy(size=N), num_gpus=G)``: a pool of N actors, each holding every
    selected bundle's session on any backend ``infer`` has, turns the pixels into probabilities.
@@ -37,7 +37,7 @@ from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DependencyError
 from gi_deploy.runtime.infer import InferConfig, InferResult, check_out_path, finish_job, open_csv, plan_job, write_rows
 from gi_deploy.runtime.inputs import collect_inputs
-from gi_deploy.runtime.pipeline import decode_batch
+from gi_deploy.runtime.decode.cpu import decode_batch
 
 
 @dataclass

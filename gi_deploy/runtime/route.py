@@ -39,7 +39,7 @@ from gi_deploy.runtime.infer import (
 )
 from gi_deploy.runtime.inputs import check_label_names, collect_inputs
 from gi_deploy.runtime.loader import Bundle, load_bundle
-from gi_deploy.runtime.pipeline import decoded_batches, default_workers
+from gi_deploy.runtime.decode.cpu import decoded_batches, default_workers
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.cross import _truth, default_test_set
 from gi_deploy.runtime.infer import InferConfig
 from gi_deploy.runtime.inputs import collect_inputs
-from gi_deploy.runtime.pipeline import decoded_batches
+from gi_deploy.runtime.decode.cpu import decoded_batches
 from gi_deploy.runtime.route import open_routed, routed_specs
 
 OOD = "(ood)"

@@ -5,8 +5,9 @@ CUDA, onnxruntime's GPU providers) are planted; the choice logic is the code tha
 import pytest
 
 from gi_deploy.core.bundles import read_bundle_manifest
-from gi_deploy.runtime import backends, torch_backend
-from gi_deploy.runtime.base import Backend
+from gi_deploy.runtime.backends import select as backends
+from gi_deploy.runtime.backends import torch as torch_backend
+from gi_deploy.runtime.backends.base import Backend
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def _fake_torch(calls):
 def test_a_gpu_without_onnxruntime_gpu_takes_torch_cuda_and_says_why(bundle, monkeypatch):
     calls = []
     monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
-    monkeypatch.setattr(backends, "_ort_gpu_installed", lambda: False)
+    monkeypatch.setattr(backends, "ort_gpu_installed", lambda: False)
     monkeypatch.setattr(torch_backend, "torch_cuda", lambda: (True, "torch on a planted GPU"))
     monkeypatch.setattr(torch_backend, "open_torch", _fake_torch(calls))
     b = backends.open_backend(*bundle, "auto", "fp16", "auto", batch_size=64)
@@ -37,7 +38,7 @@ def test_a_gpu_without_onnxruntime_gpu_takes_torch_cuda_and_says_why(bundle, mon
 
 def test_torch_that_cannot_start_falls_back_to_onnxruntime_with_every_reason(bundle, monkeypatch):
     monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
-    monkeypatch.setattr(backends, "_ort_gpu_installed", lambda: False)
+    monkeypatch.setattr(backends, "ort_gpu_installed", lambda: False)
     monkeypatch.setattr(torch_backend, "torch_cuda", lambda: (False, "torch 2.x sees no CUDA GPU"))
     b = backends.open_backend(*bundle, "auto", "fp32", "auto")
     assert b.name == "onnxruntime" and b.device == "cpu"
@@ -53,7 +54,7 @@ def test_a_cpu_machine_never_imports_torch_for_auto(bundle, monkeypatch):
 
 def test_int8_stays_on_onnxruntime(bundle, monkeypatch):
     monkeypatch.setattr(backends, "nvidia_gpu_present", lambda: True)
-    monkeypatch.setattr(backends, "_ort_gpu_installed", lambda: False)
+    monkeypatch.setattr(backends, "ort_gpu_installed", lambda: False)
     monkeypatch.setattr(torch_backend, "open_torch", lambda *a, **k: pytest.fail("torch has no int8 model"))
     with pytest.raises(Exception, match="no int8 model"):  # the tiny bundle was exported without --int8
         backends.open_backend(*bundle, "auto", "int8", "auto")

@@ -168,7 +168,7 @@ def test_no_onnxruntime_names_both_installs(bundle, monkeypatch):
 
 
 def test_two_onnxruntime_builds_side_by_side_are_reported(bundle, monkeypatch):
-    from gi_deploy.runtime import backends
+    from gi_deploy.runtime.backends import onnxruntime as backends
 
     monkeypatch.setattr(backends, "onnxruntime_builds", lambda: ["onnxruntime", "onnxruntime-gpu"])
     d, manifest = bundle

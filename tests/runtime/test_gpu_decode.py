@@ -10,9 +10,9 @@ from PIL import Image
 
 from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
 from gi_deploy.errors import ConfigError
-from gi_deploy.runtime import gpu_decode
+from gi_deploy.runtime.decode import gpu as gpu_decode
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
+from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches
 
 SPEC = PreprocessSpec(size=(48, 48), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

@@ -14,9 +14,9 @@ from PIL import Image
 from gi_deploy._io import read_json
 from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input, normalize_pixels
-from gi_deploy.runtime import pipeline
+from gi_deploy.runtime.decode import cpu as pipeline
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-from gi_deploy.runtime.pipeline import decode_batch, decoded_batches
+from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from gi_deploy.core.preprocess import PreprocessSpec, load_input, load_rgb, normalize_pixels
-from gi_deploy.runtime.pipeline import decode_batch
+from gi_deploy.runtime.decode.cpu import decode_batch
 from gi_deploy.training.data import Augment, ImageDataset
 from gi_deploy.training.device_input import DeviceFeed, augments_on_device
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from gi_deploy.core.preprocess import PreprocessSpec, load_rgb, to_pixels
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.base import cpu_threads
+from gi_deploy.runtime.backends.base import cpu_threads
 
 
 @dataclass
@@ -34,7 +34,7 @@ class DecodedBatch:
     """``paths`` in input order; ``errors[i]`` the reason path i could not be read (None when
     it could); ``inputs[j]`` the readable ones' pixels under ``specs[j]``: uint8 (n_good, H, W, 3),
     resized but not normalised. Workers send a quarter of the bytes float32 would take; the
-    backend normalises where its model runs (runtime/base.py: on the GPU for torch and TensorRT)."""
+    backend normalises where its model runs (runtime/backends/base.py: on the GPU for torch and TensorRT)."""
 
     paths: list[Path]
     errors: list[str | None]
@@ -115,7 +115,7 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
     decodes inline; otherwise ``workers`` spawned processes keep up to ``prefetch`` (default
     2 x workers) batches ahead of the consumer. Closing the iterator (an error in the consumer,
     Ctrl-C) cancels what is queued. ``reader`` runs in the workers and ``finish`` on its result
-    in this process (runtime/gpu_decode.py: bytes read there, decoded here on the GPU)."""
+    in this process (runtime/decode/gpu.py: bytes read there, decoded here on the GPU)."""
     finish = finish or (lambda batch: batch)
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     if workers == 0 or len(chunks) <= 1:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from gi_deploy.core.preprocess import EXIF_ORIENTATION, MAX_PIXELS, PreprocessSpec, crop_geometry
 from gi_deploy.errors import DataError
-from gi_deploy.runtime.pipeline import DecodedBatch, _decode_once
+from gi_deploy.runtime.decode.cpu import DecodedBatch, _decode_once
 
 
 def nvjpeg_status() -> tuple[bool, str]:

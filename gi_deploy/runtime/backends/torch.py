@@ -18,7 +18,7 @@ from gi_deploy._deps import require_training_extra
 from gi_deploy.core.bundles import training_run_of
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DependencyError
-from gi_deploy.runtime.base import Backend, cpu_threads
+from gi_deploy.runtime.backends.base import Backend, cpu_threads
 
 # torch.compile's caches (inductor kernels, FX graphs) kept across runs: the first run of a model
 # pays the compile, later ones load it (the cost is printed either way).
@@ -141,7 +141,7 @@ class _Runner:
         import torch
 
         n = len(pixels)
-        if isinstance(pixels, torch.Tensor):  # decoded on the GPU (runtime/gpu_decode.py): already there
+        if isinstance(pixels, torch.Tensor):  # decoded on the GPU (runtime/decode/gpu.py): already there
             return self._forward((pixels.to(self.dev).permute(0, 3, 1, 2).float() - self.mean) * self.inv_std)
         if self._pinned is None or len(self._pinned) < n:
             self._pinned = torch.empty((max(n, self.batch), self.h, self.w, 3), dtype=torch.uint8).pin_memory()
