@@ -15,6 +15,8 @@ neither source's findings: plain mucosa whose folds run in one of four direction
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +156,98 @@ def write_ood(folder: Path, size: int = 64, n: int = 8, seed: int = 0) -> Path:
         for kind, a in (("blank", blank), ("saturated", saturated), ("colour_field", field), ("pattern", pattern)):
             Image.fromarray(a).save(folder / f"{kind}_{i:02d}.png")
     return folder
+
+
+# --- a synthetic capsule study (triage) ---------------------------------------------------------------
+
+STUDY_SECTIONS = ("stomach", "small bowel", "colon")
+# Each section's light through the capsule: the stomach pinker, the small bowel as the capsule
+# source's frames (bile), the colon darker and browner. Mild, so the capsule model still reads them.
+SECTION_TINT = {"stomach": (1.05, 0.92, 1.0), "small bowel": (1.0, 1.0, 1.0), "colon": (0.85, 0.8, 0.7)}
+# Kvasir-Capsule's landmark labels at the two section changes
+LANDMARK_LABELS = ("Pylorus", "Ileocecal valve")
+
+
+@dataclass
+class CapsuleStudyPlan:
+    """What a synthetic study holds, frame by frame: ``finding[i]`` the class frame i shows,
+    ``section[i]`` its section index, ``copy_of[i]`` the earlier frame it repeats (the capsule
+    stalled: a near-duplicate) or -1; ``runs``: (finding, first, last) injected findings;
+    ``changes``: the first small-bowel and first colon frames."""
+
+    fps: float
+    finding: list[str]
+    section: np.ndarray
+    copy_of: np.ndarray
+    runs: list[tuple[str, int, int]]
+    changes: tuple[int, int]
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.finding)
+
+
+def plan_capsule_study(n_frames: int, fps: float, seed: int = 0, n_runs: int = 6, run_frames: tuple[int, int] = (8, 16),
+                       stall_every: int = 40, stall_frames: int = 4) -> CapsuleStudyPlan:
+    """A study of ``n_frames`` at ``fps``: sections at 15% and 70% of the frames, ``n_runs``
+    finding runs (polyp, ulcer, bleeding in turn; ``run_frames`` long, apart from each other and from
+    the section changes), and a stall every ``stall_every`` frames where the capsule repeats one
+    frame ``stall_frames`` times (inside runs too: near-duplicates the review list must drop)."""
+    rng = np.random.default_rng([seed, 7])
+    changes = (int(0.15 * n_frames), int(0.70 * n_frames))
+    section = np.zeros(n_frames, np.int8)
+    section[changes[0]:] = 1
+    section[changes[1]:] = 2
+    finding = ["normal"] * n_frames
+    runs: list[tuple[str, int, int]] = []
+    slots = np.linspace(0.05 * n_frames, 0.95 * n_frames, n_runs + 2)[1:-1]
+    for i, centre in enumerate(slots):
+        length = int(rng.integers(run_frames[0], run_frames[1] + 1))
+        a = int(centre + rng.integers(-length, length + 1))
+        a = min(max(a, 1), n_frames - length - 1)
+        cls = CLASSES[1 + i % (len(CLASSES) - 1)]
+        runs.append((cls, a, a + length - 1))
+        finding[a:a + length] = [cls] * length
+    copy_of = np.full(n_frames, -1, np.int64)
+    for s in range(stall_every // 2, n_frames - stall_frames, stall_every):
+        for k in range(1, stall_frames):
+            if finding[s + k] == finding[s]:
+                copy_of[s + k] = s
+    return CapsuleStudyPlan(fps, finding, section, copy_of, runs, changes)
+
+
+def render_capsule_study(plan: CapsuleStudyPlan, size: int = 64, seed: int = 0) -> Iterator[np.ndarray]:
+    """The study's frames, uint8 (size, size, 3), one at a time (a long study never sits in memory):
+    the capsule renderer's image of each frame's finding under its section's light; a stalled
+    frame repeats the frame it copies with a little sensor noise."""
+    rng = np.random.default_rng([seed, 8])
+    last: dict[int, np.ndarray] = {}
+    for i in range(plan.n_frames):
+        if plan.copy_of[i] >= 0:
+            base = last[int(plan.copy_of[i])]
+            noisy = base.astype(np.int16) + rng.integers(-2, 3, base.shape)
+            yield np.clip(noisy, 0, 255).astype(np.uint8)
+            continue
+        img = render(plan.finding[i], "capsule", rng, size).astype(np.float32)
+        img *= np.asarray(SECTION_TINT[STUDY_SECTIONS[plan.section[i]]], np.float32)
+        frame = np.clip(img, 0, 255).astype(np.uint8)
+        if i + 1 < plan.n_frames and plan.copy_of[i + 1] == i:
+            last = {i: frame}
+        yield frame
+
+
+def write_capsule_labels(plan: CapsuleStudyPlan, path: Path, video_id: str, normal_every: int = 25) -> Path:
+    """The study's labels as Kvasir-Capsule's ``metadata.csv`` (``;``-separated): every frame of
+    every run, the first frame of each section change under its landmark label, and every
+    ``normal_every``-th normal frame (most frames stay unlabelled, as in the real release)."""
+    rows = []
+    for cls, a, b in plan.runs:
+        rows += [(f, cls) for f in range(a, b + 1)]
+    rows += [(c, label) for c, label in zip(plan.changes, LANDMARK_LABELS)]
+    rows += [(f, "normal") for f in range(0, plan.n_frames, normal_every)
+             if plan.finding[f] == "normal" and f not in plan.changes]
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("filename;video_id;frame_number;finding_category;finding_class\n")
+        for f, cls in sorted(rows):
+            out.write(f"{video_id}_{f}.jpg;{video_id};{f};{'Anatomy' if cls in LANDMARK_LABELS else 'Luminal'};{cls}\n")
+    return Path(path)

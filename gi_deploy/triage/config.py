@@ -40,7 +40,7 @@ class TriageConfig:
     min_frames: int = helped(2, "Shortest segment, in sampled frames.")
     landmark_evidence: float = helped(0.5, "Smoothed landmark score a section change needs.")
     top_k: int = helped(6, "Frames per finding in the review list's contact sheet.")
-    duplicate_bits: int = helped(6, "Near-duplicates: 64-bit dHashes differing in at most this many bits.")
+    duplicate_bits: int = helped(24, "Near-duplicates: 256-bit dHashes differing in at most this many bits.")
     read_fpm: float = helped(READ_FRAMES_PER_MINUTE, "Reading speed (frames per minute) for the reading time.")
     batch_size: int = helped(32, "Frames per model call.")
     precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files).")
@@ -65,5 +65,5 @@ class TriageConfig:
         if self.min_frames < 1 or self.top_k < 1 or self.batch_size < 1:
             raise ConfigError(f"min_frames, top_k and batch_size must be >= 1, got {self.min_frames}, {self.top_k}, "
                               f"{self.batch_size}")
-        if not 0 <= self.duplicate_bits < 64:
-            raise ConfigError(f"duplicate_bits must be 0..63, got {self.duplicate_bits}")
+        if not 0 <= self.duplicate_bits < 256:
+            raise ConfigError(f"duplicate_bits must be 0..255, got {self.duplicate_bits}")

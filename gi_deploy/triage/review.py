@@ -9,41 +9,47 @@ from PIL import Image
 from gi_deploy.errors import ConfigError
 from gi_deploy.triage.temporal import Segment
 
-HASH_SIZE = 8  # dHash: 8 x 8 = 64 bits
-# Two frames whose 64-bit dHashes differ in at most this many bits are the same view: measured on the
-# demo's capsule frames, a frame re-encoded or shifted by a pixel differs in 0-4 bits, two different
-# frames of one section in 20-35 (half of 64 is what unrelated images give).
-DUPLICATE_BITS = 6
+HASH_SIZE = 16  # dHash: 16 x 16 = 256 bits
+HASH_BYTES = HASH_SIZE * HASH_SIZE // 8
+# The centre square the hash reads: inside a capsule's round field of view, so the black border and
+# the vignetting, the same in every frame, do not make two different frames look alike.
+HASH_CROP = 0.6
+# Two frames whose hashes differ in at most this many of 256 bits are the same view. Measured on the
+# demo's synthetic study after H.264 (tests/triage/test_review_hash.py keeps it honest): a stalled
+# capsule's repeated frames differ in 0-8 bits, two different frames in 49 or more (115 on average).
+DUPLICATE_BITS = 24
 
 
-def dhash(pixels: np.ndarray) -> int:
-    """The 64-bit difference hash of an RGB image (H, W, 3) uint8: grey, resized to 9 x 8, one bit
-    per horizontally adjacent pair (left brighter than right). Robust to re-encoding, scaling and
-    small shifts; two views of different tissue differ in many bits."""
-    grey = Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("L").resize(
-        (HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR)
-    a = np.asarray(grey, dtype=np.int16)
-    bits = (a[:, :-1] > a[:, 1:]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
+def dhash(pixels: np.ndarray) -> np.ndarray:
+    """The 256-bit difference hash of an RGB image (H, W, 3) uint8, packed as (32,) uint8: the
+    centre ``HASH_CROP`` square, grey, resized to 17 x 16, one bit per horizontally adjacent pair
+    (left brighter than right). Robust to re-encoding, noise and scaling; different tissue
+    differs in many bits."""
+    a = np.asarray(pixels, dtype=np.uint8)
+    h, w = a.shape[:2]
+    ch, cw = max(1, int(h * HASH_CROP / 2)), max(1, int(w * HASH_CROP / 2))
+    crop = a[h // 2 - ch:h // 2 + ch, w // 2 - cw:w // 2 + cw]
+    grey = Image.fromarray(crop).convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR)
+    g = np.asarray(grey, dtype=np.int16)
+    return np.packbits((g[:, :-1] > g[:, 1:]).ravel())
 
 
-def hamming(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
-    """Bits that differ between 64-bit hashes (broadcasts; uint64 arrays or ints)."""
-    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
-    return np.unpackbits(np.atleast_1d(x).view(np.uint8)).reshape(*np.atleast_1d(x).shape, 64).sum(-1)
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between packed hashes: ``a`` (..., 32) against ``b`` (32,) or (..., 32)."""
+    return np.unpackbits(np.bitwise_xor(np.asarray(a, np.uint8), np.asarray(b, np.uint8)), axis=-1).sum(-1)
 
 
 def remove_near_duplicates(order: np.ndarray, hashes: np.ndarray, max_bits: int = DUPLICATE_BITS) -> np.ndarray:
     """Greedy near-duplicate removal: walk ``order`` (positions, best first) and keep a frame unless
-    its hash is within ``max_bits`` of one already kept. ``hashes`` (N,) uint64 indexed by
+    its hash is within ``max_bits`` of one already kept. ``hashes`` (N, 32) uint8 indexed by
     position. Returns the kept positions, in ``order``'s order."""
     kept: list[int] = []
-    kept_hashes = np.zeros(0, np.uint64)
+    kept_hashes = np.zeros((len(order), HASH_BYTES), np.uint8)
     for p in np.asarray(order, dtype=np.int64):
-        if len(kept) and int(hamming(kept_hashes, hashes[p]).min()) <= max_bits:
+        if kept and int(hamming(kept_hashes[:len(kept)], hashes[p]).min()) <= max_bits:
             continue
+        kept_hashes[len(kept)] = hashes[p]
         kept.append(int(p))
-        kept_hashes = np.append(kept_hashes, np.uint64(hashes[p]))
     return np.asarray(kept, dtype=np.int64)
 
 

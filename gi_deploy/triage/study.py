@@ -106,7 +106,7 @@ def analyse(table: FrameTable, roles: ClassRoles, cfg: TriageConfig) -> VideoStu
 
 def select_review(study: VideoStudy, hashes: np.ndarray, cfg: TriageConfig) -> None:
     """The review list of ``study``: its flagged frames, best score first, near-duplicates removed
-    (``hashes`` (N,) uint64 dHashes by position; only flagged positions are read), then the top-k
+    (``hashes`` (N, 32) uint8 dHashes by position; only flagged positions are read), then the top-k
     frames of each finding and the budget. Fills ``review``, ``top`` and ``budget``."""
     scores = study.finding_scores()
     best = scores.max(axis=1) if scores.size else np.zeros(len(study.flagged))

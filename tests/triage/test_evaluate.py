@@ -25,7 +25,7 @@ def _study(video, n, runs, landmarks=()):
     cfg = TriageConfig(inputs="x", smoothing="none", min_frames=1)
     roles = class_roles("mine", CLASSES, normal=["normal"], landmark=["pylorus", "valve"])
     s = analyse(table, roles, cfg)
-    select_review(s, np.arange(n, dtype=np.uint64) * np.uint64(0xFFFF), cfg)
+    select_review(s, np.random.default_rng(0).integers(0, 256, (n, 32), dtype=np.uint8), cfg)
     return s
 
 

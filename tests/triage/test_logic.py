@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gi_deploy.errors import ConfigError
-from gi_deploy.triage.review import (dhash, hamming, quality_track, remove_near_duplicates, review_budget,
+from gi_deploy.triage.review import (DUPLICATE_BITS, dhash, hamming, quality_track, remove_near_duplicates, review_budget,
                                      top_frames)
 from gi_deploy.triage.roles import class_roles
 from gi_deploy.triage.sections import find_sections
@@ -104,12 +104,15 @@ def test_dhash_and_near_duplicate_removal():
     rng = np.random.default_rng(0)
     a = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
     b = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
-    a2 = np.clip(a.astype(int) + 3, 0, 255).astype(np.uint8)  # the same view, a little brighter
-    h = np.array([dhash(a), dhash(b), dhash(a2), dhash(a)], np.uint64)
-    assert int(hamming(h[0], h[2])[0]) <= 6 < int(hamming(h[0], h[1])[0])
-    # best first: 3 (a), 1 (b), 0 (a), 2 (a2): the two copies of a after the first are dropped
-    assert remove_near_duplicates(np.array([3, 1, 0, 2]), h).tolist() == [3, 1]
-    assert remove_near_duplicates(np.array([3, 1, 0, 2]), h, max_bits=-1).tolist() == [3, 1, 0, 2]
+    a2 = np.clip(a.astype(int) + rng.integers(-2, 3, a.shape), 0, 255).astype(np.uint8)  # a with sensor noise
+    border = a.copy()
+    border[:8] = 0  # outside the centre square the hash reads: the same view
+    h = np.stack([dhash(a), dhash(b), dhash(a2), dhash(a), dhash(border)])
+    assert h.shape == (5, 32) and h.dtype == np.uint8
+    assert int(hamming(h[0], h[2])) <= DUPLICATE_BITS < int(hamming(h[0], h[1])) and int(hamming(h[0], h[4])) == 0
+    # best first: 3 (a), 1 (b), 0 (a), 2 (a with noise), 4 (a, border): the copies after the first are dropped
+    assert remove_near_duplicates(np.array([3, 1, 0, 2, 4]), h).tolist() == [3, 1]
+    assert remove_near_duplicates(np.array([3, 1, 0, 2, 4]), h, max_bits=-1).tolist() == [3, 1, 0, 2, 4]
 
 
 def test_top_frames_per_finding_after_removal():
