@@ -156,49 +156,56 @@ def probe_video(path: Path, fps: float | None = None) -> VideoInfo:
                      float(rate) if rate else None, vfr, damaged, notes)
 
 
+# Wanted frames further apart than this are reached by a seek (to the keyframe before) rather than by
+# decoding every frame between: x264's default keyframe interval is 250.
+SEEK_GAP = 300
+
+
 def decode_frames(info: VideoInfo, wanted: np.ndarray) -> Iterator[tuple[int, Image.Image | None, str | None]]:
     """Decode ``info.path`` as a stream and yield ``(frame number, RGB image, None)`` for each of
-    ``wanted`` (sorted frame numbers), in order; a frame that cannot be decoded (damage, a cut
-    file) gives ``(frame number, None, reason)``, and so does every wanted frame after it, with
-    the damage logged once naming the frame. Starts with a seek to the keyframe before the first
-    wanted frame, so a resumed run does not decode what it already has."""
-    av = _av()
+    ``wanted`` (sorted frame numbers), in order; a frame that cannot be decoded gives ``(frame
+    number, None, reason)``, and so does every wanted frame after it up to the next seek, with the
+    damage logged once naming the frame. Runs of wanted frames more than ``SEEK_GAP`` apart start
+    with a seek to the keyframe before them: a resumed run or the report's few frames do not
+    decode the whole study again."""
     wanted = np.asarray(wanted, dtype=np.int64)
     if len(wanted) == 0:
         return
+    breaks = np.flatnonzero(np.diff(wanted) > SEEK_GAP) + 1
     container, stream = _open(info.path)
-    nxt = 0  # index into wanted of the next frame to yield
     with container:
-        first = int(info.pts[wanted[0]])
-        if wanted[0] > 0:
-            container.seek(first, stream=stream, backward=True, any_frame=False)
-        reason = None
-        try:
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                number = int(info.pts.searchsorted(frame.pts))
-                if number >= info.n_total or info.pts[number] != frame.pts:
-                    continue  # a timestamp the demux pass did not see: not one of our frames
-                while nxt < len(wanted) and wanted[nxt] < number:  # skipped by the decoder: never produced
-                    yield int(wanted[nxt]), None, f"frame {wanted[nxt]} of {info.path} was not decoded"
-                    nxt += 1
-                if nxt < len(wanted) and wanted[nxt] == number:
-                    yield number, frame.to_image(), None
-                    nxt += 1
-                if nxt == len(wanted):
-                    return
-        except av.FFmpegError as e:
-            at = int(wanted[nxt]) if nxt < len(wanted) else info.n_total
-            reason = f"{info.path} is damaged at frame {at} ({e})"
-        if reason is None:
-            at = int(wanted[nxt]) if nxt < len(wanted) else info.n_total
-            reason = f"{info.path} ends before frame {at} (the file is cut)"
-        if nxt < len(wanted):
-            log.warning("%s; the frames before it are kept, the %d after it are not classified", reason,
-                        len(wanted) - nxt)
-        for number in wanted[nxt:]:
-            yield int(number), None, reason
+        for run in np.split(wanted, breaks):
+            yield from _decode_run(info, container, stream, run)
+
+
+def _decode_run(info: VideoInfo, container, stream, wanted: np.ndarray):
+    av = _av()
+    nxt = 0  # index into wanted of the next frame to yield
+    if wanted[0] > 0:
+        container.seek(int(info.pts[wanted[0]]), stream=stream, backward=True, any_frame=False)
+    reason = None
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            number = int(info.pts.searchsorted(frame.pts))
+            if number >= info.n_total or info.pts[number] != frame.pts:
+                continue  # a timestamp the demux pass did not see: not one of our frames
+            while nxt < len(wanted) and wanted[nxt] < number:  # skipped by the decoder: never produced
+                yield int(wanted[nxt]), None, f"frame {wanted[nxt]} of {info.path} was not decoded"
+                nxt += 1
+            if nxt < len(wanted) and wanted[nxt] == number:
+                yield number, frame.to_image(), None
+                nxt += 1
+            if nxt == len(wanted):
+                return
+    except av.FFmpegError as e:
+        reason = f"{info.path} is damaged at frame {int(wanted[nxt]) if nxt < len(wanted) else info.n_total} ({e})"
+    if reason is None:
+        reason = f"{info.path} ends before frame {int(wanted[nxt])} (the file is cut)"
+    log.warning("%s; the frames before it are kept, the %d after it are not classified", reason, len(wanted) - nxt)
+    for number in wanted[nxt:]:
+        yield int(number), None, reason
 
 
 def write_video(path: Path, frames: Iterator[np.ndarray], fps: float, codec: str = "libx264",

@@ -10,6 +10,7 @@ import pytest
 from gi_deploy.errors import DataError
 from gi_deploy.triage.inputs import collect_study
 from gi_deploy.triage.review import DUPLICATE_BITS, dhash, hamming
+from gi_deploy.triage import video
 from gi_deploy.triage.video import decode_frames, probe_video, write_video
 
 av = pytest.importorskip("av")
@@ -41,10 +42,13 @@ def test_times_come_from_timestamps_and_fps_samples_by_time(clip):
     assert s.extra_values(s.paths[1]) == {"video": "study", "frame": "4", "time_s": "0.400"}
 
 
-def test_decodes_exactly_the_wanted_frames_after_a_seek(clip):
+def test_decodes_exactly_the_wanted_frames_after_a_seek(clip, monkeypatch):
     info = probe_video(clip)
     got = [(n, _level(im), e) for n, im, e in decode_frames(info, np.array([0, 1, 45, 59]))]
     assert got == [(0, 0, None), (1, 1, None), (45, 45, None), (59, 59, None)]
+    monkeypatch.setattr(video, "SEEK_GAP", 5)  # a seek before 45 and before 59
+    assert [(n, _level(im)) for n, im, e in decode_frames(info, np.array([0, 1, 45, 59]))] == [(0, 0), (1, 1), (45, 45),
+                                                                                           (59, 59)]
 
 
 def test_a_cut_video_keeps_the_frames_before_the_damage(clip, tmp_path, caplog):
