@@ -49,6 +49,10 @@ class TriageConfig:
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
     workers: int | None = helped(None, "Decoding processes for frame files (a video decodes in one thread).")
     resume: bool = helped(False, "Keep the frames a killed run classified and classify only the rest.")
+    labels: Path | None = helped(None, "Score the study against Kvasir-Capsule's metadata.csv (video id, frame number, "
+                                       "finding): event sensitivity, segmental F1, landmark time error.")
+    gap: int = helped(10, "Evaluation: labelled frames of one class at most this many frames apart are one event.")
+    tolerance: int = helped(5, "Evaluation: an event is found when a segment overlaps it within this many frames.")
 
     def __post_init__(self) -> None:
         self.out_dir, self.deploy_dir = Path(self.out_dir), Path(self.deploy_dir)
@@ -65,5 +69,8 @@ class TriageConfig:
         if self.min_frames < 1 or self.top_k < 1 or self.batch_size < 1:
             raise ConfigError(f"min_frames, top_k and batch_size must be >= 1, got {self.min_frames}, {self.top_k}, "
                               f"{self.batch_size}")
+        self.labels = None if self.labels is None else Path(self.labels)
+        if self.gap < 0 or self.tolerance < 0:
+            raise ConfigError(f"gap and tolerance are frame counts >= 0, got {self.gap} and {self.tolerance}")
         if not 0 <= self.duplicate_bits < 256:
             raise ConfigError(f"duplicate_bits must be 0..255, got {self.duplicate_bits}")
