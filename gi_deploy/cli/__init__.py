@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gi_deploy.cli import demo, explain, export, infer, train
+from gi_deploy.cli import demo, explain, export, infer, train, triage
 from gi_deploy.cli._display import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,5 +30,6 @@ app.command("export")(export.export_cmd)
 app.command("infer")(infer.infer_cmd)
 app.command("evaluate")(infer.evaluate_cmd)
 app.command("benchmark")(infer.benchmark_cmd)
+app.command("triage")(triage.triage_cmd)
 app.command("explain")(explain.explain_cmd)
 app.command("demo")(demo.demo_cmd)
