@@ -9,6 +9,7 @@ from rich.table import Table
 
 from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import metrics_table, opt, out, reported
+from gi_deploy.cli.triage import triage_lines
 from gi_deploy.core.fields import default_of
 from gi_deploy.demo.config import DemoConfig
 
@@ -70,4 +71,7 @@ def demo_cmd(
         trainable, total = r.params[s]
         out.print(f"{s} adapter: {trainable:,} trainable of {total:,}; merged ONNX parity "
                   f"{r.verification[s]['onnx_fp32']['max_abs_logit_diff']:.1e}")
+    if r.triage is not None:
+        for line in triage_lines(r.triage):  # the lines gi-deploy triage prints
+            out.print(f"triage: {line}", soft_wrap=True)
     out.print(f"synthetic data: shows the pipeline, not clinical accuracy. {r.seconds:.0f}s, outputs in {r.out_dir}")

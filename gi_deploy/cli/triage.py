@@ -14,7 +14,7 @@ from gi_deploy.triage.run import PREDICTIONS, TriageResult, triage
 T = TriageConfig
 
 
-def _lines(r: TriageResult) -> list[str]:
+def triage_lines(r: TriageResult) -> list[str]:
     lines = []
     for v in r.summary["videos"]:
         b, sec = v["budget"], v["sections"]
@@ -76,5 +76,5 @@ def triage_cmd(
                            workers=workers, resume=resume)
         with interrupted_keeps(cfg.out_dir / PREDICTIONS), image_progress("triage") as progress:
             r = triage(cfg, progress)
-    for line in _lines(r):
+    for line in triage_lines(r):
         out.print(line, soft_wrap=True)

@@ -23,12 +23,14 @@ from pathlib import Path
 from gi_deploy.core.runs import FULL_WEIGHTS
 from gi_deploy.demo.config import BASE, MODEL, DemoConfig
 from gi_deploy.demo.synthetic import write_ood, write_pretext, write_source
+from gi_deploy.demo.triage_demo import run_triage_demo
 from gi_deploy.export.writer import ExportConfig, export_router, export_runs
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.route import infer_routed
 from gi_deploy.runtime.routing_eval import evaluate_routing
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.trainer import train
+from gi_deploy.triage.run import TriageResult
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DemoResult:
     routing: dict = field(default_factory=dict)  # evaluate --routing's report on the mixed folder
     router_gate: dict = field(default_factory=dict)
     auto: dict = field(default_factory=dict)  # infer --source auto on the mixed folder: rows, refused
+    triage: TriageResult | None = None  # the synthetic capsule video's triage
 
 
 def _mixed(data_dir: Path, sources: tuple[str, ...], ood: Path, mixed: Path) -> None:
@@ -103,5 +106,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                    "ood_refused": sum(o and x for o, x in zip(is_ood, refused)),
                    "test_refused": sum(x and not o for o, x in zip(is_ood, refused)), "csv": str(auto.csv_path)}
     result.routing = evaluate_routing(deploy, out / "routing", {s: data / s / "test" for s in cfg.sources}, ood).report
+    result.triage = run_triage_demo(deploy, out / "triage", source="capsule", seed=cfg.seed, say=say)
     result.seconds = time.time() - t0
     return result
