@@ -174,3 +174,30 @@ def test_no_finding_class_left_is_refused_before_any_frame(video, tmp_path, colo
         triage(TriageConfig(inputs=video, out_dir=tmp_path / "rep", normal=["normal", "polyp"],
                             landmark=["pylorus", "valve"]))
     assert not (tmp_path / "rep" / "predictions.csv").exists()
+
+
+def test_kvasir_frames_are_grouped_by_video_and_ordered_by_frame_number(tmp_path):
+    from PIL import Image
+
+    from gi_deploy.triage.inputs import collect_study
+
+    for name in ("b_2", "a_10", "a_9", "b_1", "a_100"):  # by name a_10 < a_100 < a_9: not time order
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
+    s = collect_study(tmp_path, frame_rate=2.0)
+    assert [(v, int(f)) for v, f in zip(s.videos, s.frames)] == [("a", 9), ("a", 10), ("a", 100), ("b", 1), ("b", 2)]
+    assert s.times.tolist() == [4.5, 5.0, 50.0, 0.5, 1.0]
+
+
+def test_predictions_are_read_back_per_video_in_frame_order(tmp_path):
+    from gi_deploy.triage.study import read_predictions
+
+    pred = tmp_path / "p.csv"
+    pred.write_text("path,source,error,video,frame,time_s,prob:normal,prob:polyp\n"
+                    "v#3,m,,v,3,1.5,0.2,0.8\nw#0,m,,w,0,0.0,1,0\nv#1,m,,v,1,0.5,0.9,0.1\n"
+                    "v#2,m,cannot read,v,2,1.0,,\nv#4,other,,v,4,2.0,0.5,0.5\n")
+    v, w = read_predictions(pred, "m", ["normal", "polyp"])
+    assert (v.video, v.frames.tolist(), v.times.tolist()) == ("v", [1, 2, 3, 4], [0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(v.probs, [[0.9, 0.1], [0, 0], [0.2, 0.8], [0, 0]])
+    assert v.unreadable.tolist() == [False, True, False, False]
+    assert v.refused.tolist() == [False, False, False, True]  # another model answered frame 4 (--source auto)
+    assert w.frames.tolist() == [0]
