@@ -146,7 +146,8 @@ def _jpeg(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _fmt_s(x) -> str:
+def clock(x: float | None) -> str:
+    """Seconds as h:mm:ss (n/a for None)."""
     if x is None:
         return "n/a"
     return f"{int(x // 3600)}:{int(x % 3600 // 60):02d}:{int(x % 60):02d}"
@@ -179,7 +180,7 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
     for s, v in zip(studies, summary["videos"]):
         b, sec, q = v["budget"], v["sections"], v["quality"]
         parts.append(f"<h2>{html.escape(s.video)}</h2>")
-        parts.append(f"<p><b>{v['n_frames']:,} frames over {_fmt_s(v['duration_s'])}: {v['segments']} suspected-finding "
+        parts.append(f"<p><b>{v['n_frames']:,} frames over {clock(v['duration_s'])}: {v['segments']} suspected-finding "
                      f"segments, {b['flagged_frames']:,} frames flagged ({b['flagged_percent']:.2f}%), "
                      f"{b['review_frames']:,} to review after near-duplicate removal, about "
                      f"{b['reading_minutes']:.1f} min at {b['frames_per_minute']:g} frames/min.</b></p>")
@@ -188,10 +189,10 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
         elif sec.get("reason"):
             parts.append(f"<p class='warn'>{html.escape(sec['reason'])}</p>")
         parts.append(_table(["", "frame", "time", "transit"], [
-            ["first small-bowel frame", sec.get("first_small_bowel_frame", "n/a"), _fmt_s(sec.get("first_small_bowel_time")),
-             f"gastric {_fmt_s(sec.get('gastric_s'))}"],
-            ["first colon frame", sec.get("first_colon_frame", "n/a"), _fmt_s(sec.get("first_colon_time")),
-             f"small bowel {_fmt_s(sec.get('small_bowel_s'))}, colon {_fmt_s(sec.get('colon_s'))}"]]))
+            ["first small-bowel frame", sec.get("first_small_bowel_frame", "n/a"), clock(sec.get("first_small_bowel_time")),
+             f"gastric {clock(sec.get('gastric_s'))}"],
+            ["first colon frame", sec.get("first_colon_frame", "n/a"), clock(sec.get("first_colon_time")),
+             f"small bowel {clock(sec.get('small_bowel_s'))}, colon {clock(sec.get('colon_s'))}"]]))
         parts.append(_table(["flagged", "per hour", "% of study", "to review", "per hour", "% of study", "reading time",
                              "poor view"],
                             [[b["flagged_frames"], f"{b['flagged_per_hour'] or 0:.0f}", f"{b['flagged_percent']:.2f}",
@@ -202,7 +203,7 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
             parts.append(f"<img alt='timeline' src='data:image/png;base64,{timeline_png(s)}'>")
         parts.append(_table(["#", "finding", "frames", "time", "peak frame", "max", "mean"], [
             [i, g.finding, f"{g.start_frame}-{g.end_frame} ({g.n_frames})",
-             f"{_fmt_s(g.start_time)}-{_fmt_s(g.end_time)}", g.peak_frame, f"{g.max_score:.2f}", f"{g.mean_score:.2f}"]
+             f"{clock(g.start_time)}-{clock(g.end_time)}", g.peak_frame, f"{g.max_score:.2f}", f"{g.mean_score:.2f}"]
             for i, g in enumerate(s.segments)]))
         for finding, sheet in sheets.get(s.video, {}).items():
             parts.append(f"<h3>{html.escape(finding)}: top {len(s.top[finding])} frames</h3>"
@@ -221,7 +222,7 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
                               f"{e['flagged_per_hour'] or 0:.0f}",
                               f"{pct(e['specificity_on_normal_frames'])} of {e['normal_frames']}",
                               *(pct(r["f1"]) for r in e["segmental_f1"].values()),
-                              "n/a" if e["landmark_mean_error_s"] is None else _fmt_s(e["landmark_mean_error_s"])]]))
+                              "n/a" if e["landmark_mean_error_s"] is None else clock(e["landmark_mean_error_s"])]]))
         parts.append(_table(["class", "found", "events", "sensitivity"],
                             [[c, r["found"], r["events"], pct(r["sensitivity"])] for c, r in e["per_class"].items()]))
     parts.append("</body></html>")

@@ -63,16 +63,17 @@ def flagged_positions(segments: list[Segment], n: int) -> np.ndarray:
 
 def top_frames(segments: list[Segment], finding: str, score: np.ndarray, kept: set[int], k: int) -> list[dict]:
     """The ``k`` best frames of ``finding`` among ``kept`` (positions after near-duplicate removal)
-    inside its segments, by score: ``{"position", "segment", "score"}`` with the segment's index
-    in ``segments``, best first."""
+    inside its segments: ``{"position", "segment", "score"}`` with the segment's index in
+    ``segments``. Every segment's best frame comes before any segment's second best (a reader sees
+    each suspected segment before more of one), then by score."""
     out = []
     for si, g in enumerate(segments):
         if g.finding != finding:
             continue
-        for p in range(g.start, g.end + 1):
-            if p in kept:
-                out.append({"position": p, "segment": si, "score": float(score[p])})
-    return sorted(out, key=lambda r: (-r["score"], r["position"]))[:k]
+        mine = sorted((p for p in range(g.start, g.end + 1) if p in kept), key=lambda p: (-score[p], p))
+        out += [{"position": p, "segment": si, "score": float(score[p]), "_rank": r} for r, p in enumerate(mine)]
+    out.sort(key=lambda r: (r["_rank"], -r["score"], r["position"]))
+    return [{k_: v for k_, v in r.items() if k_ != "_rank"} for r in out[:k]]
 
 
 def review_budget(n_frames: int, duration_s: float, n_flagged: int, n_review: int, frames_per_minute: float) -> dict:

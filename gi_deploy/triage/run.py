@@ -22,7 +22,7 @@ from gi_deploy.runtime.job import InferConfig, answered, plan_job, run_job
 from gi_deploy.triage.config import TriageConfig
 from gi_deploy.triage.evaluate import evaluate_studies, read_labels
 from gi_deploy.triage.inputs import StudyInputs, collect_study
-from gi_deploy.triage.report import contact_sheet, write_frames, write_html, write_segments, write_summary
+from gi_deploy.triage.report import clock, contact_sheet, write_frames, write_html, write_segments, write_summary
 from gi_deploy.triage.review import HASH_BYTES, dhash
 from gi_deploy.triage.roles import class_roles, key
 from gi_deploy.triage.stream import video_batches
@@ -160,7 +160,7 @@ def report(cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, ha
                 item = item_of[s.table.items[r["position"]]]
                 if item in thumbs:
                     p = r["position"]
-                    cells.append((thumbs[item], f"#{s.table.frames[p]} {s.table.times[p]:.0f}s {r['score']:.2f}"))
+                    cells.append((thumbs[item], f"#{s.table.frames[p]}  {clock(s.table.times[p])}  p={r['score']:.2f}"))
             if cells:
                 sheets.setdefault(s.video, {})[finding] = contact_sheet(cells)
     evaluation = evaluate_studies(studies, labels, cfg.gap, cfg.tolerance) if labels is not None else None

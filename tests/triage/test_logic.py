@@ -121,6 +121,10 @@ def test_top_frames_per_finding_after_removal():
     assert [(g.start, g.end) for g in segs] == [(1, 3), (5, 5)]
     top = top_frames(segs, "polyp", s[:, 0], kept={1, 3, 5}, k=2)  # 2 was a duplicate
     assert [(r["position"], r["segment"]) for r in top] == [(5, 1), (3, 0)]
+    # each segment's best before any segment's second best: 1 (0.95) and 5 (0.8) before 3 (0.9)
+    s[1, 0], s[3, 0] = 0.95, 0.9
+    top = top_frames(segs, "polyp", s[:, 0], kept={1, 3, 5}, k=3)
+    assert [r["position"] for r in top] == [1, 5, 3]
 
 
 def test_review_budget_by_hand():
