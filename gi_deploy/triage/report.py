@@ -105,7 +105,12 @@ def timeline_png(s: VideoStudy) -> str:
             bar.axvspan(t[idx[0]], t[idx[-1]], color=SECTION_COLOURS[k], label=name)
             main.axvspan(t[idx[0]], t[idx[-1]], color=SECTION_COLOURS[k], alpha=0.35, lw=0)
     bar.set_yticks([])
-    bar.legend(loc="upper right", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(1, 2.2))
+    if (labels >= 0).any():
+        bar.legend(loc="upper right", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(1, 2.2))
+    if (labels < 0).any():  # not found: left blank and said, never guessed
+        idx = np.flatnonzero(labels < 0)
+        bar.text((t[idx[0]] + t[idx[-1]]) / 2, 0.5, "section undetermined", ha="center", va="center", fontsize=7,
+                 color="#666666", transform=bar.get_xaxis_transform())
     bar.set_title(f"{s.video}: sections, finding scores (smoothed) and segments", fontsize=9, loc="left")
     colours = plt.cm.tab10(np.arange(max(1, len(findings))) % 10)
     for j, name in enumerate(findings):

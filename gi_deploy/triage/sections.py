@@ -31,13 +31,13 @@ class Sections:
     reason: str
 
     def labels(self) -> np.ndarray:
-        """(N,) int8 section per frame: 0 stomach, 1 small bowel, 2 colon, -1 undetermined (frames
-        before the second change point when the first was not found)."""
-        out = np.zeros(self.n_frames, np.int8)
+        """(N,) int8 section per frame: 0 stomach, 1 small bowel, 2 colon, -1 undetermined: every
+        frame before a small-bowel change point that was not found (the capsule may have stayed in
+        the stomach, or the model has no landmark classes: not guessed as stomach)."""
+        out = np.full(self.n_frames, -1, np.int8)
         b1, b2 = self.bounds
-        if b1 is None and b2 is not None:
-            out[:b2] = -1
         if b1 is not None:
+            out[:b1] = 0
             out[b1:] = 1
         if b2 is not None:
             out[b2:] = 2

@@ -97,7 +97,9 @@ def test_sections_incomplete_when_the_valve_is_never_seen():
     s = find_sections(e, min_evidence=0.5)
     assert s.bounds == (20, None) and s.incomplete and "incomplete" in s.reason
     assert s.transit(np.arange(50.0))["small_bowel_s"] is None
-    assert find_sections(np.zeros((50, 0))).incomplete  # no landmark classes: said, not guessed
+    assert (s.labels()[:20] == 0).all() and (s.labels()[20:] == 1).all()  # no colon claimed
+    none = find_sections(np.zeros((50, 0)))
+    assert none.incomplete and (none.labels() == -1).all()  # no landmark classes: said, not guessed as stomach
 
 
 def test_dhash_and_near_duplicate_removal():
