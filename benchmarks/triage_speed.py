@@ -109,8 +109,9 @@ def main() -> int:
         for i in range(a.repeats):
             runs["infer"].append(_child({**base, "kind": "infer", "input": str(files), "out": str(tmp / f"i{i}.csv")}))
             runs["triage"].append(_child({**base, "kind": "triage", "input": str(video), "out": str(tmp / f"t{i}")}))
-            print(f"repeat {i + 1}: infer {runs['infer'][-1]['seconds']:.1f}s, triage {runs['triage'][-1]['seconds']:.1f}s "
-                  f"(its job {runs['triage'][-1]['job_seconds']:.1f}s)", flush=True)
+            last_i, last_t = runs["infer"][-1], runs["triage"][-1]
+            print(f"repeat {i + 1}: infer {last_i['seconds']:.1f}s, triage {last_t['seconds']:.1f}s (its job "
+                  f"{last_t['job_seconds']:.1f}s)", flush=True)
         inf = min(runs["infer"], key=lambda r: r["seconds"])
         tri = min(runs["triage"], key=lambda r: r["seconds"])
         n = tri["frames"]

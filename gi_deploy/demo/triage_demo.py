@@ -33,6 +33,6 @@ def run_triage_demo(deploy: Path, out: Path, source: str = "capsule", seed: int 
                     say: Callable[[str], None] = print) -> TriageResult:
     """Write the study, triage it with ``source``'s bundle and evaluate it against its labels."""
     video, labels = write_study(out / "study", seed=seed)
-    say(f"triage: a {STUDY_MINUTES}-minute synthetic capsule video ({video.name}) with finding runs and near-duplicates")
+    say(f"triage: a {STUDY_MINUTES}-minute synthetic capsule video ({video.name}), finding runs and near-duplicates")
     return triage(TriageConfig(inputs=video, out_dir=out / "report", deploy_dir=deploy, source=source,
                                normal=[CLASSES[0]], labels=labels))

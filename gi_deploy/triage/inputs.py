@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def collect_frames(paths: list[Path], root: Path, frame_rate: float | None) -> S
     numbers as seconds when no rate is given, said in the notes). Raises DataError on a name that
     is not ``<video_id>_<frame>`` or a frame number given twice in one video."""
     keyed = sorted(((*parse_frame_name(p), p) for p in paths), key=lambda t: (t[0], t[1]))
-    for a, b in zip(keyed, keyed[1:]):
+    for a, b in pairwise(keyed):
         if a[:2] == b[:2]:
             raise DataError(f"frame {a[1]} of video {a[0]} is given twice ({a[2]} and {b[2]}); keep one")
     frames = np.array([k[1] for k in keyed], np.int64)

@@ -175,11 +175,12 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
     """report.html: per video the summary line, sections and transit times, the review budget,
     the timeline, the segments, and a contact sheet per finding; the evaluation when labels were
     given. ``sheets[video][finding]`` the contact sheets (PIL images)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>gi-deploy triage: {html.escape(str(summary['input']))}"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>Capsule triage: {html.escape(str(summary['input']))}</h1>",
-             f"<p class='note'>Model: {html.escape(str(summary['model']))}. A reading aid, not a diagnosis: every "
-             "frame outside the review list still belongs to the study.</p>"]
+    name = html.escape(str(summary["input"]))
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>gi-deploy triage: {name}</title>"
+              f"<style>{CSS}</style></head><body>"),
+             f"<h1>Capsule triage: {name}</h1>",
+             (f"<p class='note'>Model: {html.escape(str(summary['model']))}. A reading aid, not a diagnosis: every "
+              "frame outside the review list still belongs to the study.</p>")]
     for note in summary.get("notes", []):
         parts.append(f"<p class='warn'>{html.escape(note)}</p>")
     for s, v in zip(studies, summary["videos"]):
@@ -194,16 +195,17 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
         elif sec.get("reason"):
             parts.append(f"<p class='warn'>{html.escape(sec['reason'])}</p>")
         parts.append(_table(["", "frame", "time", "transit"], [
-            ["first small-bowel frame", sec.get("first_small_bowel_frame", "n/a"), clock(sec.get("first_small_bowel_time")),
-             f"gastric {clock(sec.get('gastric_s'))}"],
+            ["first small-bowel frame", sec.get("first_small_bowel_frame", "n/a"),
+             clock(sec.get("first_small_bowel_time")), f"gastric {clock(sec.get('gastric_s'))}"],
             ["first colon frame", sec.get("first_colon_frame", "n/a"), clock(sec.get("first_colon_time")),
              f"small bowel {clock(sec.get('small_bowel_s'))}, colon {clock(sec.get('colon_s'))}"]]))
         parts.append(_table(["flagged", "per hour", "% of study", "to review", "per hour", "% of study", "reading time",
                              "poor view"],
                             [[b["flagged_frames"], f"{b['flagged_per_hour'] or 0:.0f}", f"{b['flagged_percent']:.2f}",
                               b["review_frames"], f"{b['review_per_hour'] or 0:.0f}", f"{b['review_percent']:.2f}",
-                              f"{b['reading_minutes']:.1f} min", f"{100 * q['poor_share']:.1f}% ({q['reduced_view']} "
-                              f"reduced view, {q['refused']} refused or unreadable)"]]))
+                              f"{b['reading_minutes']:.1f} min",
+                              (f"{100 * q['poor_share']:.1f}% ({q['reduced_view']} reduced view, {q['refused']} "
+                               "refused or unreadable)")]]))
         if len(s.table.times):
             parts.append(f"<img alt='timeline' src='data:image/png;base64,{timeline_png(s)}'>")
         parts.append(_table(["#", "finding", "frames", "time", "peak frame", "max", "mean"], [
@@ -220,8 +222,9 @@ def write_html(path: Path, summary: dict, studies: list[VideoStudy], sheets: dic
                      f"{e['gap_frames']} frames; found when a segment of the class overlaps it within "
                      f"{e['tolerance_frames']} frames.</p>")
         pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")
-        parts.append(_table(["event sensitivity", "per-video sensitivity", "flagged / hour", "specificity (normal frames)",
-                             *(f"segmental F1@{t}" for t in e["segmental_f1"]), "landmark error"],
+        parts.append(_table(["event sensitivity", "per-video sensitivity", "flagged / hour",
+                             "specificity (normal frames)", *(f"segmental F1@{t}" for t in e["segmental_f1"]),
+                             "landmark error"],
                             [[f"{pct(e['event_sensitivity'])} ({e['events_found']}/{e['events']})",
                               f"{pct(e['per_video_sensitivity'])} ({e['videos_detected']}/{e['videos_with_events']})",
                               f"{e['flagged_per_hour'] or 0:.0f}",

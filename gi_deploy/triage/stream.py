@@ -66,7 +66,7 @@ def video_batches(inputs: StudyInputs, todo: list[Path], specs: tuple[Preprocess
                 if stop.is_set():
                     return
             q.put(done)
-        except BaseException as e:  # handed to the consumer, which raises it
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer thread, which raises it)
             q.put(e)
 
     thread = threading.Thread(target=work, name="triage-video-decode", daemon=True)

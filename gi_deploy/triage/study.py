@@ -12,8 +12,7 @@ import numpy as np
 
 from gi_deploy.errors import DataError
 from gi_deploy.triage.config import TriageConfig
-from gi_deploy.triage.review import (flagged_positions, quality_track, remove_near_duplicates, review_budget,
-                                     top_frames)
+from gi_deploy.triage.review import flagged_positions, quality_track, remove_near_duplicates, review_budget, top_frames
 from gi_deploy.triage.roles import SECTIONS, ClassRoles
 from gi_deploy.triage.sections import Sections, find_sections
 from gi_deploy.triage.temporal import Segment, find_segments, smooth
@@ -132,7 +131,7 @@ def summary_of(study: VideoStudy) -> dict:
         counts[g.finding] = counts.get(g.finding, 0) + 1
     return {
         "video": study.video,
-        "n_frames": int(len(f)),
+        "n_frames": len(f),
         "first_frame": int(f[0]) if len(f) else None,
         "last_frame": int(f[-1]) if len(f) else None,
         "duration_s": float(t[-1] - t[0]) if len(t) else 0.0,

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from gi_deploy.errors import ConfigError
-from gi_deploy.triage.review import (DUPLICATE_BITS, dhash, hamming, quality_track, remove_near_duplicates, review_budget,
-                                     top_frames)
+from gi_deploy.triage.review import (
+    DUPLICATE_BITS,
+    dhash,
+    hamming,
+    quality_track,
+    remove_near_duplicates,
+    review_budget,
+    top_frames,
+)
 from gi_deploy.triage.roles import class_roles
 from gi_deploy.triage.sections import find_sections
 from gi_deploy.triage.temporal import find_segments, hysteresis_runs, smooth

@@ -15,7 +15,7 @@ from gi_deploy.triage.config import TriageConfig
 from gi_deploy.triage.run import triage
 
 pytest.importorskip("av")
-from gi_deploy.triage.video import write_video  # noqa: E402
+from gi_deploy.triage.video import write_video
 
 CLASSES = ["normal", "polyp", "pylorus", "valve"]
 COLOUR = {"normal": (120, 90, 80), "polyp": (230, 60, 60), "pylorus": (60, 60, 230), "valve": (60, 230, 60)}
@@ -107,7 +107,8 @@ def test_known_segments_sections_and_review_list(video, tmp_path, colour_model):
         (VALVE[0] - PYLORUS[0]) / FPS)
     # near-duplicates: the 4 stalled repeats of frame 62 leave the review list, nothing else does
     b = s.budget
-    assert b["flagged_frames"] == sum(e - a + 1 for a, e in POLYP_RUNS) and b["review_frames"] == b["flagged_frames"] - 4
+    assert b["flagged_frames"] == sum(e - a + 1 for a, e in POLYP_RUNS)
+    assert b["review_frames"] == b["flagged_frames"] - 4
     review_frames = set(s.table.frames[s.review].tolist())
     assert len(review_frames & set(range(STALL[0], STALL[1] + 1))) == 1
     assert b["flagged_per_hour"] == pytest.approx(b["flagged_frames"] / ((N - 1) / FPS / 3600))
@@ -116,9 +117,9 @@ def test_known_segments_sections_and_review_list(video, tmp_path, colour_model):
         assert r.files[name].is_file()
     html = r.files["report"].read_text()
     assert "data:image/png;base64," in html and "data:image/jpeg;base64," in html and "<script" not in html
-    rows = list(csv.DictReader(open(r.files["frames"])))
+    rows = list(csv.DictReader(r.files["frames"].read_text().splitlines()))
     assert len(rows) == N and rows[PYLORUS[0]]["section"] == "small bowel" and rows[VALVE[0]]["section"] == "colon"
-    segs = list(csv.DictReader(open(r.files["segments"])))
+    segs = list(csv.DictReader(r.files["segments"].read_text().splitlines()))
     assert [int(x["review_frames"]) for x in segs] == [12 - 4, 8]
     summary = json.loads(r.files["summary"].read_text())
     assert summary["videos"][0]["sections"]["first_colon_frame"] == VALVE[0]
@@ -147,7 +148,7 @@ def test_resume_after_a_kill_gives_the_same_study(video, tmp_path, monkeypatch):
     monkeypatch.setattr(triage_run, "open_strategy", lambda cfg, load=True: again)
     r = triage(_cfg(video, tmp_path / "rep", resume=True))
     assert r.n_resumed == 80 and r.n_classified == N - 80
-    rows = list(csv.DictReader(open(pred)))
+    rows = list(csv.DictReader(pred.read_text().splitlines()))
     assert sorted(int(x["frame"]) for x in rows) == list(range(N))  # every frame once
     assert [(g.start_frame, g.end_frame) for g in r.studies[0].segments] == \
         [(g.start_frame, g.end_frame) for g in full.studies[0].segments]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from gi_deploy.errors import DataError
+from gi_deploy.triage import video
 from gi_deploy.triage.inputs import collect_study
 from gi_deploy.triage.review import DUPLICATE_BITS, dhash, hamming
-from gi_deploy.triage import video
 from gi_deploy.triage.video import decode_frames, probe_video, write_video
 
 av = pytest.importorskip("av")
@@ -23,7 +23,7 @@ def _ramp(n, size=32):
 
 
 def _level(img) -> int:
-    return int(round(np.asarray(img).mean() / 4))
+    return round(float(np.asarray(img).mean()) / 4)
 
 
 @pytest.fixture(scope="module")
