@@ -28,3 +28,4 @@ class DemoConfig:
     sources: tuple[str, ...] = SOURCES
     split_sizes: dict[str, int] = field(default_factory=lambda: dict(SPLIT_SIZES))  # images per class
     ood_per_kind: int = 8  # frames no source covers, per kind (blank, saturated, colour field, pattern)
+    triage_minutes: float = 10.0  # the synthetic capsule video's length (2 frames/s): gi-deploy triage's demo

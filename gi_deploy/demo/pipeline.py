@@ -105,6 +105,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                    "ood_refused": sum(o and x for o, x in zip(is_ood, refused)),
                    "test_refused": sum(x and not o for o, x in zip(is_ood, refused)), "csv": str(auto.csv_path)}
     result.routing = evaluate_routing(deploy, out / "routing", {s: data / s / "test" for s in cfg.sources}, ood).report
-    result.triage = run_triage_demo(deploy, out / "triage", source="capsule", seed=cfg.seed, say=say)
+    result.triage = run_triage_demo(deploy, out / "triage", source="capsule", seed=cfg.seed, size=cfg.image_px,
+                                    minutes=cfg.triage_minutes, say=say)
     result.seconds = time.time() - t0
     return result

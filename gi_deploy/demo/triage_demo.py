@@ -29,10 +29,10 @@ def write_study(folder: Path, minutes: float = STUDY_MINUTES, fps: float = STUDY
     return video, write_capsule_labels(plan, folder / "metadata.csv", VIDEO_ID)
 
 
-def run_triage_demo(deploy: Path, out: Path, source: str = "capsule", seed: int = 0,
-                    say: Callable[[str], None] = print) -> TriageResult:
+def run_triage_demo(deploy: Path, out: Path, source: str = "capsule", seed: int = 0, size: int = 64,
+                    minutes: float = STUDY_MINUTES, say: Callable[[str], None] = print) -> TriageResult:
     """Write the study, triage it with ``source``'s bundle and evaluate it against its labels."""
-    video, labels = write_study(out / "study", seed=seed)
-    say(f"triage: a {STUDY_MINUTES}-minute synthetic capsule video ({video.name}), finding runs and near-duplicates")
+    video, labels = write_study(out / "study", minutes=minutes, size=size, seed=seed)
+    say(f"triage: a {minutes:g}-minute synthetic capsule video ({video.name}), finding runs and near-duplicates")
     return triage(TriageConfig(inputs=video, out_dir=out / "report", deploy_dir=deploy, source=source,
                                normal=[CLASSES[0]], labels=labels))
