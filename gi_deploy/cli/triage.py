@@ -39,7 +39,7 @@ def triage_lines(r: TriageResult) -> list[str]:
 
 
 def triage_cmd(
-    inputs: Annotated[str, arg(T, "inputs")],
+    inputs: Annotated[str, arg(T, "inputs", metavar="INPUT")],
     out_dir: Annotated[Path, opt(T, "out_dir", "--out")] = default_of(T, "out_dir"),
     deploy_dir: Annotated[Path, opt(T, "deploy_dir", "--deploy")] = default_of(T, "deploy_dir"),
     source: Annotated[Optional[str], opt(T, "source", "--source")] = None,
