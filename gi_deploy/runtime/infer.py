@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import exclusive_lock, read_json, write_json
-from gi_deploy.core.bundles import content_sha256, resolve_bundle_dirs
+from gi_deploy.core.bundles import resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.preprocess import PreprocessSpec
@@ -253,8 +253,8 @@ def bundle_identity(b: Bundle, precision: str) -> dict:
     """What makes one source's rows one model's: the bundle's export key and content hash, and the
     model file (precision and sha256) that ran."""
     m = b.manifest
-    return {"bundle": str(b.path), "export_key": m.get("export_key"), "content_sha256": content_sha256(m),
-            "precision": precision, "model_sha256": m["models"].get(precision, {}).get("sha256")}
+    return {"bundle": str(b.path), "export_key": m.export_key, "content_sha256": m.content_sha256,
+            "precision": precision, "model_sha256": m.models[precision].sha256 if precision in m.models else None}
 
 
 def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> None:

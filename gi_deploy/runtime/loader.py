@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.bundles import read_bundle_manifest
+from gi_deploy.core.bundles import BundleManifest, read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.runtime.backends import open_backend
 from gi_deploy.runtime.backends.base import Backend, is_info
@@ -21,14 +21,14 @@ class Bundle:
     """A verified classifier with its class names and preprocessing, loaded on a backend."""
 
     path: Path
-    manifest: dict
+    manifest: BundleManifest
     classes: list[str]
     preprocess: PreprocessSpec
     backend: Backend
 
     @property
     def source(self) -> str:
-        return self.manifest["source"]
+        return self.manifest.source
 
     @property
     def provider(self) -> str:
@@ -62,6 +62,6 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
     b = open_backend(bundle_dir, manifest, backend, precision, device, threads, check_hash, compile, batch_size)
     for note in b.notes:
         if not is_info(note):
-            log.warning("%s: %s", manifest["source"], note)
-    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
-                  preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)
+            log.warning("%s: %s", manifest.source, note)
+    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest.classes), preprocess=manifest.preprocess,
+                  backend=b)

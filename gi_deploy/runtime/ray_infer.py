@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.bundles import read_bundle_manifest, resolve_bundle_dirs
+from gi_deploy.core.bundles import BundleManifest, read_bundle_manifest, resolve_bundle_dirs
 from gi_deploy.core.fields import helped
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.preprocess import PreprocessSpec
@@ -66,12 +66,12 @@ class _BundleInfo:
     source: str
     classes: list[str]
     preprocess: PreprocessSpec
-    manifest: dict  # the model that writes this source's rows is recorded in the CSV's sidecar
+    manifest: BundleManifest  # the model that writes this source's rows is recorded in the CSV's sidecar
 
 
 def _bundle_info(bundle_dir: Path) -> _BundleInfo:
     m = read_bundle_manifest(bundle_dir)
-    return _BundleInfo(bundle_dir, m["source"], list(m["classes"]), PreprocessSpec.from_dict(m["preprocess"]), m)
+    return _BundleInfo(bundle_dir, m.source, list(m.classes), m.preprocess, m)
 
 
 def _decode(batch: dict, specs: tuple[PreprocessSpec, ...]) -> dict:
