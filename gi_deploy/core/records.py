@@ -73,14 +73,16 @@ def check_seal(record: dict, where: Path, fix: str) -> None:
         raise BundleError(f"{where}: field {SEAL_FIELD} is missing or malformed ({_shown(seal)}): its content cannot "
                           f"be checked; it was edited or written by an older gi-deploy: {fix}")
     now, then = _sealed_fields(record), seal["fields"]
-    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    # a sub-field first: emptying an object shows as the object "added" and its last key removed
+    changed = sorted((k for k in now.keys() | then.keys() if now.get(k) != then.get(k)), key=lambda k: ("." not in k, k))
     if changed:
         f = changed[0]
-        how = "was added" if f not in then else "was removed" if f not in now else "differs from what was sealed"
+        how = ("was added since" if f not in then else "was removed since" if f not in now
+               else "differs from what was sealed when")
         value = _dotted(record, f)
-        raise BundleError(f"{where}: field {f}{'' if value is _MISSING else ' = ' + _shown(value)} {how} when it was "
-                          f"written (the content seal{' also covers ' + ', '.join(changed[1:4]) if changed[1:] else ''}"
-                          f"); it was edited after it was written: {fix}")
+        also = f"; also changed: {', '.join(changed[1:4])}" if changed[1:] else ""
+        raise BundleError(f"{where}: field {f}{'' if value is _MISSING else ' = ' + _shown(value)} {how} it was "
+                          f"written (its seal{also}); it was edited after it was written: {fix}")
     if canonical_sha256(then) != seal["sha256"]:
         raise BundleError(f"{where}: field {SEAL_FIELD}.sha256 does not match its fields; it was edited: {fix}")
 

@@ -128,7 +128,7 @@ def test_manifest_preprocess_size_out_of_range_is_refused_before_anything_runs(b
     ({"classes": ["a", "a", "b", "c"]}, "appear more than once"),
     ({"classes": [f"c{i}" for i in range(10000)]}, "does not match the 10000 classes"),
     ({"source": 7}, "field source = 7 must be a non-empty name"),
-    ({"models": None}, "field models = None must be a JSON object"),
+    ({"models": None}, "has no 'models' field"),
     ({"ood__threshold": "abc"}, "field ood.threshold = 'abc' must be a finite number"),  # issue 21 break 13
     ({"ood__file": "../x"}, "field ood.file = '../x' must be a plain file name"),  # issue 21 break 13
     ({"content_sha256": None}, "has no 'content_sha256' field"),

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gi_deploy._io import sha256_file
+from gi_deploy.core.bundles import CONTENT_FIELDS
 from gi_deploy.core.methods import method_spec
+from gi_deploy.core.records import canonical_sha256
 from gi_deploy.core.runs import RANDOM_BASE_WEIGHTS, select_runs
 from gi_deploy.errors import BundleError, ExportFailed, GateFailed
 from gi_deploy.export import fp16, onnx_export, verify
@@ -63,6 +65,9 @@ def test_a_lone_onnx_file_says_what_it_is(tiny_deploy):
         assert json.loads(meta["classes"]) == m["classes"] and json.loads(meta["preprocess"]) == m["preprocess"]
         assert meta["model"] == "convnextv2_atto" and meta["method"] == "lora" and meta["base_weights_license"]
         assert meta["export_key"] == m["export_key"]
+        # the whole content the runtime acts on (OOD threshold included), and its hash, as in the manifest
+        assert json.loads(meta["content"]) == {k: m[k] for k in CONTENT_FIELDS} and m["ood"]["threshold"] > 0
+        assert meta["content_sha256"] == m["content_sha256"] == canonical_sha256({k: m[k] for k in CONTENT_FIELDS})
 
 
 def test_reexport_is_a_noop_unless_something_changed(tiny_run, tiny_deploy, tmp_path):
