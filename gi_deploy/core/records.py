@@ -80,9 +80,9 @@ def check_seal(record: dict, where: Path, fix: str) -> None:
         how = ("was added since" if f not in then else "was removed since" if f not in now
                else "differs from what was sealed when")
         value = _dotted(record, f)
-        also = f"; also changed: {', '.join(changed[1:4])}" if changed[1:] else ""
+        also = f" (so did {', '.join(changed[1:4])})" if changed[1:] else ""
         raise BundleError(f"{where}: field {f}{'' if value is _MISSING else ' = ' + _shown(value)} {how} it was "
-                          f"written (its seal{also}); it was edited after it was written: {fix}")
+                          f"written{also}; {fix}")
     if canonical_sha256(then) != seal["sha256"]:
         raise BundleError(f"{where}: field {SEAL_FIELD}.sha256 does not match its fields; it was edited: {fix}")
 
