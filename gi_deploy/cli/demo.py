@@ -11,6 +11,7 @@ from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import metrics_table, opt, out, reported
 from gi_deploy.cli.triage import triage_lines
 from gi_deploy.core.fields import default_of
+from gi_deploy.core.router import router_gate_text
 from gi_deploy.demo.config import DemoConfig
 
 
@@ -39,8 +40,7 @@ def _tables(r) -> list[Table]:
 def _routing_lines(r) -> list[str]:
     rep, gate, auto = r.routing, r.router_gate, r.auto
     o = rep.get("ood") or {}
-    lines = [f"router: held-out validation accuracy {gate['accuracy']:.2%} ({gate['n']} images, gate >= "
-             f"{gate['min_accuracy']:.0%}); on the test sets {rep['routing_accuracy']:.2%} "
+    lines = [f"router: {router_gate_text(gate)}; on the test sets {rep['routing_accuracy']:.2%} "
              f"(confusion true x routed {rep['routing_confusion']['matrix']})"]
     answered = rep["n_images"] - rep["id_rejected"]
     lines.append(f"on the {answered} test images --source auto answered: {rep['routed_accuracy_accepted']:.2%} "

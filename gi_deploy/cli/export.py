@@ -14,6 +14,7 @@ from rich.table import Table
 from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import arg, opt, out, reported, size_text
 from gi_deploy.core.bundles import bundle_summary, gates_line, interrupted_hint, list_bundles
+from gi_deploy.core.router import router_gate_text
 from gi_deploy.core.fields import default_of
 from gi_deploy.errors import BundleError, ExportFailed
 from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
@@ -48,11 +49,11 @@ def _report(results: dict, storage: dict | None) -> None:
     for name, r in results.items():
         b = r.manifest
         if r.skipped:
-            out.print(f"{name}: unchanged since {b['created']} ({r.bundle_dir}); --force to re-export", soft_wrap=True)
+            out.print(f"{name}: unchanged since {b.created} ({r.bundle_dir}); --force to re-export", soft_wrap=True)
             continue
-        out.print(f"{name}: {r.bundle_dir} ({b['model']['parameters']:,} params, {sum(b['timings_s'].values()):.1f}s): "
-                  + gates_line(b["verification"]), soft_wrap=True)
-        fp = b["footprint"]
+        out.print(f"{name}: {r.bundle_dir} ({b.model.parameters:,} params, {sum(b.timings_s.values()):.1f}s): "
+                  + gates_line(b.verification), soft_wrap=True)
+        fp = b.footprint
         out.print(f"  footprint: {fp['trained_artifact']} artifact {size_text(fp['artifact_bytes'])} vs merged model "
                   f"{size_text(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})", soft_wrap=True)
         for note in r.notes:
@@ -82,6 +83,7 @@ def export_cmd(
     router: Annotated[Optional[bool], opt(E, "router", "--router/--no-router")] = None,
     router_source: Annotated[Optional[list[str]], opt(E, "router_sources", "--router-source")] = None,
     router_min_accuracy: Annotated[float, opt(E, "router_min_accuracy")] = default_of(E, "router_min_accuracy"),
+    allow_small_val: Annotated[bool, opt(E, "allow_small_val")] = default_of(E, "allow_small_val"),
     list_: Annotated[bool, typer.Option("--list", help="Show the bundles under --out (files, gates, footprint) "
                                                        "and exit.")] = False,
     runs_dir: Annotated[Path, opt(E, "runs_dir", "--runs")] = default_of(E, "runs_dir"),
@@ -103,7 +105,7 @@ def export_cmd(
                                 exporter=exporter.value)
         cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
                            force=force, router=router, router_sources=router_source,
-                           router_min_accuracy=router_min_accuracy)
+                           router_min_accuracy=router_min_accuracy, allow_small_val=allow_small_val)
         try:
             results, failure = export_runs(cfg), None
         except ExportFailed as e:  # report the sources that did export, then the failures
@@ -115,7 +117,7 @@ def export_cmd(
     with reported():
         routed = export_router(cfg, results)
     if routed is not None:
-        g = routed.manifest["verification"]["router"]
-        out.print(f"router: {routed.path} over {', '.join(routed.manifest['sources'])}: held-out routing accuracy "
-                  f"{g['accuracy']:.1%} on {g['n']} validation images (gate >= {g['min_accuracy']:.1%})",
-                  soft_wrap=True)
+        out.print(f"router: {routed.path} over {', '.join(routed.manifest.sources)}: "
+                  + router_gate_text(routed.manifest.gate), soft_wrap=True)
+        for note in routed.notes:
+            out.print(f"  {note}", soft_wrap=True)

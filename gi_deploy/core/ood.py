@@ -9,8 +9,9 @@ a few hundred training images and the features hundreds of dimensions, so the sa
 is singular. The threshold is the validation split's ``TPR`` quantile of the score: 95% of the
 source's own held-out images are accepted.
 
-Stored in the bundle as ``id_stats.npz`` (means (K, D), precision (D, D)), hashed in the manifest,
-with the threshold and the calibration numbers under the manifest's ``ood`` entry.
+Stored in the bundle as ``id_stats.npz`` (means (K, D), precision (D, D), threshold), hashed in the
+sealed manifest, whose ``ood`` entry repeats the threshold and holds the calibration numbers; the
+runtime reads the threshold from the file.
 """
 
 from __future__ import annotations
@@ -105,18 +106,34 @@ def save_id_stats(stats: IdStats, path: Path) -> None:
     np.savez(path, means=stats.means, precision=stats.precision, threshold=np.array(stats.threshold))
 
 
-def load_id_stats(bundle_dir: Path, manifest: dict, check_hash: bool = True) -> IdStats | None:
-    """The bundle's in-distribution statistics, or None for a bundle exported without them
-    (format 2, or a model without pooled features). Raises BundleError when the file is missing
-    or altered."""
-    entry = manifest.get("ood")
-    if not entry or "file" not in entry:  # format 2, no pooled features, or the run's images were gone
+def load_id_stats(bundle_dir: Path, manifest, check_hash: bool = True) -> IdStats | None:
+    """The bundle's in-distribution statistics (``manifest`` a core/bundles.BundleManifest), or None
+    for a model without pooled features or whose run's images were gone at export. Everything,
+    the threshold included, comes from the sealed ``id_stats.npz`` (its sha256 is in the sealed
+    manifest); the manifest's copy of the threshold must be the same number. Raises BundleError
+    naming the file or field when the file is missing, altered, malformed or disagrees."""
+    entry = manifest.ood
+    if entry is None or entry.file is None:  # no pooled features, or the run's images were gone
         return None
-    path = Path(bundle_dir) / entry["file"]
+    path = Path(bundle_dir) / entry.file
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}; re-export the bundle")
-    if check_hash and sha256_file(path) != manifest["files"][entry["file"]]["sha256"]:
+    if check_hash and sha256_file(path) != manifest.files[entry.file].sha256:
         raise BundleError(f"{path} does not match the sha256 in its manifest: the file was changed after export; "
                           "re-export it")
-    with np.load(path) as z:
-        return IdStats(z["means"], z["precision"], float(entry["threshold"]))
+    try:
+        with np.load(path) as z:
+            means, precision, threshold = (np.asarray(z["means"], np.float64), np.asarray(z["precision"], np.float64),
+                                           float(z["threshold"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"{path} is not in-distribution statistics ({e}); re-export the bundle") from e
+    if means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
+        raise BundleError(f"{path}: means {means.shape} and precision {precision.shape} do not fit together; "
+                          "re-export the bundle")
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise BundleError(f"{path}: threshold {threshold!r} must be a finite number > 0; re-export the bundle")
+    if threshold != entry.threshold:
+        raise BundleError(f"{Path(bundle_dir) / 'manifest.json'}: field ood.threshold = {entry.threshold!r} differs "
+                          f"from the threshold {threshold!r} in the sealed {entry.file}; the manifest was edited: "
+                          "re-export the bundle with `gi-deploy export --force`")
+    return IdStats(means, precision, threshold)

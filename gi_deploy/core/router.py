@@ -15,12 +15,13 @@ image is the only extra pixel work).
 
 Layout of ``deploy/_router/``::
 
-    router.npz      mean, scale (feature standardisation), weights (F, S), bias (S,); and, for a
-                    router written since the novelty check, novelty_means (S, F),
+    router.npz      mean, scale (feature standardisation), weights (F, S), bias (S,), sources (S,)
+                    (the order of the weights' columns), novelty_means (S, F),
                     novelty_precisions (S, F, F), novelty_thresholds (S,)
     manifest.json   format, sources, feature spec (thumbnail preprocessing, names), classifier
                     settings, sha256 of router.npz, the gate (held-out validation routing accuracy),
-                    ``novelty`` (per source: threshold, shrinkage, validation/training accepted share)
+                    ``novelty`` (per source: threshold, shrinkage, validation/training accepted share),
+                    and the seal over all of it (:class:`RouterManifest`)
 
 The novelty check (router space): the linear classifier always picks a source, even for a blank,
 saturated or striped frame. So per source we also keep a Gaussian of its standardised router
@@ -28,13 +29,13 @@ features (mean and a Ledoit-Wolf precision, core/ood.py) with a threshold at the
 that source's validation images' squared Mahalanobis distance. An image is "like no source" when
 its distance over threshold exceeds 1 for every source: ``novelty`` = min over sources of
 distance / threshold. Such frames have histograms, ring statistics and gradient energy nothing
-like any device's, so this catches them before any model sees them. A router written before the
-check has no novelty arrays: it loads and routes as before, and never refuses on its own.
+like any device's, so this catches them before any model sees them. (A router written before the
+check had no novelty arrays; it is format 1, refused now with the command that rewrites it.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,15 @@ from gi_deploy._io import read_json, sha256_file
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import IdStats
 from gi_deploy.core.preprocess import PreprocessSpec
+from gi_deploy.core.records import FileEntry, Fields, as_dict, seal_of
+from gi_deploy.core.records import check_seal as check_seal_of
 from gi_deploy.errors import BundleError
 
 ROUTER_DIR = "_router"  # under the deploy folder; core/bundles.list_bundles never lists it
 ROUTER_FORMAT = "gi-deploy-router"
-ROUTER_FORMAT_VERSION = 1
+ROUTER_FORMAT_VERSION = 2  # 2: sealed manifest (core/records.py), the source order also inside router.npz
 ROUTER_FILE = "router.npz"
+ROUTER_MANIFEST = "manifest.json"
 FEATURE_VERSION = 1
 THUMB_PX = 32
 # The thumbnail every router feature is computed on: [0, 1] RGB (mean 0, std 1 leaves x/255).
@@ -60,6 +64,17 @@ RINGS = 4
 DARK = 0.06  # a pixel below this luminance is "black" (a mask, a vignette, a blank frame)
 NOVELTY_TPR = 0.99  # share of each source's own validation images the router's novelty check accepts
 NOVELTY_KEYS = ("novelty_means", "novelty_precisions", "novelty_thresholds")
+
+
+def router_gate_text(gate: dict) -> str:
+    """The router's gate as the export and the demo print it: what it measured and exactly what it
+    was held to (the goal, or all but one image where too few validation images resolve it)."""
+    text = f"held-out routing accuracy {gate['accuracy']:.2%} on {gate['n']} validation images, gate >= " \
+           f"{gate['min_accuracy']:.2%}"
+    if gate.get("small_val"):
+        text += (f" (all but one image: too few to resolve the {gate.get('goal', 0.99):.0%} goal, "
+                 "--allow-small-val)")
+    return text
 
 
 def feature_names() -> list[str]:
@@ -117,7 +132,7 @@ class Router:
     scale: np.ndarray  # (F,)
     weights: np.ndarray  # (F, S)
     bias: np.ndarray  # (S,)
-    manifest: dict | None = None
+    manifest: RouterManifest | None = None
     path: Path | None = None
     # per source, on standardised features: one-class Mahalanobis with its 99% validation threshold;
     # None for a router written before the novelty check
@@ -152,12 +167,81 @@ class Router:
         return idx, p[np.arange(len(p)), idx], self.novelty_of_features(feats)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias}
+        """What router.npz holds: the classifier, the source order its columns mean, the novelty models."""
+        out = {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias,
+               "sources": np.array(self.sources)}
         if self.novelty is not None:
             out.update(novelty_means=np.stack([m.means[0] for m in self.novelty]),
                        novelty_precisions=np.stack([m.precision for m in self.novelty]),
                        novelty_thresholds=np.array([m.threshold for m in self.novelty]))
         return out
+
+
+@dataclass(frozen=True)
+class RouterManifest:
+    """``_router/manifest.json``, typed and sealed (core/records.py): the source order the
+    classifier's columns mean, the feature spec, the gate it passed and the sha256 of router.npz
+    are all covered, so an edited order, threshold or file is refused naming the field."""
+
+    created: str
+    sources: tuple[str, ...]  # column j of router.npz's weights is sources[j] (router.npz holds them too)
+    images: dict  # per source: training and validation images it was fitted and gated on
+    features: dict  # version, thumbnail preprocessing, names, n
+    classifier: dict
+    bundles: dict  # per source: the export_key of the bundle it routes to
+    novelty: dict | None
+    verification: dict  # {"router": the gate's numbers}
+    files: dict  # {ROUTER_FILE: FileEntry}
+    versions: dict
+    seal: dict = field(default_factory=dict)
+    format: str = ROUTER_FORMAT
+    format_version: int = ROUTER_FORMAT_VERSION
+
+    @property
+    def gate(self) -> dict:
+        return self.verification["router"]
+
+    def to_dict(self) -> dict:
+        d = as_dict(self)
+        return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}
+
+    def sealed(self) -> RouterManifest:
+        d = replace(self, seal={}).to_dict()
+        d.pop("seal")
+        return replace(self, seal=seal_of(d))
+
+    @classmethod
+    def from_dict(cls, d, folder: Path, check_seal: bool = True) -> RouterManifest:
+        """Every field's type and range, then the seal. Raises BundleError naming the field."""
+        where = Path(folder) / ROUTER_MANIFEST
+        fix = f"rewrite the router with `gi-deploy export --router --out {Path(folder).parent}`"
+        f = Fields(d, where, fix)
+        if d.get("format") != ROUTER_FORMAT or d.get("format_version") != ROUTER_FORMAT_VERSION:
+            raise BundleError(f"{where} is a {d.get('format')} v{d.get('format_version')} manifest, not a "
+                              f"{ROUTER_FORMAT} v{ROUTER_FORMAT_VERSION} (sealed) one; {fix}")
+        sources = f.str_list("sources", unique=True)
+        if len(sources) < 2:
+            raise f.bad("sources", list(sources), "must name at least two sources (a router chooses between them)")
+        features = f.sub("features")
+        version = features.integer("version", 1)
+        if version != FEATURE_VERSION:
+            raise f.bad("features.version", version, f"is not the router features this gi-deploy computes "
+                                                     f"(v{FEATURE_VERSION})")
+        features.integer("n", 1)
+        bundles = f.obj("bundles")
+        if sorted(bundles) != sorted(sources):
+            raise f.bad("bundles", sorted(bundles), f"must name the routed sources {list(sources)}")
+        gate = f.sub("verification").sub("router")
+        gate.number("accuracy", 0.0, 1.0), gate.number("min_accuracy", 0.0, 1.0), gate.integer("n", 1)
+        if ROUTER_FILE not in f.obj("files"):
+            raise f.bad("files", sorted(f.obj("files")), f"must list {ROUTER_FILE}")
+        files = {ROUTER_FILE: FileEntry.read(f.sub("files").sub(ROUTER_FILE))}
+        m = cls(created=f.text("created"), sources=sources, images=f.obj("images"), features=features.data,
+                classifier=f.obj("classifier"), bundles=bundles, novelty=f.obj("novelty", None),
+                verification=f.obj("verification"), files=files, versions=f.obj("versions"), seal=f.obj("seal", {}))
+        if check_seal:
+            check_seal_of(d, where, fix)
+        return m
 
 
 def router_dir(deploy_dir: Path) -> Path:
@@ -166,32 +250,41 @@ def router_dir(deploy_dir: Path) -> Path:
 
 def load_router(deploy_dir: Path, check_hash: bool = True) -> Router:
     """The verified router of ``deploy_dir``. Raises BundleError when there is none (with the
-    command that writes one), when it is of another format, or when router.npz does not match
-    the sha256 in its manifest."""
+    command that writes one), when its manifest is of another format, malformed or edited (the
+    seal: naming the field), when router.npz does not match the sha256 in it, or when the arrays
+    disagree with the manifest (the source order stored in both, the classifier's width)."""
     folder = router_dir(deploy_dir)
-    manifest_path = folder / "manifest.json"
+    manifest_path = folder / ROUTER_MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"--source auto needs a router, and {deploy_dir} has none ({folder} is missing): write "
                           f"one with `gi-deploy export --router --out {deploy_dir}` (it fits on the bundles' training "
                           "images; bundles exported before gi-deploy learnt routing also need re-exporting for the "
                           "in-distribution check)")
-    m = read_json(manifest_path, "router manifest")
-    if m.get("format") != ROUTER_FORMAT or m.get("format_version") != ROUTER_FORMAT_VERSION:
-        raise BundleError(f"{manifest_path} is not a {ROUTER_FORMAT} v{ROUTER_FORMAT_VERSION} manifest; rewrite it "
-                          f"with `gi-deploy export --router --out {deploy_dir}`")
+    m = RouterManifest.from_dict(read_json(manifest_path, "router manifest"), folder)
+    fix = f"rewrite it with `gi-deploy export --router --out {deploy_dir}`"
     path = folder / ROUTER_FILE
-    if not path.is_file():
-        raise BundleError(f"router file missing: {path}; rewrite it with `gi-deploy export --router`")
-    if check_hash and sha256_file(path) != m["files"][ROUTER_FILE]["sha256"]:
-        raise BundleError(f"{path} does not match the sha256 in its manifest: it was changed after export; "
-                          f"rewrite it with `gi-deploy export --router --out {deploy_dir}`")
-    if m.get("features", {}).get("version") != FEATURE_VERSION:
-        raise BundleError(f"{path} was fitted on router features v{m.get('features', {}).get('version')}, this "
-                          f"gi-deploy computes v{FEATURE_VERSION}; rewrite it with `gi-deploy export --router`")
-    with np.load(path) as z:
-        arrays = {k: z[k].astype(np.float32) for k in ("mean", "scale", "weights", "bias")}
-        novelty = None
-        if all(k in z for k in NOVELTY_KEYS):  # absent in a router written before the novelty check
-            novelty = [IdStats(mu[None, :].astype(np.float64), prec.astype(np.float64), float(t)) for mu, prec, t in
-                       zip(z["novelty_means"], z["novelty_precisions"], z["novelty_thresholds"])]
-    return Router(sources=list(m["sources"]), manifest=m, path=folder, novelty=novelty, **arrays)
+    if not path.is_file() or path.is_symlink():
+        raise BundleError(f"router file missing (or a link): {path}; {fix}")
+    if check_hash and sha256_file(path) != m.files[ROUTER_FILE].sha256:
+        raise BundleError(f"{path} does not match the sha256 in its manifest: it was changed after export; {fix}")
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k].astype(np.float32) for k in ("mean", "scale", "weights", "bias")}
+            stored = [str(s) for s in z["sources"]]
+            novelty = None
+            if all(k in z for k in NOVELTY_KEYS):
+                novelty = [IdStats(mu[None, :].astype(np.float64), prec.astype(np.float64), float(t)) for mu, prec, t
+                           in zip(z["novelty_means"], z["novelty_precisions"], z["novelty_thresholds"])]
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"{path} is not a router's arrays ({e}); {fix}") from e
+    if stored != list(m.sources):
+        raise BundleError(f"{manifest_path}: field sources = {list(m.sources)} is not the order router.npz was fitted "
+                          f"with ({stored}): images would go to the wrong model; {fix}")
+    n_feat, n_src = len(feature_names()), len(m.sources)
+    shapes = {"mean": (n_feat,), "scale": (n_feat,), "weights": (n_feat, n_src), "bias": (n_src,)}
+    wrong = [f"{k} {arrays[k].shape} (expected {v})" for k, v in shapes.items() if arrays[k].shape != v]
+    if novelty is not None and len(novelty) != n_src:
+        wrong.append(f"novelty for {len(novelty)} sources (expected {n_src})")
+    if wrong:
+        raise BundleError(f"{path} does not fit {n_src} sources and {n_feat} features: {', '.join(wrong)}; {fix}")
+    return Router(sources=list(m.sources), manifest=m, path=folder, novelty=novelty, **arrays)

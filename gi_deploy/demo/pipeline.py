@@ -82,11 +82,15 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                               patience=cfg.lora_epochs, lr=cfg.lora_lr, **common))
         result.params[source] = (r.trainable_params, r.total_params)
     say("export: merge, ONNX (logits + pooled features), verify, in-distribution statistics, router")
+    # a few dozen validation images cannot resolve the router's 99% goal: gated on all but one, and said
     export_cfg = ExportConfig(runs_dir=runs, deploy_dir=deploy, sources=list(cfg.sources), router=True,
-                              router_sources=list(cfg.sources))
+                              router_sources=list(cfg.sources), allow_small_val=True)
     bundles = export_runs(export_cfg)
-    result.router_gate = export_router(export_cfg, bundles).manifest["verification"]["router"]
-    result.verification = {name: r.manifest["verification"] for name, r in bundles.items()}
+    routed = export_router(export_cfg, bundles)
+    for note in routed.notes:
+        say(note)
+    result.router_gate = routed.manifest.gate
+    result.verification = {name: r.manifest.verification for name, r in bundles.items()}
     models = list(cfg.sources)
     result.scores = {model: {} for model in models}
     for source in cfg.sources:  # every model on each test set in one pass: each image decoded once

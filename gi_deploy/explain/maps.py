@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from gi_deploy._io import read_json, write_json
-from gi_deploy.core.bundles import read_bundle_manifest, training_run_of
+from gi_deploy.core.bundles import BundleManifest, read_bundle_manifest, training_run_of
 from gi_deploy.core.preprocess import PreprocessSpec, crop_geometry, list_images, load_rgb, to_input
 from gi_deploy.core.runs import read_run_manifest, select_runs
 from gi_deploy.errors import ConfigError, DataError, DependencyError
@@ -169,8 +169,7 @@ class ExplainSource:
 def load_source(run_dir: Path) -> ExplainSource:
     """The run's merged model (adapters folded in: the deployed function) in eval mode."""
     manifest = read_run_manifest(run_dir)
-    return ExplainSource(Path(run_dir).name, load_merged_model(run_dir), list(manifest["classes"]),
-                         PreprocessSpec.from_dict(manifest["preprocess"]))
+    return ExplainSource(Path(run_dir).name, load_merged_model(run_dir), list(manifest.classes), manifest.preprocess)
 
 
 @dataclass
@@ -306,14 +305,14 @@ def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
                           names, progress)
 
 
-def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, out_dir: Path,
+def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: BundleManifest, n: int, out_dir: Path,
                   method: str = "gradcam") -> ExplainResult | None:
     """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, for the class the
     bundle predicted, from the training run the bundle was exported from (checked to be the same
     run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
     None when nothing was wrong."""
     wrong = [(w["path"], w["true_label"], w["predicted"], w["confidence"])
-             for w in most_confidently_wrong(csv_path, n, bundle_manifest["source"])]
+             for w in most_confidently_wrong(csv_path, n, bundle_manifest.source)]
     if not wrong:
         return None
     run_dir = training_run_of(bundle_manifest)  # the same run, unchanged since the export

@@ -12,6 +12,7 @@ import numpy as np
 
 from gi_deploy.core.ood import ID_STATS_FILE, fit_id_stats, save_id_stats
 from gi_deploy.core.preprocess import PreprocessSpec, load_input
+from gi_deploy.core.runs import RunRecord
 from gi_deploy.export.onnx_export import FEATURES_NAME, ort_session, run_onnx_output
 from gi_deploy.export.verify import split_images
 
@@ -28,7 +29,7 @@ def _features(model_path: Path, items: list[tuple[Path, int]], spec: PreprocessS
     return np.concatenate(parts)
 
 
-def write_id_stats(name: str, manifest: dict, spec: PreprocessSpec, model_path: Path, staging: Path,
+def write_id_stats(name: str, manifest: RunRecord, spec: PreprocessSpec, model_path: Path, staging: Path,
                    max_images: int) -> dict:
     """Fit the statistics on up to ``max_images`` training and ``max_images // 2`` validation
     images (spread over the classes), write ``id_stats.npz`` into ``staging``; returns the
@@ -45,7 +46,7 @@ def write_id_stats(name: str, manifest: dict, spec: PreprocessSpec, model_path: 
         return {"status": "missing", "reason": reason}
     train_feats = _features(model_path, train, spec)
     val_feats = _features(model_path, val, spec)
-    classes = list(manifest["classes"])  # split files name their class (older runs: its index)
+    classes = list(manifest.classes)  # split files name their class (older runs: its index)
     labels = np.array([classes.index(lab) if isinstance(lab, str) else int(lab) for _, lab in train])
     stats, info = fit_id_stats(train_feats, labels, val_feats)
     save_id_stats(stats, staging / ID_STATS_FILE)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy.core.preprocess import PreprocessSpec, load_input
+from gi_deploy.core.runs import RunRecord
 from gi_deploy.errors import DataError, GateFailed
 from gi_deploy.export import verify
 from gi_deploy.export.onnx_export import INPUT_NAME, run_onnx
@@ -121,7 +122,7 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
             "calibration_images": int(len(calib))}
 
 
-def export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
+def export_int8(name: str, manifest: RunRecord, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
                 fp32_logits: np.ndarray, calib_images: int, eval_images: int, min_top1: float | None,
                 max_accuracy_drop: float | None) -> tuple[dict, dict]:
     """model.int8.onnx, calibrated on the training split, gated on the validation split (agreement with
@@ -129,7 +130,7 @@ def export_int8(name: str, manifest: dict, spec: PreprocessSpec, fp32_path: Path
     (not None) are used as they are; defaults are relaxed on small sets and ``relaxed`` says how.
     Returns (the gate's numbers, the
     quantiser's settings); raises GateFailed or DataError."""
-    classes = manifest["classes"]
+    classes = list(manifest.classes)
     calib = load_images([p for p, _ in verify.split_images(manifest, "train", calib_images)],
                                  spec, "training")
     settings = quantize_int8(fp32_path, dst, calib, INPUT_NAME)

@@ -85,6 +85,9 @@ class ExportConfig:
     router_sources: list[str] | None = helped(None, "Sources the router chooses between (none: the exported "
                                                     "sources, or every bundle there).")
     router_min_accuracy: float = helped(0.99, "Router gate: least held-out validation routing accuracy.")
+    allow_small_val: bool = helped(False, "Router gate: with fewer validation images than resolve "
+                                          "--router-min-accuracy (100 for 0.99), gate on all but one image instead "
+                                          "of refusing (said loudly and recorded in the router's manifest).")
 
     def __post_init__(self) -> None:
         self.runs_dir, self.deploy_dir = Path(self.runs_dir), Path(self.deploy_dir)

@@ -8,8 +8,10 @@ that full-batch gradient descent solves in a second; no library is worth a depen
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,14 @@ from gi_deploy.core.preprocess import load_input
 from gi_deploy.core.router import (
     FEATURE_VERSION,
     NOVELTY_TPR,
+    ROUTER_DIR,
     ROUTER_FILE,
     ROUTER_FORMAT,
     ROUTER_FORMAT_VERSION,
+    ROUTER_MANIFEST,
     ROUTER_SPEC,
     Router,
+    RouterManifest,
     feature_names,
     router_dir,
     router_features,
@@ -37,7 +42,8 @@ from gi_deploy.export.verify import resolvable_share, split_images
 
 # Held-out validation routing accuracy the router must reach (the issue's goal): a misrouted image
 # meets a model that was never trained on its source (the seed paper's 8-10% accuracy). Below
-# 100 validation images one image is more than a point: then all but one must be routed right.
+# 100 validation images one image is more than a point and the goal cannot be resolved: refused,
+# unless --allow-small-val, which relaxes it to all but one image, says so and records it.
 ROUTER_MIN_ACCURACY = 0.99
 L2 = 1e-3  # weight decay of the logistic regression: features are standardised, so one value fits all
 STEPS = 500
@@ -49,7 +55,27 @@ MAX_VAL_IMAGES = 1000
 @dataclass
 class RouterResult:
     path: Path
-    manifest: dict
+    manifest: RouterManifest
+    notes: list[str] = field(default_factory=list)
+
+
+def router_threshold(min_accuracy: float, n: int, allow_small_val: bool) -> tuple[float, str | None]:
+    """The accuracy the router's gate holds it to on ``n`` validation images, and a loud note when
+    that is not ``min_accuracy``. ``n`` resolves the goal when one misrouted image alone does not
+    fail it (n >= 1 / (1 - min_accuracy): 100 images for 99%); below that, DataError unless
+    ``allow_small_val``, and then all but one image (never quietly)."""
+    need = resolvable_share(min_accuracy, n)
+    if need >= min_accuracy:
+        return min_accuracy, None
+    enough = math.ceil(round(1.0 / (1.0 - min_accuracy), 9))
+    where = (f"the router's gate (>= {min_accuracy:.1%} held-out routing accuracy) needs at least {enough} "
+             f"validation images to resolve, and the sources have {n}")
+    if not allow_small_val:
+        raise DataError(f"{where}: one misrouted image would already fail it. Add validation images, or pass "
+                        "--allow-small-val to gate on all but one image instead (said and recorded in the router's "
+                        "manifest); nothing written")
+    return need, (f"WARNING: {where}; gated on all but one image, >= {need:.1%} (--allow-small-val; recorded in "
+                  f"{ROUTER_DIR}/manifest.json as verification.router.small_val)")
 
 
 def _thumbs(items: list[tuple[Path, int]], source: str, split: str) -> np.ndarray:
@@ -101,11 +127,12 @@ def fit_novelty(router: Router, xs: list[np.ndarray], vxs: list[np.ndarray],
 
 
 def write_router(deploy_dir: Path, sources: list[str] | None = None,
-                 min_accuracy: float = ROUTER_MIN_ACCURACY) -> RouterResult:
+                 min_accuracy: float = ROUTER_MIN_ACCURACY, allow_small_val: bool = False) -> RouterResult:
     """Fit, gate and write ``deploy_dir/_router/`` over ``sources`` (default: every bundle
     there). Raises ConfigError with fewer than two sources, BundleError for a missing bundle,
-    DataError when a source's images are gone, GateFailed (nothing written) when held-out
-    routing accuracy is below ``min_accuracy``."""
+    DataError when a source's images are gone or too few validation images resolve
+    ``min_accuracy`` (:func:`router_threshold`; ``allow_small_val`` relaxes it, loudly), GateFailed
+    (nothing written) when held-out routing accuracy is below the gate."""
     deploy_dir = Path(deploy_dir)
     sources = list(dict.fromkeys(sources or list_bundles(deploy_dir)))
     if len(sources) < 2:
@@ -115,9 +142,9 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     if missing:
         raise BundleError(f"router: no bundle for {', '.join(missing)} under {deploy_dir}; export it first")
     xs, ys, vxs, vys, counts = [], [], [], [], {}
+    bundles = {s: read_bundle_manifest(deploy_dir / s) for s in sources}
     for i, source in enumerate(sources):
-        bundle = read_bundle_manifest(deploy_dir / source)
-        run = read_run_manifest(Path(bundle["training"]["run_dir"]))
+        run = read_run_manifest(Path(bundles[source].training.run_dir))
         train = _thumbs(split_images(run, "train", MAX_TRAIN_IMAGES), source, "train")
         val = _thumbs(split_images(run, "val", MAX_VAL_IMAGES), source, "val")
         xs.append(train), ys.append(np.full(len(train), i)), vxs.append(val), vys.append(np.full(len(val), i))
@@ -129,8 +156,9 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     pred = router.probabilities_of_features(vx).argmax(axis=1)
     train_acc = float((router.probabilities_of_features(x).argmax(axis=1) == y).mean())
     accuracy = float((pred == vy).mean())
-    need = resolvable_share(min_accuracy, len(vy))
+    need, note = router_threshold(min_accuracy, len(vy), allow_small_val)
     gate = {"accuracy": accuracy, "n": int(len(vy)), "train_accuracy": train_acc, "min_accuracy": need,
+            "goal": min_accuracy, "small_val": note is not None,
             "confusion": confusion_matrix(vy, pred, len(sources)).tolist(), "split": "val"}
     if accuracy < need:
         raise GateFailed("router", f"router over {', '.join(sources)}", "held-out routing accuracy", accuracy, need,
@@ -141,25 +169,26 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     np.savez(staging / ROUTER_FILE, **router.arrays())
-    manifest = {
+    draft = {
         "format": ROUTER_FORMAT, "format_version": ROUTER_FORMAT_VERSION, "created": utc_now(),
         "sources": sources, "images": counts,
         "features": {"version": FEATURE_VERSION, "preprocess": ROUTER_SPEC.to_dict(), "names": feature_names(),
                      "n": len(feature_names())},
         "classifier": {"kind": "multinomial_logistic_regression", "l2": L2, "steps": STEPS, "lr": LR,
                        "class_weight": "balanced"},
-        "bundles": {s: read_bundle_manifest(deploy_dir / s).get("export_key") for s in sources},
+        "bundles": {s: bundles[s].export_key for s in sources},
         "novelty": novelty,
         "verification": {"router": gate},
         "files": {ROUTER_FILE: {"sha256": sha256_file(staging / ROUTER_FILE),
                                 "bytes": (staging / ROUTER_FILE).stat().st_size}},
         "versions": library_versions(("numpy",)),
     }
-    write_json(staging / "manifest.json", manifest)
+    manifest = RouterManifest.from_dict(json.loads(json.dumps(draft)), staging, check_seal=False).sealed()
+    write_json(staging / ROUTER_MANIFEST, manifest.to_dict())
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    return RouterResult(final, manifest)
+    return RouterResult(final, manifest, [note] if note else [])

@@ -27,6 +27,7 @@ from PIL import Image
 
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.preprocess import PreprocessSpec, load_input, normalize
+from gi_deploy.core.runs import RunRecord
 from gi_deploy.errors import DataError, GateFailed
 
 # fp32 ONNX and the merged model vs the un-merged model: the same maths in another summation
@@ -181,10 +182,10 @@ def _spread_over_classes(files: list, n: int) -> list:
     return picked
 
 
-def split_images(manifest: dict, split: str, n: int | None = None) -> list[tuple[Path, int]]:
+def split_images(manifest: RunRecord, split: str, n: int | None = None) -> list[tuple[Path, int]]:
     """(path, class index) of up to ``n`` images of a run's split (None: all), spread over the
     classes, in a fixed order."""
-    splits = manifest["splits"]
+    splits = manifest.splits
     root = Path(splits["root"])
     files = splits["files"][split]
     if n is None:
@@ -193,7 +194,7 @@ def split_images(manifest: dict, split: str, n: int | None = None) -> list[tuple
     return [(root / rel, labels[rel]) for rel in _spread_over_classes(files, n)]
 
 
-def verification_batch(manifest: dict, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
+def verification_batch(manifest: RunRecord, spec: PreprocessSpec) -> tuple[np.ndarray, dict]:
     """The fixed batch every gate runs on: up to ``VERIFY_REAL_IMAGES`` validation images of the
     run (those still on disk) and the ``STRESS_IMAGES``. float32 (N, 3, H, W) and a description."""
     real, unread = [], []

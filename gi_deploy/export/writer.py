@@ -22,19 +22,20 @@ import numpy as np
 import torch
 
 import gi_deploy
-from gi_deploy._io import exclusive_lock, library_versions, read_json, sha256_file, utc_now, write_json
+from gi_deploy._io import exclusive_lock, library_versions, sha256_file, utc_now, write_json
 from gi_deploy.core.bundles import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     LABELS_NAME,
     MANIFEST_NAME,
     MODEL_FILES,
-    content_sha256,
-    validate_bundle_manifest,
+    BundleManifest,
+    read_bundle_manifest,
 )
+from gi_deploy.core.records import canonical_json, canonical_sha256
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
-from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest, select_runs
+from gi_deploy.core.runs import RUN_MANIFEST, RunRecord, read_run_manifest, select_runs
 from gi_deploy.errors import BundleError, DataError, ExportError, ExportFailed, GiDeployError
 from gi_deploy.export import fp16, id_stats, int8, onnx_export, tensorrt, verify
 from gi_deploy.export.activations import logits_and_peaks
@@ -49,29 +50,29 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExportResult:
     bundle_dir: Path
-    manifest: dict
+    manifest: BundleManifest
     skipped: bool = False  # the bundle was already up to date
     notes: list[str] = field(default_factory=list)
 
 
-def _adapter_entry(manifest: dict) -> dict | None:
+def _adapter_entry(manifest: RunRecord) -> dict | None:
     """The settings of each adapter kind the run carries (CoLoRA's with its parameter counts)."""
-    spec = method_spec(manifest["config"]["method"])
-    entry = {name: dict(manifest["config"][name]) for name in spec.adapters}
+    spec = method_spec(manifest.method)
+    entry = {name: dict(manifest.config[name]) for name in spec.adapters}
     if "colora" in entry:
-        entry["colora"].update(manifest.get("colora", {}))
+        entry["colora"].update(manifest.colora or {})
     return entry or None
 
 
-def run_hashes(run_dir: Path, manifest: dict) -> dict:
+def run_hashes(run_dir: Path, manifest: RunRecord) -> dict:
     """sha256 of the run's manifest and of its trained files (the bundle's ``training`` record)."""
-    spec = method_spec(manifest["config"]["method"])
+    spec = method_spec(manifest.method)
     files = spec.artifact_files(run_dir)
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
                           "--resume it)")
-    recorded = (manifest.get("best") or {}).get("artifact_sha256")
+    recorded = manifest.best_artifact_sha256
     if recorded:
         spec.check_artifact(run_dir, recorded, "training")  # a tampered adapter never exports with the run's metrics
     else:
@@ -94,28 +95,27 @@ def export_key(hashes: dict, options: ExportOptions) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def current_bundle(bundle_dir: Path, key: str, run_manifest: dict | None = None) -> dict | None:
+def current_bundle(bundle_dir: Path, key: str, run: RunRecord | None = None) -> BundleManifest | None:
     """The manifest of the bundle in ``bundle_dir`` when it was made with ``key``, passes every
-    check the runtime makes (:func:`validate_bundle_manifest`: fields, labels.json, content hash),
-    still says what the run says (source, classes, preprocessing), and every file it lists is still
-    there, unchanged; None when it must be (re-)exported. A tampered bundle is never "unchanged"."""
-    path = bundle_dir / MANIFEST_NAME
-    if not path.is_file():
+    check the runtime makes (:func:`read_bundle_manifest`: fields, seal, labels.json), still says
+    what the run says (source, classes, preprocessing), and every file it lists is still there,
+    unchanged; None when it must be (re-)exported. A tampered bundle is never "unchanged"."""
+    if not (bundle_dir / MANIFEST_NAME).is_file():
         return None
     try:
-        manifest = validate_bundle_manifest(bundle_dir, read_json(path, "bundle manifest"))
+        manifest = read_bundle_manifest(bundle_dir)
     except BundleError as e:
         log.warning("%s: re-exporting: %s", bundle_dir, e)
         return None
-    if manifest.get("export_key") != key:
+    if manifest.export_key != key:
         return None
-    if manifest.get("content_sha256") != content_sha256(manifest) or (
-            run_manifest is not None and manifest.get("content_sha256") != content_sha256(run_manifest)):
+    if run is not None and (manifest.source, manifest.classes, manifest.preprocess) != (
+            run.source, run.classes, run.preprocess):
         log.warning("%s: re-exporting: its source, classes or preprocessing differ from the run's", bundle_dir)
         return None
-    for name, entry in manifest.get("files", {}).items():
+    for name, entry in manifest.files.items():
         f = bundle_dir / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+        if not f.is_file() or f.stat().st_size != entry.bytes or sha256_file(f) != entry.sha256:
             return None
     return manifest
 
@@ -134,14 +134,16 @@ class _Timer:
         self.last, self._t = step, now
 
 
-def _stamp(path: Path, manifest: dict, precision: str, merged: bool, key: str) -> None:
-    """The essentials, in the ONNX file's own metadata_props."""
+def _stamp(path: Path, run: RunRecord, content: dict, precision: str, key: str) -> None:
+    """The essentials, in the ONNX file's own metadata_props: the bundle's whole content (what the
+    manifest's ``content_sha256`` covers) and its hash, checked against the manifest at load."""
     onnx_export.set_metadata(path, {
-        "format": f"{BUNDLE_FORMAT}/{BUNDLE_FORMAT_VERSION}", "source": manifest["source"],
-        "classes": manifest["classes"], "preprocess": manifest["preprocess"], "model": manifest["model"]["name"],
-        "method": manifest["config"]["method"], "merged": merged, "precision": precision,
-        "base_weights_license": manifest["base_weights"].get("license", "unknown"),
-        "gi_deploy_version": gi_deploy.__version__, "export_key": key, "content_sha256": content_sha256(manifest),
+        "format": f"{BUNDLE_FORMAT}/{BUNDLE_FORMAT_VERSION}", "source": content["source"],
+        "classes": content["classes"], "preprocess": content["preprocess"], "model": content["model"]["name"],
+        "method": content["model"]["method"], "merged": content["model"]["merged"], "precision": precision,
+        "base_weights_license": run.base_weights.get("license", "unknown"),
+        "gi_deploy_version": gi_deploy.__version__, "export_key": key,
+        "content": canonical_json(content), "content_sha256": canonical_sha256(content),
         "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME,
     })
 
@@ -166,7 +168,7 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
         return _export_timed(run_dir, bundle_dir, manifest, options, key, hashes)
 
 
-def _export_timed(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str,
+def _export_timed(run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str,
                   hashes: dict) -> ExportResult:
     timer = _Timer()
     try:
@@ -227,7 +229,7 @@ class _Job:
 
     name: str
     run_dir: Path
-    manifest: dict
+    manifest: RunRecord
     spec: PreprocessSpec
     options: ExportOptions
     key: str
@@ -239,9 +241,9 @@ class _Job:
     peaks: np.ndarray | None = None
 
 
-def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOptions, key: str, hashes: dict,
+def _export(run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str, hashes: dict,
             timer: _Timer) -> ExportResult:
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    spec = manifest.preprocess
     inputs, inputs_info = verify.verification_batch(manifest, spec)
     no_val_note = _check_validation_images(run_dir, inputs_info, options)
     job = _Job(run_dir.name, run_dir, manifest, spec, options, key, hashes,
@@ -256,10 +258,9 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: dict, options: ExportOpti
     try:
         written = _write_models(job, models)
         verification.update(written["verification"])
-        bundle = _bundle_manifest(job, models, verification, written)
         timer.lap("write")
-        bundle["timings_s"] = timer.seconds
-        write_json(job.staging / MANIFEST_NAME, bundle)
+        bundle = _bundle_manifest(job, models, verification, written)
+        write_json(job.staging / MANIFEST_NAME, bundle.to_dict())
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
@@ -302,17 +303,35 @@ def _write_models(job: _Job, models: RunModels) -> dict:
         verification.update({"engine": gate} if gate is not None else {})
         notes += [note] if note else []
         job.timer.lap("engine")
+    written = {"verification": verification, "extras": extras, "engine": engine, "opset": onnx.opset,
+               "notes": notes, "ood": ood, "features": features}
+    written["content"] = content = _content(job, models, written)
     for precision in [p for p in MODEL_FILES if (staging / MODEL_FILES[p]).is_file()]:
-        _stamp(staging / MODEL_FILES[precision], job.manifest, precision, models.merged, job.key)
-    return {"verification": verification, "extras": extras, "engine": engine, "opset": onnx.opset, "notes": notes,
-            "ood": ood, "features": features}
+        _stamp(staging / MODEL_FILES[precision], job.manifest, content, precision, job.key)
+    return written
 
 
-def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: dict) -> dict:
-    """labels.json, then the manifest (every file hashed once, the footprint, the run it came from)."""
+def _content(job: _Job, models: RunModels, written: dict) -> dict:
+    """What the bundle's content hash covers (core/bundles.CONTENT_FIELDS), in JSON form, known
+    before the model files are final so that each of them can carry it."""
+    run = job.manifest
+    model = {"name": run.model.name, "num_classes": len(run.classes), "method": run.method,
+             "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
+             "opset": written["opset"], "exporter": job.options.exporter, "input": onnx_export.INPUT_NAME,
+             "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"],
+             **({"features_output": onnx_export.FEATURES_NAME} if written["features"] else {})}
+    return json.loads(canonical_json({"source": run.source, "classes": list(run.classes),
+                                      "preprocess": run.preprocess.to_dict(), "model": model,
+                                      "ood": written["ood"]}))
+
+
+def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: dict) -> BundleManifest:
+    """labels.json, then the manifest (every file hashed once, the footprint, the run it came from),
+    read back through :meth:`BundleManifest.from_dict` (what is written is what the runtime accepts)
+    and sealed. Raises ExportError when its content differs from what the model files carry."""
     manifest, options, staging = job.manifest, job.options, job.staging
-    classes = manifest["classes"]
-    write_json(staging / LABELS_NAME, classes)
+    content = written["content"]
+    write_json(staging / LABELS_NAME, content["classes"])
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}  # every file, hashed once
              for p in sorted(staging.iterdir()) if p.is_file()}
     models_entry = {p: {"file": f, **files[f], **written["extras"].get(p, {})} for p, f in MODEL_FILES.items()
@@ -320,7 +339,7 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
     engine = written["engine"]
     if engine and engine.get("status") == "built":
         engine.update(files[engine["file"]])
-    method = manifest["config"]["method"]
+    method = manifest.method
     adapter_bytes = method_spec(method).artifact_bytes(job.run_dir)
     footprint = {
         "trained_artifact": method, "artifact_bytes": adapter_bytes,
@@ -328,35 +347,34 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
         "artifact_vs_merged_model": round(adapter_bytes / models_entry["fp32"]["bytes"], 6),
         **{f"{p}_model_bytes": models_entry[p]["bytes"] for p in ("fp16", "int8") if p in models_entry},
     }
-    return {
+    draft = {
         "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
-        "export_key": job.key, "content_sha256": content_sha256(manifest),
-        "source": manifest["source"], "classes": classes, "preprocess": manifest["preprocess"],
-        "model": {"name": manifest["model"]["name"], "num_classes": len(classes), "method": method,
-                  "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
-                  "opset": written["opset"], "exporter": options.exporter, "input": onnx_export.INPUT_NAME,
-                  "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"],
-                  **({"features_output": onnx_export.FEATURES_NAME} if written["features"] else {})},
-        "ood": written["ood"],
+        "export_key": job.key, "content_sha256": canonical_sha256(content), **content,
         "models": models_entry, "engine": engine, "verification": verification, "footprint": footprint,
-        "base_weights": manifest["base_weights"],
+        "base_weights": manifest.base_weights,
         "adapter": _adapter_entry(manifest),
-        "training": {"run_dir": str(job.run_dir.resolve()), "best": {k: manifest["best"].get(k) for k in
+        "training": {"run_dir": str(job.run_dir.resolve()), "best": {k: manifest.best.get(k) for k in
                      ("epoch", "accuracy", "f1_weighted", "mcc")}, **job.hashes},
         "options": asdict(options),
         "versions": library_versions(),
         "files": files,
+        "timings_s": job.timer.seconds,
     }
+    bundle = BundleManifest.from_dict(json.loads(json.dumps(draft)), staging, check_seal=False).sealed()
+    if bundle.content_sha256 != canonical_sha256(content):  # the files carry ``content``: they must agree
+        raise ExportError(f"{job.name}: the manifest's content ({bundle.content_sha256[:12]}) differs from the one "
+                          f"stamped in the model files ({canonical_sha256(content)[:12]}); nothing was written")
+    return bundle
 
 
-def _swap_into_place(staging: Path, bundle_dir: Path, bundle: dict) -> list[str]:
+def _swap_into_place(staging: Path, bundle_dir: Path, bundle: BundleManifest) -> list[str]:
     """Replace the bundle with the staged one in two renames (a crash between them is repaired by
     the next export, :func:`_restore_interrupted`). Returns notes (stale engines removed)."""
     notes = []
     old = bundle_dir.with_name(f".{bundle_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if bundle_dir.exists():
-        dropped = sorted(p.name for p in bundle_dir.glob("model.*.engine") if p.name not in bundle["files"])
+        dropped = sorted(p.name for p in bundle_dir.glob("model.*.engine") if p.name not in bundle.files)
         if dropped:  # built on a target from the previous fp16 ONNX: stale now
             notes.append(f"removed {', '.join(dropped)} built from the previous export; rebuild with "
                          f"{tensorrt.BUILD_SCRIPT}")
@@ -387,7 +405,7 @@ def export_runs(cfg: ExportConfig) -> dict[str, ExportResult]:
 def storage_summary(results: dict[str, ExportResult]) -> dict | None:
     """The storage argument over the adapted (merged) sources: one base plus an adapter each,
     against a full merged model per source. None with fewer than two adapted sources."""
-    adapted = {n: r.manifest["footprint"] for n, r in results.items() if r.manifest["model"]["merged"]}
+    adapted = {n: r.manifest.footprint for n, r in results.items() if r.manifest.model.merged}
     if len(adapted) < 2:
         return None
     artifacts = sum(f["artifact_bytes"] for f in adapted.values())
@@ -405,4 +423,4 @@ def export_router(cfg: ExportConfig, results: dict[str, ExportResult]) -> Router
     if cfg.router is False or (cfg.router is None and len(results) < 2):
         return None
     sources = cfg.router_sources or (list(results) if len(results) >= 2 else None)
-    return write_router(cfg.deploy_dir, sources, cfg.router_min_accuracy)
+    return write_router(cfg.deploy_dir, sources, cfg.router_min_accuracy, cfg.allow_small_val)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gi_deploy.core.methods import MethodSpec, method_spec
-from gi_deploy.core.runs import ADAPTER_DIR, COLORA_WEIGHTS
+from gi_deploy.core.runs import ADAPTER_DIR, COLORA_WEIGHTS, RunRecord
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.model import colora, lora
 from gi_deploy.model.base import classifier_name, head_state, inner_model, train_only_head
@@ -105,18 +105,18 @@ def save_trained(model: nn.Module, method: str | MethodSpec, run_dir: Path, head
     tmp.replace(path)
 
 
-def attach_trained(base: nn.Module, manifest: dict, run_dir: Path) -> nn.Module:
+def attach_trained(base: nn.Module, manifest: RunRecord, run_dir: Path) -> nn.Module:
     """``base`` with the run's trained weights: wrapped by / fitted with each adapter kind the
     method carries, all un-merged, or with the trained head (linear) or full fine-tuned state
     (full) loaded in place."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    spec = method_spec(manifest["config"]["method"])
-    head = manifest["model"]["classifier"]
+    spec = method_spec(manifest.method)
+    head = manifest.model.classifier
     if spec.adapters:
         model = base
-        for name, value in adapter_settings(spec, manifest["config"]).items():
+        for name, value in adapter_settings(spec, manifest.config).items():
             kind = ADAPTERS[name]
             model = kind.load(model, run_dir, value, head, spec.head_in == kind.file)
         return model

@@ -168,7 +168,7 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
     a backend that cannot run here becomes a row saying why, never an error."""
     bundle_dir = resolve_bundle_dir(cfg.deploy_dir, cfg.source)
     manifest = read_bundle_manifest(bundle_dir)
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    spec = manifest.preprocess
     with tempfile.TemporaryDirectory(prefix="gi-deploy-bench-") as tmp:
         if cfg.images is None:
             found = synthetic_frames(Path(tmp))
@@ -209,7 +209,7 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
         for r in rows:
             if r.status == "ok":
                 r.e2e_vs_eager, r.model_vs_eager = r.end_to_end / eager.end_to_end, r.model_only / eager.model_only
-    return BenchmarkResult(manifest["source"], manifest["model"]["name"], spec.size, cfg.n_images, cfg.batch_size,
+    return BenchmarkResult(manifest.source, manifest.model.name, spec.size, cfg.n_images, cfg.batch_size,
                            cfg.workers if cfg.workers is not None else "auto",
                            f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
 

@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_deploy._io import read_json, write_json
+from gi_deploy._io import write_json
 from gi_deploy.core.bundles import list_bundles, read_bundle_manifest
-from gi_deploy.core.runs import RUN_MANIFEST, SPLITS_DIR
+from gi_deploy.core.runs import RUN_MANIFEST, SPLITS_DIR, read_run_manifest
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.inputs import collect_inputs
@@ -88,13 +88,13 @@ def default_test_set(deploy_dir: Path, source: str, scratch: Path) -> Path:
     """The test split of the run a bundle was exported from (``runs/<source>/splits/test.csv``,
     its paths relative to the run's data folder), as a list file of absolute paths and labels."""
     manifest = read_bundle_manifest(deploy_dir / source)
-    run_dir = Path((manifest.get("training") or {}).get("run_dir", ""))
+    run_dir = Path(manifest.training.run_dir)
     split = run_dir / SPLITS_DIR / "test.csv"
     run_json = run_dir / RUN_MANIFEST
     if not split.is_file() or not run_json.is_file():
         raise ConfigError(f"no test set for {source}: its training run {run_dir} is not here; give one with "
                           f"--test {source}=FOLDER")
-    data_dir = Path(read_json(run_json, "run manifest")["config"]["data_dir"])
+    data_dir = Path(read_run_manifest(run_dir, finished=False).config["data_dir"])
     if not data_dir.is_absolute():  # recorded as typed: relative to where training ran
         data_dir = next((d for d in (Path.cwd() / data_dir, run_dir.parent.parent / data_dir) if d.is_dir()),
                         data_dir)
@@ -138,7 +138,7 @@ def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     tests = dict(tests) if tests else {s: default_test_set(deploy_dir, s, out_dir) for s in models}
     maps = read_class_map(class_map, sorted(set(models) | set(tests)))
-    classes = {m: read_bundle_manifest(deploy_dir / m)["classes"] for m in models}
+    classes = {m: list(read_bundle_manifest(deploy_dir / m).classes) for m in models}
     cells, files = {}, {}
     for test, where in tests.items():
         truth = {rel: maps.get(test, {}).get(c, c) for rel, c in _truth(where).items()}

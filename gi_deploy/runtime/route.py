@@ -19,7 +19,7 @@ import numpy as np
 from gi_deploy.core.bundles import list_bundles
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import IdStats, load_id_stats
-from gi_deploy.core.router import Router, load_router
+from gi_deploy.core.router import ROUTER_FILE, Router, load_router
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.runtime.job import Answer, InferConfig, Strategy
 from gi_deploy.runtime.loader import BundleInfo, bundle_identity, load_bundle
@@ -96,8 +96,9 @@ class Routed(Strategy):
         return AUTO
 
     def identities(self, precision: str) -> dict[str, dict]:
-        router = {"bundle": str(self.router.path), "export_key": self.router.manifest.get("export_key"),
-                  "precision": "router", "content_sha256": self.router.manifest["files"]["router.npz"]["sha256"]}
+        m = self.router.manifest  # sealed: the source order, thresholds and router.npz's sha256 are covered
+        router = {"bundle": str(self.router.path), "export_key": m.seal.get("sha256", ""), "precision": "router",
+                  "content_sha256": m.files[ROUTER_FILE].sha256}
         return {**{s: bundle_identity(b, precision) for s, b in self.bundles.items()}, "_router": router}
 
     def backends(self) -> dict[str, tuple[str, list[str]]]:

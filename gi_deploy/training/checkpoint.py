@@ -13,8 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from gi_deploy._io import read_json
-from gi_deploy.core.runs import CHECKPOINT, METRICS_JSONL, RUN_DIRS, RUN_FILES, RUN_MANIFEST
+from gi_deploy.core.runs import (
+    CHECKPOINT,
+    METRICS_JSONL,
+    RUN_DIRS,
+    RUN_FILES,
+    RUN_MANIFEST,
+    RunRecord,
+    read_run_manifest,
+)
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig, field_default
 
@@ -82,19 +89,19 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def load_for_resume(cfg: TrainConfig) -> tuple[dict, dict]:
+def load_for_resume(cfg: TrainConfig) -> tuple[RunRecord, dict]:
     """The run's manifest and last checkpoint; refuses when there is nothing to resume or the
     config differs in anything but ``RESUME_MAY_CHANGE``."""
     run_dir = cfg.run_dir
     if not (run_dir / RUN_MANIFEST).is_file():
         raise ConfigError(f"nothing to resume in {run_dir}: no {RUN_MANIFEST}; drop --resume to start a run")
-    manifest = read_json(run_dir / RUN_MANIFEST, "run manifest")
-    if manifest.get("status") == "done":
+    manifest = read_run_manifest(run_dir, finished=False)
+    if manifest.status == "done":
         raise ConfigError(f"run {run_dir} already finished; pass --overwrite to train it again")
     if not (run_dir / CHECKPOINT).is_file():
         raise ConfigError(f"run {run_dir} stopped before its first epoch finished ({CHECKPOINT} missing); "
                           "start it again with --overwrite")
-    old, new = manifest["config"], cfg.to_dict()
+    old, new = manifest.config, cfg.to_dict()
     # a key the run did not record was added to gi-deploy after it started: it ran with the default
     changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k, field_default(k)) != new[k])
     if changed:

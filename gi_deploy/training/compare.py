@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_deploy._io import read_json
 from gi_deploy.core.methods import METHODS, method_spec
-from gi_deploy.core.runs import CHECKPOINT, RUN_MANIFEST
+from gi_deploy.core.runs import CHECKPOINT, RUN_MANIFEST, RunRecord, read_run_manifest
 from gi_deploy.errors import ConfigError
 from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig
 from gi_deploy.training.trainer import train
@@ -39,29 +38,29 @@ def _cell_config(base: TrainConfig, method: str, fraction: float, out_dir: Path)
                                resume=False, overwrite=base.overwrite)
 
 
-def _previous(cfg: TrainConfig) -> dict | None:
+def _previous(cfg: TrainConfig) -> RunRecord | None:
     """The manifest an earlier call left in this cell, if any."""
     path = cfg.run_dir / RUN_MANIFEST
-    return read_json(path, "run manifest") if path.is_file() else None
+    return read_run_manifest(cfg.run_dir, finished=False) if path.is_file() else None
 
 
-def _same_settings(manifest: dict, cfg: TrainConfig) -> bool:
-    return all(manifest["config"].get(k) == v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE)
+def _same_settings(manifest: RunRecord, cfg: TrainConfig) -> bool:
+    return all(manifest.config.get(k) == v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE)
 
 
-def row_of(manifest: dict, run_dir: Path) -> dict:
+def row_of(manifest: RunRecord, run_dir: Path) -> dict:
     """One table row from a finished run's manifest."""
-    history = manifest["history"]
-    scores, split = (manifest["test"], "test") if manifest.get("test") else (manifest["best"], "val")
+    history = manifest.history
+    scores, split = (manifest.test, "test") if manifest.test else (manifest.best, "val")
     peaks = [r["peak_mem_mib"] for r in history if r.get("peak_mem_mib") is not None]
-    method = manifest["config"]["method"]
+    method = manifest.method
     return {
-        "method": method, "label_fraction": manifest["config"]["label_fraction"],
-        "train_images": manifest["splits"]["counts"]["train"], "eval_split": split,
+        "method": method, "label_fraction": manifest.config["label_fraction"],
+        "train_images": manifest.splits["counts"]["train"], "eval_split": split,
         "accuracy": scores["accuracy"], "f1_weighted": scores["f1_weighted"], "mcc": scores["mcc"],
-        "trainable_params": manifest["params"]["trainable"], "total_params": manifest["params"]["total"],
+        "trainable_params": manifest.params["trainable"], "total_params": manifest.params["total"],
         "artifact_bytes": method_spec(method).artifact_bytes(run_dir), "epochs": len(history),
-        "best_epoch": manifest["best"]["epoch"],
+        "best_epoch": manifest.best["epoch"],
         "epoch_seconds": sum(r["seconds"] for r in history) / len(history),
         "peak_mem_mib": max(peaks) if peaks else None,
     }
@@ -110,15 +109,15 @@ def compare(base: TrainConfig, methods: list[str], fractions: list[float],
         for fraction in fractions:
             cfg = _cell_config(base, method, fraction, out_dir)
             manifest = _previous(cfg)
-            reused = (manifest is not None and not base.overwrite and manifest.get("status") == "done"
+            reused = (manifest is not None and not base.overwrite and manifest.status == "done"
                       and _same_settings(manifest, cfg))
             report("cell", {"method": method, "label_fraction": fraction, "reused": reused})
             if not reused:
                 resume = (manifest is not None and not base.overwrite and (cfg.run_dir / CHECKPOINT).is_file()
-                          and manifest.get("status") in ("interrupted", "training"))
+                          and manifest.status in ("interrupted", "training"))
                 cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume and manifest is not None)
                 train_fn(cfg, report=report)
-                manifest = read_json(cfg.run_dir / RUN_MANIFEST, "run manifest")
+                manifest = read_run_manifest(cfg.run_dir)
             rows.append(row_of(manifest, cfg.run_dir))
     csv_path, md_path = write_tables(rows, out_dir, f"{base.source}: methods x label fractions ({base.model})")
     return CompareResult(rows=rows, csv_path=csv_path, markdown_path=md_path)

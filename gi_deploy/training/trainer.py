@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from gi_deploy._io import library_versions, utc_now, write_json
+from gi_deploy._io import library_versions, utc_now
 from gi_deploy.core.methods import MethodSpec, method_spec
 from gi_deploy.core.metrics import classification_metrics
 from gi_deploy.core.preprocess import PreprocessSpec
@@ -30,10 +30,9 @@ from gi_deploy.core.runs import (
     CHECKPOINT,
     CURVES_PNG,
     RANDOM_BASE_WEIGHTS,
-    RUN_FORMAT,
-    RUN_FORMAT_VERSION,
-    RUN_MANIFEST,
     SPLITS_DIR,
+    RunModelInfo,
+    RunRecord,
 )
 from gi_deploy.errors import BundleError, ConfigError, TrainingDiverged, TrainingInterrupted
 from gi_deploy.model.adapters import apply_method, save_trained
@@ -262,7 +261,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
     feed: DeviceFeed
-    manifest: dict
+    manifest: RunRecord | None
     colora: dict | None
     memory_baseline: int | None
     state: LoopState = field(default_factory=LoopState)
@@ -270,7 +269,7 @@ class _Run:
     eval_model: nn.Module | None = None  # step_model without DDP (evaluation runs on unequal shards)
 
 
-def _load_data(cfg: TrainConfig, manifest: dict | None) -> DatasetSplits:
+def _load_data(cfg: TrainConfig, manifest: RunRecord | None) -> DatasetSplits:
     """The source's splits (label fraction applied); a resumed run must find the same ones."""
     ds = load_splits(cfg.source, cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.split)
     if cfg.label_fraction < 1.0:
@@ -278,18 +277,18 @@ def _load_data(cfg: TrainConfig, manifest: dict | None) -> DatasetSplits:
         ds.label_fraction = cfg.label_fraction
     if not ds.splits["val"]:
         raise ConfigError(f"{cfg.source}: the validation split is empty; early stopping needs one")
-    if manifest is not None and manifest["splits"]["files"] != ds.to_dict()["files"]:
+    if manifest is not None and manifest.splits["files"] != ds.to_dict()["files"]:
         raise ConfigError(f"the data under {cfg.data_dir} changed since run {cfg.run_dir} started (its splits "
                           "differ); resuming would mix two datasets. Start again with --overwrite")
     return ds
 
 
-def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: dict | None,
+def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: RunRecord | None,
                 main: bool = True) -> tuple[nn.Module, BaseWeights, Path]:
     """The base the run trains from (a resumed run's own, by fingerprint) and the run folder. A
     random-init base is saved in the run, since nothing else could rebuild it at export time."""
     if manifest is not None:
-        return rebuild_base(manifest, cfg.run_dir), BaseWeights(**manifest["base_weights"]), cfg.run_dir
+        return rebuild_base(manifest, cfg.run_dir), BaseWeights(**manifest.base_weights), cfg.run_dir
     model, base = create_base_model(cfg.model, len(ds.classes), cfg.pretrained, cfg.weights)
     if not main:  # only rank 0 writes the run folder; DDP gives every rank rank 0's weights anyway
         if base.kind == "random":
@@ -321,7 +320,7 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     seed_everything(cfg.seed)
     model, base, run_dir = _base_model(cfg, ds, manifest, d.main)
     head = classifier_name(model)
-    spec = (PreprocessSpec.from_dict(manifest["preprocess"]) if manifest is not None else  # a resumed run's own
+    spec = (manifest.preprocess if manifest is not None else  # a resumed run's own
             PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
                            std=tuple(model.pretrained_cfg["std"]), resize=cfg.resize,
                            crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0, decode=cfg.decode))
@@ -341,21 +340,17 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
                _loaders(ds, spec, cfg, device, g, d), g, optimizer, _scheduler(optimizer, cfg),
                torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), _loss_fn(ds, cfg, device),
                DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
-               manifest or {}, colora_summary(model) if method.carries("colora") else None, memory_baseline,
+               manifest, colora_summary(model) if method.carries("colora") else None, memory_baseline,
                dist=d, eval_model=eval_model)
     if checkpoint is not None:
         _restore(run, checkpoint)
     else:
-        run.manifest = {
-            "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "created": utc_now(),
-            "source": cfg.source, "config": cfg.to_dict(), "device": str(device), "classes": ds.classes,
-            "preprocess": spec.to_dict(), "base_weights": base.to_dict(),
-            "model": {"name": cfg.model, "num_classes": len(ds.classes), "classifier": head},
-            "params": {"trainable": trainable, "total": total, "deployed": deployed},
-            "artifact": list(method.artifact), "splits": ds.to_dict(), "versions": library_versions(),
-            "history": [], "best": None, "test": None, "status": "training",
-        }
-    run.manifest["runtime"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        run.manifest = RunRecord(
+            created=utc_now(), source=cfg.source, config=cfg.to_dict(), device=str(device), classes=tuple(ds.classes),
+            preprocess=spec, base_weights=base.to_dict(), model=RunModelInfo(cfg.model, len(ds.classes), head),
+            params={"trainable": trainable, "total": total, "deployed": deployed}, artifact=tuple(method.artifact),
+            splits=ds.to_dict(), versions=library_versions())
+    run.manifest.runtime = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                                "channels_last": channels_last, "compile": cfg.compile,
                                "num_workers": run.loaders[0].num_workers,
                                "augment_on": "gpu" if run.feed.on_device else "cpu",
@@ -363,12 +358,12 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
                                "processes": d.world, "global_batch": cfg.batch_size,
                                "batch_per_process": run.loaders[0].batch_size, "split_hash": split_hash}
     if d.main:
-        write_json(run_dir / RUN_MANIFEST, run.manifest)
+        run.manifest.save(run_dir)
         ds.write_csvs(run_dir / SPLITS_DIR)
     report("start", {"trainable": trainable, "total": total, "deployed": deployed, "colora": run.colora,
                      "classes": ds.classes, "counts": ds.counts(), "device": str(device), "base_weights": base.kind,
                      "license": base.license, "layout": ds.layout, "notes": ds.notes, "excluded": ds.excluded,
-                     "resumed_from": run.state.epoch if cfg.resume else None, **run.manifest["runtime"]})
+                     "resumed_from": run.state.epoch if cfg.resume else None, **run.manifest.runtime})
     return run
 
 
@@ -388,9 +383,9 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     run.state = LoopState(**checkpoint["loop"])
     set_rng_state(distributed.own_rng_state(checkpoint, run.dist), run.generator)
     m = run.manifest
-    m["history"] = m["history"][:run.state.epoch]  # drop epochs past the checkpoint
-    m.update(config=run.cfg.to_dict(), device=str(run.device), status="training",
-             resumed=m.get("resumed", []) + [{"at_epoch": run.state.epoch, "time": utc_now()}])
+    m.history = m.history[:run.state.epoch]  # drop epochs past the checkpoint
+    m.config, m.device, m.status = run.cfg.to_dict(), str(run.device), "training"
+    m.resumed = (m.resumed or []) + [{"at_epoch": run.state.epoch, "time": utc_now()}]
 
 
 def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
@@ -451,24 +446,24 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
         state.best_acc, state.best_epoch, state.stale = val["accuracy"], epoch, 0
         if run.dist.main:
             save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
-        manifest["best"] = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"}}
-        manifest["best"]["artifact_sha256"] = run.method.artifact_sha256(run.run_dir)  # checked at export
+        manifest.best = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"},
+                         "artifact_sha256": run.method.artifact_sha256(run.run_dir)}  # checked at export
         if run.colora is not None:
-            manifest["best"]["colora_merges"] = state.merges
+            manifest.best["colora_merges"] = state.merges
     else:
         state.stale += 1
     state.epoch = epoch
     record["best"] = improved
     if run.colora is not None:  # Table 4's counts, and how many merges the run and its saved best hold
-        manifest["colora"] = {**run.colora, "merge_every": cfg.colora.merge_every, "merges": state.merges,
-                              "merges_in_best": manifest["best"]["colora_merges"]}
-    manifest["history"].append(record)
+        manifest.colora = {**run.colora, "merge_every": cfg.colora.merge_every, "merges": state.merges,
+                           "merges_in_best": manifest.best["colora_merges"]}
+    manifest.history.append(record)
     rng_ranks = distributed.rank_rng_states(rng_state(run.generator), run.dist)  # a collective: every rank
     if run.dist.main:  # only rank 0 writes; every rank resumes from this checkpoint
         save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.generator,
                         extra={"rng_ranks": rng_ranks} if rng_ranks else None)
-        write_metrics_jsonl(run.run_dir, manifest["history"])
-        write_json(run.run_dir / RUN_MANIFEST, manifest)
+        write_metrics_jsonl(run.run_dir, manifest.history)
+        manifest.save(run.run_dir)
 
 
 def train(cfg: TrainConfig, report: Report | None = None) -> TrainResult:
@@ -500,29 +495,29 @@ def _train(run: _Run, report: Report, t0: float) -> TrainResult:
                 log.info("early stop after epoch %d: no val accuracy gain for %d epochs", epoch, cfg.patience)
                 break
     except KeyboardInterrupt:
-        manifest["status"] = "interrupted"
+        manifest.status = "interrupted"
         if main:
-            write_json(run.run_dir / RUN_MANIFEST, manifest)
+            manifest.save(run.run_dir)
         raise TrainingInterrupted(
             f"interrupted; epochs 1-{state.epoch} are checkpointed in {run.run_dir}. Continue with the same command "
             "plus --resume" if state.epoch else f"interrupted before the first epoch finished; nothing to resume "
             f"in {run.run_dir}") from None
     except TrainingDiverged:
-        manifest["status"] = "diverged"
+        manifest.status = "diverged"
         if main:
-            write_json(run.run_dir / RUN_MANIFEST, manifest)
+            manifest.save(run.run_dir)
         raise
     if main:
-        plot_curves(manifest["history"], run.run_dir / CURVES_PNG, f"{cfg.source} ({cfg.method}, {cfg.model})")
+        plot_curves(manifest.history, run.run_dir / CURVES_PNG, f"{cfg.source} ({cfg.method}, {cfg.model})")
     test_metrics = None
     if run.loaders[2] is not None:
         distributed.barrier(run.dist)  # rank 0 has saved the best epoch
         best_model = load_run_model(run.run_dir, device=run.device, manifest=manifest)  # what was saved, reloaded
         test_metrics = evaluate(best_model, run.loaders[2], run.device, run.ds.classes, feed=run.feed, d=run.dist)
-    manifest.update(test=test_metrics, status="done", seconds=round(time.time() - t0, 1))
+    manifest.test, manifest.status, manifest.seconds = test_metrics, "done", round(time.time() - t0, 1)
     if main:
-        write_json(run.run_dir / RUN_MANIFEST, manifest)
-    params = manifest["params"]
-    return TrainResult(run_dir=run.run_dir, best_epoch=state.best_epoch, best_val=manifest["best"], test=test_metrics,
+        manifest.save(run.run_dir)
+    params = manifest.params
+    return TrainResult(run_dir=run.run_dir, best_epoch=state.best_epoch, best_val=manifest.best, test=test_metrics,
                        trainable_params=params["trainable"], total_params=params["total"], seconds=time.time() - t0,
-                       history=manifest["history"])
+                       history=manifest.history)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import reseal, tiny_train_config
 from typer.testing import CliRunner
 
 from gi_deploy.cli import app
@@ -69,7 +69,9 @@ def bundle(tiny_deploy, tmp_path) -> Path:
     return dst
 
 
-def _edit(bundle: Path, **changes) -> dict:
+def _edit(bundle: Path, _resealed: bool = False, **changes) -> dict:
+    """Edit the bundle's manifest (``a__b=v`` sets m["a"]["b"]; None drops a top-level field); with
+    ``_resealed`` the content hash and seal are recomputed, as a forger would."""
     m = json.loads((bundle / "manifest.json").read_text())
     for key, value in changes.items():
         target, *path = key.split("__")
@@ -82,6 +84,8 @@ def _edit(bundle: Path, **changes) -> dict:
             m.pop(target)
         else:
             m[target] = value
+    if _resealed:
+        reseal(m)
     (bundle / "manifest.json").write_text(json.dumps(m))
     return m
 
@@ -125,6 +129,9 @@ def test_manifest_preprocess_size_out_of_range_is_refused_before_anything_runs(b
     ({"classes": [f"c{i}" for i in range(10000)]}, "does not match the 10000 classes"),
     ({"source": 7}, "field source = 7 must be a non-empty name"),
     ({"models": None}, "has no 'models' field"),
+    ({"ood__threshold": "abc"}, "field ood.threshold = 'abc' must be a finite number"),  # issue 21 break 13
+    ({"ood__file": "../x"}, "field ood.file = '../x' must be a plain file name"),  # issue 21 break 13
+    ({"content_sha256": None}, "has no 'content_sha256' field"),
     ({"preprocess__mean": "grey"}, "field preprocess.mean = 'grey' must be 3 finite numbers"),
     ({"model__num_classes": 3}, "field model.num_classes = 3 does not match the 4 classes"),
 ])
@@ -138,15 +145,16 @@ def test_malformed_manifest_is_one_line_naming_the_field(bundle, tiny_data, tmp_
 def test_reordered_classes_are_refused_at_load_and_re_exported(tiny_run, bundle, tiny_data, tmp_path):
     m = json.loads((bundle / "manifest.json").read_text())
     swapped = [m["classes"][1], m["classes"][0], *m["classes"][2:]]
-    _edit(bundle, classes=swapped)  # the manifest alone
+    _edit(bundle, classes=swapped)  # the manifest alone: the seal names the field
+    r = _infer(bundle, tiny_data, tmp_path)
+    assert r.exit_code == 1 and "field classes = " in r.output and "differs from what was sealed" in r.output
+    _edit(bundle, _resealed=True)  # resealed by hand: labels.json still disagrees
     r = _infer(bundle, tiny_data, tmp_path)
     assert r.exit_code == 1 and "labels.json lists" in r.output and "mislabelled" in r.output
-    (bundle / "labels.json").write_text(json.dumps(swapped))  # and labels.json: the content hash differs
+    (bundle / "labels.json").write_text(json.dumps(swapped))  # and labels.json: the ONNX file's own record disagrees
     r = _infer(bundle, tiny_data, tmp_path)
-    assert r.exit_code == 1 and "content hash differs" in r.output
-    _edit(bundle, content_sha256=None)  # and the hash dropped: the ONNX file's own record still disagrees
-    r = _infer(bundle, tiny_data, tmp_path)
-    assert r.exit_code == 1 and "was exported with" in r.output and "classes" in r.output, r.output
+    assert r.exit_code == 1 and "was exported with" in r.output and "says classes" in r.output, r.output
+    assert not (tmp_path / "p.csv").exists()
     # export never calls the tampered bundle "unchanged": it re-exports it
     r = invoke("export", "--runs", tiny_run.parent, "--out", bundle.parent, "--no-fp16")
     assert r.exit_code == 0, r.output
@@ -256,7 +264,7 @@ def test_resume_across_a_re_exported_bundle_is_refused_naming_both(bundle, tiny_
     assert r.exit_code == 0, r.output
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:5]))  # killed after 4 rows
-    m = _edit(bundle, export_key="f" * 64)  # re-exported (same classes): another model
+    m = _edit(bundle, export_key="f" * 64, _resealed=True)  # re-exported (same classes): another model
     r = _infer(bundle, tiny_data, tmp_path, "--resume")
     assert r.exit_code == 1, r.output
     assert "one CSV would mix two models" in r.output and "export ffffffffffff" in r.output
@@ -463,7 +471,7 @@ def test_resume_after_a_kill_inside_a_quoted_path(tiny_deploy, tiny_data, tmp_pa
 def test_fewer_classes_than_model_outputs_is_refused(bundle, tiny_data, tmp_path):
     m = json.loads((bundle / "manifest.json").read_text())
     three = m["classes"][:3]
-    _edit(bundle, classes=three, model__num_classes=3, content_sha256=None)
+    _edit(bundle, classes=three, model__num_classes=3, _resealed=True)
     (bundle / "labels.json").write_text(json.dumps(three))
     r = _infer(bundle, tiny_data, tmp_path)
     assert r.exit_code == 1 and "model.onnx outputs 4 scores but" in r.output and "lists 3 classes" in r.output

@@ -165,11 +165,15 @@ def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_
     from gi_deploy.errors import BundleError
     from gi_deploy.explain.maps import explain_wrong
 
-    manifest = json.loads((tiny_deploy / "capsule" / "manifest.json").read_text())
+    from gi_deploy.core.bundles import BundleManifest
+
+    bundle = tiny_deploy / "capsule"
+    manifest = json.loads((bundle / "manifest.json").read_text())
     csv_path = tmp_path / "pred.csv"
     csv_path.write_text("path,source,true_label,predicted,confidence,error\nulcer/a.jpg,capsule,ulcer,polyp,0.9,\n")
     stale = {**manifest, "training": {**manifest["training"], "run_manifest_sha256": "0" * 64}}
     with pytest.raises(BundleError, match="changed after this bundle was exported"):
-        explain_wrong(csv_path, tmp_path, stale, 1, tmp_path / "wrong")
-    with pytest.raises(BundleError, match="does not name the training run"):
-        explain_wrong(csv_path, tmp_path, {k: v for k, v in manifest.items() if k != "training"}, 1, tmp_path / "w")
+        explain_wrong(csv_path, tmp_path, BundleManifest.from_dict(stale, bundle, check_seal=False), 1,
+                      tmp_path / "wrong")
+    with pytest.raises(BundleError, match="has no 'training' field"):  # no record without the run it came from
+        BundleManifest.from_dict({k: v for k, v in manifest.items() if k != "training"}, bundle)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gi_deploy._io import sha256_file
+from gi_deploy.core.bundles import CONTENT_FIELDS
 from gi_deploy.core.methods import method_spec
+from gi_deploy.core.records import canonical_sha256
 from gi_deploy.core.runs import RANDOM_BASE_WEIGHTS, select_runs
 from gi_deploy.errors import BundleError, ExportFailed, GateFailed
 from gi_deploy.export import fp16, onnx_export, verify
@@ -63,6 +65,9 @@ def test_a_lone_onnx_file_says_what_it_is(tiny_deploy):
         assert json.loads(meta["classes"]) == m["classes"] and json.loads(meta["preprocess"]) == m["preprocess"]
         assert meta["model"] == "convnextv2_atto" and meta["method"] == "lora" and meta["base_weights_license"]
         assert meta["export_key"] == m["export_key"]
+        # the whole content the runtime acts on (OOD threshold included), and its hash, as in the manifest
+        assert json.loads(meta["content"]) == {k: m[k] for k in CONTENT_FIELDS} and m["ood"]["threshold"] > 0
+        assert meta["content_sha256"] == m["content_sha256"] == canonical_sha256({k: m[k] for k in CONTENT_FIELDS})
 
 
 def test_reexport_is_a_noop_unless_something_changed(tiny_run, tiny_deploy, tmp_path):
@@ -72,7 +77,7 @@ def test_reexport_is_a_noop_unless_something_changed(tiny_run, tiny_deploy, tmp_
     again = export_source(tiny_run, target)
     assert again.skipped and {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
     forced = export_source(tiny_run, target, force=True)
-    assert not forced.skipped and forced.manifest["created"] >= again.manifest["created"]
+    assert not forced.skipped and forced.manifest.created >= again.manifest.created
     other = export_source(tiny_run, target, fp16=False)  # other options: a new bundle
     assert not other.skipped and not (target / "model.fp16.onnx").exists()
     (target / "model.onnx").write_bytes(b"tampered")  # a changed file is not "up to date"
@@ -141,7 +146,7 @@ def test_naive_fp16_is_refused_and_islands_pass_on_large_activations(tiny_run, t
     onnxruntime's CPU run (which computes in fp32) but is refused by the true-fp16 gate."""
     run = _copy_run(tiny_run, tmp_path)
     _corrupt_adapter(run, scale=3.0)
-    ok = export_source(run, tmp_path / "deploy" / "capsule").manifest["verification"]
+    ok = export_source(run, tmp_path / "deploy" / "capsule").manifest.verification
     assert ok["inputs"]["peak_activation"] > 40 and ok["fp16_emulated"]["finite"]
     assert ok["fp16_emulated"]["top1_agreement"] == 1.0
     convert = fp16.convert_fp16
@@ -153,8 +158,8 @@ def test_naive_fp16_is_refused_and_islands_pass_on_large_activations(tiny_run, t
 
 def test_unmerged_export_is_verified_too(tiny_run, tmp_path):
     m = export_source(tiny_run, tmp_path / "capsule", merge=False).manifest
-    assert m["model"]["merged"] is False and "merge" not in m["verification"]
-    assert m["verification"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert m.model.merged is False and "merge" not in m.verification
+    assert m.verification["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
 
 
 def test_changed_base_weights_are_detected(tiny_run, tmp_path):
@@ -205,10 +210,10 @@ def test_dynamo_exporter_passes_the_same_gates(tiny_run, tmp_path):
     same parity gates."""
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (the dev extra installs it)")
     m = export_source(tiny_run, tmp_path / "capsule", exporter="dynamo", fp16=False).manifest
-    assert m["model"]["exporter"] == "dynamo" and m["verification"]["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert m.model.exporter == "dynamo" and m.verification["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
     graph = onnx.load(str(tmp_path / "capsule" / "model.onnx"))
     assert graph.graph.input[0].name == "input" and graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    assert m["model"]["opset"] == max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert m.model.opset == max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 18
 
 
 def test_grouped_split_rows_export_and_an_interrupted_export_is_restored(tiny_run, tmp_path):
@@ -221,7 +226,7 @@ def test_grouped_split_rows_export_and_an_interrupted_export_is_restored(tiny_ru
     (run / "run.json").write_text(json.dumps(manifest))
     deploy = tmp_path / "deploy"
     first = export_source(run, deploy / "capsule", fp16=False)
-    assert first.manifest["verification"]["inputs"]["real_images"] == 8
+    assert first.manifest.verification["inputs"]["real_images"] == 8
     (deploy / "capsule").rename(deploy / ".capsule.old")
     from gi_deploy.core.bundles import list_bundles
 

@@ -50,22 +50,22 @@ def test_colora_run_exports_as_the_plain_backbone(tiny_data, tmp_path, method, m
     result = train(tiny_train_config(tiny_data, tmp_path / "runs", method=method, model=model, epochs=2))
     run_dir = result.run_dir
     manifest = read_run_manifest(run_dir)
-    assert manifest["colora"]["merges"] == 2 and manifest["best"]["colora_merges"] >= 1
+    assert manifest.colora["merges"] == 2 and manifest.best["colora_merges"] >= 1
     _make_live_factors_nonzero(run_dir / "colora.safetensors")
 
     bundle = export_source(run_dir, tmp_path / "deploy" / "capsule").manifest
-    v = bundle["verification"]
+    v = bundle.verification
     assert v["merge"]["max_abs_logit_diff"] <= verify.MERGE_ATOL
     assert v["onnx_fp32"]["max_abs_logit_diff"] <= verify.FP32_ATOL == 1e-4
-    assert bundle["model"]["merged"] and bundle["adapter"]["colora"]["merges"] == 2
-    assert set(bundle["training"]["artifact_sha256"]) == (
+    assert bundle.model.merged and bundle.adapter["colora"]["merges"] == 2
+    assert set(bundle.training.artifact_sha256) == (
         {"colora.safetensors"} | ({"adapter_model.safetensors"} if method == "lora+colora" else set()))
 
     plain = rebuild_base(manifest, run_dir).eval()
     onnx_export.export_onnx(plain, tmp_path / "plain.onnx", (32, 32))
     exported = tmp_path / "deploy" / "capsule" / "model.onnx"
     assert _op_counts(exported) == _op_counts(tmp_path / "plain.onnx")  # no adapter op left
-    assert bundle["model"]["parameters"] == sum(p.numel() for p in plain.parameters())
+    assert bundle.model.parameters == sum(p.numel() for p in plain.parameters())
 
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

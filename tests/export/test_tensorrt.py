@@ -37,27 +37,27 @@ def test_engine_needs_the_fp16_onnx():
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and a GPU are here: the engine is built instead")
 def test_without_tensorrt_export_writes_build_engine_sh(tiny_run, tmp_path):
     result = export_source(tiny_run, tmp_path / "capsule", engine=True, max_batch=4)
-    engine = result.manifest["engine"]
-    assert engine["status"] == "not built" and engine["reason"] == TRT_REASON
+    engine = result.manifest.engine
+    assert engine.status == "not built" and engine.reason == TRT_REASON
     assert len(result.notes) == 1 and "build_engine.sh" in result.notes[0]
     script = tmp_path / "capsule" / "build_engine.sh"
     text = script.read_text()
     assert "--minShapes=input:1x3x32x32 --optShapes=input:4x3x32x32 --maxShapes=input:4x3x32x32" in text
     assert "--onnx=model.fp16.onnx" in text and "--stronglyTyped" in text and "/usr/src/tensorrt/bin/trtexec" in text
-    assert script.stat().st_mode & 0o111 and "build_engine.sh" in result.manifest["files"]
+    assert script.stat().st_mode & 0o111 and "build_engine.sh" in result.manifest.files
     subprocess.run(["bash", "-n", str(script)], check=True)  # valid bash
-    assert "engine" not in result.manifest["verification"]  # nothing claimed that was not measured
+    assert "engine" not in result.manifest.verification  # nothing claimed that was not measured
 
 
 @pytest.mark.tensorrt
 @needs_trt
 def test_engine_builds_strongly_typed_and_matches_fp32(tiny_run, tmp_path):
     result = export_source(tiny_run, tmp_path / "capsule", engine=True, max_batch=4)
-    engine = result.manifest["engine"]
+    engine = result.manifest.engine.to_dict()
     target = tensorrt.current_target()
     assert engine["status"] == "built" and engine["file"] == target.engine_file
     assert engine["compute_capability"] == target.compute_capability and engine["strongly_typed"]
-    gate = result.manifest["verification"]["engine"]
+    gate = result.manifest.verification["engine"]
     assert gate["finite"] and gate["top1_agreement"] >= 0.995
     tensorrt.check_stamp(engine, tmp_path / "capsule" / engine["file"])
     with pytest.raises(BundleError, match="built for GPU compute capability 1.0.*Rebuild it here"):

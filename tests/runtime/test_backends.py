@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import edit_manifest
 
 from gi_deploy.core.bundles import read_bundle_manifest
-from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
+from gi_deploy.core.preprocess import list_images, load_input
 from gi_deploy.errors import BundleError, ConfigError, DependencyError
 from gi_deploy.export import tensorrt
 from gi_deploy.runtime.backends import open_backend
@@ -26,7 +27,7 @@ def bundle(tiny_deploy) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def batch(tiny_data, bundle) -> np.ndarray:
-    spec = PreprocessSpec.from_dict(bundle[1]["preprocess"])
+    spec = bundle[1].preprocess
     return np.stack([load_input(p, spec) for p in list_images(tiny_data / "test")])
 
 
@@ -42,7 +43,7 @@ def test_onnxruntime_runs_on_the_cpu_provider_and_matches_a_plain_session(bundle
     assert "CPUExecutionProvider" in b.detail and "(1 threads)" in b.detail and b.notes == []
     assert b.model_bytes == (d / "model.onnx").stat().st_size
     logits = b.predict_logits(batch)
-    assert logits.shape == (len(batch), len(manifest["classes"])) and logits.dtype == np.float32
+    assert logits.shape == (len(batch), len(manifest.classes)) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, direct_onnxruntime(d / "model.onnx", batch), atol=1e-5, rtol=1e-5)
     b16 = open_backend(d, manifest, "onnxruntime", "fp16", "cpu")
     np.testing.assert_allclose(b16.predict_logits(batch), direct_onnxruntime(d / "model.fp16.onnx", batch),
@@ -69,9 +70,8 @@ def copy_run_and_bundle(tiny_run: Path, tiny_deploy: Path, tmp_path: Path) -> tu
     run, bundle_dir = tmp_path / "runs" / tiny_run.name, tmp_path / "deploy" / "capsule"
     shutil.copytree(tiny_run, run)
     shutil.copytree(tiny_deploy / "capsule", bundle_dir)
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    manifest["training"]["run_dir"] = str(run.resolve())
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_dir / "manifest.json", lambda m: m["training"].update(run_dir=str(run.resolve())),
+                  resealed=True)  # a relocation the exporter would have sealed
     return run, bundle_dir
 
 

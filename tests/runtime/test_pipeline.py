@@ -39,7 +39,7 @@ def odd_images(tmp_path_factory, tiny_data) -> Path:
 
 
 def bundle_spec(tiny_deploy: Path) -> PreprocessSpec:
-    return PreprocessSpec.from_dict(read_bundle_manifest(tiny_deploy / "capsule")["preprocess"])
+    return read_bundle_manifest(tiny_deploy / "capsule").preprocess
 
 
 def training_eval_arrays(root: Path, paths: list[Path], spec: PreprocessSpec, tmp_path: Path) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from gi_deploy._deps import onnxruntime_builds, require_onnxruntime
 from gi_deploy._io import sha256_file
-from gi_deploy.core.bundles import bundle_file, check_model_metadata
+from gi_deploy.core.bundles import BundleManifest, bundle_file, check_model_metadata
 from gi_deploy.core.choices import PRECISIONS
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.runtime.backends.base import Backend, cpu_threads
@@ -20,19 +20,19 @@ from gi_deploy.runtime.backends.base import Backend, cpu_threads
 ORT_PROVIDERS = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
                  "cpu": ["CPUExecutionProvider"]}
 
-def model_file(bundle_dir: Path, manifest: dict, precision: str, check_hash: bool = True) -> Path:
+def model_file(bundle_dir: Path, manifest: BundleManifest, precision: str, check_hash: bool = True) -> Path:
     """The bundle's ONNX file for ``precision``, checked against its manifest hash."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
-    models = manifest["models"]
+    models = manifest.models
     if precision not in models:
         raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
                           + {"fp16": "; export with --fp16", "int8": "; export with --int8",
                              "bf16": "; bf16 is the torch backend's (--backend torch on CUDA)"}.get(precision, ""))
-    path = bundle_file(bundle_dir, models[precision]["file"], f"models.{precision}.file")  # inside, not a link
+    path = bundle_file(bundle_dir, models[precision].file, f"models.{precision}.file")  # inside, not a link
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
-    if check_hash and sha256_file(path) != models[precision]["sha256"]:
+    if check_hash and sha256_file(path) != models[precision].sha256:
         raise BundleError(f"{path} does not match the sha256 in its manifest: the file was changed after export; "
                           "re-export it")
     return path
@@ -50,8 +50,8 @@ def _ort_options(threads: int | None):
     return so
 
 
-def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None = None,
-                     check_hash: bool = True) -> Backend:
+def open_onnxruntime(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str,
+                     threads: int | None = None, check_hash: bool = True) -> Backend:
     """An onnxruntime session on the best provider installed for ``device`` (auto: TensorRT, CUDA,
     then CPU). A requested GPU provider that is not the active one (onnxruntime-gpu falls back to
     CPU silently when CUDA libraries are missing) is reported in ``notes``, and so are two
@@ -67,7 +67,7 @@ def open_onnxruntime(bundle_dir: Path, manifest: dict, precision: str, device: s
     if "TensorrtExecutionProvider" in providers:
         # the TensorRT provider caches engines by graph: two sources of one architecture would share one
         # engine (onnxruntime#6455); keying the cache folder by the model's hash keeps them apart
-        digest = manifest["models"][precision]["sha256"][:16]
+        digest = manifest.models[precision].sha256[:16]
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gi-deploy" / "ort-trt" / digest
         cache.mkdir(parents=True, exist_ok=True)
         providers[providers.index("TensorrtExecutionProvider")] = (

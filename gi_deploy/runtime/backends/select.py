@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from gi_deploy.core.choices import BACKENDS, DEVICES, PRECISIONS
-from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, GiDeployError
 from gi_deploy.runtime.backends.base import Backend
 from gi_deploy.runtime.backends.onnxruntime import open_onnxruntime, ort_gpu_installed
@@ -24,7 +23,8 @@ def _auto(bundle_dir: Path, manifest: dict, precision: str, device: str, threads
     CUDA (when torch sees a GPU and the bundle's training run is here), onnxruntime on the CPU.
     The first note says which was chosen and why the faster ones were not."""
     why: list[str] = []
-    has_engine = (manifest.get("engine") or {}).get("status") == "built" or any(bundle_dir.glob("model.*.engine"))
+    has_engine = (manifest.engine is not None and manifest.engine.status == "built") or any(
+        bundle_dir.glob("model.*.engine"))
     if device != "cpu" and precision == "fp16" and has_engine:
         try:
             return _chosen(open_tensorrt(bundle_dir, manifest, precision), "TensorRT engine (fastest available)")
@@ -98,5 +98,5 @@ def open_backend(bundle_dir: Path, manifest: dict, backend: str = "auto", precis
         from gi_deploy.runtime.backends.torch import open_torch  # lazy: torch is the training extra's
 
         b = open_torch(bundle_dir, manifest, precision, device, threads, compile, batch_size)
-    b.spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    b.spec = manifest.preprocess
     return b

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._io import sha256_file
-from gi_deploy.core.bundles import BUILD_SCRIPT, bundle_file
+from gi_deploy.core.bundles import BUILD_SCRIPT, BundleManifest, bundle_file
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import BundleError, ConfigError, DependencyError
 from gi_deploy.runtime.backends.base import Backend
@@ -169,22 +169,22 @@ class EngineRunner:
         return np.concatenate(results)
 
 
-def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list[str]]:
+def _engine_for_here(bundle_dir: Path, manifest: BundleManifest) -> tuple[Path, dict, list[str]]:
     """The bundle's engine for this GPU and TensorRT version: the one built and verified at export
     (stamp checked), else one built here by build_engine.sh (named for this target)."""
     ok, why = tensorrt_status()
     if not ok:
         raise DependencyError(f"--backend tensorrt: {why}; use --backend onnxruntime")
-    engine = manifest.get("engine") or {}
-    if engine.get("status") == "built":
-        path = bundle_file(bundle_dir, engine["file"], "engine.file")
-        check_stamp(engine, path)  # raises with the rebuild command on another GPU/TensorRT
+    engine = manifest.engine
+    if engine is not None and engine.status == "built":
+        path = bundle_file(bundle_dir, engine.file, "engine.file")
+        check_stamp(engine.to_dict(), path)  # raises with the rebuild command on another GPU/TensorRT
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / BUILD_SCRIPT}")
-        if sha256_file(path) != engine["sha256"]:
+        if sha256_file(path) != manifest.files[engine.file].sha256:
             raise BundleError(f"{path} does not match the sha256 in its manifest; rebuild it: "
                               f"bash {bundle_dir / BUILD_SCRIPT}")
-        return path, engine, []
+        return path, engine.to_dict(), []
     here = current_target()
     path = bundle_dir / here.engine_file
     if not path.is_file():
@@ -192,18 +192,18 @@ def _engine_for_here(bundle_dir: Path, manifest: dict) -> tuple[Path, dict, list
         raise BundleError(f"no TensorRT engine for this GPU ({here.gpu_name}, {here.tag}) in {bundle_dir}"
                           + (f" (it has {', '.join(built)}, built for another GPU or TensorRT)" if built else "")
                           + f"; build it here: bash {bundle_dir / BUILD_SCRIPT}")
-    return path, {"max_batch": manifest.get("options", {}).get("max_batch", 32)}, [
+    return path, {"max_batch": manifest.options.get("max_batch", 32)}, [
         f"{path.name} was built on this machine by {BUILD_SCRIPT}, not checked against the fp32 ONNX at "
         "export; compare a labelled folder with --backend onnxruntime before trusting it"]
 
 
-def open_tensorrt(bundle_dir: Path, manifest: dict, precision: str) -> Backend:
+def open_tensorrt(bundle_dir: Path, manifest: BundleManifest, precision: str) -> Backend:
     """The bundle's TensorRT engine (built from the fp16 ONNX, so ``precision`` must be fp16)."""
     if precision != "fp16":
         raise ConfigError(f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
                           f"with --backend tensorrt (got {precision})")
     path, stamp, notes = _engine_for_here(bundle_dir, manifest)
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    spec = manifest.preprocess
     runner = EngineRunner(path, int(stamp.get("max_batch", 32)), spec)
     return Backend("tensorrt", "fp16", f"TensorRT {current_target().tensorrt_version} {path.name}",
                    runner, notes, path.stat().st_size, device="cuda", run_pixels=runner.run_pixels,

@@ -71,7 +71,7 @@ def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, th
         model = model.to(memory_format=torch.channels_last)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     compiled = dev == "cuda" if compile is None else compile
-    runner = _Runner(model, dev, amp, PreprocessSpec.from_dict(manifest["preprocess"]), batch_size, compiled)
+    runner = _Runner(model, dev, amp, manifest.preprocess, batch_size, compiled)
     detail = (f"torch {torch.__version__} {'compiled' if compiled else 'eager'} on {dev}"
               + (f" ({torch.cuda.get_device_name(0)}, {precision} autocast)" if dev == "cuda"
                  else f" ({torch.get_num_threads()} threads)"))
