@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in a.seeds.split(",")]
     isas = a.isa.split(",")
-    runs = {isa: [_run(isa, seed, a.out) for seed in seeds] for isa in isas}
+    runs: dict[str, list[dict]] = {isa: [] for isa in isas}
+    for seed in seeds:  # seed outer: a sweep stopped early still has every ISA level for its first seeds
+        for isa in isas:
+            runs[isa].append(_run(isa, seed, a.out))
     every = [r for rs in runs.values() for r in rs]
     for isa, rs in runs.items():
         print(f"\n{isa}, seeds {a.seeds} ({len(rs)} runs), accuracy %, median [min-max]:")

@@ -263,6 +263,13 @@ def test_routing_report_against_hand_counts():
     assert rep["ood"]["auroc"] == pytest.approx(8 / 10)
     assert rep["ood"]["fpr_at_95tpr"] == pytest.approx(1 / 2)
     assert rep["ood"]["ood_rejected"] == 1
+    assert "ood_by_set" not in rep  # one OOD folder without sub-folders: the pooled numbers are the set's
+    rows[5]["ood_set"], rows[6]["ood_set"] = "x", "y"
+    by_set = routing_report(rows, ["a", "b"])["ood_by_set"]
+    # set x: OOD 2.0 beats all 5 ID scores; set y: 0.8 beats 3 of 5 and passes the 95% bound
+    assert by_set["x"]["auroc"] == pytest.approx(1.0) and by_set["x"]["fpr_at_95tpr"] == 0.0
+    assert by_set["y"]["auroc"] == pytest.approx(3 / 5) and by_set["y"]["fpr_at_95tpr"] == 1.0
+    assert (by_set["x"]["ood_rejected"], by_set["y"]["ood_rejected"]) == (1, 0)
 
 
 def test_ledoit_wolf_and_threshold():
@@ -431,3 +438,25 @@ def test_routing_report_scores_refusals_and_credits_them_to_router_or_model_by_h
     assert rep["id_rejected"] == 1 and rep["id_rejected_by_router"] == 1
     assert rep["routed_accuracy"] == pytest.approx(3 / 4)  # the refused one counts as not a diagnosis
     assert rep["ood"]["score"].startswith("max(router novelty")
+
+
+def test_refusal_detects_hard_near_ood_sets(routed_deploy, mixed, tmp_path):
+    """Detection, not consistency: `evaluate --routing --ood` with one folder per hard set (a third device, blurred,
+    bubbly and over-exposed frames of the right devices, the pretext mucosa) and the planted frames. On this tiny
+    deploy every set is separated (AUROC 1.0, FPR@95TPR 0) and refused at the thresholds --source auto uses, with
+    1 of 24 test images refused (measured); on the demo's bundles benchmarks/ood_goals.py reports what holds."""
+    from gi_deploy.demo.synthetic import NEAR_OOD, write_near_ood
+    from gi_deploy.runtime.routing_eval import evaluate_routing
+
+    deploy, data = routed_deploy
+    sets = tmp_path / "sets"
+    shutil.copytree(mixed / "ood", sets / "no_source")
+    write_near_ood(sets, size=32, n=8, seed=5)
+    rep = evaluate_routing(deploy, tmp_path / "out", {s: data / s / "test" for s in ("capsule", "endoscope")},
+                           sets).report
+    assert sorted(rep["ood_by_set"]) == sorted([*NEAR_OOD, "no_source"])
+    for name, k in rep["ood_by_set"].items():
+        assert k["n_ood"] == (5 if name == "no_source" else 8)
+        assert k["auroc"] >= 0.9 and k["fpr_at_95tpr"] <= 0.5, (name, k)
+        assert k["ood_rejected"] == k["n_ood"], (name, k)
+    assert rep["id_rejected"] <= 2
