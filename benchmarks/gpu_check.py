@@ -29,9 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _goals import Goals
+from PIL import Image
 
 FINDINGS = ("normal", "polyp", "bleeding")
 

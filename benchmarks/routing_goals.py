@@ -24,9 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
-
 from _goals import Goals
+from PIL import Image, ImageFilter
 
 from gi_deploy.core.preprocess import load_input
 from gi_deploy.core.router import ROUTER_SPEC, Router, router_features

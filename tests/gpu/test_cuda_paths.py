@@ -146,12 +146,12 @@ def test_nccl_ddp_in_one_process(one_process_job, exact_fp32, monkeypatch, tiny_
 
     import torch
     import torch.distributed as dist
+    from conftest import tiny_train_config
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
     from gi_deploy.training import distributed
     from gi_deploy.training.trainer import train
-    from conftest import tiny_train_config
 
     d, device = distributed.setup(torch.device("cuda"))
     try:
@@ -186,8 +186,9 @@ def test_nccl_ddp_in_one_process(one_process_job, exact_fp32, monkeypatch, tiny_
 @pytest.fixture(scope="module")
 def fp16_cuda_run(tiny_data, tmp_path_factory):
     """Two epochs of the tiny LoRA run on CUDA with --amp fp16 and the default augmentation (flips, rotation)."""
-    from gi_deploy.training.trainer import train
     from conftest import tiny_train_config
+
+    from gi_deploy.training.trainer import train
 
     return train(tiny_train_config(tiny_data, tmp_path_factory.mktemp("fp16"), device="cuda", amp="fp16", epochs=2))
 
