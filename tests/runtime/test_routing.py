@@ -209,6 +209,8 @@ def test_features_output_is_gated_against_torch(routed_deploy, tiny_run, tmp_pat
 
 
 def test_evaluate_routing_matches_sklearn(routed_deploy, mixed, tmp_path):
+    """Consistency: the report's numbers are what sklearn computes from routing.csv's rows. Whether refusal
+    detects anything is test_refusal_detects_hard_near_ood_sets's."""
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     deploy, data = routed_deploy
