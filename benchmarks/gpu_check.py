@@ -10,7 +10,10 @@ row, not the table. Everything is written under --out; the table is also saved a
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check            # on the GPU (~6 min)
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out /tmp/gpu_check --quick    # CPU dry run, tiny model
 
-Ratios measured side by side in one run are the figures to read; absolute images/s are this GPU's.
+Ratios measured side by side in one run are the figures to read; absolute images/s are this GPU's. Goals, each
+printed met / NOT met (``--check`` exits 1 when one is not met or was not measured): infer end to end >= 0.8x
+model-only (compiled fp16), compiled >= 1.8x eager model-only (fp16), and ``train``'s steady rate >= 0.85x the
+step-only rate for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _goals import Goals
 from PIL import Image
 
 FINDINGS = ("normal", "polyp", "bleeding")
@@ -81,13 +85,14 @@ def img_per_s(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu_check"))
     ap.add_argument("--quick", action="store_true", help="CPU dry run: convnextv2_atto at 64 px, few images")
     ap.add_argument("--budget", type=float, default=330, help="seconds after which no step starts")
     ap.add_argument("--steps", default="", help="comma-separated steps to run, in this order (default: all)")
-    a = ap.parse_args()
+    ap.add_argument("--check", action="store_true", help="exit 1 when a goal is NOT met (or not measured)")
+    a = ap.parse_args(argv)
     quick = a.quick
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +194,9 @@ def main() -> None:
     summary["decoder_agreement"] = agreement(summary["infer"])
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(summary)
+    goals = Goals()
+    print_table(summary, goals)
+    return goals.finish(a.check)
 
 
 def agreement(infer: dict) -> float | None:
@@ -207,7 +214,11 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def print_table(s: dict) -> None:
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def print_table(s: dict, goals: Goals) -> None:
     print(f"\n== gpu_check: {s['model']} at {s['img_size']} px, batch {s['batch']}, {s['device']}, {s['cores']} "
           f"cores, {s['seconds']}s ==")
     bench = s.get("benchmark", {})
@@ -222,9 +233,10 @@ def print_table(s: dict) -> None:
             print(f"benchmark {name + ', GPU decode':24s} e2e {r['end_to_end']:8.1f}  model {r['model_only']:8.1f} "
                   f"img/s  e2e/model {_ratio(r['end_to_end'], r['model_only'])}")
     comp, eager = bench.get("PyTorch compiled fp16", {}), bench.get("PyTorch eager fp16", {})
-    print(f"goal infer e2e >= 0.8x model-only (compiled fp16): "
-          f"{_ratio(comp.get('end_to_end'), comp.get('model_only'))}")
-    print(f"goal compiled >= 1.8x eager model-only (fp16): {_ratio(comp.get('model_only'), eager.get('model_only'))}")
+    goals.at_least("infer e2e / model-only (compiled fp16)", _div(comp.get("end_to_end"), comp.get("model_only")),
+                   0.8, "x")
+    goals.at_least("compiled / eager model-only (fp16)", _div(comp.get("model_only"), eager.get("model_only")),
+                   1.8, "x")
     for name, r in s.get("infer", {}).items():
         print(f"infer {name:32s} exit {r['exit']}  {r['img_per_s']} img/s  decoder {r['decoder']}"
               + (f"  auto: {r['chose']}" if r["chose"] else ""))
@@ -233,7 +245,11 @@ def print_table(s: dict) -> None:
     for method, r in s.get("train", {}).items():
         step = steps.get(method, {}).get("img_per_s")
         print(f"train {method:5s} epoch 1 first step {r['epoch1_first_step_s']}s; steady {r['steady_img_per_s']} "
-              f"img/s vs step-only {step} -> {_ratio(r['steady_img_per_s'], step)} (goal >= 0.85x)")
+              f"img/s vs step-only {step}")
+    for method in ("lora", "full"):
+        r = s.get("train", {}).get(method, {})
+        goals.at_least(f"train {method} steady / step-only", _div(r.get("steady_img_per_s"),
+                                                                   steps.get(method, {}).get("img_per_s")), 0.85, "x")
     full = steps.get("full", {})
     for name in ("step_eager", "step_compiled"):
         for v, r in s.get(name, {}).items():
@@ -247,4 +263,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,7 +5,11 @@ Each size runs in its own process (peak RSS is per process); the list file repea
 images, so no 100k files are needed. Decode workers are measured too (RUSAGE_CHILDREN: the largest
 child's peak).
 
-    python benchmarks/infer_memory.py --deploy deploy --images data/capsule/test --sizes 1000,10000,100000
+    python benchmarks/infer_memory.py --deploy deploy --images data/capsule/test --sizes 1000,10000,100000 [--check]
+
+Goal (``--check`` exits 1 when NOT met): flat, i.e. the main process's peak at the largest size at most
+``FLAT`` (1.5x) its peak at the smallest. The list of paths itself grows with the images (100k paths: ~30 MiB),
+so "flat" allows that, not a copy of every decoded image.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _goals import Goals
+
+FLAT = 1.5
+
 CHILD = """
 import json, resource, sys, time
 from gi_deploy.runtime.infer import InferConfig, infer_folder
@@ -29,12 +37,13 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rows": sum(s.n_rows for s
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--deploy", type=Path, required=True)
     ap.add_argument("--images", type=Path, required=True, help="a folder of images to repeat")
     ap.add_argument("--sizes", default="1000,10000,100000")
-    args = ap.parse_args()
+    ap.add_argument("--check", action="store_true", help="exit 1 when the goal is NOT met")
+    args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from gi_deploy.core.preprocess import list_images
 
@@ -54,9 +63,11 @@ def main() -> None:
                   f"main {r['main_peak_mib']:.0f} MiB, largest decode worker {r['worker_peak_mib']:.0f} MiB",
                   flush=True)
     first, last = results[0], results[-1]
-    print(f"main-process peak at {last['images']} vs {first['images']} images: "
-          f"{last['main_peak_mib'] / first['main_peak_mib']:.2f}x")
+    goals = Goals()
+    goals.at_most(f"main-process peak at {last['images']} / at {first['images']} images",
+                  last["main_peak_mib"] / first["main_peak_mib"], FLAT, "x")
+    return goals.finish(args.check)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,6 +5,10 @@ the un-merged LoRA model, in torch eager and in onnxruntime, measured side by si
     python benchmarks/merge_cost.py --model convnextv2_atto --img-size 224 --batch 8
 
 No trained run needed: random init with non-zero LoRA B (the cost does not depend on values).
+
+Goal (``--check`` exits 1 when NOT met): a merged bundle costs what the plain backbone costs (the README's
+export section), i.e. merged LoRA >= 0.9x the plain backbone's images/s in each runtime (0.9: the spread of
+interleaved repeats on a shared 2-core machine; the parameter counts are equal by construction).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _goals import Goals
 
 from gi_deploy.export.onnx_export import INPUT_NAME, export_onnx, ort_session
 from gi_deploy.model.adapters import merge_into_plain
@@ -25,14 +30,15 @@ from gi_deploy.model.lora import apply_lora
 from gi_deploy.model.settings import LoraSettings
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="convnextv2_atto")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--classes", type=int, default=11)
-    args = ap.parse_args()
+    ap.add_argument("--check", action="store_true", help="exit 1 when a goal is NOT met")
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     plain, _ = create_base_model(args.model, args.classes, pretrained=False)
     plain.eval()
@@ -69,7 +75,13 @@ def main() -> None:
         base = statistics.median(times[f"{runtime}: plain backbone"])
         med = statistics.median(ts)
         print(f"{k:36s} {args.batch / med:9.1f} {base / med:23.2f}x")
+    goals = Goals()
+    for runtime in ("torch eager", "onnxruntime"):
+        goals.at_least(f"{runtime}: merged LoRA / plain backbone images/s",
+                       statistics.median(times[f"{runtime}: plain backbone"])
+                       / statistics.median(times[f"{runtime}: merged LoRA"]), 0.9, "x")
+    return goals.finish(args.check)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

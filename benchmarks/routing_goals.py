@@ -11,7 +11,10 @@ Images are written as JPEG and read back through the runtime's decoder, the rout
 exactly as export fits it (gi_deploy.export.router.fit_logistic on core/router.py's features) on
 the train images and scored on separate test images.
 
-    python benchmarks/routing_goals.py --n 300 [--gain 0.02 --blur 0.4]
+    python benchmarks/routing_goals.py --n 300 [--gain 0.02 --blur 0.4] [--check]
+
+Goal (``--check`` exits 1 when NOT met): held-out routing accuracy >= 99% for each pair, the accuracy the
+router's export gate requires (gi_deploy.export.router).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _goals import Goals
 from PIL import Image, ImageFilter
 
 from gi_deploy.core.preprocess import load_input
 from gi_deploy.core.router import ROUTER_SPEC, Router, router_features
 from gi_deploy.demo.synthetic import CLASSES, render
-from gi_deploy.export.router import fit_logistic
+from gi_deploy.export.router import ROUTER_MIN_ACCURACY, fit_logistic
 
 GAIN, BLUR = 0.02, 0.4
 
@@ -70,21 +74,25 @@ def pair_accuracy(kinds: tuple[str, str], n: int, px: int, root: Path) -> tuple[
     return float((pred == truth).mean()), cm
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     global GAIN, BLUR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300, help="train and test images per source")
     ap.add_argument("--px", type=int, default=64, help="image size (the demo's is 64)")
     ap.add_argument("--gain", type=float, default=GAIN, help="look-alike: white-balance difference")
     ap.add_argument("--blur", type=float, default=BLUR, help="look-alike: extra optical blur, px")
-    args = ap.parse_args()
+    ap.add_argument("--check", action="store_true", help="exit 1 when a goal is NOT met")
+    args = ap.parse_args(argv)
+    goals = Goals()
     GAIN, BLUR = args.gain, args.blur
     with tempfile.TemporaryDirectory() as tmp:
         for name, kinds in (("demo", ("capsule", "endoscope")), ("look-alike", ("endoscope-a", "endoscope-b"))):
             acc, cm = pair_accuracy(kinds, args.n, args.px, Path(tmp) / name)
             print(f"{name} ({kinds[0]} vs {kinds[1]}): held-out routing accuracy {acc:.2%} on {2 * args.n} test "
                   f"images; confusion (true x routed) {cm.tolist()}")
+            goals.at_least(f"{name} routing accuracy", 100 * acc, 100 * ROUTER_MIN_ACCURACY, "%")
+    return goals.finish(args.check)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -65,6 +65,7 @@ def demo_cmd(
         r = run_demo(DemoConfig(out_dir=out_dir), say=lambda s: out.print(f"demo: {s}", style="bold"))
     for table in _tables(r):
         out.print(table)
+    out.print(r.effect["line"], soft_wrap=True)
     for line in _routing_lines(r):
         out.print(line, soft_wrap=True)
     for s in r.scores:

@@ -230,6 +230,10 @@ def _print_routing(rep: dict) -> None:
                       f"{o['n_ood']} OOD, {rep.get('id_rejected_by_router', 0)}/{rep['n_images']} test images; by the "
                       f"routed model's check: {o['ood_rejected_by_model']}/{o['n_ood']} OOD; score: {o['score']}",
                       soft_wrap=True)
+        for name, k in rep.get("ood_by_set", {}).items():
+            out.print(f"  {name}: AUROC {k['auroc']:.4f}, FPR@95TPR {k['fpr_at_95tpr']:.2%}, refused "
+                      f"{k['ood_rejected']}/{k['n_ood']} (router {k['ood_rejected_by_router']}, model "
+                      f"{k['ood_rejected_by_model']})", soft_wrap=True)
     elif o:
         out.print(f"out of distribution: {o['note']}", soft_wrap=True)
 

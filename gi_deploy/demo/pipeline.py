@@ -45,6 +45,31 @@ class DemoResult:
     auto: dict = field(default_factory=dict)  # infer --source auto on the mixed folder: rows, refused
     triage: TriageResult | None = None  # the synthetic capsule video's triage
 
+    effect: dict = field(default_factory=dict)  # paper_effect(scores): the seed paper's Table 1 effect, met or not
+
+
+# The seed paper's effect (its Table 1: 85% on its own source, 8-10% across): each source's model beats the
+# other source's model on that source's test set by at least this many accuracy points.
+EFFECT_MARGIN_POINTS = 20.0
+
+
+def paper_effect(scores: dict[str, dict[str, dict]], margin: float = EFFECT_MARGIN_POINTS) -> dict:
+    """Whether each model is ``margin`` accuracy points better on its own source than every other model there.
+
+    ``scores[model][source]["accuracy"]`` is a fraction in [0, 1] (``DemoResult.scores``). Returns
+    ``{"met": bool, "margin": margin, "gaps": {source: points}, "line": str}``, where a source's gap is its own
+    model's accuracy minus the best other model's, in points. Raises ``KeyError`` when a model lacks a source.
+    """
+    gaps = {}
+    for source in scores:
+        others = [100 * scores[m][source]["accuracy"] for m in scores if m != source]
+        gaps[source] = 100 * scores[source][source]["accuracy"] - max(others)
+    met = bool(gaps) and all(g >= margin for g in gaps.values())
+    detail = ", ".join(f"{s} {g:+.2f}" for s, g in gaps.items())
+    line = (f"paper's effect (each model >= {margin:.0f} points better on its own source than the other model "
+            f"there): {'met' if met else 'NOT met'} ({detail} points)")
+    return {"met": met, "margin": margin, "gaps": gaps, "line": line}
+
 
 def _mixed(data_dir: Path, sources: tuple[str, ...], ood: Path, mixed: Path) -> None:
     """Every source's test images in one class-named tree, and the OOD frames under ``ood/``."""
@@ -98,6 +123,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
                                        out_csv=out / "predictions" / f"{source}_test.csv"))
         for model in models:
             result.scores[model][source] = res.sources[model].metrics
+    result.effect = paper_effect(result.scores)
     say("--source auto on a mixed folder (both test sets and frames no source covers)")
     auto = infer_folder(InferConfig(inputs=data / "mixed", deploy_dir=deploy, sources=["auto"],
                                     out_csv=out / "predictions" / "mixed_auto.csv"))

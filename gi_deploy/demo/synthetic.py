@@ -11,6 +11,11 @@ ulcers: the seed paper's Table 1 in miniature.
 
 A third, findings-free source (``pretext``) gives the demo's base something to learn that is
 neither source's findings: plain mucosa whose folds run in one of four directions.
+
+Near out-of-distribution sets (``write_near_ood``), the hard cases refusal must face, unlike the blank and
+pattern frames of ``write_ood``: a third device close to the two (the endoscope's anatomy and findings through
+other optics and light), frames of the right devices spoiled by heavy blur, bubbles or over-exposure, and the
+pretext frames (mucosa, but no source's device).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 CLASSES = ("normal", "polyp", "ulcer", "bleeding")
 SOURCES = ("capsule", "endoscope")
@@ -253,3 +258,68 @@ def write_capsule_labels(plan: CapsuleStudyPlan, path: Path, video_id: str, norm
         for f, cls in sorted(rows):
             out.write(f"{video_id}_{f}.jpg;{video_id};{f};{'Anatomy' if cls in LANDMARK_LABELS else 'Luminal'};{cls}\n")
     return Path(path)
+
+NEAR_OOD = ("third_device", "blur", "bubbles", "overexposed", "pretext")
+
+
+def _third_device(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An endoscope frame (uint8 (H, W, 3)) as a third device would show it: a narrow-band-like light (red
+    down, blue up), a softer lens, and an octagonal field of view (corners cut) instead of side bands."""
+    size = a.shape[0]
+    img = a.astype(np.float32) / 255 * np.array([0.8, 1.0, 1.12], dtype=np.float32) * rng.uniform(0.95, 1.05)
+    img = np.asarray(Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(size / 80)), dtype=np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img[np.abs(yy - 0.5) + np.abs(xx - 0.5) > 0.72] = 0.0  # the corners of an octagonal view
+    return (img * 255).astype(np.uint8)
+
+
+def _bubbles(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Air bubbles over a frame: 12-30 translucent discs with bright rims and a specular dot."""
+    size = a.shape[0]
+    img = a.astype(np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for _ in range(rng.integers(12, 31)):
+        cy, cx = rng.uniform(0.1, 0.9, size=2)
+        r = rng.uniform(0.03, 0.1)
+        d = _blob(yy, xx, cy, cx, r, r)
+        inside, rim = d < 0.8, (d >= 0.8) & (d < 1.0)
+        img[inside] = img[inside] * 0.7 + 0.3 * np.array([0.95, 0.93, 0.85], dtype=np.float32)
+        img[rim] = 0.97
+        img[_blob(yy, xx, cy - r / 3, cx - r / 3, r / 5, r / 5) < 1] = 1.0
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def render_near_ood(kind: str, rng: np.random.Generator, size: int = 64, index: int = 0) -> np.ndarray:
+    """One uint8 RGB image (size, size, 3) of near-OOD ``kind`` (one of ``NEAR_OOD``). The spoiled kinds
+    (blur, bubbles, overexposed) alternate the sources' devices with ``index``. Raises ValueError for an
+    unknown kind."""
+    if kind not in NEAR_OOD:
+        raise ValueError(f"unknown near-OOD kind {kind!r}; kinds are {', '.join(NEAR_OOD)}")
+    finding = CLASSES[index % len(CLASSES)]
+    if kind == "pretext":
+        return render_pretext(PRETEXT_CLASSES[index % len(PRETEXT_CLASSES)], rng, size)
+    if kind == "third_device":
+        return _third_device(render(finding, "endoscope", rng, size), rng)
+    a = render(finding, SOURCES[index % len(SOURCES)], rng, size)
+    if kind == "blur":  # far out of focus, or a lens smeared with fluid
+        return np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(size / 14)))
+    if kind == "bubbles":
+        return _bubbles(a, rng)
+    # over-exposed: the light's gain far too high, most of the frame blown out
+    return (np.clip(a.astype(np.float32) * rng.uniform(2.2, 3.0), 0, 255)).astype(np.uint8)
+
+
+def write_near_ood(root: Path, size: int = 64, n: int = 32, seed: int = 0,
+                   kinds: tuple[str, ...] = NEAR_OOD) -> dict[str, Path]:
+    """Write ``root/<kind>/<kind>_<n>.jpg`` (JPEG quality 92, as the sources), ``n`` images per kind;
+    returns {kind: folder}. Seeded apart from the sources' and the pretext's images."""
+    out = {}
+    for k, kind in enumerate(kinds):
+        rng = np.random.default_rng([seed, 200 + NEAR_OOD.index(kind)])
+        folder = Path(root) / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(render_near_ood(kind, rng, size, i)).save(folder / f"{kind}_{i:03d}.jpg", quality=92)
+        out[kind] = folder
+    return out

@@ -13,7 +13,9 @@ covers) goes through the router and through every source's model, so one pass gi
   threshold), so an image is refused exactly when the score is over 1. AUROC of in-distribution
   test images vs the ``--ood`` images, FPR at 95% TPR (the share of OOD images accepted when the
   bound accepts 95% of the test images), and the rates at the thresholds really used, with how
-  many each check refused. A router without the novelty check (written before it) leaves the
+  many each check refused; and the same per OOD set (``ood_by_set``) when ``--ood`` holds
+  sub-folders (one per kind of frame, e.g. ``write_near_ood``'s), since one pooled AUROC hides a
+  set the check misses. A router without the novelty check (written before it) leaves the
   model's ratio alone.
 
 Written: ``routing.csv`` (one row per image, every number the metrics come from) and
@@ -72,8 +74,9 @@ def _sets(deploy_dir: Path, sources: list[str], tests: dict[str, str | Path] | N
         inputs = collect_inputs(where)
         truth = _truth(where)
         items += [(s, p, truth[inputs.rel(p)]) for p in inputs.paths]
-    if ood is not None:
-        items += [(OOD, p, "") for p in collect_inputs(ood).paths]
+    if ood is not None:  # an OOD image's "label" is its set: the first folder under --ood ("." for its top level)
+        found = collect_inputs(ood)
+        items += [(OOD, p, found.rel(p).split("/")[0] if "/" in found.rel(p) else ".") for p in found.paths]
     if not items:
         raise DataError("evaluate --routing: no images in the test sets")
     return items
@@ -111,7 +114,9 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
         for j, (true_source, path, label) in enumerate(meta):
             routed = sources[idx[j]]
             combined = float(np.fmax(ratios[routed][j], novelty[j]))  # nan only when neither check exists
-            rows.append({"path": str(path), "true_source": true_source, "label": label, "routed": routed,
+            is_ood = true_source == OOD
+            rows.append({"path": str(path), "true_source": true_source, "label": "" if is_ood else label,
+                         "ood_set": label if is_ood else "", "routed": routed,
                          "router_confidence": float(conf[j]), "rejected": bool(combined > 1),
                          "router_novelty": float(novelty[j]), "ood_score": combined,
                          **{f"pred:{s}": preds[s][j] for s in sources},
@@ -136,6 +141,15 @@ def _ood_score(row: dict) -> float:
 
 def _by_router(row: dict) -> bool:
     return float(row.get("router_novelty", np.nan)) > 1
+
+
+def _ood_entry(id_scores: np.ndarray, ood: list[dict]) -> dict:
+    """AUROC / FPR95 of ``ood``'s rows against the test images' scores, and who refused them at the thresholds."""
+    scores = np.array([_ood_score(r) for r in ood], float)
+    return {**ood_metrics(id_scores, scores), "ood_rejected": int((scores > 1).sum()),
+            "ood_rejected_share": float((scores > 1).mean()),
+            "ood_rejected_by_router": sum(_by_router(r) for r in ood),
+            "ood_rejected_by_model": sum(float(r[f"id_ratio:{r['routed']}"]) > 1 for r in ood)}
 
 
 def routing_report(rows: list[dict], sources: list[str]) -> dict:
@@ -175,13 +189,13 @@ def routing_report(rows: list[dict], sources: list[str]) -> dict:
     ood_scores = np.array([_ood_score(r) for r in ood], float)
     combined = any(not np.isnan(float(r.get("router_novelty", np.nan))) for r in rows)
     if ood and not np.isnan(np.r_[id_scores, ood_scores]).any():
-        report["ood"] = {**ood_metrics(id_scores, ood_scores),
+        report["ood"] = {**_ood_entry(id_scores, ood),
                          "score": ("max(router novelty, routed model's Mahalanobis / its threshold)" if combined
-                                   else "routed model's Mahalanobis / its threshold"),
-                         "ood_rejected": int((ood_scores > 1).sum()),
-                         "ood_rejected_share": float((ood_scores > 1).mean()),
-                         "ood_rejected_by_router": sum(_by_router(r) for r in ood),
-                         "ood_rejected_by_model": sum(float(r[f"id_ratio:{r['routed']}"]) > 1 for r in ood)}
+                                   else "routed model's Mahalanobis / its threshold")}
+        sets = sorted({r.get("ood_set") or "." for r in ood})
+        if sets != ["."]:
+            report["ood_by_set"] = {k: _ood_entry(id_scores, [r for r in ood if (r.get("ood_set") or ".") == k])
+                                    for k in sets}
     elif ood:
         report["ood"] = {"auroc": None, "note": "a routed-to bundle has no in-distribution statistics; re-export it"}
     return report

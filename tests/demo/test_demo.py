@@ -1,3 +1,5 @@
+import pytest
+
 from gi_deploy.demo.pipeline import DemoConfig, run_demo
 
 
@@ -22,3 +24,20 @@ def test_demo_pipeline_scores_every_model_on_every_source_and_routes(tmp_path):
     t = result.triage  # the synthetic capsule video, triaged and scored against its labels
     assert t.summary["videos"][0]["n_frames"] == 120 and t.evaluation["events"] == 6
     assert (tmp_path / "triage" / "report" / "report.html").is_file()
+
+
+
+def test_paper_effect_verdict_against_hand_computed_gaps():
+    """Each model must beat the other model on its own source by >= 20 points: README-like numbers meet it
+    (84.17 - 25.00 = 59.17, 59.17 - 27.50 = 31.67); a model only 19 points better on its own source does not."""
+    from gi_deploy.demo.pipeline import paper_effect
+
+    def scores(cc, ce, ec, ee):  # model x test source, fractions
+        return {"capsule": {"capsule": {"accuracy": cc}, "endoscope": {"accuracy": ce}},
+                "endoscope": {"capsule": {"accuracy": ec}, "endoscope": {"accuracy": ee}}}
+
+    met = paper_effect(scores(0.8417, 0.2750, 0.2500, 0.5917))
+    assert met["met"] and met["gaps"] == {"capsule": pytest.approx(59.17), "endoscope": pytest.approx(31.67)}
+    assert met["line"].startswith("paper's effect") and ": met (" in met["line"]
+    short = paper_effect(scores(0.8417, 0.2750, 0.2500, 0.4650))  # endoscope: 46.50 - 27.50 = 19.00
+    assert not short["met"] and short["gaps"]["endoscope"] == pytest.approx(19.0) and "NOT met" in short["line"]

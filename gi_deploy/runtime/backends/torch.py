@@ -111,6 +111,8 @@ class _Runner:
         n = len(x)
         if self.compiled and n < self.batch:  # one static shape: pad, then drop the padding rows
             x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+            if self.dev == "cuda":  # cat with the NCHW zeros gave NCHW strides: a stride guard would recompile
+                x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.dev, dtype=self.amp or torch.float32,
                                                     enabled=self.amp is not None):
             y = self.model(x)
