@@ -197,3 +197,13 @@ def test_the_csv_stays_locked_while_it_is_scored_and_copied(tiny_data, tiny_depl
     monkeypatch.setattr(job, "score_predictions", second_run_starts_now)
     infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0))
     assert seen == ["refused"]
+
+
+def test_ray_refuses_decode_gpu_instead_of_decoding_on_the_cpu_unsaid(tmp_path):
+    """`--ray --decode gpu`: Ray's tasks always decode with Pillow; the option was dropped silently."""
+    from gi_deploy.runtime.ray_infer import infer_on_ray
+
+    with pytest.raises(ConfigError, match="--decode gpu"):
+        infer_on_ray(InferConfig(inputs=tmp_path, deploy_dir=tmp_path / "deploy", out_csv=tmp_path / "p.csv",
+                                 decode="gpu"))
+    assert not (tmp_path / "p.csv").exists()
