@@ -118,7 +118,7 @@ def infer_cmd(
             require_training_extra("infer --explain-wrong")
             from gi_deploy.explain.maps import explain_wrong_sources  # lazy: torch is the training extra's
 
-            done = explain_wrong_sources(out_csv, r.root, deploy_dir, list(r.sources), explain_wrong)
+            done = explain_wrong_sources(r.csv_path, r.root, deploy_dir, list(r.sources), explain_wrong)
         for s, (folder, e) in done.items():
             out.print(f"{s}: no labelled image was wrong: no heatmaps to write" if e is None else
                       f"{s}: heatmaps of the {len(e.images)} most confidently wrong image(s) -> {folder}",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -36,9 +37,11 @@ from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.evaluate import PROB_PREFIX, score_predictions
 from gi_deploy.runtime.inputs import Inputs, check_label_names
+from gi_deploy.runtime.report import SUFFIXES
 
 BASE_COLUMNS = ("path", "source", "true_label", "predicted", "confidence")
 DECODERS = ("auto", "cpu", "gpu")
+PARQUET_NAME = "predictions.parquet"  # --parquet DIR: the one file a run writes there
 
 
 @dataclass
@@ -69,8 +72,9 @@ class InferConfig:
     n_wrong: int = helped(20, "Most confidently wrong images listed in the metrics.")
     explain_wrong: int = helped(0, "Write Grad-CAM heatmaps of the N most confidently wrong images (needs the "
                                    "training extra and the bundle's run).")
-    parquet_dir: Path | None = helped(None, "Also write the predictions as Parquet into this folder (replaced "
-                                            "whole at the end of the run).")
+    parquet_dir: Path | None = helped(None, "Also write the predictions as predictions.parquet in this folder, "
+                                            "replaced at the end of the run (nothing else in the folder is "
+                                            "touched).")
     score: bool = True  # False: no labels read, checked or scored (evaluate --cross maps them itself)
 
     def __post_init__(self) -> None:
@@ -235,33 +239,44 @@ class Job:
     n_resumed: int = 0
 
 
-def job_outputs(cfg: InferConfig) -> tuple[list[Path], list[Path]]:
-    """(files, folders) the job writes or deletes, by real path: the CSV and everything named after it
-    (sidecar, temporary files, lock, metrics and report files ``<stem>.*``, the ``--explain-wrong``
-    folders ``<stem>_wrong`` and ``<stem>_<source>_wrong``) and the Parquet folder."""
+def job_outputs(cfg: InferConfig, sources: Iterable[str] = ()) -> tuple[list[Path], list[Path]]:
+    """(files, folders) the job writes or deletes, by real path (a folder that is a symlink: where
+    it points): the CSV and everything named after it (sidecar, temporary files, lock, metrics and
+    report files ``<stem>.*``, the ``--explain-wrong`` folders ``<stem>_wrong`` and, per source,
+    ``<stem>_<source>_wrong``) and the Parquet file."""
     out = real_path(cfg.out_csv)
     files = [out, sidecar_of(out), out.with_name(f".{out.name}.lock")]
-    folders = [out.parent / f"{out.stem}_wrong"] if cfg.explain_wrong else []
+    folders = [real_path(out.parent / f"{out.stem}{part}_wrong") for part in ("", *(f"_{s}" for s in sources))
+               ] if cfg.explain_wrong else []
     if cfg.parquet_dir is not None:
-        folders.append(real_path(cfg.parquet_dir))
+        files.append(real_path(cfg.parquet_dir) / PARQUET_NAME)
     return files, folders
 
 
+# What the scoring writes beside the CSV: <stem>[.<source>]<ending> (runtime/evaluate.py, runtime/report.py)
+REPORT_ENDINGS = (".metrics.json", *SUFFIXES.values())
+
+
 def _in_family(p: Path, out: Path) -> bool:
-    """Whether ``p`` has a name the job derives from ``out`` (``<stem>.<anything>``,
-    ``<stem>_<anything>_wrong``, ``<stem>_wrong``) in its folder."""
-    return p.parent == out.parent and (p.name.startswith(out.stem + ".") or p.name == f".{out.name}.lock"
-                                       or (p.name.startswith(out.stem + "_") and p.name.endswith("_wrong")))
+    """Whether ``p`` has a name the job derives from ``out`` in its folder: ``<name>.<anything>``
+    (sidecar, temporary files), its lock, ``<stem>[.<source>].metrics.json`` and the report files,
+    ``<stem>_wrong`` and ``<stem>_<source>_wrong``. (``<stem>.jpg``, an image beside a CSV of the
+    same stem, is not one: ``infer a.jpg --out a.csv`` writes nothing over it.)"""
+    n = p.name
+    return p.parent == out.parent and (n.startswith(out.name + ".") or n == f".{out.name}.lock"
+                                       or (n.startswith(out.stem + ".") and n.endswith(REPORT_ENDINGS))
+                                       or (n.startswith(out.stem + "_") and n.endswith("_wrong")))
 
 
-def check_outputs(cfg: InferConfig, inputs: Inputs) -> list[Path]:
+def check_outputs(cfg: InferConfig, inputs: Inputs, sources: Iterable[str] = ()) -> list[Path]:
     """Refuse, before anything starts, any output that is an input, the list or labels file, inside
-    the input folder, or a folder that holds an input: ConfigError naming both. Returns the outputs."""
+    the input folder, or a folder that holds an input: ConfigError naming both. ``sources``: the
+    models' (their ``--explain-wrong`` folders). Returns the outputs."""
     out = cfg.out_csv
     if out.is_dir() or str(out).endswith(("/", "\\")):
         raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. "
                           f"{out / 'predictions.csv'}")
-    files, folders = job_outputs(cfg)
+    files, folders = job_outputs(cfg, sources)
     spec = Path(str(cfg.inputs))
     given = [p for p in (spec, cfg.labels) if p is not None and Path(p).is_file()]
     protected = {real_path(p): str(p) for p in [*inputs.paths, *given]}
@@ -284,16 +299,28 @@ def check_outputs(cfg: InferConfig, inputs: Inputs) -> list[Path]:
                 raise ConfigError(f"--out {out} writes {o}, which lies inside the input folder {spec} (or holds it): the next run "
                                   f"over that folder would classify (or lose) it. Write it outside, e.g. --out "
                                   f"{spec.resolve().parent / out.name}")
-    if cfg.parquet_dir is not None and cfg.parquet_dir.exists() and not cfg.parquet_dir.is_dir():
-        raise ConfigError(f"--parquet {cfg.parquet_dir} exists and is not a folder; give a folder (it is replaced "
-                          "whole at the end of the run)")
+    if cfg.parquet_dir is not None and cfg.parquet_dir.exists():
+        if not cfg.parquet_dir.is_dir():
+            raise ConfigError(f"--parquet {cfg.parquet_dir} exists and is not a folder; give a folder (this run "
+                              f"writes {PARQUET_NAME} into it)")
+        # a reader of the folder (pyarrow, Spark, Ray) takes every Parquet file in it as one table
+        others = sorted(p.name for p in cfg.parquet_dir.iterdir() if p.name.endswith(".parquet")
+                        and p.name != PARQUET_NAME and not p.name.startswith((".", "_")))
+        if others:
+            raise ConfigError(f"--parquet {cfg.parquet_dir} already holds other Parquet files ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}), which a reader of the folder would mix with "
+                              "this run's rows; move them away or give another folder")
     return [*files, *folders]
 
 
 def plan_job(cfg: InferConfig, inputs: Inputs, strategy: Strategy) -> Job:
     """Check the outputs against the inputs and the labels against the classes, drop repeated
-    inputs, build the CSV header. Raises ConfigError before anything is written."""
-    outputs = check_outputs(cfg, inputs)
+    inputs, build the CSV header. Raises ConfigError before anything is written. An ``--out`` that
+    is a symlink becomes the file it names, so the sidecar, lock and reports go beside that file
+    (not beside the link, where the checks below would not see them) and ``cfg.out_csv`` is it."""
+    if cfg.out_csv.is_symlink():
+        cfg.out_csv = real_path(cfg.out_csv)
+    outputs = check_outputs(cfg, inputs, strategy.bundles)
     if cfg.score:
         check_label_names(inputs.labels, strategy.classes, str(cfg.labels or cfg.inputs))
     seen: dict[str, object] = {}
@@ -316,35 +343,41 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str]
     if not csv_path.is_file() or csv_path.stat().st_size == 0:
         return set(), 0
     raw = csv_path.read_bytes()
-    if not raw.endswith(b"\n"):
-        raw = raw[:raw.rfind(b"\n") + 1]
-        csv_path.write_bytes(raw)
-        if not raw:  # killed before the header was complete: nothing to keep
-            return set(), 0
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader, ()))
-        if header != columns:
-            raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
-                              "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
-        pairs, n, cut = set(), 0, False
-        tmp = csv_path.with_name(csv_path.name + ".resume.tmp")
-        with create_exclusive(tmp) as out:  # the complete rows, re-written identically
-            writer = csv.writer(out)
-            writer.writerow(header)
-            try:
-                for row in reader:
-                    if cut:  # a broken row with rows after it: not a kill, a damaged file
-                        raise ConfigError(f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
-                                          "(two processes wrote it, or it was edited); use another --out")
-                    if len(row) != len(columns):  # the kill cut a quoted path that holds a newline
-                        cut = True
-                        continue
-                    writer.writerow(row)
-                    pairs.add((row[0], slot_of(row[1])))
-                    n += 1
-            except csv.Error:  # the file ends inside a quoted field
-                cut = True
+    trimmed = not raw.endswith(b"\n")  # the kill cut the last line: dropped, once the header is known to be ours
+    ours = io.StringIO(newline="")
+    csv.writer(ours).writerow(columns)
+    if trimmed and b"\n" not in raw and ours.getvalue().encode("utf-8").startswith(raw):
+        csv_path.write_bytes(b"")  # killed before the header was complete: nothing to keep
+        return set(), 0
+    try:
+        text = raw[:raw.rfind(b"\n") + 1].decode("utf-8") if trimmed else raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--resume: {csv_path} is not a predictions CSV (not UTF-8 text: {e.reason} at byte "
+                          f"{e.start}); use another --out, or drop --resume") from e
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = tuple(next(reader, ()))
+    if header != columns:  # checked before anything is written: a CSV that is not this run's is left as it is
+        raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
+                          "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
+    pairs, n, cut = set(), 0, False
+    tmp = csv_path.with_name(csv_path.name + ".resume.tmp")
+    with create_exclusive(tmp) as out:  # the complete rows, re-written identically
+        writer = csv.writer(out)
+        writer.writerow(header)
+        try:
+            for row in reader:
+                if cut:  # a broken row with rows after it: not a kill, a damaged file
+                    raise ConfigError(f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
+                                      "(two processes wrote it, or it was edited); use another --out")
+                if len(row) != len(columns):  # the kill cut a quoted path that holds a newline
+                    cut = True
+                    continue
+                writer.writerow(row)
+                pairs.add((row[0], slot_of(row[1])))
+                n += 1
+        except csv.Error:  # the file ends inside a quoted field
+            cut = True
+    cut = cut or trimmed
     if cut:
         os.replace(tmp, csv_path)
     else:
@@ -352,9 +385,10 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str]
     return pairs, n
 
 
-def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> None:
+def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> dict[str, dict]:
     """--resume keeps rows only when the same models wrote them: ConfigError naming both otherwise
-    (a sidecar that is missing, not an object, or silent about a part of this run included)."""
+    (a sidecar that is missing, not an object, or silent about a part of this run included).
+    Returns the sidecar's parts this run does not load (their rows stay in the CSV: so must they)."""
     side = sidecar_of(csv_path)
     if not side.is_file():
         raise ConfigError(f"--resume: {csv_path} has rows but no {side.name} saying which models wrote them (written by "
@@ -372,6 +406,20 @@ def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> None:
             raise ConfigError(f"--resume: the {part} rows in {csv_path} were written by {was}; this run loads "
                               f"{now.get('bundle')} (export {str(now.get('export_key'))[:12]}, {now.get('precision')})"
                               ": one CSV would mix two models. Use another --out, or drop --resume to start again")
+    return {part: v for part, v in recorded.items() if part not in identities}
+
+
+INPUTS_PART = "_inputs"  # the sidecar's entry for the folder the CSV's paths are relative to
+
+
+def _check_same_root(csv_path: Path, before: object, now: dict) -> None:
+    """--resume keeps rows only for the same images: the CSV's paths are relative to the folder
+    classified, so another folder's ``a/1.jpg`` would be taken for done. ConfigError naming both."""
+    if before != now:
+        was = before.get("root") if isinstance(before, dict) else f"a folder {sidecar_of(csv_path).name} does not name"
+        raise ConfigError(f"--resume: the rows in {csv_path} are paths relative to {was}; this run's are relative to "
+                          f"{now['root']}: the same names may be other images. Resume with the same INPUT, or use "
+                          "another --out")
 
 
 @contextmanager
@@ -385,8 +433,12 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
             slot_of = job.strategy.slot_of
             job.finished, job.n_resumed = _rows_done(out, job.columns, slot_of) if cfg.resume else (set(), 0)
             identities = job.strategy.identities(cfg.precision)
-            if job.n_resumed:
-                _check_same_models(out, identities)
+            root = {"root": str(real_path(job.inputs.root))}  # the CSV's paths are relative to it
+            if job.n_resumed:  # a source this run does not select keeps its rows, and so its entry
+                kept = _check_same_models(out, identities)
+                _check_same_root(out, kept.pop(INPUTS_PART, None), root)
+                identities = {**kept, **identities}
+            identities[INPUTS_PART] = root
             rel, slots = job.inputs.rel, job.strategy.slots
             job.todo = [p for p in job.items if any((rel(p), s) not in job.finished for s in slots)]
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -472,8 +524,10 @@ def run_job(cfg: InferConfig, job: Job, batches: Callable[[list], Iterable[Answe
             n_classified += batch.n_good
             if progress:
                 progress(n_done, len(job.todo))
-    seconds = time.perf_counter() - start
-    return finish_job(cfg, job, (backends or job.strategy.backends)(), n_classified, seconds, extra)
+        f.flush()
+        seconds = time.perf_counter() - start
+        # still under the lock: another run on this --out would rewrite the CSV while it is scored
+        return finish_job(cfg, job, (backends or job.strategy.backends)(), n_classified, seconds, extra)
 
 
 def finish_job(cfg: InferConfig, job: Job, backends: dict[str, tuple[str, list[str]]], n_classified: int,
@@ -503,11 +557,9 @@ def finish_job(cfg: InferConfig, job: Job, backends: dict[str, tuple[str, list[s
 def write_parquet(csv_path: Path, columns: tuple[str, ...], folder: Path) -> Path:
     """The finished CSV as ``<folder>/predictions.parquet`` with an explicit schema (probabilities
     and confidences float64, everything else text; an error row's empty numbers are nulls), written
-    into a new folder that then replaces ``folder`` whole: never appended to, never mixed with an
-    earlier run's. Needs pyarrow (the scale extra)."""
-    import shutil
-    import tempfile
-
+    to a new temporary file in ``folder`` that then replaces that one file: never appended to, never
+    mixed with an earlier run's, and nothing else in the folder touched (it may hold the CSV, or the
+    user's files). Needs pyarrow (the scale extra)."""
     try:
         import pyarrow as pa
         import pyarrow.csv as pacsv
@@ -523,14 +575,9 @@ def write_parquet(csv_path: Path, columns: tuple[str, ...], folder: Path) -> Pat
         column_types=types, strings_can_be_null=False, null_values=[""], quoted_strings_can_be_null=False))
     table = table.cast(pa.schema([(c, types[c]) for c in columns]))
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    pq.write_table(table, tmp / "predictions.parquet")
-    old = folder.with_name(f".{folder.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder / "predictions.parquet"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PARQUET_NAME}.tmp"  # hidden: Parquet readers skip it
+    with create_exclusive(tmp, "wb") as f:  # new, never through a planted link
+        pq.write_table(table, f)
+    os.replace(tmp, folder / PARQUET_NAME)
+    return folder / PARQUET_NAME

@@ -186,8 +186,12 @@ def infer_on_ray(cfg: InferConfig, opts: RayOptions | None = None,
 
     Every path must be readable at the same location on every node (shared storage). Raises
     DependencyError without the scale extra, ConfigError for a GPU request the cluster cannot
-    meet, DataError with ``cfg.strict`` at the first unreadable file."""
+    meet or for ``--decode gpu`` (Ray decodes on the CPU), DataError with ``cfg.strict`` at the
+    first unreadable file."""
     opts = opts or RayOptions()
+    if cfg.decode == "gpu":  # Ray's tasks decode with Pillow; the GPU decoder feeds a model in its own process
+        raise ConfigError("--decode gpu is not available with --ray: Ray tasks decode on the CPU (Pillow) before the "
+                          "actors' models; drop --decode, or run without --ray to decode on the GPU")
     ray = _ray()
     inputs = collect_inputs(cfg.inputs, cfg.labels)
     strategy = open_strategy(cfg, load=False)  # manifests and router only: the actors load the models
