@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 import typer
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy._io import exclusive_lock
 from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported
 from gi_deploy.cli._train_view import TrainProgress, compare_table
 from gi_deploy.core.choices import Device
@@ -112,6 +111,7 @@ def train_cmd(
     with reported():
         require_training_extra("train")
     from gi_deploy.training import distributed  # lazy: torch is the training extra's
+    from gi_deploy.training.checkpoint import lock_run_dir  # lazy: torch is the training extra's
     from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
 
     targets = None if colora_targets is None else [t.strip() for t in colora_targets.split(",") if t.strip()]
@@ -133,13 +133,14 @@ def train_cmd(
         if nproc_per_node is not None and distributed.under_torchrun():
             raise ConfigError("--nproc-per-node is for launching from a plain shell; under torchrun the process "
                               "count is torchrun's --nproc-per-node")
-        if nproc_per_node is not None:  # N local processes through torch's elastic launcher
-            result = distributed.launch_local(_train_rank, (cfg.to_dict(),), nproc_per_node)[0]
-        else:
-            lock = exclusive_lock(cfg.run_dir, "wait for that training to finish, or choose another --out") \
-                if distributed.env_rank() == 0 else nullcontext()  # under torchrun rank 0 speaks for the run
-            with lock, TrainProgress(source, out) as progress:  # two trainings never write one run folder
-                result = train(cfg, report=progress)
+        # two trainings never write one run folder: the launcher of N local processes holds the lock for
+        # all its ranks; under torchrun rank 0 speaks for the run
+        with lock_run_dir(cfg.run_dir) if distributed.env_rank() == 0 else nullcontext():
+            if nproc_per_node is not None:  # N local processes through torch's elastic launcher
+                result = distributed.launch_local(_train_rank, (cfg.to_dict(),), nproc_per_node)[0]
+            else:
+                with TrainProgress(source, out) as progress:
+                    result = train(cfg, report=progress)
     rows = {f"val (best epoch {result.best_epoch})": result.best_val, **({"test": result.test} if result.test else {})}
     out.print(metrics_table(f"{source} ({cfg.method})", rows))
     out.print(f"saved {result.run_dir} in {result.seconds:.0f}s (curves.png, metrics.jsonl, splits/)")
