@@ -14,15 +14,15 @@ from typing import Annotated, Optional
 import typer
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported
+from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported, settings_options
 from gi_deploy.cli._train_view import TrainProgress, compare_table
 from gi_deploy.core.choices import Device
 from gi_deploy.core.methods import Method
 from gi_deploy.errors import ConfigError
-from gi_deploy.model.settings import ColoraSettings, LoraSettings
+from gi_deploy.model.settings import ADAPTER_SETTINGS
 from gi_deploy.training.config import TrainConfig, layered_config
 
-T, L, C = TrainConfig, LoraSettings, ColoraSettings
+T = TrainConfig
 
 # The options train and compare share: one definition each.
 Source = Annotated[str, arg(T, "source")]
@@ -61,6 +61,7 @@ def _train_rank(cfg_dict: dict):
         return train(cfg, report=progress)
 
 
+@settings_options(ADAPTER_SETTINGS, after="seed")  # --lora-r, --colora-merge-every, ...: each kind's settings fields
 def train_cmd(
     source: Source,
     data_dir: DataDir = None,
@@ -86,14 +87,6 @@ def train_cmd(
     split: Annotated[Optional[str], opt(T, "split", shown_default=True)] = None,
     patience: Annotated[Optional[int], opt(T, "patience", shown_default=True)] = None,
     seed: Seed = None,
-    lora_r: Annotated[Optional[int], opt(L, "r", shown_default=True)] = None,
-    lora_alpha: Annotated[Optional[int], opt(L, "alpha", shown_default=True)] = None,
-    lora_dropout: Annotated[Optional[float], opt(L, "dropout", shown_default=True)] = None,
-    lora_dropout_position: Annotated[Optional[str], opt(L, "dropout_position", shown_default=True)] = None,
-    colora_merge_every: Annotated[Optional[int], opt(C, "merge_every", shown_default=True)] = None,
-    colora_targets: Annotated[Optional[str], opt(C, "targets", shown_default=True)] = None,
-    colora_min_kernel: Annotated[Optional[int], opt(C, "min_kernel", shown_default=True)] = None,
-    colora_forward: Annotated[Optional[str], opt(C, "forward_mode", shown_default=True)] = None,
     out_dir: Annotated[Optional[Path], opt(T, "out_dir", "--out", shown_default=True)] = None,
     device: DeviceOpt = None,
     amp: Annotated[Optional[str], opt(T, "amp", shown_default=True)] = None,
@@ -106,6 +99,7 @@ def train_cmd(
         help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
              "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
              "train ... (see the README).")] = None,
+    adapters: dict | None = None,  # {kind: {field: value}} of the generated adapter options (settings_options)
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
     with reported():
@@ -114,17 +108,13 @@ def train_cmd(
     from gi_deploy.training.checkpoint import lock_run_dir  # lazy: torch is the training extra's
     from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
 
-    targets = None if colora_targets is None else [t.strip() for t in colora_targets.split(",") if t.strip()]
     flags = given(source=source, data_dir=data_dir, method=method, model=model, pretrained=pretrained,
                   weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct, hflip=hflip,
                   vflip=vflip, rotation_degrees=rotation, color_jitter=color_jitter, balance=balance,
                   label_fraction=label_fraction, split=split, patience=patience, seed=seed, out_dir=out_dir,
                   device=device, amp=amp, channels_last=channels_last, compile=compile, num_workers=num_workers,
-                  resume=resume, overwrite=overwrite,
-                  lora=given(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dropout_position=lora_dropout_position),
-                  colora=given(merge_every=colora_merge_every, min_kernel=colora_min_kernel,
-                               forward_mode=colora_forward, targets=targets))
+                  resume=resume, overwrite=overwrite, **(adapters or {}))
     if distributed.env_rank() != 0:
         out.quiet = True  # under torchrun, rank 0 alone prints (and writes the run folder)
     with reported():
