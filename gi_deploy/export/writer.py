@@ -55,11 +55,10 @@ class ExportResult:
 
 
 def _adapter_entry(manifest: dict) -> dict | None:
-    """The settings of each adapter kind the run carries (CoLoRA's with its parameter counts)."""
+    """The settings of each adapter kind the run carries, with what its ``summary`` hook recorded in
+    run.json under its name (CoLoRA's parameter counts and merges)."""
     spec = method_spec(manifest["config"]["method"])
-    entry = {name: dict(manifest["config"][name]) for name in spec.adapters}
-    if "colora" in entry:
-        entry["colora"].update(manifest.get("colora", {}))
+    entry = {name: {**manifest["config"][name], **manifest.get(name, {})} for name in spec.adapters}
     return entry or None
 
 

@@ -208,6 +208,19 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@contextmanager
+def same_draws(d: Dist, device: torch.device, seed: int):
+    """Under torchrun, the global torch RNG seeded by ``seed`` inside the block and restored after
+    it, so every rank draws the same values (CoLoRA's fresh factors after a merge); nothing outside
+    torchrun."""
+    if not d.active:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def rank_rng_states(state: dict, d: Dist) -> list[dict] | None:
     """Every rank's RNG state, on rank 0 (None elsewhere): each rank draws its own augmentation,
     so a resumed run must give each rank back its own stream."""

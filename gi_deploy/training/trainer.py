@@ -1,4 +1,4 @@
-"""One readable training loop for every method (lora, full, linear, colora, lora+colora): AdamW,
+"""One readable training loop for every method of the registry (core/methods.py): AdamW,
 best-validation checkpoint, early stopping, resumable to the same result. What an adapter kind does
 of its own (its counts at the start, a merge at an epoch's end) is a named hook of the kind
 (model/adapters.py ``AdapterKind``), called here without knowing which kind it is.
@@ -15,7 +15,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,7 +441,7 @@ def _epoch_end_hooks(run: _Run, epoch: int) -> dict[str, str]:
     for kind in run.kinds:
         if kind.epoch_end is None:
             continue
-        with _same_draws_on_every_rank(run, epoch):
+        with distributed.same_draws(run.dist, run.device, seed=run.cfg.seed * 100_003 + epoch):
             if not kind.epoch_end(run.model, run.optimizer, run.settings[kind.name], epoch):
                 continue
         changed[kind.name] = ""
@@ -450,18 +449,6 @@ def _epoch_end_hooks(run: _Run, epoch: int) -> dict[str, str]:
             changed[kind.name] = distributed.fingerprint(kind.state(run.model, run.state.merges + 1))
             distributed.check_same(changed[kind.name], f"{kind.name}'s weights after epoch {epoch}", run.dist)
     return changed
-
-
-@contextmanager
-def _same_draws_on_every_rank(run: _Run, epoch: int):
-    """Under torchrun, the global torch RNG seeded by (seed, epoch) inside the block and restored
-    after it, so every rank draws the same values; nothing otherwise."""
-    if not run.dist.active:
-        yield
-        return
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(run.cfg.seed * 100_003 + epoch)
-        yield
 
 
 def _end_epoch(run: _Run, record: dict, val: dict) -> None:
