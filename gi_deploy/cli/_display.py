@@ -3,14 +3,18 @@ options whose help and defaults come from the library's config fields, progress 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import inspect
 import logging
 import signal
 import time
+import typing
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -76,6 +80,49 @@ class HelpGroup(TyperGroup):
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
         return params
+
+
+def settings_options(tables: dict[str, type], after: str) -> Callable[[Callable], Callable]:
+    """Decorate a Typer command with one option per field of each settings dataclass in ``tables``
+    (an adapter kind's, model/settings.py), so an option is written once, on its field:
+    ``--<table>-<field>`` (or ``--<table>-<flag>`` where the field names one; fields marked
+    ``cli=False`` stay config-file only), its help and shown default the field's own, inserted
+    after the command's parameter ``after``. Each option defaults to None ("not given"). The
+    command receives what was given as ``adapters={table: {field: value}}``; a tuple field's
+    option takes comma-separated text."""
+    def decorate(command: Callable) -> Callable:
+        options, source = [], {}
+        for table, cls in tables.items():
+            types = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if not f.metadata.get("cli", True):
+                    continue
+                listed = typing.get_origin(types[f.name]) is tuple
+                kind = str if listed else types[f.name]
+                flag = f"--{table}-{(f.metadata.get('flag') or f.name).replace('_', '-')}"
+                decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+                name = f"{table}_{f.name}"
+                options.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                                 annotation=Annotated[Optional[kind],  # noqa: UP045 (Typer)
+                                                                      opt(cls, f.name, *decls, shown_default=True)]))
+                source[name] = (table, f.name, listed)
+        params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "adapters"]
+        at = [p.name for p in params].index(after) + 1
+
+        @functools.wraps(command)
+        def with_options(**kwargs: Any) -> Any:
+            adapters: dict[str, dict] = {table: {} for table in tables}
+            for name, (table, field, listed) in source.items():
+                value = kwargs.pop(name)
+                if value is not None:
+                    adapters[table][field] = [v.strip() for v in value.split(",") if v.strip()] if listed else value
+            return command(**kwargs, adapters=adapters)
+
+        params[at:at] = options
+        with_options.__signature__ = inspect.Signature(params)  # what Typer reads
+        with_options.__annotations__ = {p.name: p.annotation for p in params}
+        return with_options
+    return decorate
 
 
 def given(**flags: Any) -> dict:

@@ -37,12 +37,8 @@ class TrainProgress:
                 f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})")
             say(f"base weights: {d['base_weights']}, licence {d['license']}")
             say(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
-            if d.get("colora"):
-                c = d["colora"]
-                say(f"CoLoRA: {c['layers']} convolutions, {c['backprop_params']:,} parameters trained by "
-                    f"backpropagation, merged into {c['merged_into_params']:,} of the {d['deployed']:,} deployed"
-                    + (f"; {c['skipped_grouped']} depthwise/grouped convolutions stay frozen" if c["skipped_grouped"] else ""),
-                    soft_wrap=True)
+            for line in d.get("adapter_lines", []):  # each adapter kind's own summary (its summary_line hook)
+                say(line, soft_wrap=True)
             if d.get("excluded"):
                 say("left out (not in the paper's classes): "
                     + ", ".join(f"{k} ({v})" for k, v in d["excluded"].items()))
@@ -56,12 +52,14 @@ class TrainProgress:
                 self.task = self.progress.add_task(f"epoch {d['epoch']}", total=d["steps"], info=info)
             self.progress.update(self.task, completed=d["step"], info=info)
         elif event == "epoch":
+            merged = any(v for k, v in d.items() if k.endswith("_merged"))  # <kind>_merged: an epoch_end hook merged
             peak = f"  peak {d['peak_mem_mib']:.0f} MiB" if d.get("peak_mem_mib") is not None else ""
             steady = (f", steady {d['steady_img_per_s']:.0f} img/s after a {d['first_step_s']:.1f}s first step"
                       if d.get("steady_img_per_s") else "")
             say(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
-                f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s{steady}){peak}"
-                f"{'  merged' if d.get('colora_merged') else ''}{'  *best' if d['best'] else ''}")
+                f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s{steady})"
+                f"{peak}"
+                f"{'  merged' if merged else ''}{'  *best' if d['best'] else ''}")
         elif event == "cell":
             say(f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"
                 + (" (finished earlier, reused)" if d["reused"] else ""))

@@ -14,16 +14,15 @@ from typing import Annotated, Optional
 import typer
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy._io import exclusive_lock
-from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported
+from gi_deploy.cli._display import arg, given, metrics_table, opt, out, reported, settings_options
 from gi_deploy.cli._train_view import TrainProgress, compare_table
 from gi_deploy.core.choices import Device
 from gi_deploy.core.methods import Method
 from gi_deploy.errors import ConfigError
-from gi_deploy.model.settings import ColoraSettings, LoraSettings
+from gi_deploy.model.settings import ADAPTER_SETTINGS
 from gi_deploy.training.config import TrainConfig, layered_config
 
-T, L, C = TrainConfig, LoraSettings, ColoraSettings
+T = TrainConfig
 
 # The options train and compare share: one definition each.
 Source = Annotated[str, arg(T, "source")]
@@ -62,6 +61,7 @@ def _train_rank(cfg_dict: dict):
         return train(cfg, report=progress)
 
 
+@settings_options(ADAPTER_SETTINGS, after="seed")  # --lora-r, --colora-merge-every, ...: each kind's settings fields
 def train_cmd(
     source: Source,
     data_dir: DataDir = None,
@@ -87,14 +87,6 @@ def train_cmd(
     split: Annotated[Optional[str], opt(T, "split", shown_default=True)] = None,
     patience: Annotated[Optional[int], opt(T, "patience", shown_default=True)] = None,
     seed: Seed = None,
-    lora_r: Annotated[Optional[int], opt(L, "r", shown_default=True)] = None,
-    lora_alpha: Annotated[Optional[int], opt(L, "alpha", shown_default=True)] = None,
-    lora_dropout: Annotated[Optional[float], opt(L, "dropout", shown_default=True)] = None,
-    lora_dropout_position: Annotated[Optional[str], opt(L, "dropout_position", shown_default=True)] = None,
-    colora_merge_every: Annotated[Optional[int], opt(C, "merge_every", shown_default=True)] = None,
-    colora_targets: Annotated[Optional[str], opt(C, "targets", shown_default=True)] = None,
-    colora_min_kernel: Annotated[Optional[int], opt(C, "min_kernel", shown_default=True)] = None,
-    colora_forward: Annotated[Optional[str], opt(C, "forward_mode", shown_default=True)] = None,
     out_dir: Annotated[Optional[Path], opt(T, "out_dir", "--out", shown_default=True)] = None,
     device: DeviceOpt = None,
     amp: Annotated[Optional[str], opt(T, "amp", shown_default=True)] = None,
@@ -107,24 +99,22 @@ def train_cmd(
         help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
              "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
              "train ... (see docs/scaling.md).")] = None,
+    adapters: dict | None = None,  # {kind: {field: value}} of the generated adapter options (settings_options)
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
     with reported():
         require_training_extra("train")
     from gi_deploy.training import distributed  # lazy: torch is the training extra's
+    from gi_deploy.training.checkpoint import lock_run_dir  # lazy: torch is the training extra's
     from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
 
-    targets = None if colora_targets is None else [t.strip() for t in colora_targets.split(",") if t.strip()]
     flags = given(source=source, data_dir=data_dir, method=method, model=model, pretrained=pretrained,
                   weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct, hflip=hflip,
                   vflip=vflip, rotation_degrees=rotation, color_jitter=color_jitter, balance=balance,
                   label_fraction=label_fraction, split=split, patience=patience, seed=seed, out_dir=out_dir,
                   device=device, amp=amp, channels_last=channels_last, compile=compile, num_workers=num_workers,
-                  resume=resume, overwrite=overwrite,
-                  lora=given(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, dropout_position=lora_dropout_position),
-                  colora=given(merge_every=colora_merge_every, min_kernel=colora_min_kernel,
-                               forward_mode=colora_forward, targets=targets))
+                  resume=resume, overwrite=overwrite, **(adapters or {}))
     if distributed.env_rank() != 0:
         out.quiet = True  # under torchrun, rank 0 alone prints (and writes the run folder)
     with reported():
@@ -133,13 +123,14 @@ def train_cmd(
         if nproc_per_node is not None and distributed.under_torchrun():
             raise ConfigError("--nproc-per-node is for launching from a plain shell; under torchrun the process "
                               "count is torchrun's --nproc-per-node")
-        if nproc_per_node is not None:  # N local processes through torch's elastic launcher
-            result = distributed.launch_local(_train_rank, (cfg.to_dict(),), nproc_per_node)[0]
-        else:
-            lock = exclusive_lock(cfg.run_dir, "wait for that training to finish, or choose another --out") \
-                if distributed.env_rank() == 0 else nullcontext()  # under torchrun rank 0 speaks for the run
-            with lock, TrainProgress(source, out) as progress:  # two trainings never write one run folder
-                result = train(cfg, report=progress)
+        # two trainings never write one run folder: the launcher of N local processes holds the lock for
+        # all its ranks; under torchrun rank 0 speaks for the run
+        with lock_run_dir(cfg.run_dir) if distributed.env_rank() == 0 else nullcontext():
+            if nproc_per_node is not None:  # N local processes through torch's elastic launcher
+                result = distributed.launch_local(_train_rank, (cfg.to_dict(),), nproc_per_node)[0]
+            else:
+                with TrainProgress(source, out) as progress:
+                    result = train(cfg, report=progress)
     rows = {f"val (best epoch {result.best_epoch})": result.best_val, **({"test": result.test} if result.test else {})}
     out.print(metrics_table(f"{source} ({cfg.method})", rows))
     out.print(f"saved {result.run_dir} in {result.seconds:.0f}s (curves.png, metrics.jsonl, splits/)")

@@ -106,6 +106,17 @@ class RunRecord:
         """The sha256 of the best epoch's trained files (None for a run trained before they were recorded)."""
         return (self.best or {}).get("artifact_sha256")
 
+    def adapter_summary(self, kind: str) -> dict | None:
+        """What an adapter kind's ``summary`` hook recorded under its name (CoLoRA's is typed; a kind
+        this version does not type keeps its entry in ``extra``)."""
+        return self.colora if kind == "colora" else self.extra.get(kind)
+
+    def set_adapter_summary(self, kind: str, summary: dict) -> None:
+        if kind == "colora":
+            self.colora = summary
+        else:
+            self.extra[kind] = summary
+
     def to_dict(self) -> dict:
         d = as_dict(self)
         return {"format": d.pop("format"), "format_version": d.pop("format_version"), **d}

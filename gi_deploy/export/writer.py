@@ -56,11 +56,10 @@ class ExportResult:
 
 
 def _adapter_entry(manifest: RunRecord) -> dict | None:
-    """The settings of each adapter kind the run carries (CoLoRA's with its parameter counts)."""
+    """The settings of each adapter kind the run carries, with what its ``summary`` hook recorded in
+    run.json under its name (CoLoRA's parameter counts and merges)."""
     spec = method_spec(manifest.method)
-    entry = {name: dict(manifest.config[name]) for name in spec.adapters}
-    if "colora" in entry:
-        entry["colora"].update(manifest.colora or {})
+    entry = {name: {**manifest.config[name], **(manifest.adapter_summary(name) or {})} for name in spec.adapters}
     return entry or None
 
 

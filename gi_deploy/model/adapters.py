@@ -1,9 +1,11 @@
 """The adapter kinds and what a method does to a model, by the registry (core/methods.py).
 
 Each adapter kind (peft LoRA, CoLoRA) gives the same five things, the way peft gives one
-``LoraVariant`` per variant: its settings class, and how to apply, save, load and merge it. A
-method is a list of kinds (``MethodSpec.adapters``), so these functions never branch on a
-method's name: a new kind is one module and one entry in ``ADAPTERS``.
+``LoraVariant`` per variant: its settings class, and how to apply, save, load and merge it; and
+the training loop calls a few named hooks of it where a kind does something of its own (CoLoRA:
+its parameter counts when training starts, its merge into the kernels at an epoch's end). A
+method is a list of kinds (``MethodSpec.adapters``), so neither these functions nor the trainer
+branch on a method's or a kind's name: a new kind is one module and one entry in ``ADAPTERS``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.model import colora, lora
 from gi_deploy.model.base import classifier_name, head_state, inner_model, train_only_head
 from gi_deploy.model.merge import merge_state_dict
-from gi_deploy.model.settings import ColoraSettings, LoraSettings
+from gi_deploy.model.settings import ADAPTER_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,19 @@ class AdapterKind:
     returns the model with the adapter attached (possibly wrapped); ``save(model, run_dir,
     settings, head, with_head, merges)``; ``load(model, run_dir, settings, head, with_head)``
     returns the model with the saved adapter attached, un-merged; ``deltas(model)`` gives
-    (``<module>.weight``/``.bias`` -> ΔW, tensors replaced whole) keyed by the plain model's names."""
+    (``<module>.weight``/``.bias`` -> ΔW, tensors replaced whole) keyed by the plain model's names.
+
+    The training hooks (None: the kind has nothing to do there):
+
+    - ``summary(model, settings) -> dict``: what the kind adapted, once applied; recorded in
+      run.json under the kind's name (and in the bundle's adapter entry).
+    - ``summary_line(summary, deployed) -> str``: the line ``train`` shows about it when it
+      starts (``deployed``: the parameters of the exported model).
+    - ``epoch_end(model, optimizer, settings, epoch) -> bool``: after each epoch's steps, before
+      validation; True when it changed the weights (a merge). Fresh random values it draws come from
+      the global torch RNG, which the trainer seeds per (seed, epoch) under torchrun.
+    - ``state(model, merges) -> {name: tensor}``: the kind's tensors as it saves them, hashed
+      across ranks after ``epoch_end`` changed them (every rank must hold the same)."""
 
     name: str
     file: str
@@ -41,18 +55,30 @@ class AdapterKind:
     save: Callable[..., None]
     load: Callable[..., nn.Module]
     deltas: Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+    summary: Callable[[nn.Module, Any], dict] | None = None
+    summary_line: Callable[[dict, int], str] | None = None
+    epoch_end: Callable[[nn.Module, torch.optim.Optimizer, Any, int], bool] | None = None
+    state: Callable[[nn.Module, int], dict[str, torch.Tensor]] | None = None
 
 
 ADAPTERS: dict[str, AdapterKind] = {
-    "lora": AdapterKind("lora", ADAPTER_DIR, LoraSettings, lora.apply_lora, lora.save_lora, lora.load_lora,
-                        lora.lora_deltas),
-    "colora": AdapterKind("colora", COLORA_WEIGHTS, ColoraSettings, colora.apply_colora_adapter,
-                          colora.save_colora_adapter, colora.load_colora_adapter, colora.colora_deltas),
+    "lora": AdapterKind("lora", ADAPTER_DIR, ADAPTER_SETTINGS["lora"], lora.apply_lora, lora.save_lora,
+                        lora.load_lora, lora.lora_deltas),
+    "colora": AdapterKind("colora", COLORA_WEIGHTS, ADAPTER_SETTINGS["colora"], colora.apply_colora_adapter,
+                          colora.save_colora_adapter, colora.load_colora_adapter, colora.colora_deltas,
+                          summary=colora.colora_run_summary, summary_line=colora.colora_summary_line,
+                          epoch_end=colora.colora_epoch_end, state=colora.colora_state),
 }
+assert ADAPTERS.keys() == ADAPTER_SETTINGS.keys(), "each adapter kind registers its settings and its torch side"
 
 
 def _spec(method: str | MethodSpec) -> MethodSpec:
     return method if isinstance(method, MethodSpec) else method_spec(method)
+
+
+def adapter_kinds(method: str | MethodSpec) -> tuple[AdapterKind, ...]:
+    """The adapter kinds ``method`` carries, in the order it applies them."""
+    return tuple(ADAPTERS[name] for name in _spec(method).adapters)
 
 
 def adapter_settings(method: str | MethodSpec, config: dict | None = None, **given: Any) -> dict[str, Any]:

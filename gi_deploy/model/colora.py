@@ -337,3 +337,27 @@ def load_colora_adapter(model: nn.Module, run_dir: Path, settings: ColoraSetting
 def colora_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every CoLoRA layer's total update as state-dict deltas; CoLoRA replaces no tensor whole."""
     return colora_parts(inner_model(model)), {}
+
+
+# Its training hooks (AdapterKind): Table 4's counts, and the merge every ``merge_every`` epochs.
+
+def colora_run_summary(model: nn.Module, settings: ColoraSettings) -> dict:
+    """:func:`colora_summary`'s counts and the merge schedule, as run.json records them."""
+    return {**colora_summary(model), "merge_every": settings.merge_every}
+
+
+def colora_summary_line(summary: dict, deployed: int) -> str:
+    return (f"CoLoRA: {summary['layers']} convolutions, {summary['backprop_params']:,} parameters trained by "
+            f"backpropagation, merged into {summary['merged_into_params']:,} of the {deployed:,} deployed"
+            + (f"; {summary['skipped_grouped']} depthwise/grouped convolutions stay frozen"
+               if summary["skipped_grouped"] else ""))
+
+
+def colora_epoch_end(model: nn.Module, optimizer: torch.optim.Optimizer, settings: ColoraSettings,
+                     epoch: int) -> bool:
+    """After every ``merge_every``-th epoch: K0 += K_p * K_d, b0 += db, the factors reset (and their
+    optimizer moments dropped, :func:`merge_all`). True when it merged."""
+    if not is_merge_epoch(epoch, settings.merge_every):
+        return False
+    merge_all(model, optimizer)
+    return True

@@ -1,5 +1,7 @@
 """Adapter settings (torch-free dataclasses): what a training run records and export and the
-torch backend rebuild the adapters from. Help text lives on the fields; the CLI shows it."""
+torch backend rebuild the adapters from. Help text lives on the fields; ``train``'s options
+(``--<kind>-<field>``) are generated from them, and ``ADAPTER_SETTINGS`` names each adapter kind's
+class for the config and the CLI (the torch side of each kind: model/adapters.py ``ADAPTERS``)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ class LoraSettings:
     r: int = helped(16, "LoRA rank.")
     alpha: int = helped(32, "LoRA alpha (scaling alpha / r).")
     dropout: float = helped(0.1, "LoRA dropout.")
-    target_modules: tuple[str, ...] = helped(("fc1", "fc2"), "Module names LoRA adapts.")
-    modules_to_save: tuple[str, ...] = helped(("head.fc",), "Modules trained in full beside the adapters.")
+    target_modules: tuple[str, ...] = helped(("fc1", "fc2"), "Module names LoRA adapts.", cli=False)
+    modules_to_save: tuple[str, ...] = helped(("head.fc",), "Modules trained in full beside the adapters.",
+                                              cli=False)
     # "input": peft's (and the paper's) dropout on the layer input, full width; "rank": the same rate
     # on the r-dimensional output of A, 6-190x fewer elements (a cheaper, different regulariser;
     # see benchmarks/train_throughput.py). Training-only: saved adapters and merges are identical.
@@ -66,7 +69,7 @@ class ColoraSettings:
     # memory of branch on ResNet50 (CPU; benchmarks/train_throughput.py), where most convolutions are
     # 1x1 and the branch doubles their cost.
     forward_mode: str = helped("fused", "CoLoRA training forward: fused (one conv with K0 + dK) | branch (the "
-                                        "paper's extra convs; slower, same maths).")
+                                        "paper's extra convs; slower, same maths).", flag="forward")
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -81,3 +84,8 @@ class ColoraSettings:
         d = asdict(self)
         d["targets"] = list(self.targets)
         return d
+
+
+# Each adapter kind's settings by the kind's name: TrainConfig's field and --config table of that
+# name, and the --<name>-<field> options of `train`. The same names as model/adapters.py ADAPTERS.
+ADAPTER_SETTINGS: dict[str, type] = {"lora": LoraSettings, "colora": ColoraSettings}

@@ -4,6 +4,7 @@ checkpoint and what ``--resume`` reads back, the metrics log and the curves."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gi_deploy._io import exclusive_lock
 from gi_deploy.core.runs import (
     CHECKPOINT,
     METRICS_JSONL,
@@ -74,6 +76,15 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if (cfg.run_dir / RUN_MANIFEST).exists() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"{cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                           "replace it, or choose another --out or source name")
+
+
+def lock_run_dir(run_dir: Path):
+    """The lock every writer of a run folder holds while it trains: a plain ``train``, rank 0 under
+    torchrun, and the launcher of ``--nproc-per-node N`` on behalf of all its ranks (they never ask
+    for it themselves). Taken on the folder's real path, so a symlinked alias of the folder (or of
+    the runs folder above it) is the same lock. A context manager; raises ConfigError naming the
+    holder's pid when another process holds it (see ``_io.exclusive_lock``)."""
+    return exclusive_lock(Path(os.path.realpath(run_dir)), "wait for that training to finish, or choose another --out")
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:

@@ -19,7 +19,7 @@ from gi_deploy.core.methods import METHODS
 from gi_deploy.core.preprocess import DECODE_MODES
 from gi_deploy.core.runs import RUN_MANIFEST, stored_config
 from gi_deploy.errors import ConfigError
-from gi_deploy.model.settings import ColoraSettings, LoraSettings
+from gi_deploy.model.settings import ADAPTER_SETTINGS, ColoraSettings, LoraSettings
 
 SCHEDULERS = ("none", "cosine", "plateau")
 BALANCE = ("none", "weighted-loss", "sampler")
@@ -72,6 +72,7 @@ class TrainConfig:
     compile: bool = helped(False, "torch.compile the model.")
     overwrite: bool = helped(False, "Replace an existing run of this source.")
     resume: bool = helped(False, "Continue an interrupted run from its last checkpoint.")
+    # one field per adapter kind, named as in ADAPTER_SETTINGS (a table of that name in --config)
     lora: LoraSettings = helped(default_factory=LoraSettings, help="LoRA settings (a [lora] table in --config).")
     colora: ColoraSettings = helped(default_factory=ColoraSettings,
                                     help="CoLoRA settings (a [colora] table in --config).")
@@ -80,10 +81,9 @@ class TrainConfig:
         self.data_dir = Path(self.data_dir)
         self.out_dir = Path(self.out_dir)
         self.weights = Path(self.weights) if self.weights is not None else None
-        if isinstance(self.lora, dict):
-            self.lora = _settings_from_dict(LoraSettings, self.lora, "lora")
-        if isinstance(self.colora, dict):
-            self.colora = _settings_from_dict(ColoraSettings, self.colora, "colora")
+        for kind, cls in ADAPTER_SETTINGS.items():
+            if isinstance(getattr(self, kind), dict):
+                setattr(self, kind, _settings_from_dict(cls, getattr(self, kind), kind))
         problems = []
         for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
                               ("split", SPLIT_MODES), ("decode", DECODE_MODES)):
@@ -125,24 +125,28 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return self.out_dir / self.source
 
+    def adapter_settings(self) -> dict:
+        """Each adapter kind's settings object by the kind's name (what ``apply_method`` takes)."""
+        return {kind: getattr(self, kind) for kind in ADAPTER_SETTINGS}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("data_dir", "out_dir", "weights"):
             d[key] = str(d[key]) if d[key] is not None else None
-        d["lora"], d["colora"] = self.lora.to_dict(), self.colora.to_dict()
+        d.update({kind: settings.to_dict() for kind, settings in self.adapter_settings().items()})
         return d
 
     @classmethod
     def from_layers(cls, *layers: dict) -> TrainConfig:
         """Build from dicts of field values, later layers overriding earlier ones (defaults <
-        config file < flags). ``lora`` and ``colora`` tables merge key by key. Unknown keys are an error."""
+        config file < flags). Adapter tables (``lora``, ``colora``) merge key by key. Unknown keys are an error."""
         merged: dict = {}
         for layer in layers:
             unknown = sorted(set(layer) - set(FIELDS))
             if unknown:
                 raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
             for key, value in layer.items():
-                if key in ("lora", "colora") and value is not None:
+                if key in ADAPTER_SETTINGS and value is not None:
                     table = value if isinstance(value, dict) else asdict(value)
                     merged[key] = {**merged.get(key, {}), **table}
                 else:
@@ -154,6 +158,7 @@ class TrainConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+assert set(ADAPTER_SETTINGS) <= set(FIELDS), "every adapter kind needs its settings field on TrainConfig"
 
 
 def field_default(name: str):
@@ -170,11 +175,7 @@ def _settings_from_dict(cls, d: dict, table: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown {table} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    d = dict(d)
-    for key in ("target_modules", "modules_to_save", "targets"):
-        if key in d:
-            d[key] = tuple(d[key])
-    return cls(**d)
+    return cls(**d)  # lists from JSON/TOML: each settings class makes its tuples in __post_init__
 
 
 def load_config_file(path: Path) -> dict:
@@ -210,7 +211,7 @@ def load_config_file(path: Path) -> dict:
 def layered_config(flags: dict, config_file: Path | None = None, resume: bool = False) -> TrainConfig:
     """The config of ``gi-deploy train`` and ``compare``: layers, later winning, of the stored
     config of the run being resumed (with ``resume``), a ``--config`` file, then the flags actually
-    given (None = not given). ``lora`` / ``colora`` flags are tables merged key by key."""
+    given (None = not given). Adapter flags (``lora``, ``colora``) are tables merged key by key."""
     layers = []
     file_layer = load_config_file(config_file) if config_file is not None else {}
     if resume:

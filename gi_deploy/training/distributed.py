@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,11 @@ from gi_deploy.errors import ConfigError, DistributedError
 
 # a rank waiting on a dead peer gives up after this long (the launcher usually ends it sooner)
 COLLECTIVE_TIMEOUT_S = 600
+# torch's launcher logs a failed rank as a traceback of its own (and a line per process it stops);
+# launch_local says the same in one line, so these loggers are shown only at gi-deploy's --verbose
+TORCH_LAUNCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,19 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@contextmanager
+def same_draws(d: Dist, device: torch.device, seed: int):
+    """Under torchrun, the global torch RNG seeded by ``seed`` inside the block and restored after
+    it, so every rank draws the same values (CoLoRA's fresh factors after a merge); nothing outside
+    torchrun."""
+    if not d.active:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def rank_rng_states(state: dict, d: Dist) -> list[dict] | None:
     """Every rank's RNG state, on rank 0 (None elsewhere): each rank draws its own augmentation,
     so a resumed run must give each rank back its own stream."""
@@ -243,13 +263,43 @@ def launch_local(entrypoint: Callable, args: tuple, nproc: int) -> dict[int, Any
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
                           start_method="spawn", logs_specs=DefaultLogsSpecs())
     try:
-        return elastic_launch(config, _recorded_call)(entrypoint, *args)
+        with _torch_launch_log(shown=log.isEnabledFor(logging.INFO)):
+            return elastic_launch(config, _recorded_call)(entrypoint, *args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        message = failure.message if isinstance(failure.message, str) else json.dumps(failure.message)
-        raise DistributedError(f"rank {rank} of {nproc} died (exit code {failure.exitcode}): {message.strip()}; the other "
-                         "ranks were stopped and the last complete epoch is checkpointed: fix the cause and run the "
-                         "same command with --resume") from None
+        raise DistributedError(f"rank {rank} of {nproc} died (exit code {failure.exitcode}): "
+                               f"{_one_line(failure.message)}; the other ranks were stopped and the last complete "
+                               "epoch is checkpointed: fix the cause and run the same command with --resume") from None
+
+
+def _one_line(message: str | dict) -> str:
+    """A failed rank's message as one line: the ``"Type: text"`` that ``record`` wrote (its traceback
+    stays in torch's log, shown with --verbose), or the launcher's own text (a signal)."""
+    if isinstance(message, dict):
+        message = message.get("message", json.dumps(message))
+    return "; ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+@contextmanager
+def _torch_launch_log(shown: bool):
+    """Keep torch's launcher loggers quiet inside the block unless ``shown``: they stop propagating
+    to torch's handler, into a NullHandler (with no handler at all, Python's last-resort handler
+    would print their warnings anyway); restored afterwards."""
+    if shown:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in TORCH_LAUNCH_LOGGERS]
+    saved = [lg.propagate for lg in loggers]
+    quiet = logging.NullHandler()
+    for lg in loggers:
+        lg.propagate = False
+        lg.addHandler(quiet)
+    try:
+        yield
+    finally:
+        for lg, propagate in zip(loggers, saved):
+            lg.removeHandler(quiet)
+            lg.propagate = propagate
 
 
 def _recorded_call(fn: Callable, *args) -> Any:

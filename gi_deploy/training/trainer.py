@@ -1,5 +1,7 @@
-"""One readable training loop for every method (lora, full, linear, colora, lora+colora): AdamW,
-best-validation checkpoint, early stopping, CoLoRA merges every N epochs, resumable to the same result.
+"""One readable training loop for every method of the registry (core/methods.py): AdamW,
+best-validation checkpoint, early stopping, resumable to the same result. What an adapter kind does
+of its own (its counts at the start, a merge at an epoch's end) is a named hook of the kind
+(model/adapters.py ``AdapterKind``), called here without knowing which kind it is.
 
 The run folder it writes is described in core/runs.py.
 """
@@ -35,9 +37,8 @@ from gi_deploy.core.runs import (
     RunRecord,
 )
 from gi_deploy.errors import BundleError, ConfigError, TrainingDiverged, TrainingInterrupted
-from gi_deploy.model.adapters import apply_method, save_trained
+from gi_deploy.model.adapters import AdapterKind, adapter_kinds, apply_method, save_trained
 from gi_deploy.model.base import BaseWeights, classifier_name, count_parameters, create_base_model, train_mode
-from gi_deploy.model.colora import colora_state, colora_summary, is_merge_epoch, merge_all
 from gi_deploy.model.run import load_run_model, rebuild_base
 from gi_deploy.training import distributed
 from gi_deploy.training.checkpoint import (
@@ -241,7 +242,8 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
 class _Run:
     """Everything one training run holds between its steps: the config and where it runs, the data,
     the model (``step_model`` is the compiled one when ``cfg.compile``), the optimisation state and
-    the run manifest being written."""
+    the run manifest being written. ``kinds``: the adapter kinds the method carries, ``settings``
+    each kind's settings, ``summaries`` what their ``summary`` hooks reported."""
 
     cfg: TrainConfig
     run_dir: Path
@@ -262,11 +264,17 @@ class _Run:
     loss_fn: nn.Module
     feed: DeviceFeed
     manifest: RunRecord | None
-    colora: dict | None
+    kinds: tuple[AdapterKind, ...]
+    summaries: dict[str, dict]
     memory_baseline: int | None
     state: LoopState = field(default_factory=LoopState)
     dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun
     eval_model: nn.Module | None = None  # step_model without DDP (evaluation runs on unequal shards)
+
+    @property
+    def merging(self) -> list[str]:
+        """The adapter kinds with an ``epoch_end`` hook (a merge): the loop counts their merges."""
+        return [k.name for k in self.kinds if k.epoch_end is not None]
 
 
 def _load_data(cfg: TrainConfig, manifest: RunRecord | None) -> DatasetSplits:
@@ -325,8 +333,9 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
                            std=tuple(model.pretrained_cfg["std"]), resize=cfg.resize,
                            crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0, decode=cfg.decode))
     deployed = sum(p.numel() for p in model.parameters())  # what the exported (merged) model holds
-    method, settings = method_spec(cfg.method), {"lora": cfg.lora, "colora": cfg.colora}
+    method, settings, kinds = method_spec(cfg.method), cfg.adapter_settings(), adapter_kinds(cfg.method)
     model = apply_method(model, method, **settings)
+    summaries = {k.name: k.summary(model, settings[k.name]) for k in kinds if k.summary is not None}
     trainable, total = count_parameters(model)
     model.to(device)
     if channels_last:
@@ -340,8 +349,7 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
                _loaders(ds, spec, cfg, device, g, d), g, optimizer, _scheduler(optimizer, cfg),
                torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), _loss_fn(ds, cfg, device),
                DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
-               manifest, colora_summary(model) if method.carries("colora") else None, memory_baseline,
-               dist=d, eval_model=eval_model)
+               manifest, kinds, summaries, memory_baseline, dist=d, eval_model=eval_model)
     if checkpoint is not None:
         _restore(run, checkpoint)
     else:
@@ -360,7 +368,8 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     if d.main:
         run.manifest.save(run_dir)
         ds.write_csvs(run_dir / SPLITS_DIR)
-    report("start", {"trainable": trainable, "total": total, "deployed": deployed, "colora": run.colora,
+    lines = [k.summary_line(summaries[k.name], deployed) for k in kinds if k.summary_line is not None]
+    report("start", {"trainable": trainable, "total": total, "deployed": deployed, "adapter_lines": lines,
                      "classes": ds.classes, "counts": ds.counts(), "device": str(device), "base_weights": base.kind,
                      "license": base.license, "layout": ds.layout, "notes": ds.notes, "excluded": ds.excluded,
                      "resumed_from": run.state.epoch if cfg.resume else None, **run.manifest.runtime})
@@ -389,18 +398,17 @@ def _restore(run: _Run, checkpoint: dict) -> None:
 
 
 def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
-    """Train one epoch, merge CoLoRA when it is due, validate; the epoch's record and the
-    validation metrics."""
-    cfg, state = run.cfg, run.state
+    """Train one epoch, run the adapter kinds' epoch-end hooks (a merge, when due), validate; the
+    epoch's record and the validation metrics."""
+    state = run.state
     t_epoch = time.time()
     if isinstance(run.loaders[0].sampler, DistributedSampler):
         run.loaders[0].sampler.set_epoch(epoch)  # this epoch's permutation, the same on every rank
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
         stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
                            run.amp_dtype, run.feed, epoch, report, run.dist)
-        merged = run.colora is not None and is_merge_epoch(epoch, cfg.colora.merge_every)
-        if merged:  # K0 += K_p * K_d, b0 += db; reset the factors (and their optimizer moments)
-            merge_hash = _merge_colora(run, epoch)
+        merged = _epoch_end_hooks(run, epoch)
+        if merged:
             state.merges += 1
         eval_model = run.eval_model if run.eval_model is not None else run.step_model  # no bool(): compiled
         val = evaluate(eval_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
@@ -412,31 +420,35 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
               "img_per_s": round(len(run.ds.splits["train"]) / max(seconds, 1e-9), 1),
               "first_step_s": stats["first_step_s"], "steady_img_per_s": stats["steady_img_per_s"],
               "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None}
-    if run.colora is not None:
-        record["colora_merged"] = merged
-        if merged and run.dist.active:
-            record["colora_merge_hash"] = merge_hash[:16]  # equal on every rank (checked)
+    for name in run.merging:  # whether it merged, and under torchrun the hash every rank merged to
+        record[f"{name}_merged"] = name in merged
+        if merged.get(name):
+            record[f"{name}_merge_hash"] = merged[name][:16]
     return record, val
 
 
-def _merge_colora(run: _Run, epoch: int) -> str:
-    """Merge-and-reset CoLoRA on this rank; under torchrun the re-initialised K_p is drawn from a
-    generator seeded by (seed, epoch), and the hash of the merged weights and fresh factors must be
-    equal on every rank (DistributedError otherwise). Returns that hash."""
-    if not run.dist.active:
-        merge_all(run.model, run.optimizer)
-        return ""
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(run.cfg.seed * 100_003 + epoch)
-        merge_all(run.model, run.optimizer)
-    digest = distributed.fingerprint(colora_state(run.model, run.state.merges + 1))
-    distributed.check_same(digest, f"CoLoRA's merged weights after epoch {epoch}", run.dist)
-    return digest
+def _epoch_end_hooks(run: _Run, epoch: int) -> dict[str, str]:
+    """Each adapter kind's ``epoch_end`` hook; returns {kind: hash} of the kinds that changed their
+    weights (the hash only under torchrun, else ""). Under torchrun the random values a hook draws
+    (fresh factors after a merge) come from a generator seeded by (seed, epoch), and the kind's
+    tensors must then hash equal on every rank (DistributedError otherwise)."""
+    changed = {}
+    for kind in run.kinds:
+        if kind.epoch_end is None:
+            continue
+        with distributed.same_draws(run.dist, run.device, seed=run.cfg.seed * 100_003 + epoch):
+            if not kind.epoch_end(run.model, run.optimizer, run.settings[kind.name], epoch):
+                continue
+        changed[kind.name] = ""
+        if run.dist.active:
+            changed[kind.name] = distributed.fingerprint(kind.state(run.model, run.state.merges + 1))
+            distributed.check_same(changed[kind.name], f"{kind.name}'s weights after epoch {epoch}", run.dist)
+    return changed
 
 
 def _end_epoch(run: _Run, record: dict, val: dict) -> None:
     """Step the scheduler, keep the best epoch's weights, checkpoint, and write the manifest."""
-    cfg, state, manifest, epoch = run.cfg, run.state, run.manifest, record["epoch"]
+    state, manifest, epoch = run.state, run.manifest, record["epoch"]
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step(val["accuracy"])
     elif run.scheduler is not None:
@@ -448,15 +460,15 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
             save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
         manifest.best = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"},
                          "artifact_sha256": run.method.artifact_sha256(run.run_dir)}  # checked at export
-        if run.colora is not None:
-            manifest.best["colora_merges"] = state.merges
+        manifest.best.update({f"{name}_merges": state.merges for name in run.merging})
     else:
         state.stale += 1
     state.epoch = epoch
     record["best"] = improved
-    if run.colora is not None:  # Table 4's counts, and how many merges the run and its saved best hold
-        manifest.colora = {**run.colora, "merge_every": cfg.colora.merge_every, "merges": state.merges,
-                           "merges_in_best": manifest.best["colora_merges"]}
+    for name, summary in run.summaries.items():  # each kind's counts, and the merges the run and its best hold
+        merges = {"merges": state.merges, "merges_in_best": manifest.best[f"{name}_merges"]} \
+            if name in run.merging else {}
+        manifest.set_adapter_summary(name, {**summary, **merges})
     manifest.history.append(record)
     rng_ranks = distributed.rank_rng_states(rng_state(run.generator), run.dist)  # a collective: every rank
     if run.dist.main:  # only rank 0 writes; every rank resumes from this checkpoint
