@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gi_deploy.cli import demo, explain, export, infer, train
+from gi_deploy.cli import demo, explain, export, infer, serve, train
 from gi_deploy.cli._display import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -32,3 +32,4 @@ app.command("evaluate")(infer.evaluate_cmd)
 app.command("benchmark")(infer.benchmark_cmd)
 app.command("explain")(explain.explain_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("serve")(serve.serve_cmd)
