@@ -1,7 +1,7 @@
 """The Python-backend models of the Triton model repository (serve/triton_repo.py writes it): each
 repository ``model.py`` is one import of a class here, so a full Triton server runs the runtime's own
 decoding and routing (core/preprocess, runtime/decode, core/router, runtime/route), not a copy. The
-Triton container's Python needs ``pip install gi-deploy`` (the torch-free core: numpy, Pillow).
+Triton container's Python needs gi-deploy installed (the torch-free core: numpy, Pillow; no onnxruntime).
 
 - ``Preprocess``: ``image`` (BYTES (1,), the encoded file) -> ``input`` (FP32 (3, H, W)), the bundle's
   preprocessing from the ``preprocess`` parameter.

@@ -31,7 +31,7 @@ from gi_deploy.serve.models import AUTO, MAX_IMAGE_BYTES
 
 KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 # The release of the server core PyTriton 0.7.0 bundles (Triton 2.51.0, what gi-deploy serve is tested on);
-# `pip install gi-deploy` in the container gives the Python models this package's decoding and routing.
+# gi-deploy installed in the container (README.txt) gives the Python models this package's decoding and routing.
 CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bytes": "TYPE_STRING", "bool": "TYPE_BOOL"}
 
@@ -108,7 +108,7 @@ def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
 
 def _python_model(cls: str) -> str:
     return ("# Written by `gi-deploy export --triton-repo`: the runtime's own code, imported (the Triton container's\n"
-            "# Python needs `pip install gi-deploy`; see ../../README.txt).\n"
+            "# Python needs gi-deploy installed; see ../../README.txt).\n"
             f"from gi_deploy.serve.triton_backend import {cls} as TritonPythonModel  # noqa: F401\n")
 
 
@@ -200,17 +200,21 @@ def _auto(cfg: TritonRepoConfig, sources: list[str]) -> str:
 
 
 def _readme(cfg: TritonRepoConfig, models: list[str]) -> str:
+    example = next((m for m in models if "_" not in m and m != AUTO), AUTO)
     return f"""Triton model repository written by `gi-deploy export --triton-repo` from {cfg.deploy_dir.resolve()}.
 Models: {', '.join(models)}.
 
-Run it on a GPU server with NVIDIA's Triton container ({CONTAINER}), whose Python backend runs the
-preprocessing, postprocessing and `auto` models with gi-deploy's own code:
+Run it on a GPU server with NVIDIA's Triton container {CONTAINER} (Triton 2.51, the server core
+`gi-deploy serve` is tested on). Its Python backend runs the preprocessing, postprocessing and `auto` models
+with gi-deploy's own code, so install gi-deploy (the torch-free core) into the container's Python from a
+checkout of this project first:
 
-  docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models {CONTAINER} \\
-    bash -c "pip install gi-deploy && tritonserver --model-repository=/models"
+  docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
+    -v $PWD:/models -v /path/to/gi-deploy:/src {CONTAINER} \\
+    bash -c "pip install /src && tritonserver --model-repository=/models"
 
-Send the encoded image (BYTES, shape [N, 1]) as input "image" to a source's ensemble (e.g. `{models[-1]}`)
-or to `auto`, exactly as to `gi-deploy serve` (docs/serving.md).
+Send the encoded image (BYTES, shape [N, 1]) as input "image" to a source's ensemble (`{example}`) or to `auto`,
+exactly as to `gi-deploy serve` (docs/serving.md): the same outputs, the same answers.
 """
 
 
