@@ -22,8 +22,6 @@ import pytest
 
 ENV = "GI_DEPLOY_TEST_BUNDLES"
 HAVE_TRITON = importlib.util.find_spec("pytriton") is not None and importlib.util.find_spec("tritonclient") is not None
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs the serve extra (nvidia-pytriton, tritonclient; "
-                                                          "numpy<2): run in .venv-serve, see README")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +44,7 @@ def serve_deploy(request) -> Path:
 @pytest.fixture(scope="session")
 def images(tmp_path_factory, serve_deploy) -> dict[str, list[Path]]:
     """Synthetic test frames of each source (the demo's generator, another seed than training) and
-    frames no source covers (blank, saturated, colour fields, patterns), as JPEG files."""
+    frames no source covers (blank, saturated, colour fields, patterns): JPEG and PNG files."""
     from gi_deploy.demo.synthetic import write_ood, write_source
 
     root = tmp_path_factory.mktemp("serve-images")
@@ -108,6 +106,20 @@ class Server:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(deploy, *options)``: a Server of its own for one test (stopped after it)."""
+    started = []
+
+    def start(deploy: Path, *extra: str) -> Server:
+        started.append(Server(deploy, *extra))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,16 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.serve.conftest import HAVE_TRITON, Server
+pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton 0.7.0, numpy<2): run in .venv-serve, "
+                                      "see README")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
-pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="needs the serve extra (nvidia-pytriton, tritonclient; "
-                                                          "numpy<2): run in .venv-serve, see README"),
-              pytest.mark.slow, pytest.mark.timeout(300)]
-
-if HAVE_TRITON:
-    import tritonclient.grpc as grpcclient
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TOL = 1e-5  # the CSV keeps 6 decimals (rounding <= 5e-7); the server runs the same model on the same pixels
 
@@ -284,21 +281,39 @@ def test_binds_loopback_by_default(server):
         assert set(addrs) <= {"0100007F", "0000000000000000FFFF00000100007F"}, f"port {port} listens on {addrs}"
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(serve_deploy, images):
-    """SIGTERM while requests are being answered: every request already sent gets its answer, and the
-    process exits 0."""
-    s = Server(serve_deploy, "--source", "capsule", "--max-batch", "8", "--max-queue-delay-ms", "0",
-               "--threads", "1")
-    try:
-        s.wait_ready(["capsule"])
-        client = httpclient.InferenceServerClient(s.http, concurrency=8)
-        body = (images["capsule"] * 8)[:8]
-        pending = [client.async_infer("capsule", [_bytes_tensor(httpclient, body)]) for _ in range(8)]
-        time.sleep(0.3)  # sent and queued or running
-        s.proc.terminate()
-        results = [p.get_result() for p in pending]  # raises if any was dropped
-        assert all(r.as_numpy("probabilities").shape[0] == len(body) for r in results)
-        assert s.proc.wait(60) == 0, s.output()
-        assert "stopped" in s.output()
-    finally:
-        s.stop()
+def test_sigterm_drains_in_flight_requests_and_exits_0(serve_deploy, images, start_server, tmp_path):
+    """SIGTERM as the first of 8 concurrent requests is answered: the 7 others, queued or running, are
+    still answered (after the signal), and the process exits 0."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()  # a large noisy frame: slow to decode, so the requests queue up behind each other
+    Image.fromarray(rng.integers(0, 255, (1072, 1920, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    body = [buf.getvalue()] * 4
+    s = start_server(serve_deploy, "--source", "capsule", "--max-batch", "4", "--max-queue-delay-ms", "0",
+                     "--threads", "1")
+    s.wait_ready(["capsule"])
+    done, first = [], threading.Event()
+
+    def client():
+        try:
+            out = infer(s.http, "capsule", body)
+            done.append((time.perf_counter(), out["probabilities"].shape[0]))
+        except Exception as e:  # noqa: BLE001 (asserted below)
+            done.append((time.perf_counter(), repr(e)))
+        first.set()
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert first.wait(120)
+    signalled = time.perf_counter()
+    s.proc.terminate()
+    for t in threads:
+        t.join(120)
+    assert [n for _, n in done] == [len(body)] * 8, done  # every request answered, none dropped
+    assert sum(t > signalled for t, _ in done) >= 1, "nothing was in flight at SIGTERM"
+    assert s.proc.wait(60) == 0, s.output()
+    assert "stopped" in s.output()
