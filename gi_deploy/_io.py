@@ -27,11 +27,37 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def real_path(path: Path) -> Path:
+    """``path`` with every symlink resolved (also for a path that does not exist yet), without
+    raising on a loop: what two names of one file have in common."""
+    return Path(os.path.realpath(path))
+
+
+@contextmanager
+def create_exclusive(path: Path, mode: str = "w"):
+    """Open a new temporary file for writing that is really new: a stale one (a killed run's) is
+    removed first, and the open refuses to follow a symlink planted in its place (O_EXCL), so a
+    write never goes through a link to somewhere else. Removed again if the block fails."""
+    try:
+        path.unlink()  # a stale temp file, or a planted link (unlink removes the link, not its target)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with open(fd, mode, newline="" if "b" not in mode else None, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a manifest."""
+    """Write JSON atomically (a new temp file + rename), so a crash never leaves half a manifest and
+    a symlink planted at the temp name is never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    with create_exclusive(tmp) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -66,8 +92,9 @@ def utc_now() -> str:
 
 
 def lock_path_of(target: Path) -> Path:
-    """The lock file that guards ``target`` (a file or folder being written): ``.<name>.lock`` beside it."""
-    target = Path(target)
+    """The lock file that guards ``target`` (a file or folder being written): ``.<name>.lock`` beside
+    its real path, so two names of one file (a symlink, ``a/../a``) take the same lock."""
+    target = real_path(target)
     return target.with_name(f".{target.name}.lock")
 
 

@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 
 from gi_deploy.cli import demo, explain, export, infer, serve, train
-from gi_deploy.cli._display import setup_logging
+from gi_deploy.cli._display import HelpGroup, setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=HelpGroup, add_completion=False, no_args_is_help=True,
                   help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
 
 

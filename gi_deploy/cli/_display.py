@@ -4,6 +4,7 @@ options whose help and defaults come from the library's config fields, progress 
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import signal
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from gi_deploy.core.fields import help_of
 from gi_deploy.errors import GiDeployError, TrainingInterrupted
@@ -34,6 +36,46 @@ def opt(cls: type, name: str, *flags: str, shown_default: bool = False, **kwargs
 
 def arg(cls: type, name: str, **kwargs: Any) -> Any:
     return typer.Argument(help=help_of(cls, name, default=False), **kwargs)
+
+
+def _sentences(text: str) -> str:
+    """Help as written sentences: the lines of each paragraph of a docstring joined with spaces (rich
+    keeps a docstring's line breaks in the command list, breaking sentences mid-line there), the
+    paragraphs kept. A paragraph starting with click's no-rewrap marker ``\\b`` stays as it is."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+                       for p in paragraphs)
+
+
+def _tidy_help(command: TyperCommand, ctx: typer.Context) -> TyperCommand:
+    """One command's help as ``--help`` should show it: sentences without hard line breaks, and no
+    value type beside a flag (this typer shows ``<bool>`` for ``--x/--no-x`` and ``--x``, which take
+    no value). Idempotent: a command is tidied each time it is looked up."""
+    if command.help:
+        command.help = _sentences(command.help)
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # rich shows a non-None metavar instead of the type: nothing, for a flag
+        if getattr(param, "help", None):
+            param.help = _sentences(param.help)
+    return command
+
+
+class HelpGroup(TyperGroup):
+    """The ``gi-deploy`` group (``typer.Typer(cls=HelpGroup)``): every command, the ones added later
+    included, gets its help tidied (see ``_tidy_help``) when it is looked up, for ``--help``, the
+    command list and scripts/cli_reference.py alike."""
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> TyperCommand | None:
+        command = super().get_command(ctx, cmd_name)
+        return None if command is None else _tidy_help(command, ctx)
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
 def given(**flags: Any) -> dict:

@@ -38,7 +38,6 @@ from gi_deploy.runtime.cross import CrossResult, cross_evaluate, parse_tests
 from gi_deploy.runtime.evaluate import evaluate_csv
 from gi_deploy.runtime.infer import InferConfig, InferResult, infer_folder
 from gi_deploy.runtime.ray_infer import RayOptions, infer_on_ray  # Ray itself is imported only with --ray
-from gi_deploy.runtime.route import infer_routed, is_auto
 from gi_deploy.runtime.routing_eval import evaluate_routing
 
 I, B, R = InferConfig, BenchmarkConfig, RayOptions
@@ -51,15 +50,19 @@ def _report_infer(r: InferResult, inputs: str) -> None:
                 out.print(f"{s}: {note}", soft_wrap=True)
             else:
                 err.print(f"warning: {s}: {note}", style="bold yellow", soft_wrap=True)
-        refused = run.metrics.get("n_rejected") if run.metrics else None
         out.print(f"{s}: {run.n_rows} rows, {run.n_errors} unreadable, {run.n_unlabelled} unlabelled"
-                  + (f", {refused} refused as out of distribution" if refused is not None else "")
+                  + (f", {run.n_rejected} refused as out of distribution" if run.n_rejected else "")
                   + f"; on {run.backend}", soft_wrap=True)
     if r.decoder:
         out.print(f"decoded by {r.decoder}, {r.workers} worker process(es)", soft_wrap=True)
     out.print(f"{r.n_images} images -> {r.csv_path}: {r.n_classified} classified in {r.seconds:.1f}s "
               f"({r.images_per_second:.1f} img/s, {len(r.sources)} source(s))"
-              + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else ""), soft_wrap=True)
+              + (f", {r.n_resumed} rows kept from the interrupted run" if r.n_resumed else "")
+              + (f", {r.n_rejected} refused as out of distribution" if r.n_rejected else "")
+              + (f"; {r.n_duplicates} input(s) listed twice, classified once" if r.n_duplicates else ""),
+              soft_wrap=True)
+    if r.parquet:
+        out.print(f"Parquet -> {r.parquet}", soft_wrap=True)
     print_scores(f"scored on {inputs}", r.sources)
     if r.n_errors:
         err.print(f"{r.n_errors} file(s) could not be read; see the error column of {r.csv_path}", style="yellow")
@@ -82,38 +85,33 @@ def infer_cmd(
     top_k: Annotated[int, opt(I, "top_k")] = default_of(I, "top_k"),
     resume: Annotated[bool, opt(I, "resume")] = False,
     strict: Annotated[bool, opt(I, "strict")] = False,
-    explain_wrong: Annotated[int, typer.Option(help="Write Grad-CAM heatmaps of the N most confidently wrong "
-                                                    "images (needs the training extra and the bundle's run).")] = 0,
+    explain_wrong: Annotated[int, opt(I, "explain_wrong")] = 0,
     ray: Annotated[bool, typer.Option("--ray", help="Run the job on Ray Data (the scale extra): a local Ray, or "
                                                     "the cluster of --ray-address / RAY_ADDRESS.")] = False,
     ray_address: Annotated[Optional[str], opt(R, "address", "--ray-address")] = None,
     ray_actors: Annotated[Optional[int], opt(R, "actors", "--ray-actors")] = None,
     ray_gpus_per_actor: Annotated[Optional[float], opt(R, "gpus_per_actor", "--ray-gpus-per-actor")] = None,
     ray_cpus_per_actor: Annotated[float, opt(R, "cpus_per_actor", "--ray-cpus-per-actor")] = 1.0,
-    parquet: Annotated[Optional[Path], opt(R, "parquet_dir", "--parquet")] = None,
+    parquet: Annotated[Optional[Path], opt(I, "parquet_dir", "--parquet")] = None,
 ) -> None:
     """Classify every image of INPUT with each selected source; score them when labels are known
     (class-named sub-folders, --labels, or a label column in the list)."""
-    if explain_wrong < 0:
-        usage_error(f"--explain-wrong is a number of images (0: none), got {explain_wrong}")
     with reported(), interrupted_keeps(out_csv):
         cfg = InferConfig(inputs=inputs, labels=labels, deploy_dir=deploy_dir, sources=source, out_csv=out_csv,
                           batch_size=batch_size, backend=backend.value, precision=precision.value,
                           device=device.value, top_k=top_k, resume=resume, strict=strict, threads=threads,
-                          workers=workers, compile=compile, decode=decode)
-        if ray and is_auto(cfg.sources):
-            usage_error("--source auto routes images locally; drop --ray, or name the sources with --source")
+                          workers=workers, compile=compile, decode=decode, explain_wrong=explain_wrong,
+                          parquet_dir=parquet)
         if ray:
             opts = RayOptions(address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
-                              cpus_per_actor=ray_cpus_per_actor, parquet_dir=parquet)
+                              cpus_per_actor=ray_cpus_per_actor)
             with image_progress("classifying on Ray") as progress:
                 r = infer_on_ray(cfg, opts, progress)
-        elif ray_address or ray_actors or ray_gpus_per_actor is not None or parquet:
-            usage_error("--ray-address, --ray-actors, --ray-gpus-per-actor and --parquet need --ray")
+        elif ray_address or ray_actors or ray_gpus_per_actor is not None:
+            usage_error("--ray-address, --ray-actors and --ray-gpus-per-actor need --ray")
         else:
-            run = infer_routed if is_auto(cfg.sources) else infer_folder
             with image_progress("classifying") as progress:
-                r = run(cfg, progress)
+                r = infer_folder(cfg, progress)
     _report_infer(r, inputs)
     if explain_wrong > 0:
         with reported():

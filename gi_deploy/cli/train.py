@@ -106,7 +106,7 @@ def train_cmd(
     nproc_per_node: Annotated[Optional[int], typer.Option(
         help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
              "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
-             "train ... (see the README).")] = None,
+             "train ... (see docs/scaling.md).")] = None,
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
     with reported():

@@ -25,7 +25,6 @@ from gi_deploy.demo.config import BASE, MODEL, DemoConfig
 from gi_deploy.demo.synthetic import write_ood, write_pretext, write_source
 from gi_deploy.export.writer import ExportConfig, export_router, export_runs
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-from gi_deploy.runtime.route import infer_routed
 from gi_deploy.runtime.routing_eval import evaluate_routing
 from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.trainer import train
@@ -93,7 +92,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
         for model in models:
             result.scores[model][source] = res.sources[model].metrics
     say("--source auto on a mixed folder (both test sets and frames no source covers)")
-    auto = infer_routed(InferConfig(inputs=data / "mixed", deploy_dir=deploy, sources=["auto"],
+    auto = infer_folder(InferConfig(inputs=data / "mixed", deploy_dir=deploy, sources=["auto"],
                                     out_csv=out / "predictions" / "mixed_auto.csv"))
     with open(auto.csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

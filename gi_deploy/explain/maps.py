@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from gi_deploy._io import read_json, write_json
 from gi_deploy.core.bundles import read_bundle_manifest, training_run_of
 from gi_deploy.core.preprocess import PreprocessSpec, crop_geometry, list_images, load_rgb, to_input
 from gi_deploy.core.runs import read_run_manifest, select_runs
@@ -317,12 +318,30 @@ def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: dict, n: int, o
         return None
     run_dir = training_run_of(bundle_manifest)  # the same run, unchanged since the export
     model = load_source(run_dir)
-    if out_dir.is_dir():
-        for old in out_dir.glob("*.png"):
-            old.unlink()
+    _remove_recorded(out_dir)
     names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
-    return explain_images([folder / p for p, *_ in wrong], [model], method, [k for _, _, k, _ in wrong], None,
-                          out_dir, min(n, SHEET_MAX_ROWS), names)
+    result = explain_images([folder / p for p, *_ in wrong], [model], method, [k for _, _, k, _ in wrong], None,
+                            out_dir, min(n, SHEET_MAX_ROWS), names)
+    written = sorted(p.name for p in out_dir.glob("*.png"))  # this run's maps and sheet: all it may remove later
+    write_json(out_dir / WRITTEN_RECORD, {"written": written})
+    return result
+
+
+# The files an --explain-wrong run wrote into its folder: the next run removes those and nothing else
+# (a folder the user pointed somewhere else, or put their own images in, keeps them).
+WRITTEN_RECORD = ".gi-deploy-written.json"
+
+
+def _remove_recorded(out_dir: Path) -> None:
+    record = out_dir / WRITTEN_RECORD
+    if not record.is_file():
+        return
+    names = read_json(record, "explain-wrong record").get("written", [])
+    for name in names:
+        p = out_dir / str(name)
+        if isinstance(name, str) and "/" not in name and p.parent == out_dir and p.is_file() and not p.is_symlink():
+            p.unlink()
+    record.unlink()
 
 
 def explain_wrong_sources(csv_path: Path, folder: Path, deploy_dir: Path, sources: list[str], n: int,

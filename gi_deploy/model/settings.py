@@ -25,7 +25,8 @@ class LoraSettings:
     # "input": peft's (and the paper's) dropout on the layer input, full width; "rank": the same rate
     # on the r-dimensional output of A, 6-190x fewer elements (a cheaper, different regulariser;
     # see benchmarks/train_throughput.py). Training-only: saved adapters and merges are identical.
-    dropout_position: str = helped("input", "input (peft, the paper) | rank (on A's output: cheaper, see README).")
+    dropout_position: str = helped("input", "input (peft, the paper) | rank (on A's output: cheaper, see "
+                                   "docs/benchmarks.md).")
 
     def __post_init__(self) -> None:
         self.target_modules, self.modules_to_save = tuple(self.target_modules), tuple(self.modules_to_save)

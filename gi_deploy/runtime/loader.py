@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.bundles import read_bundle_manifest
+from gi_deploy.core.bundles import content_sha256, read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.runtime.backends import open_backend
 from gi_deploy.runtime.backends.base import Backend, is_info
@@ -65,3 +65,20 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
             log.warning("%s: %s", manifest["source"], note)
     return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest["classes"]),
                   preprocess=PreprocessSpec.from_dict(manifest["preprocess"]), backend=b)
+
+
+class BundleInfo:
+    """What a driver that loads no model (the Ray driver) knows of a bundle: its manifest."""
+
+    def __init__(self, path: Path):
+        self.path, self.manifest = Path(path), read_bundle_manifest(Path(path))
+        self.source, self.classes = self.manifest["source"], list(self.manifest["classes"])
+        self.preprocess = PreprocessSpec.from_dict(self.manifest["preprocess"])
+
+
+def bundle_identity(b, precision: str) -> dict:
+    """What makes one source's rows one model's: the bundle's export key and content hash, and the
+    model file (precision and sha256) that ran."""
+    m = b.manifest
+    return {"bundle": str(b.path), "export_key": m.get("export_key"), "content_sha256": content_sha256(m),
+            "precision": precision, "model_sha256": m["models"].get(precision, {}).get("sha256")}

@@ -35,7 +35,7 @@ from gi_deploy.runtime.cross import _truth, default_test_set
 from gi_deploy.runtime.infer import InferConfig
 from gi_deploy.runtime.inputs import collect_inputs
 from gi_deploy.runtime.decode.cpu import decoded_batches
-from gi_deploy.runtime.route import open_routed, routed_specs
+from gi_deploy.runtime.route import Routed
 
 OOD = "(ood)"
 
@@ -89,10 +89,11 @@ def evaluate_routing(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = InferConfig(inputs=".", deploy_dir=deploy_dir, backend=backend, precision=precision, device=device,
                       workers=workers)
-    router, bundles, stats, notes = open_routed(cfg)
+    routed = Routed.open(cfg)
+    router, bundles, stats, notes = routed.router, routed.bundles, routed.stats, routed.notes
     sources = router.sources
     items = _sets(deploy_dir, sources, tests, ood, out_dir)
-    specs, spec_of = routed_specs(router, bundles)
+    specs, spec_of = routed.specs, routed.spec_of
     rows = []
     it = iter(items)
     for batch in decoded_batches([p for _, p, _ in items], specs, batch_size, workers):

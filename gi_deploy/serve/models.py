@@ -26,8 +26,8 @@ import numpy as np
 
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.decode.cpu import decode_batch
-from gi_deploy.runtime.infer import InferConfig
-from gi_deploy.serve._stand_in import Answer, open_strategy  # -> gi_deploy.runtime.job once it lands
+from gi_deploy.runtime.infer import open_strategy
+from gi_deploy.runtime.job import Answer, InferConfig
 
 IMAGE, INPUT = "image", "input"
 AUTO = "auto"

@@ -6,9 +6,10 @@ Triton container's Python needs gi-deploy installed (the torch-free core: numpy,
 - ``Preprocess``: ``image`` (BYTES (1,), the encoded file) -> ``input`` (FP32 (3, H, W)), the bundle's
   preprocessing from the ``preprocess`` parameter.
 - ``Postprocess``: ``logits`` (FP32 (C,)) -> ``probabilities``, ``label``, ``confidence`` (serve/models.py).
-- ``Auto`` (BLS, since an ensemble cannot branch): ``image`` -> the router, then a BLS request to the
-  routed source's ``<source>_onnx`` model for logits and pooled features, the in-distribution check, and
-  ``auto``'s outputs of serve/models.py.
+- ``Auto`` (BLS, since an ensemble cannot branch): ``image`` -> ``infer --source auto``'s strategy
+  (runtime/route.Routed: the router, the routed model, the in-distribution check) whose models are BLS
+  requests to each source's ``<source>_onnx`` for logits and pooled features; ``auto``'s outputs of
+  serve/models.py.
 
 Every request is answered on its own: a bad one gets an error response, its batch-mates their answers.
 ``triton_python_backend_utils`` exists only inside Triton's Python stub; it is imported in
@@ -28,7 +29,7 @@ from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
 from gi_deploy.core.router import load_router
 from gi_deploy.errors import GiDeployError
 from gi_deploy.runtime.decode.cpu import decode_batch
-from gi_deploy.runtime.route import _classify_batch, refusal_reason, routed_specs
+from gi_deploy.runtime.route import Routed
 from gi_deploy.serve.models import MAX_IMAGE_BYTES, Answer, answer_tensors, image_items
 
 DEPLOY_COPY = "deploy"  # auto's version folder holds the router and each source's manifest and statistics
@@ -109,8 +110,8 @@ class Postprocess(_Base):
 
 
 class _BlsModel:
-    """A routed source's model as runtime/route._classify_batch calls it, run by Triton (BLS) in
-    ``<source>_onnx``: the decoder's uint8 pixels -> (logits, pooled features)."""
+    """A routed source's model as runtime/route.Routed calls it, run by Triton (BLS) in ``<source>_onnx``:
+    the decoder's uint8 pixels -> (logits, pooled features)."""
 
     def __init__(self, pb, name: str, spec: PreprocessSpec, classes: list[str], has_features: bool):
         self.pb, self.name, self.preprocess, self.classes, self.has_features = pb, name, spec, classes, has_features
@@ -143,21 +144,9 @@ class Auto(_Base):
             self.stats[s] = load_id_stats(deploy / s, manifest)
             self.models[s] = _BlsModel(self.pb, f"{s}_onnx", spec, list(manifest["classes"]),
                                        self.stats[s] is not None)
-        self.specs, self.spec_of = routed_specs(self.router, self.models)
-        self.classes = list(dict.fromkeys(c for m in self.models.values() for c in m.classes))
+        self.routed = Routed(self.router, self.models, self.stats, [])  # infer --source auto's own strategy
+        self.classes = self.routed.classes
 
     def answer(self, request) -> dict[str, np.ndarray]:
-        inputs = self._images(request, self.specs)
-        idx, conf, probs, score, rejected, novelty = _classify_batch(inputs, self.router, self.models, self.stats,
-                                                                     self.spec_of)
-        answers = []
-        for i in range(len(idx)):
-            s = self.router.sources[idx[i]]
-            st = self.stats[s]
-            sc = None if np.isnan(score[i]) else float(score[i])
-            reason = refusal_reason(s, None if np.isnan(novelty[i]) else float(novelty[i]), sc,
-                                    st.threshold if st else None) if rejected[i] else ""
-            extra = {"router_confidence": f"{conf[i]:.6f}", "id_score": "" if sc is None else f"{sc:.3f}",
-                     "id_threshold": "" if st is None else f"{st.threshold:.3f}"}
-            answers.append(Answer(s, None if rejected[i] else probs[i], extra, bool(rejected[i]), reason))
+        answers = [row[0] for row in self.routed.classify(self._images(request, self.routed.specs))]
         return answer_tensors(answers, self.classes, {s: m.classes for s, m in self.models.items()}, routed=True)

@@ -143,5 +143,5 @@ def test_cli_infer_ray_writes_the_csv_and_parquet_shards(local_ray, images, two_
 
 def test_ray_options_without_ray_are_a_usage_error(two_source_deploy, images, tmp_path):
     res = CliRunner().invoke(app, ["infer", str(images), "--deploy", str(two_source_deploy), "--source", "all",
-                                   "--out", str(tmp_path / "p.csv"), "--parquet", str(tmp_path / "pq")])
+                                   "--out", str(tmp_path / "p.csv"), "--ray-actors", "2"])
     assert res.exit_code == 2 and "need --ray" in res.output

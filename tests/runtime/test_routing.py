@@ -135,6 +135,7 @@ def test_infer_auto_resume_classifies_only_the_rest(routed_deploy, mixed, tmp_pa
     assert invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", full, "--workers", 0).exit_code == 0
     lines = full.read_text().splitlines(keepends=True)
     part.write_text("".join(lines[:8]) + lines[8][:10])  # 7 rows and half a line: a killed run
+    shutil.copy(tmp_path / "full.csv.bundles.json", tmp_path / "part.csv.bundles.json")  # the models that wrote them
     r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", part, "--workers", 0, "--resume")
     assert r.exit_code == 0, r.output
     assert "7 rows kept" in r.output

@@ -49,13 +49,12 @@ def infer(url_or_client, model: str, paths, protocol: str = "http") -> dict[str,
 def _reference(deploy: Path, paths: list[Path], sources: list[str], tmp: Path) -> dict[tuple[str, str], dict]:
     """``gi-deploy infer`` on ``paths``: CSV rows by (resolved path, source)."""
     from gi_deploy.runtime.infer import InferConfig, infer_folder
-    from gi_deploy.runtime.route import infer_routed
 
-    listing = tmp / f"{'-'.join(sources)}.txt"
+    listing = tmp / f"{'-'.join(sources)}-inputs.txt"  # infer writes <out stem>.txt beside its CSV
     listing.write_text("\n".join(str(p) for p in paths) + "\n")
     cfg = InferConfig(inputs=listing, deploy_dir=deploy, sources=sources, out_csv=tmp / f"{'-'.join(sources)}.csv",
                       workers=0, score=False)
-    r = (infer_routed if sources == ["auto"] else infer_folder)(cfg)
+    r = infer_folder(cfg)
     with open(r.csv_path, newline="", encoding="utf-8") as f:  # file names repeat across class folders: full paths
         return {(str((Path(r.root) / row["path"]).resolve()), "auto" if sources == ["auto"] else row["source"]): row
                 for row in csv.DictReader(f)}
