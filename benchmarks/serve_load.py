@@ -82,8 +82,10 @@ def in_process(model, images: list[bytes], n: int) -> dict[str, dict]:
         run([images[(done + k) % len(images)] for k in range(32)])
         done += 32
     b32 = done / (time.perf_counter() - t0)
-    return {"batch 1": {"img_s": b1, "p50": _pct(lat, 50), "p99": _pct(lat, 99)},
-            "batch 32": {"img_s": b32, "p50": float("nan"), "p99": float("nan")}}
+    return {
+        "batch 1": {"img_s": b1, "p50": _pct(lat, 50), "p99": _pct(lat, 99)},
+        "batch 32": {"img_s": b32, "p50": float("nan"), "p99": float("nan")},
+    }
 
 
 def _better(old: dict | None, new: dict) -> dict:
@@ -104,8 +106,10 @@ def load(http: str, metrics: str, source: str, images: list[bytes], concurrency:
 
     lat, errors = [], []
     per_client = max(1, n // concurrency)
-    execs0, reqs0 = _metric(metrics, "nv_inference_exec_count", source), \
-        _metric(metrics, "nv_inference_request_success", source)
+    execs0, reqs0 = (
+        _metric(metrics, "nv_inference_exec_count", source),
+        _metric(metrics, "nv_inference_request_success", source),
+    )
 
     def client(k: int) -> None:
         c = httpclient.InferenceServerClient(http, connection_timeout=300, network_timeout=300)
@@ -131,8 +135,14 @@ def load(http: str, metrics: str, source: str, images: list[bytes], concurrency:
     time.sleep(1.2)  # Triton refreshes its counters on a timer
     execs = _metric(metrics, "nv_inference_exec_count", source) - execs0
     reqs = _metric(metrics, "nv_inference_request_success", source) - reqs0
-    return {"img_s": len(lat) / wall, "p50": _pct(lat, 50), "p99": _pct(lat, 99), "errors": len(errors),
-            "avg_batch": reqs / execs if execs else float("nan"), "requests": len(lat)}
+    return {
+        "img_s": len(lat) / wall,
+        "p50": _pct(lat, 50),
+        "p99": _pct(lat, 99),
+        "errors": len(errors),
+        "avg_batch": reqs / execs if execs else float("nan"),
+        "requests": len(lat),
+    }
 
 
 def main() -> int:
@@ -143,8 +153,12 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=64, help="distinct images, cycled")
     ap.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--threads", type=int, default=1, help="the server's model threads per instance (in-process "
-                                                             "runs on every core, its best)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's model threads per instance (in-process runs on every core, its best)",
+    )
     ap.add_argument("--instances", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="in-process and server runs interleaved; best of each")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -156,9 +170,27 @@ def main() -> int:
     model = open_served(a.deploy, a.source)  # in-process: every core
     ports = [_free_port() for _ in range(3)]
     log = tempfile.NamedTemporaryFile("w+", prefix="serve-load-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "gi_deploy.cli", "serve", str(a.deploy), "--source", a.source, "--http-port",
-           str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--max-batch",
-           str(a.max_batch), "--max-queue-delay-ms", str(a.max_queue_delay_ms), "--instances", str(a.instances)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gi_deploy.cli",
+        "serve",
+        str(a.deploy),
+        "--source",
+        a.source,
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        "--max-batch",
+        str(a.max_batch),
+        "--max-queue-delay-ms",
+        str(a.max_queue_delay_ms),
+        "--instances",
+        str(a.instances),
+    ]
     cmd += ["--threads", str(a.threads)] if a.threads else []
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     http, metrics = f"127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}/metrics"
@@ -190,28 +222,41 @@ def main() -> int:
         server.wait(60)
 
     best = max(r["img_s"] for r in ref.values())
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; model {a.source} of {a.deploy}; {a.image_px}px JPEGs; "
-          f"server: {a.instances} instance(s), max batch {a.max_batch}, queue delay {a.max_queue_delay_ms} ms, "
-          f"{a.threads} thread(s) each; best of {a.repeats} interleaved repeats")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} cores; model {a.source} of {a.deploy}; {a.image_px}px JPEGs; "
+        f"server: {a.instances} instance(s), max batch {a.max_batch}, queue delay {a.max_queue_delay_ms} ms, "
+        f"{a.threads} thread(s) each; best of {a.repeats} interleaved repeats"
+    )
     print(f"| {'run':<22} | {'img/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | {'vs in-process':>13} | {'avg batch':>9} |")
     print(f"|{'-' * 24}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 15}|{'-' * 11}|")
     for name, r in ref.items():
         print(f"| in-process {name:<11} | {r['img_s']:7.1f} | {r['p50']:7.1f} | {r['p99']:7.1f} | {'':>13} | {'':>9} |")
     for conc, r in rows.items():
-        print(f"| serve, concurrency {conc:<3} | {r['img_s']:7.1f} | {r['p50']:7.1f} | {r['p99']:7.1f} | "
-              f"{r['img_s'] / best:12.2f}x | {r['avg_batch']:9.1f} |"
-              + (f"  {r['errors']} errors" if r["errors"] else ""))
+        print(
+            f"| serve, concurrency {conc:<3} | {r['img_s']:7.1f} | {r['p50']:7.1f} | {r['p99']:7.1f} | "
+            f"{r['img_s'] / best:12.2f}x | {r['avg_batch']:9.1f} |" + (f"  {r['errors']} errors" if r["errors"] else "")
+        )
     goals = []
     for conc, r in rows.items():
         if conc >= 8:
-            goals.append((f"throughput at concurrency {conc} >= {GOAL_THROUGHPUT}x in-process ({best:.1f} img/s)",
-                          r["img_s"] >= GOAL_THROUGHPUT * best and not r["errors"]))
+            goals.append(
+                (
+                    f"throughput at concurrency {conc} >= {GOAL_THROUGHPUT}x in-process ({best:.1f} img/s)",
+                    r["img_s"] >= GOAL_THROUGHPUT * best and not r["errors"],
+                )
+            )
     if 1 in rows:
         p50 = ref["batch 1"]["p50"]
-        goals.append((f"p50 at concurrency 1 <= {GOAL_LATENCY}x in-process batch-1 p50 ({p50:.1f} ms)",
-                      rows[1]["p50"] <= GOAL_LATENCY * ref["batch 1"]["p50"] and not rows[1]["errors"]))
+        goals.append(
+            (
+                f"p50 at concurrency 1 <= {GOAL_LATENCY}x in-process batch-1 p50 ({p50:.1f} ms)",
+                rows[1]["p50"] <= GOAL_LATENCY * ref["batch 1"]["p50"] and not rows[1]["errors"],
+            )
+        )
     for text, ok in goals:
         print(f"{'met' if ok else 'NOT met'}: {text}")
     return 1 if a.check and not all(ok for _, ok in goals) else 0

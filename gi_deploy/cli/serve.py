@@ -18,8 +18,10 @@ S = ServeConfig
 def _ready(info: ServeInfo) -> None:
     for name, lines in info.models.items():
         out.print(f"model {name}: " + "; ".join(lines), soft_wrap=True)
-    out.print(f"ready: HTTP {info.http}  gRPC {info.grpc}  metrics {info.metrics}  (SIGTERM or Ctrl-C drains and "
-              "stops)", soft_wrap=True)
+    out.print(
+        f"ready: HTTP {info.http}  gRPC {info.grpc}  metrics {info.metrics}  (SIGTERM or Ctrl-C drains and stops)",
+        soft_wrap=True,
+    )
 
 
 def serve_cmd(
@@ -42,13 +44,29 @@ def serve_cmd(
     """Serve each source's model (and `auto` where the folder has a router) over KServe v2 HTTP and gRPC
     (Triton's server core): send an encoded JPEG/PNG, get the probabilities, label and confidence."""
     with reported():
-        cfg = ServeConfig(deploy_dir=deploy_dir, sources=source, host=host, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms,
-                          instances=instances, threads=threads, backend=backend.value, precision=precision.value,
-                          device=device.value, max_image_mb=max_image_mb, drain_s=drain_s)
+        cfg = ServeConfig(
+            deploy_dir=deploy_dir,
+            sources=source,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            max_batch=max_batch,
+            max_queue_delay_ms=max_queue_delay_ms,
+            instances=instances,
+            threads=threads,
+            backend=backend.value,
+            precision=precision.value,
+            device=device.value,
+            max_image_mb=max_image_mb,
+            drain_s=drain_s,
+        )
         if not cfg.is_loopback:
-            err.print(f"warning: binding {cfg.host}: the endpoints are reachable from other machines, with no "
-                      "authentication; put them behind your network's access control", style="bold yellow",
-                      soft_wrap=True)
+            err.print(
+                f"warning: binding {cfg.host}: the endpoints are reachable from other machines, with no "
+                "authentication; put them behind your network's access control",
+                style="bold yellow",
+                soft_wrap=True,
+            )
         serve(cfg, on_ready=_ready)
     out.print("stopped: in-flight requests drained", soft_wrap=True)

@@ -17,19 +17,27 @@ LOOPBACK = "127.0.0.1"
 @dataclass
 class ServeConfig:
     deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
-    sources: list[str] | None = helped(None, "Model(s) to serve, repeatable: a source, 'auto' (the router, then the "
-                                             "routed source's model, with the OOD refusal) or 'all' (none: every "
-                                             "bundle, plus auto when the folder has a router).")
-    host: str = helped(LOOPBACK, "Address the HTTP, gRPC and metrics endpoints bind to (0.0.0.0: every interface "
-                                 "of this machine, reachable from the network).")
+    sources: list[str] | None = helped(
+        None,
+        "Model(s) to serve, repeatable: a source, 'auto' (the router, then the "
+        "routed source's model, with the OOD refusal) or 'all' (none: every "
+        "bundle, plus auto when the folder has a router).",
+    )
+    host: str = helped(
+        LOOPBACK,
+        "Address the HTTP, gRPC and metrics endpoints bind to (0.0.0.0: every interface "
+        "of this machine, reachable from the network).",
+    )
     http_port: int = helped(8000, "KServe v2 HTTP/REST port.")
     grpc_port: int = helped(8001, "KServe v2 gRPC port.")
     metrics_port: int = helped(8002, "Prometheus metrics port (GET /metrics).")
     max_batch: int = helped(8, "Most images per model execution (Triton's max_batch_size).")
-    max_queue_delay_ms: float = helped(2.0, "How long the dynamic batcher holds a request waiting for others to "
-                                            "batch with.")
-    instances: int = helped(1, "Model instances per served model, each with its own session (and its share of "
-                               "the cores).")
+    max_queue_delay_ms: float = helped(
+        2.0, "How long the dynamic batcher holds a request waiting for others to batch with."
+    )
+    instances: int = helped(
+        1, "Model instances per served model, each with its own session (and its share of the cores)."
+    )
     threads: int | None = helped(None, "CPU threads per instance (none: this process's cores / --instances).")
     backend: str = helped("auto", "auto | onnxruntime | tensorrt | torch, as infer's --backend.")
     precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files).")
@@ -52,8 +60,10 @@ class ServeConfig:
         if len(set(ports.values())) < 3:
             raise ConfigError(f"the HTTP, gRPC and metrics ports must differ, got {ports}")
         if self.max_batch < 1 or self.instances < 1 or self.drain_s < 0:
-            raise ConfigError(f"max_batch and instances must be >= 1 and drain_s >= 0, got {self.max_batch}, "
-                              f"{self.instances}, {self.drain_s}")
+            raise ConfigError(
+                f"max_batch and instances must be >= 1 and drain_s >= 0, got {self.max_batch}, "
+                f"{self.instances}, {self.drain_s}"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 (or left out), got {self.threads}")
         if not 0 <= self.max_queue_delay_ms <= 10_000:
@@ -61,8 +71,10 @@ class ServeConfig:
         if self.max_image_mb <= 0:
             raise ConfigError(f"max_image_mb must be > 0, got {self.max_image_mb}")
         if self.backend not in BACKENDS or self.precision not in PRECISIONS:
-            raise ConfigError(f"backend {self.backend!r} / precision {self.precision!r} unknown; use one of "
-                              f"{', '.join(BACKENDS)} / {', '.join(PRECISIONS)}")
+            raise ConfigError(
+                f"backend {self.backend!r} / precision {self.precision!r} unknown; use one of "
+                f"{', '.join(BACKENDS)} / {', '.join(PRECISIONS)}"
+            )
 
     @property
     def is_loopback(self) -> bool:

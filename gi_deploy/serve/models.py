@@ -49,12 +49,20 @@ class TensorDef:
 
 
 def _outputs(n_classes: int, routed: bool) -> tuple[TensorDef, ...]:
-    out = (TensorDef("probabilities", np.float32, (n_classes,)), TensorDef("label", np.object_, (1,)),
-           TensorDef("confidence", np.float32, (1,)))
+    out = (
+        TensorDef("probabilities", np.float32, (n_classes,)),
+        TensorDef("label", np.object_, (1,)),
+        TensorDef("confidence", np.float32, (1,)),
+    )
     if routed:
-        out += (TensorDef("source", np.object_, (1,)), TensorDef("router_confidence", np.float32, (1,)),
-                TensorDef("id_score", np.float32, (1,)), TensorDef("id_threshold", np.float32, (1,)),
-                TensorDef("rejected", np.bool_, (1,)), TensorDef("reason", np.object_, (1,)))
+        out += (
+            TensorDef("source", np.object_, (1,)),
+            TensorDef("router_confidence", np.float32, (1,)),
+            TensorDef("id_score", np.float32, (1,)),
+            TensorDef("id_threshold", np.float32, (1,)),
+            TensorDef("rejected", np.bool_, (1,)),
+            TensorDef("reason", np.object_, (1,)),
+        )
     return out
 
 
@@ -79,8 +87,10 @@ class ServedModel:
         else:
             b = strategy.bundles[strategy.slots[0]]
             h, w = b.preprocess.size
-            self.inputs = (TensorDef(IMAGE, np.object_, (1,), optional=True),
-                           TensorDef(INPUT, np.float32, (3, h, w), optional=True))
+            self.inputs = (
+                TensorDef(IMAGE, np.object_, (1,), optional=True),
+                TensorDef(INPUT, np.float32, (3, h, w), optional=True),
+            )
         self.outputs = _outputs(len(self.classes), self.routed)
 
     @property
@@ -88,11 +98,14 @@ class ServedModel:
         """What a client needs to read the answers, as Triton model-config parameters (strings): the
         class order, each model's preprocessing (for ``input``), the bundles' identities."""
         bundles = self.strategy.bundles
-        return {"classes": json.dumps(self.classes),
-                "preprocess": json.dumps({s: b.preprocess.to_dict() for s, b in bundles.items()}),
-                "bundles": json.dumps({s: {"export_key": b.manifest.get("export_key"), "path": str(b.path)}
-                                       for s, b in bundles.items()}),
-                "backends": json.dumps({s: v[0] for s, v in self.strategy.backends().items()})}
+        return {
+            "classes": json.dumps(self.classes),
+            "preprocess": json.dumps({s: b.preprocess.to_dict() for s, b in bundles.items()}),
+            "bundles": json.dumps(
+                {s: {"export_key": b.manifest.get("export_key"), "path": str(b.path)} for s, b in bundles.items()}
+            ),
+            "backends": json.dumps({s: v[0] for s, v in self.strategy.backends().items()}),
+        }
 
     def __call__(self, requests) -> list[dict[str, np.ndarray]]:
         images, floats, kinds = [], [], []
@@ -105,10 +118,10 @@ class ServedModel:
         out, a, b = [], 0, 0
         for kind, n in kinds:
             if kind == IMAGE:
-                out.append(self._tensors(answers_img[a:a + n]))
+                out.append(self._tensors(answers_img[a : a + n]))
                 a += n
             else:
-                out.append(self._tensors(answers_flt[b:b + n]))
+                out.append(self._tensors(answers_flt[b : b + n]))
                 b += n
         return out
 
@@ -117,8 +130,10 @@ class ServedModel:
         names = set(request.keys())
         has_image, has_input = IMAGE in names, INPUT in names
         if has_image == has_input:
-            raise DataError(f"request {i} to model {self.name}: send exactly one of the inputs "
-                            f"{', '.join(t.name for t in self.inputs)} (got {', '.join(sorted(names)) or 'none'})")
+            raise DataError(
+                f"request {i} to model {self.name}: send exactly one of the inputs "
+                f"{', '.join(t.name for t in self.inputs)} (got {', '.join(sorted(names)) or 'none'})"
+            )
         x = request[IMAGE if has_image else INPUT]
         if len(x) == 0:
             raise DataError(f"request {i} to model {self.name}: the batch is empty (0 images)")
@@ -133,8 +148,10 @@ class ServedModel:
         batch = decode_batch(images, self.strategy.specs)
         bad = [f"image {k}: {e}" for k, e in enumerate(batch.errors) if e]
         if bad:
-            raise DataError(f"model {self.name}: {len(bad)} of the {len(images)} images of this batch cannot be "
-                            f"decoded: {'; '.join(bad)}")
+            raise DataError(
+                f"model {self.name}: {len(bad)} of the {len(images)} images of this batch cannot be "
+                f"decoded: {'; '.join(bad)}"
+            )
         return [row[0] for row in self.strategy.classify(batch.inputs)]
 
     def _classify_floats(self, x: np.ndarray) -> list[Answer]:
@@ -143,8 +160,9 @@ class ServedModel:
         return [row[0] for row in self.strategy.classify([x])]
 
     def _tensors(self, answers: list[Answer]) -> dict[str, np.ndarray]:
-        return answer_tensors(answers, self.classes, {s: b.classes for s, b in self.strategy.bundles.items()},
-                              self.routed)
+        return answer_tensors(
+            answers, self.classes, {s: b.classes for s, b in self.strategy.bundles.items()}, self.routed
+        )
 
 
 _B64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
@@ -158,16 +176,19 @@ def image_items(x: np.ndarray, max_bytes: int) -> list[bytes]:
     for j, v in enumerate(np.asarray(x, dtype=object).reshape(len(x), -1)[:, 0]):
         data = v if isinstance(v, bytes) else str(v).encode() if isinstance(v, str) else bytes(v)
         if len(data) > max_bytes:
-            raise DataError(f"image {j} is {len(data) / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit (an "
-                            "endoscopy frame is a few MB at most; gi-deploy serve --max-image-mb raises it)")
+            raise DataError(
+                f"image {j} is {len(data) / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit (an "
+                "endoscopy frame is a few MB at most; gi-deploy serve --max-image-mb raises it)"
+            )
         if _B64.fullmatch(data) and len(data) % 4 == 0:
             data = base64.b64decode(data)
         items.append(data)
     return items
 
 
-def answer_tensors(answers: list[Answer], classes: list[str], classes_of: dict[str, list[str]],
-                   routed: bool) -> dict[str, np.ndarray]:
+def answer_tensors(
+    answers: list[Answer], classes: list[str], classes_of: dict[str, list[str]], routed: bool
+) -> dict[str, np.ndarray]:
     """One request's answers -> its output tensors (module docstring), each with a leading batch
     dimension: ``classes`` is the model's output class order, ``classes_of`` each source's."""
     n, c = len(answers), len(classes)
@@ -183,6 +204,7 @@ def answer_tensors(answers: list[Answer], classes: list[str], classes_of: dict[s
         label[k, 0], conf[k, 0] = own[top].encode(), a.probs[top]
     out = {"probabilities": probs, "label": label, "confidence": conf}
     if routed:
+
         def column(key: str, dtype) -> np.ndarray:
             if dtype is np.float32:  # "" (no statistics) -> NO_SCORE
                 vals = [float(a.extra[key]) if a.extra.get(key) else NO_SCORE for a in answers]
@@ -190,9 +212,14 @@ def answer_tensors(answers: list[Answer], classes: list[str], classes_of: dict[s
                 vals = [getattr(a, key).encode() if dtype is object else getattr(a, key) for a in answers]
             return np.array(vals, dtype=dtype).reshape(n, 1)
 
-        out.update(source=column("source", object), router_confidence=column("router_confidence", np.float32),
-                   id_score=column("id_score", np.float32), id_threshold=column("id_threshold", np.float32),
-                   rejected=column("rejected", np.bool_), reason=column("reason", object))
+        out.update(
+            source=column("source", object),
+            router_confidence=column("router_confidence", np.float32),
+            id_score=column("id_score", np.float32),
+            id_threshold=column("id_threshold", np.float32),
+            rejected=column("rejected", np.bool_),
+            reason=column("reason", object),
+        )
     return out
 
 
@@ -210,11 +237,26 @@ def model_names(deploy_dir: Path, sources: list[str] | None) -> list[str]:
     return names
 
 
-def open_served(deploy_dir: Path, name: str, backend: str = "auto", precision: str = "fp32", device: str = "cpu",
-                threads: int | None = None, max_batch: int = 32,
-                max_image_bytes: int = MAX_IMAGE_BYTES) -> ServedModel:
+def open_served(
+    deploy_dir: Path,
+    name: str,
+    backend: str = "auto",
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+    max_batch: int = 32,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+) -> ServedModel:
     """Load model ``name`` (a source, or ``auto``) of ``deploy_dir`` for serving: the same strategy
     ``gi-deploy infer --source name`` runs. Raises BundleError / ConfigError as infer does."""
-    cfg = InferConfig(inputs="", deploy_dir=Path(deploy_dir), sources=[name], backend=backend, precision=precision,
-                      device=device, threads=threads, batch_size=max_batch)
+    cfg = InferConfig(
+        inputs="",
+        deploy_dir=Path(deploy_dir),
+        sources=[name],
+        backend=backend,
+        precision=precision,
+        device=device,
+        threads=threads,
+        batch_size=max_batch,
+    )
     return ServedModel(name, open_strategy(cfg), max_image_bytes)

@@ -59,8 +59,10 @@ def _require_pytriton():
     try:
         import pytriton.triton as pt
     except ImportError as e:
-        raise DependencyError(f"gi-deploy serve needs the serve extra ({e}): pip install 'gi-deploy[serve]' (PyTriton "
-                              "0.7.0 needs numpy<2: give it its own environment, see docs/serving.md)") from e
+        raise DependencyError(
+            f"gi-deploy serve needs the serve extra ({e}): pip install 'gi-deploy[serve]' (PyTriton "
+            "0.7.0 needs numpy<2: give it its own environment, see docs/serving.md)"
+        ) from e
     return pt
 
 
@@ -68,29 +70,53 @@ def load_models(cfg: ServeConfig) -> dict[str, list[ServedModel]]:
     """Every model ``cfg`` serves, ``cfg.instances`` instances each, loaded before any port opens
     (a missing bundle or router fails here, naming it)."""
     threads = cfg.threads or max(1, cpu_threads() // cfg.instances)
-    return {name: [open_served(cfg.deploy_dir, name, cfg.backend, cfg.precision, cfg.device, threads, cfg.max_batch,
-                               int(cfg.max_image_mb * (1 << 20))) for _ in range(cfg.instances)]
-            for name in model_names(cfg.deploy_dir, cfg.sources)}
+    return {
+        name: [
+            open_served(
+                cfg.deploy_dir,
+                name,
+                cfg.backend,
+                cfg.precision,
+                cfg.device,
+                threads,
+                cfg.max_batch,
+                int(cfg.max_image_mb * (1 << 20)),
+            )
+            for _ in range(cfg.instances)
+        ]
+        for name in model_names(cfg.deploy_dir, cfg.sources)
+    }
 
 
 def _bind(triton, name: str, instances: list[ServedModel], cfg: ServeConfig) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     m = instances[0]
+
     def tensors(defs):
         return [Tensor(name=t.name, dtype=t.dtype, shape=t.shape, optional=t.optional) for t in defs]
 
-    triton.bind(model_name=name, infer_func=instances, inputs=tensors(m.inputs), outputs=tensors(m.outputs),
-                config=ModelConfig(max_batch_size=cfg.max_batch, batching=True, batcher=DynamicBatcher(
-                    max_queue_delay_microseconds=int(cfg.max_queue_delay_ms * 1000))), strict=True)
+    triton.bind(
+        model_name=name,
+        infer_func=instances,
+        inputs=tensors(m.inputs),
+        outputs=tensors(m.outputs),
+        config=ModelConfig(
+            max_batch_size=cfg.max_batch,
+            batching=True,
+            batcher=DynamicBatcher(max_queue_delay_microseconds=int(cfg.max_queue_delay_ms * 1000)),
+        ),
+        strict=True,
+    )
     # PyTriton's ModelConfig has no parameters field; the classes and preprocessing go into the model config
     # Triton serves (GET /v2/models/<name>/config) through the backend parameters it writes anyway.
     model = next(x for x in triton._model_manager.models if x.model_name == name)
     model._get_triton_model_config().backend_parameters.update(m.parameters)
 
 
-def serve(cfg: ServeConfig, on_ready: Callable[[ServeInfo], None] | None = None,
-          stop: threading.Event | None = None) -> ServeInfo:
+def serve(
+    cfg: ServeConfig, on_ready: Callable[[ServeInfo], None] | None = None, stop: threading.Event | None = None
+) -> ServeInfo:
     """Load the models, start Triton on ``cfg``'s address and ports, call ``on_ready`` once every model
     is ready, and serve until SIGTERM / SIGINT (in the main thread) or ``stop`` is set; then drain the
     requests in flight (up to ``cfg.drain_s``) and return. Raises DependencyError without the serve extra,
@@ -104,14 +130,24 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServeInfo], None] | None = None,
         for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job inherits it ignored
             signal.signal(sig, lambda *_: stop.set())
     h = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
-    info = ServeInfo(http=f"http://{h}:{cfg.http_port}", grpc=f"{h}:{cfg.grpc_port}",
-                     metrics=f"http://{h}:{cfg.metrics_port}/metrics",
-                     models={n: [f"{s}: {b[0]}" for s, b in ms[0].strategy.backends().items()]
-                             for n, ms in models.items()})
-    tc = pt.TritonConfig(http_address=cfg.host, http_port=cfg.http_port, grpc_address=cfg.host,
-                         grpc_port=cfg.grpc_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
-                         allow_metrics=True, allow_gpu_metrics=False, exit_timeout_secs=cfg.drain_s,
-                         strict_readiness=True)
+    info = ServeInfo(
+        http=f"http://{h}:{cfg.http_port}",
+        grpc=f"{h}:{cfg.grpc_port}",
+        metrics=f"http://{h}:{cfg.metrics_port}/metrics",
+        models={n: [f"{s}: {b[0]}" for s, b in ms[0].strategy.backends().items()] for n, ms in models.items()},
+    )
+    tc = pt.TritonConfig(
+        http_address=cfg.host,
+        http_port=cfg.http_port,
+        grpc_address=cfg.host,
+        grpc_port=cfg.grpc_port,
+        metrics_address=cfg.host,
+        metrics_port=cfg.metrics_port,
+        allow_metrics=True,
+        allow_gpu_metrics=False,
+        exit_timeout_secs=cfg.drain_s,
+        strict_readiness=True,
+    )
     triton = pt.Triton(config=tc)
     try:
         for name, instances in models.items():
@@ -121,8 +157,9 @@ def serve(cfg: ServeConfig, on_ready: Callable[[ServeInfo], None] | None = None,
             on_ready(info)
         while not stop.wait(0.5):
             if not triton.is_alive():
-                raise ServerDied("the Triton server (or a model's proxy) exited while serving; rerun with -v to see "
-                                 "its log")
+                raise ServerDied(
+                    "the Triton server (or a model's proxy) exited while serving; rerun with -v to see its log"
+                )
         log.info("stopping: draining the requests in flight (up to %d s)", cfg.drain_s)
     finally:
         triton.stop()

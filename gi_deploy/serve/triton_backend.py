@@ -58,8 +58,9 @@ class _Base:
             except (GiDeployError, ValueError) as e:  # this request's fault: an error response for it alone
                 responses.append(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(e))))
                 continue
-            responses.append(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v)
-                                                                       for k, v in outputs.items()]))
+            responses.append(
+                self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
+            )
         return responses
 
     def answer(self, request) -> dict[str, np.ndarray]:
@@ -105,8 +106,9 @@ class Postprocess(_Base):
 
     def answer(self, request) -> dict[str, np.ndarray]:
         p = softmax(self.pb.get_input_tensor_by_name(request, "logits").as_numpy().astype(np.float32))
-        return answer_tensors([Answer(self.source, row) for row in p], self.classes, {self.source: self.classes},
-                              routed=False)
+        return answer_tensors(
+            [Answer(self.source, row) for row in p], self.classes, {self.source: self.classes}, routed=False
+        )
 
 
 class _BlsModel:
@@ -120,8 +122,11 @@ class _BlsModel:
         from gi_deploy.errors import BundleError
 
         wanted = ["logits", "features"] if self.has_features else ["logits"]
-        req = self.pb.InferenceRequest(model_name=self.name, requested_output_names=wanted,
-                                       inputs=[self.pb.Tensor("input", normalize_pixels(pixels, self.preprocess))])
+        req = self.pb.InferenceRequest(
+            model_name=self.name,
+            requested_output_names=wanted,
+            inputs=[self.pb.Tensor("input", normalize_pixels(pixels, self.preprocess))],
+        )
         res = req.exec()
         if res.has_error():
             raise BundleError(f"{self.name}: {res.error().message()}")
@@ -142,8 +147,7 @@ class Auto(_Base):
             manifest = json.loads((deploy / s / "manifest.json").read_text())
             spec = PreprocessSpec.from_dict(manifest["preprocess"])
             self.stats[s] = load_id_stats(deploy / s, manifest)
-            self.models[s] = _BlsModel(self.pb, f"{s}_onnx", spec, list(manifest["classes"]),
-                                       self.stats[s] is not None)
+            self.models[s] = _BlsModel(self.pb, f"{s}_onnx", spec, list(manifest["classes"]), self.stats[s] is not None)
         self.routed = Routed(self.router, self.models, self.stats, [])  # infer --source auto's own strategy
         self.classes = self.routed.classes
 

@@ -55,8 +55,10 @@ class TritonRepoConfig:
         if self.kind not in KINDS:
             raise ConfigError(f"kind {self.kind!r} unknown; use one of {', '.join(KINDS)}")
         if self.precision not in MODEL_FILES:
-            raise ConfigError(f"precision {self.precision!r}: the repository serves one of the bundle's ONNX files, "
-                              f"{', '.join(MODEL_FILES)}")
+            raise ConfigError(
+                f"precision {self.precision!r}: the repository serves one of the bundle's ONNX files, "
+                f"{', '.join(MODEL_FILES)}"
+            )
         if min(self.max_batch, self.instances, self.python_instances) < 1 or self.max_queue_delay_ms < 0:
             raise ConfigError("max_batch, instances and python_instances must be >= 1, max_queue_delay_ms >= 0")
 
@@ -74,14 +76,17 @@ def _q(text: str) -> str:
 
 
 def _tensors(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
-    items = [f'  {{ name: {_q(n)} data_type: {_TYPES[t]} dims: [ {", ".join(map(str, dims))} ] }}'
-             for n, t, dims in tensors]
+    items = [
+        f"  {{ name: {_q(n)} data_type: {_TYPES[t]} dims: [ {', '.join(map(str, dims))} ] }}" for n, t, dims in tensors
+    ]
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
 def _batching(cfg: TritonRepoConfig) -> str:
-    return (f"max_batch_size: {cfg.max_batch}\n"
-            f"dynamic_batching {{ max_queue_delay_microseconds: {int(cfg.max_queue_delay_ms * 1000)} }}\n")
+    return (
+        f"max_batch_size: {cfg.max_batch}\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {int(cfg.max_queue_delay_ms * 1000)} }}\n"
+    )
 
 
 def _params(params: dict[str, str]) -> str:
@@ -101,15 +106,20 @@ def _write(folder: Path, config: str, files: dict[str, Path | str] | None = None
 
 def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
     """One ensemble step: ``model``'s tensors mapped to the ensemble's."""
-    return (f'  {{ model_name: "{model}" model_version: -1\n'
-            + "".join(f'    input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in inputs.items())
-            + "".join(f'    output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in outputs.items()) + "  }")
+    return (
+        f'  {{ model_name: "{model}" model_version: -1\n'
+        + "".join(f'    input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in inputs.items())
+        + "".join(f'    output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in outputs.items())
+        + "  }"
+    )
 
 
 def _python_model(cls: str) -> str:
-    return ("# Written by `gi-deploy export --triton-repo`: the runtime's own code, imported (the Triton container's\n"
-            "# Python needs gi-deploy installed; see ../../README.txt).\n"
-            f"from gi_deploy.serve.triton_backend import {cls} as TritonPythonModel  # noqa: F401\n")
+    return (
+        "# Written by `gi-deploy export --triton-repo`: the runtime's own code, imported (the Triton container's\n"
+        "# Python needs gi-deploy installed; see ../../README.txt).\n"
+        f"from gi_deploy.serve.triton_backend import {cls} as TritonPythonModel  # noqa: F401\n"
+    )
 
 
 def _onnx_io(path: Path) -> tuple[list[int], dict[str, int]]:
@@ -127,8 +137,10 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
     m = read_bundle_manifest(bundle)
     model_file = bundle / MODEL_FILES[cfg.precision]
     if not model_file.is_file():
-        raise BundleError(f"{model_file} is missing: the bundle of {source} has no {cfg.precision} model; export it, "
-                          "or choose another --precision")
+        raise BundleError(
+            f"{model_file} is missing: the bundle of {source} has no {cfg.precision} model; export it, "
+            "or choose another --precision"
+        )
     chw, outs = _onnx_io(model_file)
     classes = list(m["classes"])
     if outs.get("logits") != len(classes):
@@ -137,36 +149,71 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
     gpu = f"instance_group [ {{ count: {cfg.instances} kind: {cfg.kind} }} ]\n"
     cpu = f"instance_group [ {{ count: {cfg.python_instances} kind: KIND_CPU }} ]\n"
     root, names = cfg.out_dir, []
-    _write(root / f"{source}_onnx", f'name: "{source}_onnx"\nplatform: "onnxruntime_onnx"\n' + _batching(cfg)
-           + _tensors("input", [("input", "float32", chw)]) + _tensors("output", out_tensors) + gpu,
-           {"model.onnx": model_file})
+    _write(
+        root / f"{source}_onnx",
+        f'name: "{source}_onnx"\nplatform: "onnxruntime_onnx"\n'
+        + _batching(cfg)
+        + _tensors("input", [("input", "float32", chw)])
+        + _tensors("output", out_tensors)
+        + gpu,
+        {"model.onnx": model_file},
+    )
     names.append(f"{source}_onnx")
     engine = m.get("engine") or {}
     if engine.get("status") == "built" and (bundle / engine.get("file", "")).is_file():
         trt_batch = int(engine.get("max_batch", cfg.max_batch))
-        _write(root / f"{source}_trt", f'name: "{source}_trt"\nplatform: "tensorrt_plan"\n'
-               f"max_batch_size: {trt_batch}\ndynamic_batching {{ max_queue_delay_microseconds: "
-               f"{int(cfg.max_queue_delay_ms * 1000)} }}\n" + _tensors("input", [("input", "float32", chw)])
-               + _tensors("output", out_tensors) + f"instance_group [ {{ count: {cfg.instances} kind: KIND_GPU }} ]\n",
-               {"model.plan": bundle / engine["file"]})
+        _write(
+            root / f"{source}_trt",
+            f'name: "{source}_trt"\nplatform: "tensorrt_plan"\n'
+            f"max_batch_size: {trt_batch}\ndynamic_batching {{ max_queue_delay_microseconds: "
+            f"{int(cfg.max_queue_delay_ms * 1000)} }}\n"
+            + _tensors("input", [("input", "float32", chw)])
+            + _tensors("output", out_tensors)
+            + f"instance_group [ {{ count: {cfg.instances} kind: KIND_GPU }} ]\n",
+            {"model.plan": bundle / engine["file"]},
+        )
         names.append(f"{source}_trt")
-        notes.append(f"{source}_trt: the engine {engine['file']} runs only on the GPU and TensorRT version that built "
-                     f"it ({engine.get('target', 'see its manifest')}); the ensemble uses {source}_onnx")
+        notes.append(
+            f"{source}_trt: the engine {engine['file']} runs only on the GPU and TensorRT version that built "
+            f"it ({engine.get('target', 'see its manifest')}); the ensemble uses {source}_onnx"
+        )
     pre = {"preprocess": json.dumps(m["preprocess"]), "max_image_bytes": str(cfg.max_image_bytes)}
-    _write(root / f"{source}_preprocess", f'name: "{source}_preprocess"\nbackend: "python"\n' + _batching(cfg)
-           + _tensors("input", [("image", "bytes", [1])]) + _tensors("output", [("input", "float32", chw)]) + cpu
-           + _params(pre), {"model.py": _python_model("Preprocess")})
+    _write(
+        root / f"{source}_preprocess",
+        f'name: "{source}_preprocess"\nbackend: "python"\n'
+        + _batching(cfg)
+        + _tensors("input", [("image", "bytes", [1])])
+        + _tensors("output", [("input", "float32", chw)])
+        + cpu
+        + _params(pre),
+        {"model.py": _python_model("Preprocess")},
+    )
     answer = [("probabilities", "float32", [len(classes)]), ("label", "bytes", [1]), ("confidence", "float32", [1])]
-    _write(root / f"{source}_postprocess", f'name: "{source}_postprocess"\nbackend: "python"\n' + _batching(cfg)
-           + _tensors("input", [("logits", "float32", [len(classes)])]) + _tensors("output", answer) + cpu
-           + _params({"source": source, "classes": json.dumps(classes)}), {"model.py": _python_model("Postprocess")})
-    steps = [_step(f"{source}_preprocess", {"image": "image"}, {"input": "pixels"}),
-             _step(f"{source}_onnx", {"input": "pixels"}, {"logits": "logits"}),
-             _step(f"{source}_postprocess", {"logits": "logits"}, {n: n for n, _, _ in answer})]
-    _write(root / source, f'name: "{source}"\nplatform: "ensemble"\nmax_batch_size: {cfg.max_batch}\n'
-           + _tensors("input", [("image", "bytes", [1])]) + _tensors("output", answer)
-           + "ensemble_scheduling {\n step [\n" + ",\n".join(steps) + "\n ]\n}\n"
-           + _params({"classes": json.dumps(classes), "preprocess": json.dumps(m["preprocess"])}))
+    _write(
+        root / f"{source}_postprocess",
+        f'name: "{source}_postprocess"\nbackend: "python"\n'
+        + _batching(cfg)
+        + _tensors("input", [("logits", "float32", [len(classes)])])
+        + _tensors("output", answer)
+        + cpu
+        + _params({"source": source, "classes": json.dumps(classes)}),
+        {"model.py": _python_model("Postprocess")},
+    )
+    steps = [
+        _step(f"{source}_preprocess", {"image": "image"}, {"input": "pixels"}),
+        _step(f"{source}_onnx", {"input": "pixels"}, {"logits": "logits"}),
+        _step(f"{source}_postprocess", {"logits": "logits"}, {n: n for n, _, _ in answer}),
+    ]
+    _write(
+        root / source,
+        f'name: "{source}"\nplatform: "ensemble"\nmax_batch_size: {cfg.max_batch}\n'
+        + _tensors("input", [("image", "bytes", [1])])
+        + _tensors("output", answer)
+        + "ensemble_scheduling {\n step [\n"
+        + ",\n".join(steps)
+        + "\n ]\n}\n"
+        + _params({"classes": json.dumps(classes), "preprocess": json.dumps(m["preprocess"])}),
+    )
     names += [f"{source}_preprocess", f"{source}_postprocess", source]
     return names
 
@@ -175,8 +222,10 @@ def _auto(cfg: TritonRepoConfig, sources: list[str]) -> str:
     router = read_json(router_dir(cfg.deploy_dir) / "manifest.json", "router manifest")
     missing = [s for s in router["sources"] if s not in sources]
     if missing:
-        raise BundleError(f"the router routes to {', '.join(missing)}, which this repository has no model for; "
-                          "include them (--source) or leave auto out")
+        raise BundleError(
+            f"the router routes to {', '.join(missing)}, which this repository has no model for; "
+            "include them (--source) or leave auto out"
+        )
     folder = cfg.out_dir / AUTO
     copy = folder / "1" / "deploy"
     shutil.copytree(router_dir(cfg.deploy_dir), copy / ROUTER_DIR)
@@ -188,21 +237,34 @@ def _auto(cfg: TritonRepoConfig, sources: list[str]) -> str:
         if (m.get("ood") or {}).get("file"):
             shutil.copyfile(cfg.deploy_dir / s / m["ood"]["file"], copy / s / m["ood"]["file"])
         classes += [c for c in m["classes"] if c not in classes]
-    outs = [("probabilities", "float32", [len(classes)]), ("label", "bytes", [1]), ("confidence", "float32", [1]),
-            ("source", "bytes", [1]), ("router_confidence", "float32", [1]), ("id_score", "float32", [1]),
-            ("id_threshold", "float32", [1]), ("rejected", "bool", [1]), ("reason", "bytes", [1])]
-    _write(folder, f'name: "{AUTO}"\nbackend: "python"\n' + _batching(cfg)
-           + _tensors("input", [("image", "bytes", [1])])
-           + _tensors("output", outs) + f"instance_group [ {{ count: {cfg.python_instances} kind: KIND_CPU }} ]\n"
-           + _params({"classes": json.dumps(classes), "max_image_bytes": str(cfg.max_image_bytes)}),
-           {"model.py": _python_model("Auto")})
+    outs = [
+        ("probabilities", "float32", [len(classes)]),
+        ("label", "bytes", [1]),
+        ("confidence", "float32", [1]),
+        ("source", "bytes", [1]),
+        ("router_confidence", "float32", [1]),
+        ("id_score", "float32", [1]),
+        ("id_threshold", "float32", [1]),
+        ("rejected", "bool", [1]),
+        ("reason", "bytes", [1]),
+    ]
+    _write(
+        folder,
+        f'name: "{AUTO}"\nbackend: "python"\n'
+        + _batching(cfg)
+        + _tensors("input", [("image", "bytes", [1])])
+        + _tensors("output", outs)
+        + f"instance_group [ {{ count: {cfg.python_instances} kind: KIND_CPU }} ]\n"
+        + _params({"classes": json.dumps(classes), "max_image_bytes": str(cfg.max_image_bytes)}),
+        {"model.py": _python_model("Auto")},
+    )
     return AUTO
 
 
 def _readme(cfg: TritonRepoConfig, models: list[str]) -> str:
     example = next((m for m in models if "_" not in m and m != AUTO), AUTO)
     return f"""Triton model repository written by `gi-deploy export --triton-repo` from {cfg.deploy_dir.resolve()}.
-Models: {', '.join(models)}.
+Models: {", ".join(models)}.
 
 Run it on a GPU server with NVIDIA's Triton container {CONTAINER} (Triton 2.51, the server core
 `gi-deploy serve` is tested on). Its Python backend runs the preprocessing, postprocessing and `auto` models
@@ -230,12 +292,14 @@ def write_triton_repo(cfg: TritonRepoConfig) -> TritonRepoResult:
     sources = [s for s in sources if s != AUTO]
     unknown = [s for s in sources if s not in available]
     if unknown:
-        raise BundleError(f"no bundle for {', '.join(unknown)} under {cfg.deploy_dir}; available: "
-                          f"{', '.join(available)}")
+        raise BundleError(
+            f"no bundle for {', '.join(unknown)} under {cfg.deploy_dir}; available: {', '.join(available)}"
+        )
     if cfg.out_dir.exists() and any(cfg.out_dir.iterdir()):
         if not cfg.force:
-            raise ConfigError(f"{cfg.out_dir} exists and is not empty; choose another folder, or replace it with "
-                              "--force")
+            raise ConfigError(
+                f"{cfg.out_dir} exists and is not empty; choose another folder, or replace it with --force"
+            )
         shutil.rmtree(cfg.out_dir)
     staging = cfg.out_dir.with_name(f".{cfg.out_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)

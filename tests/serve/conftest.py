@@ -32,12 +32,15 @@ def serve_deploy(request) -> Path:
     if given:
         deploy = Path(given)
         if not (deploy / "_router" / "manifest.json").is_file():
-            pytest.fail(f"{ENV}={given} is not a deploy folder with a router (gi-deploy demo writes one: "
-                        "gi-deploy-demo/deploy)")
+            pytest.fail(
+                f"{ENV}={given} is not a deploy folder with a router (gi-deploy demo writes one: gi-deploy-demo/deploy)"
+            )
         return deploy
     if importlib.util.find_spec("torch") is None:
-        pytest.skip(f"no bundles to serve: set {ENV} to a deploy folder with a router (e.g. the demo's "
-                    "gi-deploy-demo/deploy); this environment has no torch to build one")
+        pytest.skip(
+            f"no bundles to serve: set {ENV} to a deploy folder with a router (e.g. the demo's "
+            "gi-deploy-demo/deploy); this environment has no torch to build one"
+        )
     return request.getfixturevalue("routed_deploy")[0]
 
 
@@ -71,9 +74,25 @@ class Server:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"gi-serve-{self.http_port}.log", "w+")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gi_deploy.cli", "serve", str(deploy), "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "gi_deploy.cli",
+                "serve",
+                str(deploy),
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                *extra,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         self.log.flush()

@@ -44,12 +44,15 @@ def test_a_dynamic_batch_answers_each_request_as_infer_does(capsule, serve_deplo
     assert json.loads(capsule.parameters["classes"]) == b.classes
 
 
-@pytest.mark.parametrize("request_, words", [
-    (Req(image=np.array([[b"not an image"]], dtype=object)), "cannot read image <12 bytes>"),
-    (Req(image=np.zeros((0, 1), dtype=object)), "empty"),
-    (Req(), "exactly one of the inputs"),
-    (Req(image=np.array([[b"\xff\xd8" + bytes(3 << 20)]], dtype=object)), "over the"),
-])
+@pytest.mark.parametrize(
+    "request_, words",
+    [
+        (Req(image=np.array([[b"not an image"]], dtype=object)), "cannot read image <12 bytes>"),
+        (Req(image=np.zeros((0, 1), dtype=object)), "empty"),
+        (Req(), "exactly one of the inputs"),
+        (Req(image=np.array([[b"\xff\xd8" + bytes(3 << 20)]], dtype=object)), "over the"),
+    ],
+)
 def test_bad_requests_raise_naming_the_reason(serve_deploy, request_, words):
     from gi_deploy.serve.models import open_served
 
@@ -66,8 +69,8 @@ def test_auto_refuses_a_frame_no_source_covers(serve_deploy, images):
     out = auto([_image(images["capsule"] + images["endoscope"] + images["ood"])])[0]
     n_c, n_e = len(images["capsule"]), len(images["endoscope"])
     sources = [s.decode() for s in out["source"][:, 0]]
-    assert sources[:n_c].count("capsule") >= n_c - 1 and sources[n_c:n_c + n_e].count("endoscope") >= n_e - 1
+    assert sources[:n_c].count("capsule") >= n_c - 1 and sources[n_c : n_c + n_e].count("endoscope") >= n_e - 1
     refused = out["rejected"][:, 0]
-    assert refused[n_c + n_e:].any()
+    assert refused[n_c + n_e :].any()
     for i in np.flatnonzero(refused):
         assert out["label"][i, 0] == b"" and out["reason"][i, 0] and not out["probabilities"][i].any()

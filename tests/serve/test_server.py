@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton 0.7.0, numpy<2): run in .venv-serve, "
-                                      "see README")
+pytest.importorskip(
+    "pytriton", reason="needs the serve extra (nvidia-pytriton 0.7.0, numpy<2): run in .venv-serve, see README"
+)
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -41,8 +42,14 @@ def infer(url_or_client, model: str, paths, protocol: str = "http") -> dict[str,
     mod = httpclient if protocol == "http" else grpcclient
     client = mod.InferenceServerClient(url_or_client) if isinstance(url_or_client, str) else url_or_client
     res = client.infer(model, [_bytes_tensor(mod, paths)])
-    names = [o["name"] for o in (res.get_response()["outputs"] if mod is httpclient else
-                                 [{"name": o.name} for o in res.get_response().outputs])]
+    names = [
+        o["name"]
+        for o in (
+            res.get_response()["outputs"]
+            if mod is httpclient
+            else [{"name": o.name} for o in res.get_response().outputs]
+        )
+    ]
     return {n: res.as_numpy(n) for n in names}
 
 
@@ -52,12 +59,20 @@ def _reference(deploy: Path, paths: list[Path], sources: list[str], tmp: Path) -
 
     listing = tmp / f"{'-'.join(sources)}-inputs.txt"  # infer writes <out stem>.txt beside its CSV
     listing.write_text("\n".join(str(p) for p in paths) + "\n")
-    cfg = InferConfig(inputs=listing, deploy_dir=deploy, sources=sources, out_csv=tmp / f"{'-'.join(sources)}.csv",
-                      workers=0, score=False)
+    cfg = InferConfig(
+        inputs=listing,
+        deploy_dir=deploy,
+        sources=sources,
+        out_csv=tmp / f"{'-'.join(sources)}.csv",
+        workers=0,
+        score=False,
+    )
     r = infer_folder(cfg)
     with open(r.csv_path, newline="", encoding="utf-8") as f:  # file names repeat across class folders: full paths
-        return {(str((Path(r.root) / row["path"]).resolve()), "auto" if sources == ["auto"] else row["source"]): row
-                for row in csv.DictReader(f)}
+        return {
+            (str((Path(r.root) / row["path"]).resolve()), "auto" if sources == ["auto"] else row["source"]): row
+            for row in csv.DictReader(f)
+        }
 
 
 def _classes(deploy: Path, source: str) -> list[str]:
@@ -109,15 +124,15 @@ def test_auto_routes_and_refuses_out_of_distribution(server, serve_deploy, image
                 assert out["label"][i, 0] == b"" and not out["probabilities"][i].any()
                 continue
             assert out["label"][i, 0].decode() == want["predicted"]
-            got = {c: v for c, v in zip(all_classes, out["probabilities"][i])}
+            got = dict(zip(all_classes, out["probabilities"][i]))
             for c in _classes(serve_deploy, want["source"]):
                 assert got[c] == pytest.approx(float(want[f"prob:{c}"]), abs=TOL)
             assert out["router_confidence"][i, 0] == pytest.approx(float(want["router_confidence"]), abs=TOL)
     n = {s: len(images[s]) for s in ("capsule", "endoscope")}
     routed = [s.decode() for s in out["source"][:, 0]]
-    assert routed[:n["capsule"]].count("capsule") >= n["capsule"] - 1
-    assert routed[n["capsule"]:n["capsule"] + n["endoscope"]].count("endoscope") >= n["endoscope"] - 1
-    ood = out["rejected"][n["capsule"] + n["endoscope"]:, 0]
+    assert routed[: n["capsule"]].count("capsule") >= n["capsule"] - 1
+    assert routed[n["capsule"] : n["capsule"] + n["endoscope"]].count("endoscope") >= n["endoscope"] - 1
+    ood = out["rejected"][n["capsule"] + n["endoscope"] :, 0]
     assert ood.any(), "no out-of-distribution frame was refused"
 
 
@@ -180,18 +195,22 @@ def test_burst_is_batched(server, images):
     assert len(done) == 800
     time.sleep(1.5)  # Triton refreshes its counters on a timer
     after = urllib.request.urlopen(metrics_url).read().decode()
-    requests = _metric(after, "nv_inference_request_success", "capsule") - \
-        _metric(before, "nv_inference_request_success", "capsule")
-    executions = _metric(after, "nv_inference_exec_count", "capsule") - \
-        _metric(before, "nv_inference_exec_count", "capsule")
+    requests = _metric(after, "nv_inference_request_success", "capsule") - _metric(
+        before, "nv_inference_request_success", "capsule"
+    )
+    executions = _metric(after, "nv_inference_exec_count", "capsule") - _metric(
+        before, "nv_inference_exec_count", "capsule"
+    )
     assert requests == 800
     assert executions < requests, f"{executions} executions for {requests} requests: nothing was batched"
 
 
 def _png_bomb() -> bytes:
     """A valid PNG header declaring a 30000 x 30000 canvas (900 MP) in a few dozen bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -291,8 +310,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(serve_deploy, images, sta
     buf = io.BytesIO()  # a large noisy frame: slow to decode, so the requests queue up behind each other
     Image.fromarray(rng.integers(0, 255, (1072, 1920, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
     body = [buf.getvalue()] * 4
-    s = start_server(serve_deploy, "--source", "capsule", "--max-batch", "4", "--max-queue-delay-ms", "0",
-                     "--threads", "1")
+    s = start_server(
+        serve_deploy, "--source", "capsule", "--max-batch", "4", "--max-queue-delay-ms", "0", "--threads", "1"
+    )
     s.wait_ready(["capsule"])
     done, first = [], threading.Event()
 

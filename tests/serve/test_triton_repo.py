@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None
-                                or importlib.util.find_spec("google.protobuf") is None,
-                                reason="needs tritonclient[grpc] (Triton's model_config schema): the serve extra")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("google.protobuf") is None,
+    reason="needs tritonclient[grpc] (Triton's model_config schema): the serve extra",
+)
 
 TOL = 1e-5
 
@@ -102,8 +103,10 @@ class FakePbUtils:
     def __init__(self, repo: Path):
         import onnxruntime as ort
 
-        self.sessions = {p.parent.parent.name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                         for p in repo.glob("*_onnx/1/model.onnx")}
+        self.sessions = {
+            p.parent.parent.name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            for p in repo.glob("*_onnx/1/model.onnx")
+        }
         pb = self
 
         class InferenceRequest:
@@ -130,9 +133,16 @@ def _load(repo_dir: Path, model: str, cls, pb):
     from google.protobuf import json_format
 
     m = cls()
-    m.initialize({"model_config": json.dumps(json_format.MessageToDict(_config(repo_dir / model),
-                                                                       preserving_proto_field_name=True)),
-                  "model_repository": str(repo_dir / model), "model_version": "1", "pb_utils": pb})
+    m.initialize(
+        {
+            "model_config": json.dumps(
+                json_format.MessageToDict(_config(repo_dir / model), preserving_proto_field_name=True)
+            ),
+            "model_repository": str(repo_dir / model),
+            "model_version": "1",
+            "pb_utils": pb,
+        }
+    )
     return m
 
 
