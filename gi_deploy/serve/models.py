@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.core.bundles import resolve_bundle_dirs
+from gi_deploy.core.router import router_dir
 from gi_deploy.errors import ConfigError, DataError
 from gi_deploy.runtime.decode.cpu import decode_batch
 from gi_deploy.runtime.infer import open_strategy
@@ -225,13 +227,11 @@ def answer_tensors(
 
 def model_names(deploy_dir: Path, sources: list[str] | None) -> list[str]:
     """The Triton models ``serve`` offers for ``sources``: None or ["all"] is every bundle of
-    ``deploy_dir``, plus ``auto`` when it has a router; else the names given (``auto`` among them)."""
-    from gi_deploy.core.bundles import list_bundles
-    from gi_deploy.core.router import router_dir
-
+    ``deploy_dir``, plus ``auto`` when it has a router; else the names given (``auto`` among them).
+    Raises BundleError when the folder has no bundle (the command that makes them in the message)."""
     if sources and "all" not in sources:
         return list(dict.fromkeys(sources))
-    names = list_bundles(deploy_dir)
+    names = [d.name for d in resolve_bundle_dirs(Path(deploy_dir), ["all"])]
     if (router_dir(deploy_dir) / "manifest.json").is_file():
         names.append(AUTO)
     return names

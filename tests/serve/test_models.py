@@ -74,3 +74,12 @@ def test_auto_refuses_a_frame_no_source_covers(serve_deploy, images):
     assert refused[n_c + n_e :].any()
     for i in np.flatnonzero(refused):
         assert out["label"][i, 0] == b"" and out["reason"][i, 0] and not out["probabilities"][i].any()
+
+
+def test_a_folder_without_bundles_is_refused_before_any_port_opens(tmp_path):
+    """`serve` on a folder with no bundle names it and the command that makes bundles (no empty server)."""
+    from gi_deploy.errors import BundleError
+    from gi_deploy.serve.models import model_names
+
+    with pytest.raises(BundleError, match="gi-deploy export"):
+        model_names(tmp_path, None)
