@@ -41,7 +41,7 @@ class ServeInfo:
 
 
 class ServerDied(GiDeployError):
-    """The Triton server process or a model's proxy exited while serving."""
+    """The Triton server could not load the models, or it (or a model's proxy) exited while serving."""
 
 
 def libpython_first(env: dict | None = None) -> str:
@@ -114,6 +114,32 @@ def _bind(triton, name: str, instances: list[ServedModel], cfg: ServeConfig) -> 
     model._get_triton_model_config().backend_parameters.update(m.parameters)
 
 
+# PyTriton 0.7's stubs give a second model instance 1 s (hard-coded) to find the first one's handshake socket:
+# on a busy machine --instances > 1 can miss it and the model fails to load. A fresh start is the only remedy.
+_HANDSHAKE_RACE = "Timeout occurred while waiting for config file"
+START_ATTEMPTS = 3
+
+
+def _started(pt, tc, models: dict[str, list[ServedModel]], cfg: ServeConfig):
+    """A running Triton with every model bound and ready, started again (up to ``START_ATTEMPTS``) when a model
+    instance lost PyTriton's handshake race."""
+    from tritonclient.utils import InferenceServerException
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        triton = pt.Triton(config=tc)
+        try:
+            for name, instances in models.items():
+                _bind(triton, name, instances, cfg)
+            triton.run()
+            return triton
+        except InferenceServerException as e:
+            triton.stop()
+            if _HANDSHAKE_RACE not in str(e) or attempt == START_ATTEMPTS:
+                raise ServerDied(f"Triton could not load the models (attempt {attempt}): {e}") from e
+            log.warning("a model instance missed PyTriton's start-up handshake (a busy machine); starting again")
+    raise AssertionError("unreachable")
+
+
 def serve(
     cfg: ServeConfig, on_ready: Callable[[ServeInfo], None] | None = None, stop: threading.Event | None = None
 ) -> ServeInfo:
@@ -148,11 +174,8 @@ def serve(
         exit_timeout_secs=cfg.drain_s,
         strict_readiness=True,
     )
-    triton = pt.Triton(config=tc)
+    triton = _started(pt, tc, models, cfg)
     try:
-        for name, instances in models.items():
-            _bind(triton, name, instances, cfg)
-        triton.run()
         if on_ready:
             on_ready(info)
         while not stop.wait(0.5):
