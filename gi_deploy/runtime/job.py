@@ -267,9 +267,12 @@ def check_outputs(cfg: InferConfig, inputs: Inputs) -> list[Path]:
     protected = {real_path(p): str(p) for p in [*inputs.paths, *given]}
     out_real = files[0]
     for p, shown in protected.items():
+        if p == out_real:
+            raise ConfigError(f"--out {out} is one of the inputs; writing the predictions there would destroy it. "
+                              "Choose another --out")
         if p in files or any(_in_family(a, out_real) for a in (p, *p.parents)):
-            raise ConfigError(f"--out {out} would write {p.name} beside it, and {shown} is an input of this run: it "
-                              "would be overwritten or deleted. Choose another --out (another name or folder)")
+            raise ConfigError(f"--out {out} would write {p.name} beside it, and {shown} is one of the inputs of this "
+                              "run: it would be overwritten or deleted. Choose another --out (another name or folder)")
         for d in folders:
             if p == d or p.is_relative_to(d):
                 raise ConfigError(f"{shown} is an input of this run, inside {d}, which this run writes and clears; "
@@ -278,7 +281,7 @@ def check_outputs(cfg: InferConfig, inputs: Inputs) -> list[Path]:
         root = real_path(spec)
         for o in [*files, *folders]:
             if o.is_relative_to(root) or o == root or root.is_relative_to(o):
-                raise ConfigError(f"--out {out} writes {o}, inside or over the input folder {spec}: the next run "
+                raise ConfigError(f"--out {out} writes {o}, which lies inside the input folder {spec} (or holds it): the next run "
                                   f"over that folder would classify (or lose) it. Write it outside, e.g. --out "
                                   f"{spec.resolve().parent / out.name}")
     if cfg.parquet_dir is not None and cfg.parquet_dir.exists() and not cfg.parquet_dir.is_dir():

@@ -114,7 +114,54 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():  # a caller (a notebook, the tests) already joined a cluster
         return False
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return address is None and not os.environ.get("RAY_ADDRESS")
+    started = address is None and not os.environ.get("RAY_ADDRESS")
+    if started:
+        node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+        pids = [p.process.pid for procs in getattr(node, "all_processes", {}).values() for p in procs]
+        start_reaper(pids)
+    return started
+
+
+# Run in a child process that the kernel signals when this driver dies (even by SIGKILL, which runs no
+# atexit and no `finally`): it then kills the local Ray's processes this run started, so none outlive it.
+_REAPER = """
+import ctypes, os, signal, sys
+def reap(*_):
+    for pid in map(int, sys.argv[2:]):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the driver died before the line above
+    reap()
+print("armed", flush=True)
+sys.stdout.close()
+while True:
+    signal.pause()
+"""
+
+
+def start_reaper(pids: list[int]):
+    """A watchdog process that kills ``pids`` when this process dies, however it dies (Linux; elsewhere
+    None: ``ray.shutdown()`` at the end of a run is all there is). Killed quietly (SIGKILL, no reaping)
+    by the caller once it has shut Ray down itself."""
+    import subprocess
+    import sys
+
+    if not pids or not sys.platform.startswith("linux"):
+        return None
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    reaper.stdout.readline()  # "armed": from here on this process's death reaches it
+    reaper.stdout.close()
+    _REAPERS.append(reaper)
+    return reaper
+
+
+_REAPERS: list = []
 
 
 def _placement(ray, cfg: InferConfig, opts: RayOptions) -> tuple[int, float]:
@@ -179,6 +226,8 @@ def infer_on_ray(cfg: InferConfig, opts: RayOptions | None = None,
     finally:
         if started:  # a local Ray this run started: its processes end with the run
             ray.shutdown()
+            while _REAPERS:
+                _REAPERS.pop().kill()
 
 
 def _actor_config(cfg: InferConfig, opts: RayOptions) -> InferConfig:

@@ -314,7 +314,7 @@ def test_infer_write_errors_are_one_line_with_the_resume_hint(tiny_deploy, tiny_
     import builtins
     import os
 
-    from gi_deploy.runtime import infer as infer_mod
+    from gi_deploy.runtime import job as infer_mod
 
     out = tmp_path / "p.csv"
 

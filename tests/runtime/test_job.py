@@ -211,3 +211,30 @@ def test_break14_a_planted_temp_symlink_is_never_written_through(tiny_data, tiny
     infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True))
     assert victim.read_text() == "precious"
     assert len(_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
+
+
+def test_a_local_ray_started_by_a_driver_killed_with_sigkill_does_not_outlive_it(tmp_path):
+    """The reaper ``infer --ray`` starts with a local Ray: the driver is SIGKILLed (no atexit, no
+    finally) and the processes it started are killed with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    victim = subprocess.Popen(["sleep", "300"])  # stands for Ray's raylet and GCS
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from gi_deploy.runtime.ray_infer import start_reaper; "
+        f"start_reaper([{victim.pid}]); print('ready', flush=True); time.sleep(300)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert victim.poll() is not None, "the local Ray's process outlived its driver"
+    finally:
+        victim.kill()
+        driver.kill()

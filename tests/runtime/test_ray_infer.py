@@ -145,3 +145,31 @@ def test_ray_options_without_ray_are_a_usage_error(two_source_deploy, images, tm
     res = CliRunner().invoke(app, ["infer", str(images), "--deploy", str(two_source_deploy), "--source", "all",
                                    "--out", str(tmp_path / "p.csv"), "--ray-actors", "2"])
     assert res.exit_code == 2 and "need --ray" in res.output
+
+
+def test_ray_runs_auto_with_the_local_runs_routes_refusals_and_sidecar(local_ray, routed_deploy, tmp_path):
+    """--source auto on Ray is the same job: the same routed rows (source, refusal, reason) as the local
+    run, and the sidecar naming every routed model and the router, so --resume cannot mix models."""
+    deploy, data = routed_deploy
+    folder = tmp_path / "in"
+    shutil.copytree(data / "capsule" / "test", folder / "capsule")
+    shutil.copytree(data / "endoscope" / "test", folder / "endoscope")
+    (folder / "capsule" / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    cfg = lambda out: InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=out,  # noqa: E731
+                                  batch_size=4, workers=0)
+    local = infer_folder(cfg(tmp_path / "local.csv"))
+    r = infer_on_ray(cfg(tmp_path / "ray.csv"), RayOptions(actors=1))
+
+    def by_path(p):
+        with open(p, newline="", encoding="utf-8") as f:
+            return {row["path"]: row for row in csv.DictReader(f)}
+
+    a, b = by_path(r.csv_path), by_path(local.csv_path)
+    assert a.keys() == b.keys()
+    for path in a:
+        for col in ("source", "rejected", "predicted", "error", "true_label"):
+            assert a[path][col] == b[path][col], (path, col)
+        assert a[path]["reason"].split(":")[0] == b[path]["reason"].split(":")[0]  # its numbers may move a last bit
+    assert a["capsule/corrupt.jpg"]["source"] == "auto" and r.n_errors == 1
+    side = json.loads((tmp_path / "ray.csv.bundles.json").read_text())
+    assert {"capsule", "endoscope", "_router"} <= side.keys()
