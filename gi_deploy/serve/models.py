@@ -98,14 +98,13 @@ class ServedModel:
     @property
     def parameters(self) -> dict[str, str]:
         """What a client needs to read the answers, as Triton model-config parameters (strings): the
-        class order, each model's preprocessing (for ``input``), the bundles' identities."""
+        class order, each model's preprocessing (for ``input``), the bundles' export keys."""
         bundles = self.strategy.bundles
         return {
             "classes": json.dumps(self.classes),
             "preprocess": json.dumps({s: b.preprocess.to_dict() for s, b in bundles.items()}),
-            "bundles": json.dumps(
-                {s: {"export_key": b.manifest.get("export_key"), "path": str(b.path)} for s, b in bundles.items()}
-            ),
+            # which export answers (never the server's paths: the config endpoint is open to every client)
+            "bundles": json.dumps({s: {"export_key": b.manifest.get("export_key")} for s, b in bundles.items()}),
             "backends": json.dumps({s: v[0] for s, v in self.strategy.backends().items()}),
         }
 
