@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gi_deploy.cli import demo, explain, export, infer, train, triage
+from gi_deploy.cli import demo, explain, export, infer, serve, train, triage
 from gi_deploy.cli._display import HelpGroup, setup_logging
 
 app = typer.Typer(cls=HelpGroup, add_completion=False, no_args_is_help=True,
@@ -33,3 +33,4 @@ app.command("benchmark")(infer.benchmark_cmd)
 app.command("triage")(triage.triage_cmd)
 app.command("explain")(explain.explain_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("serve")(serve.serve_cmd)

@@ -18,6 +18,7 @@ from gi_deploy.core.router import router_gate_text
 from gi_deploy.core.fields import default_of
 from gi_deploy.errors import BundleError, ExportFailed
 from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
+from gi_deploy.serve.triton_repo import TritonRepoConfig, write_triton_repo
 
 O, E = ExportOptions, ExportConfig
 
@@ -88,11 +89,23 @@ def export_cmd(
                                                        "and exit.")] = False,
     runs_dir: Annotated[Path, opt(E, "runs_dir", "--runs")] = default_of(E, "runs_dir"),
     deploy_dir: Annotated[Path, opt(E, "deploy_dir", "--out")] = default_of(E, "deploy_dir"),
+    triton_repo: Annotated[Optional[Path], typer.Option(
+        "--triton-repo", help="Write a Triton model repository of the bundles under --out (and their router) into "
+                              "this folder, for a full Triton server, and exit; torch-free.")] = None,
 ) -> None:
     """Merge each run's adapter, export verified ONNX (fp32, fp16, int8) and TensorRT bundles."""
     if list_:
         with reported():
             out.print(bundles_table(deploy_dir))
+        return
+    if triton_repo is not None:
+        with reported():
+            r = write_triton_repo(TritonRepoConfig(deploy_dir=deploy_dir, out_dir=triton_repo, sources=sources,
+                                                   max_batch=max_batch, force=force))
+        out.print(f"Triton model repository: {r.out_dir} ({', '.join(r.models)}); run it as {r.out_dir}/README.txt "
+                  "says", soft_wrap=True)
+        for note in r.notes:
+            out.print(f"  {note}", soft_wrap=True)
         return
     with reported():
         require_training_extra("export")

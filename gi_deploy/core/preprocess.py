@@ -7,6 +7,7 @@ as a :class:`PreprocessSpec`.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -141,15 +142,21 @@ def _draft(img: Image.Image, spec: PreprocessSpec) -> None:
         img.draft(None, (tw, th))
 
 
-def load_rgb(path: Path, spec: PreprocessSpec | None = None) -> Image.Image:
-    """Decode an image file to upright 8-bit RGB (at reduced scale where ``spec`` asks for draft
-    decoding). Raises DataError naming the file and the reason (unreadable, not an image,
-    truncated, a symlink loop, a canvas over ``MAX_PIXELS``)."""
-    require_regular_file(path)  # a FIFO or device would block the open forever
+def load_rgb(path: Path | bytes, spec: PreprocessSpec | None = None) -> Image.Image:
+    """Decode an image file, or an encoded image's bytes (what a client sends to ``gi-deploy serve``),
+    to upright 8-bit RGB (at reduced scale where ``spec`` asks for draft decoding). Raises DataError
+    naming the file (or the byte count) and the reason (unreadable, not an image, truncated, a symlink
+    loop, a canvas over ``MAX_PIXELS``)."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        data = bytes(path)
+        path, fp = f"<{len(data)} bytes>", io.BytesIO(data)  # never a path: the bytes are the image
+    else:
+        require_regular_file(path)  # a FIFO or device would block the open forever
+        fp = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own check, as an error
-            img = Image.open(path)
+            img = Image.open(fp)
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:

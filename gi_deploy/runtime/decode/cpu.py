@@ -59,8 +59,9 @@ def _decode_once(path: Path, specs: tuple[PreprocessSpec, ...]) -> list[np.ndarr
 
 
 def decode_batch(paths: list[Path], specs: tuple[PreprocessSpec, ...]) -> DecodedBatch:
-    """Decode and resize ``paths`` (in a worker process, or inline). A file that cannot be read
-    becomes an error entry naming it and the reason; the others are unaffected."""
+    """Decode and resize ``paths`` (in a worker process, or inline), or encoded images' bytes (what
+    ``gi-deploy serve`` receives; core/preprocess.load_rgb). A file that cannot be read becomes an
+    error entry naming it and the reason; the others are unaffected."""
     errors: list[str | None] = []
     arrays: list[list[np.ndarray]] = [[] for _ in specs]
     for path in paths:
