@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from gi_deploy._io import library_versions, utc_now, write_json
 from gi_deploy.core.methods import MethodSpec, method_spec
@@ -157,7 +157,7 @@ def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: 
     augment = _augment(cfg)
     pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there
     train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment, pixels=pixels)
-    ddp_sampler = distributed.train_sampler(train_set, d, cfg.seed)
+    ddp_sampler = distributed.train_sampler(train_set, d, g)  # this rank's share of what shuffle=True draws
     if ddp_sampler is not None:
         if cfg.balance == "sampler":
             raise ConfigError("--balance sampler is not available under torchrun (it would draw each rank's batches "
@@ -398,8 +398,6 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
     validation metrics."""
     cfg, state = run.cfg, run.state
     t_epoch = time.time()
-    if isinstance(run.loaders[0].sampler, DistributedSampler):
-        run.loaders[0].sampler.set_epoch(epoch)  # this epoch's permutation, the same on every rank
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
         stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
                            run.amp_dtype, run.feed, epoch, report, run.dist)
