@@ -151,8 +151,12 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
              g: torch.Generator, d: Dist = Dist()) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     workers = loader_workers(cfg, device)
+    # Workers are started afresh each epoch (not persistent), seeded from a draw of the loader's generator (the
+    # global RNG for val/test): every epoch's randomness then follows from the checkpointed RNG states, and a
+    # resumed run goes on exactly as the uninterrupted one. Persistent workers would carry their random streams
+    # on from epoch 1 and draw no new seed, which a resumed run cannot reproduce.
     common = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, d), num_workers=workers,
-                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda", persistent_workers=False,
                   **({"prefetch_factor": 4} if workers > 0 else {}))
     augment = _augment(cfg)
     pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there

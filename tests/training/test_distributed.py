@@ -135,6 +135,7 @@ def test_the_ranks_batches_together_are_the_one_process_batches():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a 2-process launch and a plain run: up to 8 minutes on 2 heavily shared cores
 def test_two_processes_train_what_one_process_trains(tiny_data, tmp_path):
     cfg = tiny_train_config(tiny_data, tmp_path / "ddp", **SAME)
     (tmp_path / "logs").mkdir()
@@ -166,7 +167,7 @@ def test_two_processes_train_what_one_process_trains(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # three 2-process launches
+@pytest.mark.timeout(1800)  # three 2-process launches
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
     """With shuffling, dropout and augmentation on, a 2-process run killed in its second epoch and
     resumed ends bit for bit where the uninterrupted run ends: each rank's RNG streams (its loader's
@@ -202,6 +203,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tiny_data, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_lora_plus_colora_under_ddp_merges_identically_on_every_rank(tiny_data, tmp_path):
     """peft's LoRA and CoLoRA together under DDP: no unused-parameter error (every adapter tensor
     is used in every forward), and each epoch's merge changes the frozen kernels (K0 += K_p K_d,
