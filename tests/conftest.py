@@ -4,6 +4,9 @@ Everything is deterministic (fixed seeds) and small enough for 2 CPU cores."""
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,48 @@ def routed_deploy(tmp_path_factory, tiny_deploy) -> tuple[Path, Path]:
     shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
     write_router(deploy, allow_small_val=True)  # 16 validation images cannot resolve 99%: all but one, recorded
     return deploy, data
+
+
+# Linux capabilities that let root read any file and list any folder whatever their permissions
+# (linux/capability.h); a CI container running as root holds them, an ordinary user does not.
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+@contextmanager
+def permissions_enforced():
+    """Run the block with file permissions enforced as for an ordinary user, also when the tests
+    run as root (CI does): a chmod-0 file then fails to open with EACCES and a chmod-0 folder fails
+    to list, instead of root reading through them. Root's two permission-bypassing capabilities are
+    cleared from this thread's effective set (they stay permitted, so they are raised back after);
+    threads started inside the block inherit that. A no-op for a user without them."""
+    if os.geteuid() != 0:
+        yield
+        return
+    if not sys.platform.startswith("linux"):
+        pytest.fail("running as root outside Linux: no way here to plant a file root cannot read")
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(_LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()  # pid 0: this thread
+
+    def call(fn) -> None:
+        if fn(ctypes.byref(header), data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{fn.__name__}: {os.strerror(err)}")
+
+    call(libc.capget)
+    saved = data[0].effective
+    data[0].effective = saved & ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH))
+    call(libc.capset)
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        call(libc.capset)

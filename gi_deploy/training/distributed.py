@@ -7,8 +7,9 @@ one-process run, so the trainer calls it unconditionally:
 - :func:`setup` joins the process group (NCCL on CUDA, gloo on CPU) and picks this rank's device;
 - :func:`share_splits` makes rank 0 decide the split (and the label fraction) and every rank check
   it holds the same one, by hash;
-- :func:`train_sampler` / :func:`shard` give each rank its share of the data (a seeded
-  ``DistributedSampler`` for training, an unpadded shard for evaluation, gathered back);
+- :func:`train_sampler` / :func:`shard` give each rank its share of the data (for training, its
+  share of the very permutation a one-process run draws; for evaluation, an unpadded shard,
+  gathered back);
 - :func:`all_sum` and :func:`gather_lists` all-reduce the metrics, so a 2-process run reports the
   same kind of numbers a 1-process run does;
 - :func:`check_same` compares a hash across ranks (the split, CoLoRA's merged weights).
@@ -23,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, RandomSampler, Sampler, Subset
 
 from gi_deploy.errors import ConfigError, DistributedError
 
@@ -150,14 +151,36 @@ def share_splits(load: Callable[[], Any], d: Dist) -> tuple[Any, str]:
     return ds, digest
 
 
-def train_sampler(dataset: Dataset, d: Dist, seed: int) -> DistributedSampler | None:
-    """A seeded ``DistributedSampler`` over the training set (None outside torchrun): every epoch
-    a permutation from (seed, epoch), rank r taking positions r, r + W, ... of it. With W
-    processes and per-rank batch B/W, the union of step k's batches over the ranks is exactly the
-    1-process batch k of size B, when W divides the training set (else the sampler pads it)."""
+class RankShare(Sampler[int]):
+    """Rank r's share of the permutation a one-process run draws: each epoch the loader's seeded
+    generator draws it exactly as ``DataLoader(shuffle=True, generator=g)`` does (the same
+    ``RandomSampler``, the same draws, in the same order), padded from its start to a multiple of
+    W like ``DistributedSampler``, and rank r takes positions r, r + W, ... of it. Every rank's
+    generator starts from the same seed and draws the same numbers, so the ranks agree on the
+    permutation without talking, and a resumed run continues it from the checkpointed generator."""
+
+    def __init__(self, dataset: Dataset, d: Dist, generator: torch.Generator):
+        self.order = RandomSampler(dataset, generator=generator)
+        self.rank, self.world = d.rank, d.world
+        self.num_samples = -(-len(dataset) // d.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.order)
+        order += order[:self.num_samples * self.world - len(order)]
+        return iter(order[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def train_sampler(dataset: Dataset, d: Dist, generator: torch.Generator) -> RankShare | None:
+    """This rank's share of the training set, epoch by epoch (None outside torchrun, where the
+    loader shuffles with ``generator`` itself). With W processes and per-rank batch B/W, the union
+    of step k's batches over the ranks is exactly batch k of a one-process run with the same seed
+    and batch B, when W divides the training set (else the last images are padded from the first)."""
     if not d.active:
         return None
-    return DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed, drop_last=False)
+    return RankShare(dataset, d, generator)
 
 
 def shard(dataset: Dataset, d: Dist) -> Dataset:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from gi_deploy._io import library_versions, utc_now
 from gi_deploy.core.methods import MethodSpec, method_spec
@@ -151,13 +151,17 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
              g: torch.Generator, d: Dist = Dist()) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     workers = loader_workers(cfg, device)
+    # Workers are started afresh each epoch (not persistent), seeded from a draw of the loader's generator (the
+    # global RNG for val/test): every epoch's randomness then follows from the checkpointed RNG states, and a
+    # resumed run goes on exactly as the uninterrupted one. Persistent workers would carry their random streams
+    # on from epoch 1 and draw no new seed, which a resumed run cannot reproduce.
     common = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, d), num_workers=workers,
-                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda", persistent_workers=False,
                   **({"prefetch_factor": 4} if workers > 0 else {}))
     augment = _augment(cfg)
     pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there
     train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment, pixels=pixels)
-    ddp_sampler = distributed.train_sampler(train_set, d, cfg.seed)
+    ddp_sampler = distributed.train_sampler(train_set, d, g)  # this rank's share of what shuffle=True draws
     if ddp_sampler is not None:
         if cfg.balance == "sampler":
             raise ConfigError("--balance sampler is not available under torchrun (it would draw each rank's batches "
@@ -402,8 +406,6 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
     epoch's record and the validation metrics."""
     state = run.state
     t_epoch = time.time()
-    if isinstance(run.loaders[0].sampler, DistributedSampler):
-        run.loaders[0].sampler.set_epoch(epoch)  # this epoch's permutation, the same on every rank
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
         stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
                            run.amp_dtype, run.feed, epoch, report, run.dist)

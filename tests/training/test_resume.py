@@ -28,10 +28,13 @@ def _adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
-    whole = train(tiny_train_config(tiny_data, tmp_path / "whole", **RECIPE))
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, workers):
+    """Augmentation (flips, rotation, colour jitter) and shuffling on; with loader workers too (the
+    CUDA default), whose random streams must also start again where the checkpoint says."""
+    whole = train(tiny_train_config(tiny_data, tmp_path / "whole", num_workers=workers, **RECIPE))
 
-    cfg = tiny_train_config(tiny_data, tmp_path / "killed", **RECIPE)
+    cfg = tiny_train_config(tiny_data, tmp_path / "killed", num_workers=workers, **RECIPE)
     with pytest.raises(TrainingInterrupted, match="epochs 1-2 are checkpointed.*--resume"):
         train(cfg, report=_interrupt_at(epoch=3, step=2))  # mid-epoch: epoch 3 is lost and redone
     manifest = json.loads((cfg.run_dir / "run.json").read_text())
