@@ -10,9 +10,8 @@ import pytest
 from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
 from gi_deploy.errors import ConfigError, GateFailed
-from gi_deploy.runtime.backends import open_backend
+from gi_deploy.runtime.backends import open_backend, select
 from gi_deploy.runtime.backends import openvino as ov_backend
-from gi_deploy.runtime.backends import select
 
 pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
 HAS_BF16 = "BF16" in ov_backend.cpu_capabilities()
