@@ -135,3 +135,27 @@ def test_gpu_finishing_runs_one_batch_ahead_and_hands_each_over_ready(tmp_path):
     assert events == ["finish frame_0.jpg", "finish frame_2.jpg", "ready frame_0.jpg", "model frame_0.jpg",
                       "finish frame_4.jpg", "ready frame_2.jpg", "model frame_2.jpg",
                       "ready frame_4.jpg", "model frame_4.jpg"]
+
+
+@pytest.mark.slow  # torch's antialiased resize of 720x576 frames on a shared CPU: tens of seconds here
+def test_decoder_rates_measure_both_paths_on_the_same_frames(monkeypatch):
+    from gi_deploy.runtime.decode import measure
+
+    monkeypatch.setattr(measure, "FRAMES", 4)
+    rates = measure.decoder_rates((SPEC,), workers=3, device="cpu")  # the GPU decoder's code, on the CPU device
+    assert rates["cpu"] > 0 and rates["gpu"] > 0 and rates["workers"] == 3
+
+
+@pytest.mark.parametrize("gpu_faster, chosen", [(True, "gpu"), (False, "cpu")])
+def test_decode_auto_follows_the_measurement_not_the_core_count(monkeypatch, gpu_faster, chosen):
+    from gi_deploy.runtime import infer
+    from gi_deploy.runtime.backends.base import Backend
+    from gi_deploy.runtime.decode import measure
+
+    on_gpu = Backend("torch", "fp16", "planted GPU model", lambda x: x, device="cuda", run_pixels=lambda x: x)
+    monkeypatch.setattr(gpu_decode, "nvjpeg_status", lambda: (True, "nvJPEG (planted)"))
+    monkeypatch.setattr(gpu_decode, "GpuDecoder", lambda specs: "gpu decoder")
+    monkeypatch.setattr(measure, "gpu_decoding_faster", lambda specs: (gpu_faster, "measured: planted"))
+    what, reader, finish = infer.choose_decoder("auto", [on_gpu], (SPEC,))
+    assert what.startswith(chosen) and "measured: planted" in what
+    assert (reader, finish) == ((gpu_decode.read_batch, "gpu decoder") if gpu_faster else (decode_batch, None))
