@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
-# the same folder the runtime's --backend torch compiles into (runtime/backends/torch.py COMPILE_CACHE)
-COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gi-deploy" / "torch-compile"
 
-
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Path]:
     """``torch.compile(model)`` (inductor, default mode: training has dynamic last batches, so no CUDA
-    graphs), with inductor's FX-graph and kernel caches in COMPILE_CACHE."""
-    COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-    return torch.compile(model)
+    graphs) and the folder inductor caches its FX graphs and kernels in: TORCHINDUCTOR_CACHE_DIR when
+    set, else ``~/.cache/gi-deploy/torch-compile`` (the folder the runtime's --backend torch uses)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gi-deploy" / "torch-compile"
+    cache = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    cache.mkdir(parents=True, exist_ok=True)
+    return torch.compile(model), cache
 
 
 def adamw_options(device: torch.device, compiled: bool) -> dict:

@@ -6,14 +6,12 @@ import json
 import pytest
 from conftest import tiny_train_config
 
-from gi_deploy.training import compiled
 from gi_deploy.training.trainer import train
 
 
-@pytest.mark.slow  # inductor compiles the tiny model's forward and backward in C++: ~a minute on 2 cores
+@pytest.mark.slow  # two tiny trainings, one compiled by inductor (C++): minutes on 2 shared cores
 def test_compiled_training_matches_eager_and_caches_its_kernels(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(compiled, "COMPILE_CACHE", tmp_path / "compile-cache")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
     eager = train(tiny_train_config(tiny_data, tmp_path / "eager"))
     fast = train(tiny_train_config(tiny_data, tmp_path / "compiled", compile=True))
     runtime = json.loads((fast.run_dir / "run.json").read_text())["runtime"]
