@@ -16,6 +16,16 @@ TINY_PX = 32
 TINY_SPLITS = {"train": 6, "val": 2, "test": 3}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _measurements_cached_in_the_test_folder(tmp_path_factory):
+    """``--backend auto`` caches its CPU measurement (runtime/backends/select.py) under XDG_CACHE_HOME:
+    tests keep theirs out of the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """``<tmp>/capsule/{train,val,test}/<class>/*.jpg``: 4 classes, 11 images each, 32 px."""

@@ -35,6 +35,9 @@ class TrainProgress:
                 say(f"resuming {self.source} after epoch {d['resumed_from']}")
             say(f"{self.source}: {len(d['classes'])} classes ({d['layout']}), splits {d['counts']}, device "
                 f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})")
+            if d.get("compile"):
+                say(f"torch.compile{' + fused AdamW' if d.get('fused_adamw') else ''}: epoch 1's first step compiles "
+                    f"(or loads the kernels cached in {d.get('compile_cache')}); its time is printed with the epoch")
             say(f"base weights: {d['base_weights']}, licence {d['license']}")
             say(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
             for line in d.get("adapter_lines", []):  # each adapter kind's own summary (its summary_line hook)

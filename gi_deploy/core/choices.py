@@ -13,7 +13,8 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
-    """The bundle's ONNX files are fp32, fp16 and int8; bf16 is the torch backend's (autocast)."""
+    """The bundle's ONNX files are fp32, fp16 and int8; bf16 is the torch backend's (autocast on CUDA) and
+    OpenVINO's (the fp32 file run in bf16 on a CPU that has it)."""
 
     fp32 = "fp32"
     fp16 = "fp16"
@@ -28,6 +29,7 @@ class BackendName(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
     torch = "torch"
+    openvino = "openvino"
 
 
 def values(enum: type[Enum]) -> tuple[str, ...]:

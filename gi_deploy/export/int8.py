@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 CALIB_BATCH = 8
+# Ways to quantise that benchmarks/int8_ops.py compares per op (why INT8 pays little on VNNI CPUs);
+# "default" is what export writes.
+VARIANTS = ("default", "qdq-all", "qoperator", "matmul-only")
 
 
 def cpu_has_vnni() -> bool:
@@ -94,8 +97,17 @@ def _quiet_quantizer():
         root.removeFilter(quiet)
 
 
-def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str) -> dict:
+def _depthwise_convs(path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(path))
+    return [n.name for n in model.graph.node if n.op_type == "Conv"
+            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+
+
+def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str, variant: str = "default") -> dict:
     """Write the QDQ INT8 model of ``fp32_path`` to ``dst``, calibrated on ``calib`` (N, 3, H, W).
+    ``variant`` (VARIANTS) changes what is quantised or the format, for benchmarks/int8_ops.py.
     Returns the settings for the manifest."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -113,11 +125,14 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
         # onnxruntime's recommended pre-processing: shape inference and graph optimisation (BN folding)
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+            str(prepared), str(dst), reader,
+            quant_format=QuantFormat.QOperator if variant == "qoperator" else QuantFormat.QDQ,
+            op_types_to_quantize=None if variant == "qdq-all" else list(QUANTIZED_OPS),
+            nodes_to_exclude=_depthwise_convs(prepared) if variant == "matmul-only" else None,
             per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         )
-    return {"format": "QDQ", "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel",
+    return {"format": "QOperator" if variant == "qoperator" else "QDQ", "variant": variant, "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel",
             "reduce_range": reduce_range, "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS),
             "calibration_images": int(len(calib))}
 

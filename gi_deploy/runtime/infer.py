@@ -104,24 +104,18 @@ def open_strategy(cfg: InferConfig, load: bool = True) -> Strategy:
                                   compile=cfg.compile, batch_size=cfg.batch_size) for d in dirs])
 
 
-# Measured on one H200 with 16 cores (benchmarks/gpu_check.sh, convnextv2_base fp16, 720x576 JPEGs):
-# 15 CPU decode workers fed 2,680 img/s (about 180 per worker), the GPU decoder 2,150 img/s whatever
-# the core count (it decodes and resizes in the main process). Below about 12 workers the GPU
-# decoder is the faster one; auto picks it there.
-GPU_DECODE_BELOW_WORKERS = 12
 
 
 
 def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Callable, Callable | None]:
     """(what ran, the workers' function, the main process's finishing step) for ``decode``. The GPU
     decoder feeds GPU models only (its batches stay on the device). ``auto`` takes it when every
-    selected model runs on a GPU that nvJPEG can use and this machine has too few cores for the CPU
-    workers to keep up (fewer than ``GPU_DECODE_BELOW_WORKERS`` decode workers). Raises ConfigError
+    selected model runs on a GPU that nvJPEG can use and it measured faster than this machine's CPU
+    decode workers (runtime/decode/measure.py, cached per machine). Raises ConfigError
     / DependencyError when ``gpu`` is asked for where it cannot run."""
     backends = [getattr(b, "backend", b) for b in bundles]  # bundles, or (in the benchmark) bare backends
     on_gpu = all(b.device == "cuda" and b.run_pixels is not None for b in backends)
-    few_cores = default_workers(gpu=True) < GPU_DECODE_BELOW_WORKERS
-    if decode == "cpu" or (decode == "auto" and not (on_gpu and few_cores)):
+    if decode == "cpu" or (decode == "auto" and not on_gpu):
         return "cpu (Pillow" + (", draft" if any(s.decode == "draft" for s in specs) else "") + ")", decode_batch, None
     if not on_gpu:
         raise ConfigError("--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
@@ -133,6 +127,13 @@ def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Calla
         if decode == "auto":
             return f"cpu (Pillow; no GPU decoding: {why})", decode_batch, None
         raise DependencyError(f"--decode gpu: {why}; use --decode cpu")
+    if decode == "auto":
+        from gi_deploy.runtime.decode.measure import gpu_decoding_faster  # lazy: measures with torch
+
+        faster, rates = gpu_decoding_faster(specs)
+        if not faster:
+            return f"cpu (Pillow; {rates})", decode_batch, None
+        why = f"{why}; {rates}"
     return f"gpu ({why})", gpu_decode.read_batch, gpu_decode.GpuDecoder(specs)
 
 

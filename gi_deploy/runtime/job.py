@@ -54,16 +54,20 @@ class InferConfig:
                                              "image's source, and refuses what no model was trained for.")
     out_csv: Path = helped(Path("predictions.csv"), "Predictions CSV.")
     batch_size: int = helped(32, "Images per model call.")
-    backend: str = helped("auto", "auto: the fastest available (TensorRT engine, else onnxruntime on its best "
-                                  "provider); torch: the merged model rebuilt from its training run, for debugging.")
-    precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files).")
+    backend: str = helped("auto", "auto: the fastest available (a TensorRT engine, onnxruntime on a GPU provider, torch "
+                                  "on CUDA; on a CPU onnxruntime or OpenVINO, whichever measured faster here); "
+                                  "onnxruntime | openvino | tensorrt; torch: the merged model rebuilt from its "
+                                  "training run.")
+    precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files) | bf16 (OpenVINO on a CPU with "
+                                    "native bf16, or torch on CUDA).")
     device: str = helped("auto", "auto: TensorRT -> CUDA -> CPU, whichever is installed.")
     workers: int | None = helped(None, "Decoding processes (0: decode in the main process; none: one per core up to 4 "
                                        "for a CPU model, every core but one for a GPU model).")
     compile: bool | None = helped(None, "torch.compile the torch backend (none: on CUDA).")
-    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs and the machine has "
-                                 "under 13 cores, else cpu) | cpu (Pillow in the worker processes) | gpu (nvJPEG; "
-                                 "other files fall back to the CPU decoder one by one).")
+    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs and the GPU decoder "
+                                 "measured faster than this machine's CPU workers, else cpu) | cpu (Pillow in the "
+                                 "worker processes) | gpu (nvJPEG, batched; other files fall back to the CPU decoder "
+                                 "one by one).")
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
     labels: Path | None = helped(None, "CSV of (path, label): the true class of each image.")
     top_k: int = helped(3, "Classes and probabilities per row.")

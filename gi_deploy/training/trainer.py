@@ -53,6 +53,7 @@ from gi_deploy.training.checkpoint import (
     write_metrics_jsonl,
 )
 from gi_deploy.training.config import TrainConfig
+from gi_deploy.training.compiled import adamw_options, compile_model
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
 from gi_deploy.training.device_input import DeviceFeed, augments_on_device
 from gi_deploy.training.distributed import Dist
@@ -346,8 +347,8 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
         model.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    eval_model = torch.compile(model) if cfg.compile else model
+                                  weight_decay=cfg.weight_decay, **adamw_options(device, cfg.compile))
+    eval_model, compile_cache = compile_model(model) if cfg.compile else (model, None)
     run = _Run(cfg, run_dir, device, amp_dtype, channels_last, ds, model,
                distributed.wrap(eval_model, d, device), method, settings, head,
                _loaders(ds, spec, cfg, device, g, d), g, optimizer, _scheduler(optimizer, cfg),
@@ -364,6 +365,8 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
             splits=ds.to_dict(), versions=library_versions())
     run.manifest.runtime = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                                "channels_last": channels_last, "compile": cfg.compile,
+                               "fused_adamw": bool(adamw_options(device, cfg.compile)),
+                               "compile_cache": str(compile_cache) if compile_cache else None,
                                "num_workers": run.loaders[0].num_workers,
                                "augment_on": "gpu" if run.feed.on_device else "cpu",
                                # --batch-size is the global batch: batch_per_process x processes

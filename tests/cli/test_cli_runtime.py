@@ -116,7 +116,8 @@ def test_benchmark_table_rows_goals_and_json(tiny_deploy, tmp_path, wide):
         assert f"skipped: --backend tensorrt: {why}" in said["TensorRT fp16"]
     assert "onnxruntime fp32: onnxruntime" in r.output and "CPUExecutionProvider" in r.output  # what each ran on
     goals = [line for line in r.output.splitlines() if line.startswith("goal ")]
-    assert len(goals) == 3 and goals[2].startswith("goal int8 vs fp32 model-only >= 2.0x: n/a (not measured)")
+    assert len(goals) == 4 and goals[2].startswith("goal best int8 vs fp32 model-only >= 2.0x: n/a (not measured)")
+    assert goals[3].startswith("goal best OpenVINO end-to-end vs onnxruntime fp32 end-to-end >= 1.7x: ")
     assert all(g.endswith(("(met)", "(NOT met)", "(not measured)")) for g in goals)
     saved = json.loads(out.read_text())
     by_name = {row["name"]: row for row in saved["rows"]}

@@ -12,7 +12,7 @@ import numpy as np
 from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
 
 # Notes that report a choice or a cost (not a problem the user must act on): shown as information.
-INFO_NOTES = ("auto:", "torch.compile")
+INFO_NOTES = ("auto:", "torch.compile", "openvino:")
 
 
 def is_info(note: str) -> bool:
@@ -38,6 +38,8 @@ class Backend:
     run_pixels: Callable[[np.ndarray], np.ndarray] | None = None
     # (logits, pooled features) in one model call, where the model gives both (bundle format 3)
     run_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    # the numbers of a gate run when the model was loaded (OpenVINO's agreement with the fp32 ONNX)
+    gate: dict | None = None
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) normalised inputs, or the decoder's uint8 (N, H, W, 3) pixels ->

@@ -16,6 +16,7 @@ import numpy as np
 
 from gi_deploy._deps import require_training_extra
 from gi_deploy.core.bundles import training_run_of
+from gi_deploy.core.bundles import BundleManifest
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DependencyError
 from gi_deploy.runtime.backends.base import Backend, cpu_threads
@@ -50,7 +51,7 @@ def _dtype(precision: str, dev: str):
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def open_torch(bundle_dir: Path, manifest: dict, precision: str, device: str, threads: int | None = None,
+def open_torch(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str, threads: int | None = None,
                compile: bool | None = None, batch_size: int = 32) -> Backend:
     """The merged torch model rebuilt from the training run the bundle names (checked to be the
     same run by its manifest hash). ``compile`` None: on CUDA only. Raises ConfigError for a

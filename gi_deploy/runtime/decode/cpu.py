@@ -39,6 +39,9 @@ class DecodedBatch:
     paths: list[Path]
     errors: list[str | None]
     inputs: list[np.ndarray]
+    # GPU decoding (runtime/decode/gpu.py): makes the consumer's CUDA stream wait for this batch's
+    # decode (queued on a side stream); called by decoded_batches just before the batch is handed over
+    ready: Callable[[], None] | None = None
 
     @property
     def n_good(self) -> int:
@@ -116,12 +119,16 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
     decodes inline; otherwise ``workers`` spawned processes keep up to ``prefetch`` (default
     2 x workers) batches ahead of the consumer. Closing the iterator (an error in the consumer,
     Ctrl-C) cancels what is queued. ``reader`` runs in the workers and ``finish`` on its result
-    in this process (runtime/decode/gpu.py: bytes read there, decoded here on the GPU)."""
-    finish = finish or (lambda batch: batch)
+    in this process (runtime/decode/gpu.py: bytes read there, decoded here on the GPU). A ``finish``
+    runs one batch ahead: the next batch's GPU decode is queued before this one is handed over, so it
+    runs while the model computes on this one (double buffering)."""
+    if finish is not None:
+        yield from _one_ahead(decoded_batches(paths, specs, batch_size, workers, prefetch, reader), finish)
+        return
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     if workers == 0 or len(chunks) <= 1:
         for chunk in chunks:
-            yield finish(reader(chunk, specs))
+            yield reader(chunk, specs)
         return
     depth = max(1, prefetch or 2 * workers)
     # spawn, not fork: the parent already runs onnxruntime's thread pool, and forking a threaded
@@ -146,6 +153,28 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
             nxt = next(todo, None)
             if nxt is not None:
                 pending.append(_submit(pool, nxt, specs, reader))
-            yield finish(batch)
+            yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _one_ahead(raw: Iterator, finish: Callable) -> Iterator[DecodedBatch]:
+    """``finish`` each of ``raw``'s batches one ahead of the consumer; each batch's ``ready`` is called
+    as it is handed over (so the model's stream waits for that batch's decode only)."""
+    held = None
+    try:
+        for batch in raw:
+            done = finish(batch)
+            if held is not None:
+                yield _handed(held)
+            held = done
+        if held is not None:
+            yield _handed(held)
+    finally:
+        raw.close()
+
+
+def _handed(batch: DecodedBatch) -> DecodedBatch:
+    if batch.ready is not None:
+        batch.ready()
+    return batch
