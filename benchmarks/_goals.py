@@ -37,6 +37,9 @@ class Goals:
     def finish(self, check: bool) -> int:
         """Print the summary line; the exit code: 1 with ``check`` when a goal is not met, else 0."""
         missed = [n for n, ok in self.results if not ok]
-        print(f"goals: {len(self.results) - len(missed)}/{len(self.results)} met"
-              + (f"; NOT met: {'; '.join(missed)}" if missed else ""), flush=True)
+        print(
+            f"goals: {len(self.results) - len(missed)}/{len(self.results)} met"
+            + (f"; NOT met: {'; '.join(missed)}" if missed else ""),
+            flush=True,
+        )
         return 1 if check and missed else 0

@@ -80,8 +80,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
-                    help="auto: bf16 autocast on CUDA, off on CPU (as the trainer)")
+    ap.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16"],
+        help="auto: bf16 autocast on CUDA, off on CPU (as the trainer)",
+    )
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -94,8 +98,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     # a 1-process group, as torchrun --nproc-per-node 1 would set it up
-    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch.distributed as dist
 
     from gi_deploy.training.distributed import Dist, wrap
@@ -113,7 +116,7 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"plain": [], "ddp": []}
     for r in range(args.repeats):
-        for variant in (("plain", "ddp") if r % 2 == 0 else ("ddp", "plain")):
+        for variant in ("plain", "ddp") if r % 2 == 0 else ("ddp", "plain"):
             model, opt = _build(args.model, device, channels_last)
             if variant == "ddp":
                 model = wrap(model, Dist(0, 1, 0, True), device)
@@ -126,15 +129,26 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     overhead = 1 - med["ddp"] / med["plain"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model} {args.img_size}px batch {args.batch_size} on {name} "
-          f"(amp {str(amp).replace('torch.', '') if amp else 'off'}, {args.steps} steps x {args.repeats} repeats)")
+    print(
+        f"{args.model} {args.img_size}px batch {args.batch_size} on {name} "
+        f"(amp {str(amp).replace('torch.', '') if amp else 'off'}, {args.steps} steps x {args.repeats} repeats)"
+    )
     print(f"  plain training    {med['plain']:8.1f} img/s   (repeats: {', '.join(f'{v:.1f}' for v in rates['plain'])})")
     print(f"  DDP, 1 process    {med['ddp']:8.1f} img/s   (repeats: {', '.join(f'{v:.1f}' for v in rates['ddp'])})")
     print(f"  DDP / plain       {med['ddp'] / med['plain']:.3f}   (overhead {100 * overhead:.1f}%)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "img_per_s": rates, "median": med,
-                       "ddp_over_plain": med["ddp"] / med["plain"]}, f, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "device": name,
+                    "img_per_s": rates,
+                    "median": med,
+                    "ddp_over_plain": med["ddp"] / med["plain"],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

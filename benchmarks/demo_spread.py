@@ -26,8 +26,11 @@ from _goals import Goals
 
 ROOT = Path(__file__).resolve().parents[1]
 # ISA level -> environment. "default" leaves the libraries to pick the best the CPU has.
-ISA_ENV = {"default": {}, "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-           "AVX512_CORE": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}}
+ISA_ENV = {
+    "default": {},
+    "AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "AVX512_CORE": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
 
 _ONE = """
 import json, sys
@@ -51,8 +54,9 @@ def _run(isa: str, seed: int, out: Path) -> dict:
     if not dest.is_file():
         env = {**os.environ, **ISA_ENV[isa], "PYTHONPATH": str(ROOT)}
         t0 = time.time()
-        subprocess.run([sys.executable, "-c", _ONE, str(out / f"work_{isa}_{seed}"), str(seed), str(dest)],
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-c", _ONE, str(out / f"work_{isa}_{seed}"), str(seed), str(dest)], env=env, check=True
+        )
         print(f"  {isa} seed {seed}: {time.time() - t0:.0f}s", flush=True)
     return json.loads(dest.read_text())
 

@@ -42,14 +42,20 @@ def main() -> None:
         pixels[mode] = np.stack([to_pixels(load_rgb(p, spec), spec) for p in paths])
         ms = (time.perf_counter() - t) / len(paths) * 1000
         with torch.no_grad():
-            logits = torch.cat([model(torch.from_numpy(normalize_pixels(pixels[mode][i:i + 64], spec)).to(a.device))
-                                for i in range(0, len(paths), 64)])
+            logits = torch.cat(
+                [
+                    model(torch.from_numpy(normalize_pixels(pixels[mode][i : i + 64], spec)).to(a.device))
+                    for i in range(0, len(paths), 64)
+                ]
+            )
         preds[mode] = logits.argmax(1).cpu().numpy()
         print(f"{mode:5s}: decode + resize {ms:.2f} ms/image (one core), accuracy {(preds[mode] == labels).mean():.4f}")
     diff = np.abs(pixels["full"].astype(np.int16) - pixels["draft"].astype(np.int16))
-    print(f"mean |Δpixel| {diff.mean():.3f} (max {diff.max()}), predictions changed "
-          f"{int((preds['full'] != preds['draft']).sum())} of {len(paths)}, model trained with decode="
-          f"{base.decode!r}")
+    print(
+        f"mean |Δpixel| {diff.mean():.3f} (max {diff.max()}), predictions changed "
+        f"{int((preds['full'] != preds['draft']).sum())} of {len(paths)}, model trained with decode="
+        f"{base.decode!r}"
+    )
 
 
 if __name__ == "__main__":

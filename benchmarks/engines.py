@@ -49,19 +49,51 @@ def build_bundle(work: Path, model: str = MODEL, size: int = SIZE) -> Path:
     if (deploy / "capsule" / "manifest.json").is_file():
         return deploy
     data = write_source(work / "data", "capsule", seed=0, size=size, split_sizes=SPLITS)
-    run = train(TrainConfig(source="capsule", data_dir=data, model=model, pretrained=False, img_size=size, epochs=1,
-                            batch_size=8, out_dir=work / f"runs-{model}-{size}", device="cpu", overwrite=True)).run_dir
-    export_source(run, deploy / "capsule", ExportOptions(fp16=False, int8=True, calib_images=32, int8_eval_images=16,
-                                                         int8_min_top1=0.0, int8_max_accuracy_drop=1.0, ood_images=32))
+    run = train(
+        TrainConfig(
+            source="capsule",
+            data_dir=data,
+            model=model,
+            pretrained=False,
+            img_size=size,
+            epochs=1,
+            batch_size=8,
+            out_dir=work / f"runs-{model}-{size}",
+            device="cpu",
+            overwrite=True,
+        )
+    ).run_dir
+    export_source(
+        run,
+        deploy / "capsule",
+        ExportOptions(
+            fp16=False,
+            int8=True,
+            calib_images=32,
+            int8_eval_images=16,
+            int8_min_top1=0.0,
+            int8_max_accuracy_drop=1.0,
+            ood_images=32,
+        ),
+    )
     return deploy
 
 
 def cpu_rows(deploy: Path, source: str | None, n_images: int, batch: int) -> dict:
     from gi_deploy.runtime.benchmark import BenchmarkConfig, run_benchmark
 
-    r = run_benchmark(BenchmarkConfig(deploy_dir=deploy, source=source, n_images=n_images, batch_size=batch,
-                                      latency_runs=5, rows=list(CPU_ROWS), device="cpu"),
-                      say=lambda m: print(f"  {m}", flush=True))
+    r = run_benchmark(
+        BenchmarkConfig(
+            deploy_dir=deploy,
+            source=source,
+            n_images=n_images,
+            batch_size=batch,
+            latency_runs=5,
+            rows=list(CPU_ROWS),
+            device="cpu",
+        ),
+        say=lambda m: print(f"  {m}", flush=True),
+    )
     return {row.name: row for row in r.rows}
 
 
@@ -69,20 +101,31 @@ def goal_table(rows: dict, gpu: str | None) -> list[tuple[str, float | None, flo
     """(goal, measured ratio or None, target, how) for each of the issue's rows."""
     ok = {n: r for n, r in rows.items() if r.status == "ok"}
     ort = ok.get("onnxruntime fp32")
-    ov = max((ok[n] for n in ("OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8") if n in ok),
-             key=lambda r: r.end_to_end, default=None)
-    int8 = max((ok[n] for n in ("onnxruntime int8", "OpenVINO int8") if n in ok), key=lambda r: r.model_only,
-               default=None)
+    ov = max(
+        (ok[n] for n in ("OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8") if n in ok),
+        key=lambda r: r.end_to_end,
+        default=None,
+    )
+    int8 = max(
+        (ok[n] for n in ("onnxruntime int8", "OpenVINO int8") if n in ok), key=lambda r: r.model_only, default=None
+    )
     no_gpu = gpu or "no CUDA GPU on this machine"
     return [
         ("H200: compiled fp16 infer end to end vs compiled model-only", None, 0.8, no_gpu),
         ("H200: GPU decoder alone, 720x576 JPEG -> 224 tensors (img/s)", None, 5000.0, no_gpu),
         ("H200: compiled LoRA training step vs eager", None, 1.3, no_gpu),
-        ("CPU: OpenVINO end to end vs onnxruntime fp32 end to end (issue: Intel AMX)",
-         ov.end_to_end / ort.end_to_end if ov and ort else None, 1.7, f"best OpenVINO row: {ov.name}" if ov else
-         "OpenVINO rows did not run"),
-        ("CPU: best INT8 vs fp32, model-only (issue: VNNI/AMX)", int8.model_only / ort.model_only if int8 and ort
-         else None, 2.0, f"best INT8 row: {int8.name}" if int8 else "no INT8 row ran"),
+        (
+            "CPU: OpenVINO end to end vs onnxruntime fp32 end to end (issue: Intel AMX)",
+            ov.end_to_end / ort.end_to_end if ov and ort else None,
+            1.7,
+            f"best OpenVINO row: {ov.name}" if ov else "OpenVINO rows did not run",
+        ),
+        (
+            "CPU: best INT8 vs fp32, model-only (issue: VNNI/AMX)",
+            int8.model_only / ort.model_only if int8 and ort else None,
+            2.0,
+            f"best INT8 row: {int8.name}" if int8 else "no INT8 row ran",
+        ),
     ]
 
 
@@ -124,8 +167,12 @@ def main() -> None:
         shown = "n/a" if value is None else f"{value:.2f}x"
         print(f"| {what} | {shown} | >= {target:g}{'' if target >= 100 else 'x'} | {verdict} | {how} |")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "goals": [dict(zip(("goal", "value", "target", "how"), g))
-                                                                       for g in table]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"cpu": cpu_name(), "goals": [dict(zip(("goal", "value", "target", "how"), g)) for g in table]},
+                indent=1,
+            )
+        )
     if args.check and failed:
         sys.exit(1)
 

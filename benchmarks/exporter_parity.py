@@ -41,10 +41,22 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 out, _ = onnx_export.run_onnx(path, x.numpy())
                 nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
-                rows.append((name, exporter, opset, seconds, float(np.abs(out - ref).max()),
-                             bool((out.argmax(1) == ref.argmax(1)).all()), nodes))
-                print(f"{name:18s} {exporter:11s} opset {opset}  export {seconds:6.1f}s  "
-                      f"max|Δlogit| {rows[-1][4]:.2e}  top-1 equal {rows[-1][5]}  nodes {nodes}", flush=True)
+                rows.append(
+                    (
+                        name,
+                        exporter,
+                        opset,
+                        seconds,
+                        float(np.abs(out - ref).max()),
+                        bool((out.argmax(1) == ref.argmax(1)).all()),
+                        nodes,
+                    )
+                )
+                print(
+                    f"{name:18s} {exporter:11s} opset {opset}  export {seconds:6.1f}s  "
+                    f"max|Δlogit| {rows[-1][4]:.2e}  top-1 equal {rows[-1][5]}  nodes {nodes}",
+                    flush=True,
+                )
     print("\n| model | exporter | opset | export s | max abs Δlogit vs torch | top-1 equal | nodes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

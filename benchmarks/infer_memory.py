@@ -54,18 +54,28 @@ def main(argv: list[str] | None = None) -> int:
             listing = Path(tmp) / f"list_{n}.txt"
             listing.write_text("".join(f"{images[i % len(images)]}\n" for i in range(n)))
             t = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", CHILD, str(listing), str(args.deploy),
-                                  str(Path(tmp) / f"pred_{n}.csv")], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(listing), str(args.deploy), str(Path(tmp) / f"pred_{n}.csv")],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r.update(images=n, wall_s=time.perf_counter() - t)
             results.append(r)
-            print(f"{n:>7} images: {r['rows']} rows in {r['seconds']:.1f}s ({n / r['seconds']:.0f} img/s); peak RSS "
-                  f"main {r['main_peak_mib']:.0f} MiB, largest decode worker {r['worker_peak_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                f"{n:>7} images: {r['rows']} rows in {r['seconds']:.1f}s ({n / r['seconds']:.0f} img/s); peak RSS "
+                f"main {r['main_peak_mib']:.0f} MiB, largest decode worker {r['worker_peak_mib']:.0f} MiB",
+                flush=True,
+            )
     first, last = results[0], results[-1]
     goals = Goals()
-    goals.at_most(f"main-process peak at {last['images']} / at {first['images']} images",
-                  last["main_peak_mib"] / first["main_peak_mib"], FLAT, "x")
+    goals.at_most(
+        f"main-process peak at {last['images']} / at {first['images']} images",
+        last["main_peak_mib"] / first["main_peak_mib"],
+        FLAT,
+        "x",
+    )
     return goals.finish(args.check)
 
 

@@ -127,13 +127,16 @@ def main() -> None:
     for k, prof in profiles.items():
         total = sum(prof.values())
         print(f"\n{k}: {total:.0f} ms of kernels per batch of {args.batch}")
-        for op, ms in sorted(prof.items(), key=lambda kv: -kv[1])[:args.top]:
+        for op, ms in sorted(prof.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {op:<28} {ms:8.1f} ms  {ms / total:6.1%}")
     best = max((k for k in speed if k != "fp32"), key=speed.get, default=None)
     ratio = speed[best] / speed["fp32"] if best else None
     verdict = "not measured" if ratio is None else ("met" if ratio >= GOAL else "NOT met")
-    print(f"\ngoal best INT8 vs fp32 model-only >= {GOAL}x: "
-          + ("n/a" if ratio is None else f"{ratio:.2f}x ({best})") + f" ({verdict})")
+    print(
+        f"\ngoal best INT8 vs fp32 model-only >= {GOAL}x: "
+        + ("n/a" if ratio is None else f"{ratio:.2f}x ({best})")
+        + f" ({verdict})"
+    )
     if args.check and verdict == "NOT met":
         sys.exit(1)
 

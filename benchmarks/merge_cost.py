@@ -66,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
-    print(f"{args.model} {args.img_size}px batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; params: plain {sum(p.numel() for p in plain.parameters()):,}, "
-          f"merged {sum(p.numel() for p in merged.parameters()):,}, un-merged {sum(p.numel() for p in adapted.parameters()):,}")
+    print(
+        f"{args.model} {args.img_size}px batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}; params: plain {sum(p.numel() for p in plain.parameters()):,}, "
+        f"merged {sum(p.numel() for p in merged.parameters()):,}, un-merged {sum(p.numel() for p in adapted.parameters()):,}"
+    )
     print(f"{'variant':36s} {'images/s':>9s} {'vs plain (same runtime)':>24s}")
     for k, ts in times.items():
         runtime = k.split(":")[0]
@@ -77,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:36s} {args.batch / med:9.1f} {base / med:23.2f}x")
     goals = Goals()
     for runtime in ("torch eager", "onnxruntime"):
-        goals.at_least(f"{runtime}: merged LoRA / plain backbone images/s",
-                       statistics.median(times[f"{runtime}: plain backbone"])
-                       / statistics.median(times[f"{runtime}: merged LoRA"]), 0.9, "x")
+        goals.at_least(
+            f"{runtime}: merged LoRA / plain backbone images/s",
+            statistics.median(times[f"{runtime}: plain backbone"])
+            / statistics.median(times[f"{runtime}: merged LoRA"]),
+            0.9,
+            "x",
+        )
     return goals.finish(args.check)
 
 

@@ -47,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = a.demo
     cfg = DemoConfig(out_dir=a.out / "demo", seed=a.seed)
     if a.quick:
-        cfg = DemoConfig(out_dir=a.out / "demo", seed=a.seed, img_size=32, image_px=32, base_epochs=3, lora_epochs=3,
-                         split_sizes={"train": 16, "val": 6, "test": 10}, ood_per_kind=4)
+        cfg = DemoConfig(
+            out_dir=a.out / "demo",
+            seed=a.seed,
+            img_size=32,
+            image_px=32,
+            base_epochs=3,
+            lora_epochs=3,
+            split_sizes={"train": 16, "val": 6, "test": 10},
+            ood_per_kind=4,
+        )
     if demo is None:
         from gi_deploy.demo.pipeline import run_demo  # torch: only when the demo must run
 
@@ -61,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     write_near_ood(sets, size=cfg.image_px, n=a.n or (16 if a.quick else 60), seed=a.seed + 1000)  # unseen seeds
     tests = {s: data / s / "test" for s in cfg.sources}
     rep = evaluate_routing(deploy, a.out / "routing", tests, sets).report
-    print(f"in-distribution: {rep['n_images']} test images of {', '.join(cfg.sources)}, {rep['id_rejected']} refused "
-          f"({rep['id_rejected_share']:.1%}); score: {rep['ood']['score']}")
+    print(
+        f"in-distribution: {rep['n_images']} test images of {', '.join(cfg.sources)}, {rep['id_rejected']} refused "
+        f"({rep['id_rejected_share']:.1%}); score: {rep['ood']['score']}"
+    )
     print(f"{'set':<14}{'n':>5}{'AUROC':>8}{'FPR95':>8}{'refused':>9}  (by the router / by the model)")
     for name, k in [*rep["ood_by_set"].items(), ("all sets", rep["ood"])]:
-        print(f"{name:<14}{k['n_ood']:>5}{k['auroc']:>8.4f}{k['fpr_at_95tpr']:>8.2%}{k['ood_rejected_share']:>9.1%}"
-              f"  ({k['ood_rejected_by_router']} / {k['ood_rejected_by_model']})")
+        print(
+            f"{name:<14}{k['n_ood']:>5}{k['auroc']:>8.4f}{k['fpr_at_95tpr']:>8.2%}{k['ood_rejected_share']:>9.1%}"
+            f"  ({k['ood_rejected_by_router']} / {k['ood_rejected_by_model']})"
+        )
     goals = Goals()
     for name, k in rep["ood_by_set"].items():
         goals.at_least(f"{name}: AUROC", k["auroc"], GOAL_AUROC, fmt=".4f")

@@ -51,15 +51,36 @@ def build(out: Path, model: str, px: int, sources: list[str], int8: bool, router
     t0 = time.perf_counter()
     for s in sources:
         data = write_source(out / "data", s, seed=0, size=64, split_sizes=SPLITS)
-        train(TrainConfig(source=s, data_dir=data, method="lora", model=model, pretrained=False, img_size=px, epochs=1,
-                          batch_size=8, lr=1e-3, device="cpu", out_dir=out / "runs", overwrite=True))
-    cfg = ExportConfig(runs_dir=out / "runs", deploy_dir=deploy, sources=sources, force=True, router=router,
-                       options=ExportOptions(fp16=False, int8=int8))
+        train(
+            TrainConfig(
+                source=s,
+                data_dir=data,
+                method="lora",
+                model=model,
+                pretrained=False,
+                img_size=px,
+                epochs=1,
+                batch_size=8,
+                lr=1e-3,
+                device="cpu",
+                out_dir=out / "runs",
+                overwrite=True,
+            )
+        )
+    cfg = ExportConfig(
+        runs_dir=out / "runs",
+        deploy_dir=deploy,
+        sources=sources,
+        force=True,
+        router=router,
+        options=ExportOptions(fp16=False, int8=int8),
+    )
     bundles = export_runs(cfg)
     if router:
         export_router(cfg, bundles)
-    print(f"built {model} at {px} px for {', '.join(sources)} in {time.perf_counter() - t0:.0f}s -> {deploy}",
-          flush=True)
+    print(
+        f"built {model} at {px} px for {', '.join(sources)} in {time.perf_counter() - t0:.0f}s -> {deploy}", flush=True
+    )
     return deploy
 
 
@@ -67,8 +88,19 @@ def benchmark(deploy: Path, source: str, args: list[str], json_out: Path):
     """``gi-deploy benchmark`` as a user runs it (its table printed as it prints it), read back from --json."""
     from gi_deploy.runtime.benchmark import BenchmarkResult, BenchRow
 
-    cmd = [sys.executable, "-m", "gi_deploy", "benchmark", "--deploy", str(deploy), "--source", source, *args,
-           "--json", str(json_out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gi_deploy",
+        "benchmark",
+        "--deploy",
+        str(deploy),
+        "--source",
+        source,
+        *args,
+        "--json",
+        str(json_out),
+    ]
     print("$ gi-deploy " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), **_env()})
     d = json.loads(json_out.read_text())
@@ -84,10 +116,12 @@ def _env() -> dict:
 def cpu_table(a: argparse.Namespace, goals: Goals) -> None:
     from gi_deploy.runtime.benchmark import goals as benchmark_goals
 
-    deploy = build(a.out / f"cpu_table_{a.model}_{a.img_size}", a.model, a.img_size, ["capsule"], int8=True,
-                   router=False)
-    r = benchmark(deploy, "capsule", ["--n-images", "128", "--batch-size", "32", "--workers", "2"],
-                  a.out / "cpu_table.json")
+    deploy = build(
+        a.out / f"cpu_table_{a.model}_{a.img_size}", a.model, a.img_size, ["capsule"], int8=True, router=False
+    )
+    r = benchmark(
+        deploy, "capsule", ["--n-images", "128", "--batch-size", "32", "--workers", "2"], a.out / "cpu_table.json"
+    )
     for what, value, target in benchmark_goals(r):
         if not what.startswith("GPU"):
             goals.at_least(what, value, target, "x")
@@ -98,18 +132,29 @@ def router_cost(a: argparse.Namespace, goals: Goals) -> None:
     from gi_deploy.runtime.benchmark import router_cost as cost_of
 
     model = a.model or "convnextv2_base"
-    deploy = build(a.out / f"router_{model}_{a.img_size}", model, a.img_size, ["capsule", "endoscope"], int8=False,
-                   router=True)
-    r = benchmark(deploy, "capsule", ["--n-images", "32", "--batch-size", "8", "--workers", "2",
-                                      "--row", "onnxruntime fp32"], a.out / "router_cost.json")
+    deploy = build(
+        a.out / f"router_{model}_{a.img_size}", model, a.img_size, ["capsule", "endoscope"], int8=False, router=True
+    )
+    r = benchmark(
+        deploy,
+        "capsule",
+        ["--n-images", "32", "--batch-size", "8", "--workers", "2", "--row", "onnxruntime fp32"],
+        a.out / "router_cost.json",
+    )
     ort, router = r.row("onnxruntime fp32"), r.row(ROUTER_ROW)
     if ort.status == "ok" and router.status == "ok":
-        print(f"onnxruntime fp32 {model} {a.img_size} px: {ort.model_only:.2f} img/s ({1000 / ort.model_only:.0f} ms); "
-              f"router: {router.model_only:,.0f} img/s ({1000 / router.model_only:.3f} ms) + thumbnail "
-              f"{router.thumb_ms:.2f} ms per image")
+        print(
+            f"onnxruntime fp32 {model} {a.img_size} px: {ort.model_only:.2f} img/s ({1000 / ort.model_only:.0f} ms); "
+            f"router: {router.model_only:,.0f} img/s ({1000 / router.model_only:.3f} ms) + thumbnail "
+            f"{router.thumb_ms:.2f} ms per image"
+        )
     cost = cost_of(r)
-    goals.at_most("router cost per image / one onnxruntime fp32 model", None if cost is None else 100 * cost,
-                  100 * ROUTER_MAX_COST, "%")
+    goals.at_most(
+        "router cost per image / one onnxruntime fp32 model",
+        None if cost is None else 100 * cost,
+        100 * ROUTER_MAX_COST,
+        "%",
+    )
 
 
 def decode(a: argparse.Namespace, goals: Goals) -> None:
@@ -136,9 +181,11 @@ def decode(a: argparse.Namespace, goals: Goals) -> None:
             wall.append((time.perf_counter() - t) * 1000 / len(frames))
             cpu.append((time.process_time() - c) * 1000 / len(frames))
         ms, cpu_ms = sorted(wall)[1], sorted(cpu)[1]
-        print(f"decode={mode}: decode + resize + normalise of a 720x576 JPEG to {a.img_size} px: {ms:.1f} ms per image "
-              f"on one core ({1000 / ms:.0f} img/s; CPU time {cpu_ms:.1f} ms, what a busy machine does not inflate), "
-              f"median of 3 passes over {len(frames)} frames")
+        print(
+            f"decode={mode}: decode + resize + normalise of a 720x576 JPEG to {a.img_size} px: {ms:.1f} ms per image "
+            f"on one core ({1000 / ms:.0f} img/s; CPU time {cpu_ms:.1f} ms, what a busy machine does not inflate), "
+            f"median of 3 passes over {len(frames)} frames"
+        )
 
 
 FIGURES = {"cpu-table": cpu_table, "router-cost": router_cost, "decode": decode}
@@ -163,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cpu() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return "unknown"
 

@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, kinds in (("demo", ("capsule", "endoscope")), ("look-alike", ("endoscope-a", "endoscope-b"))):
             acc, cm = pair_accuracy(kinds, args.n, args.px, Path(tmp) / name)
-            print(f"{name} ({kinds[0]} vs {kinds[1]}): held-out routing accuracy {acc:.2%} on {2 * args.n} test "
-                  f"images; confusion (true x routed) {cm.tolist()}")
+            print(
+                f"{name} ({kinds[0]} vs {kinds[1]}): held-out routing accuracy {acc:.2%} on {2 * args.n} test "
+                f"images; confusion (true x routed) {cm.tolist()}"
+            )
             goals.at_least(f"{name} routing accuracy", 100 * acc, 100 * ROUTER_MIN_ACCURACY, "%")
     return goals.finish(args.check)
 

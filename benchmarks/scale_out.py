@@ -44,10 +44,23 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="scale_out-"))
     per_class = lambda n: max(1, n // 4)  # noqa: E731
-    data = write_source(work / "data", "capsule", seed=0, size=args.img_size,
-                        split_sizes={"train": per_class(args.train_images), "val": 4, "test": per_class(args.images)})
-    base = dict(source="capsule", data_dir=data, model=args.model, pretrained=False, img_size=args.img_size,
-                batch_size=16, lr=1e-3, device="cpu")
+    data = write_source(
+        work / "data",
+        "capsule",
+        seed=0,
+        size=args.img_size,
+        split_sizes={"train": per_class(args.train_images), "val": 4, "test": per_class(args.images)},
+    )
+    base = dict(
+        source="capsule",
+        data_dir=data,
+        model=args.model,
+        pretrained=False,
+        img_size=args.img_size,
+        batch_size=16,
+        lr=1e-3,
+        device="cpu",
+    )
     print(f"machine: {os.cpu_count()} CPUs; {args.model} {args.img_size}px; work folder {work}")
 
     if not args.skip_infer:
@@ -72,12 +85,15 @@ def _infer(args, work: Path, data: Path, cfg) -> None:
     n = len(list((data / "test").rglob("*.jpg")))
 
     def icfg(name: str) -> InferConfig:
-        return InferConfig(inputs=data / "test", deploy_dir=work / "deploy", out_csv=work / f"{name}.csv",
-                           batch_size=args.batch_size)
+        return InferConfig(
+            inputs=data / "test", deploy_dir=work / "deploy", out_csv=work / f"{name}.csv", batch_size=args.batch_size
+        )
 
-    jobs = {"local infer": lambda: infer_folder(icfg("local")),
-            "ray, 1 actor": lambda: infer_on_ray(icfg("ray1"), RayOptions(actors=1)),
-            "ray, 2 actors": lambda: infer_on_ray(icfg("ray2"), RayOptions(actors=2))}
+    jobs = {
+        "local infer": lambda: infer_folder(icfg("local")),
+        "ray, 1 actor": lambda: infer_on_ray(icfg("ray1"), RayOptions(actors=1)),
+        "ray, 2 actors": lambda: infer_on_ray(icfg("ray2"), RayOptions(actors=2)),
+    }
     walls: dict[str, list[float]] = {k: [] for k in jobs}
     for r in range(args.repeats):
         order = list(jobs) if r % 2 == 0 else list(reversed(jobs))
@@ -86,13 +102,17 @@ def _infer(args, work: Path, data: Path, cfg) -> None:
             jobs[name]()
             walls[name].append(time.perf_counter() - t0)
     ray.shutdown()
-    print(f"\ninference: {n} images, batch {args.batch_size}, {args.repeats} interleaved repeats "
-          f"(ray.init of a local Ray: {ray_start:.1f}s, not counted)")
+    print(
+        f"\ninference: {n} images, batch {args.batch_size}, {args.repeats} interleaved repeats "
+        f"(ray.init of a local Ray: {ray_start:.1f}s, not counted)"
+    )
     local = statistics.median(walls["local infer"])
     for name, w in walls.items():
         m = statistics.median(w)
-        print(f"  {name:14s} {m:6.1f}s  {n / m:7.1f} img/s  x{local / m:.2f} of local   "
-              f"(repeats: {', '.join(f'{v:.1f}' for v in w)})")
+        print(
+            f"  {name:14s} {m:6.1f}s  {n / m:7.1f} img/s  x{local / m:.2f} of local   "
+            f"(repeats: {', '.join(f'{v:.1f}' for v in w)})"
+        )
 
 
 def _train(args, work: Path, base: dict) -> None:
@@ -110,8 +130,10 @@ def _train(args, work: Path, base: dict) -> None:
         rows[nproc] = (statistics.median(steady), wall)
     print(f"\ntraining: {args.train_images} images, global batch {base['batch_size']}, {args.epochs} epochs, gloo")
     for nproc, (rate, wall) in rows.items():
-        print(f"  torchrun x{nproc}   {rate:7.1f} img/s (epochs 2+)  x{rate / rows[1][0]:.2f}   wall {wall:.0f}s "
-              "(incl. launch and test)")
+        print(
+            f"  torchrun x{nproc}   {rate:7.1f} img/s (epochs 2+)  x{rate / rows[1][0]:.2f}   wall {wall:.0f}s "
+            "(incl. launch and test)"
+        )
 
 
 if __name__ == "__main__":

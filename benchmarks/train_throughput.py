@@ -69,8 +69,11 @@ from gi_deploy.model.settings import ColoraSettings, LoraSettings
 from gi_deploy.training.trainer import resolve_device
 
 VARIANTS = ("full", "lora", "lora-rank", "lora-nodrop", "linear", "colora", "colora-branch", "colora-k3")
-COLORA_VARIANTS = {"colora": ColoraSettings(), "colora-branch": ColoraSettings(forward_mode="branch"),
-                   "colora-k3": ColoraSettings(min_kernel=3)}
+COLORA_VARIANTS = {
+    "colora": ColoraSettings(),
+    "colora-branch": ColoraSettings(forward_mode="branch"),
+    "colora-k3": ColoraSettings(min_kernel=3),
+}
 NUM_CLASSES = 11
 LR = 1e-4
 SEED = 0
@@ -204,8 +207,9 @@ def build_model(name: str, variant: str) -> nn.Module:
     raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
 
 
-def synthetic_batch(batch_size: int, img_size: int, device: torch.device,
-                    channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_batch(
+    batch_size: int, img_size: int, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(SEED)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
@@ -222,8 +226,7 @@ class TrainSetup:
     total: int
 
 
-def make_train_setup(name: str, variant: str, args: argparse.Namespace,
-                     device: torch.device) -> TrainSetup:
+def make_train_setup(name: str, variant: str, args: argparse.Namespace, device: torch.device) -> TrainSetup:
     model = build_model(name, variant).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -257,8 +260,15 @@ class Sample:
     total: int
 
 
-def run_variant(name: str, variant: str, args: argparse.Namespace, device: torch.device,
-                meter: CpuPeakMeter | CudaPeakMeter, warmup: int, steps: int) -> Sample:
+def run_variant(
+    name: str,
+    variant: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    meter: CpuPeakMeter | CudaPeakMeter,
+    warmup: int,
+    steps: int,
+) -> Sample:
     """Build, warm up, time `steps` training steps, free; memory counts everything from build on."""
     release_memory(device)
     meter.start()
@@ -272,8 +282,9 @@ def run_variant(name: str, variant: str, args: argparse.Namespace, device: torch
     _sync(device)
     elapsed = time.perf_counter() - t0
     peak = meter.stop()
-    sample = Sample(img_per_s=args.batch_size * steps / elapsed, peak_mib=peak,
-                    trainable=setup.trainable, total=setup.total)
+    sample = Sample(
+        img_per_s=args.batch_size * steps / elapsed, peak_mib=peak, trainable=setup.trainable, total=setup.total
+    )
     del setup
     release_memory(device)
     return sample
@@ -300,25 +311,27 @@ class VariantResult:
         return statistics.median(known) if known else None
 
 
-def benchmark_model(name: str, args: argparse.Namespace, device: torch.device,
-                    meter: CpuPeakMeter | CudaPeakMeter) -> dict[str, VariantResult]:
+def benchmark_model(
+    name: str, args: argparse.Namespace, device: torch.device, meter: CpuPeakMeter | CudaPeakMeter
+) -> dict[str, VariantResult]:
     results: dict[str, VariantResult] = {}
     variants = applicable_variants(name, args.variants)
     for r in range(args.repeats):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate start each repeat
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate start each repeat
         for variant in order:
             s = run_variant(name, variant, args, device, meter, args.warmup, args.steps)
             res = results.setdefault(variant, VariantResult(variant, s.trainable, s.total))
             res.img_per_s.append(s.img_per_s)
             res.peak_mib.append(s.peak_mib)
             mem = f"{s.peak_mib:.0f} MiB" if s.peak_mib is not None else "n/a"
-            print(f"  [{name} repeat {r + 1}/{args.repeats}] {variant:12s} {s.img_per_s:8.2f} img/s  "
-                  f"peak {mem}", flush=True)
+            print(
+                f"  [{name} repeat {r + 1}/{args.repeats}] {variant:12s} {s.img_per_s:8.2f} img/s  peak {mem}",
+                flush=True,
+            )
     return {v: results[v] for v in variants}
 
 
-def prime(name: str, args: argparse.Namespace, device: torch.device,
-          meter: CpuPeakMeter | CudaPeakMeter) -> None:
+def prime(name: str, args: argparse.Namespace, device: torch.device, meter: CpuPeakMeter | CudaPeakMeter) -> None:
     """One unrecorded step of every variant: one-off lazy imports, thread pools and allocator
     growth would otherwise land on whichever variant happens to run first."""
     for variant in applicable_variants(name, args.variants):
@@ -349,16 +362,22 @@ def format_table(name: str, results: dict[str, VariantResult]) -> str:
     ref_speed = ref.median_img_per_s if ref else None
     ref_mem = ref.median_peak_mib if ref else None
     total = next(iter(results.values())).total
-    lines = [f"{name} ({total:,} params in the base model)",
-             (f"{'variant':12s} {'trainable':>12s} {'img/s':>8s} {'spread':>7s} {'vs full':>8s} "
-              f"{'peak MiB':>9s} {'vs full':>8s}")]
+    lines = [
+        f"{name} ({total:,} params in the base model)",
+        (
+            f"{'variant':12s} {'trainable':>12s} {'img/s':>8s} {'spread':>7s} {'vs full':>8s} "
+            f"{'peak MiB':>9s} {'vs full':>8s}"
+        ),
+    ]
     for res in results.values():
         speed = res.median_img_per_s
         spread = (max(res.img_per_s) - min(res.img_per_s)) / speed * 100
         mem = res.median_peak_mib
         mem_s = f"{mem:9.0f}" if mem is not None else f"{'n/a':>9s}"
-        lines.append(f"{res.variant:12s} {res.trainable:12,d} {speed:8.2f} {spread:6.0f}% "
-                     f"{_ratio(speed, ref_speed):>8s} {mem_s} {_ratio(mem, ref_mem):>8s}")
+        lines.append(
+            f"{res.variant:12s} {res.trainable:12,d} {speed:8.2f} {spread:6.0f}% "
+            f"{_ratio(speed, ref_speed):>8s} {mem_s} {_ratio(mem, ref_mem):>8s}"
+        )
     return "\n".join(lines)
 
 
@@ -379,8 +398,10 @@ def profile_variant(name: str, variant: str, args: argparse.Namespace, device: t
             setup.step()
         _sync(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile: {name} / {variant}, {args.profile_steps} training steps "
-          f"(batch {args.batch_size}, {args.img_size}px), top 15 ops by {sort_by}")
+    print(
+        f"\nprofile: {name} / {variant}, {args.profile_steps} training steps "
+        f"(batch {args.batch_size}, {args.img_size}px), top 15 ops by {sort_by}"
+    )
     print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=40))
 
 
@@ -389,10 +410,12 @@ def profile_variant(name: str, variant: str, args: argparse.Namespace, device: t
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="convnextv2_tiny,convnextv2_base",
-                    help="comma-separated timm model names (random init, never downloaded)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--models",
+        default="convnextv2_tiny,convnextv2_base",
+        help="comma-separated timm model names (random init, never downloaded)",
+    )
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 32 on CUDA")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per repeat")
@@ -402,11 +425,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (meant for CUDA)")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each variant's model (the compile runs "
-                                                           "in the warm-up steps, which are not timed)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each variant's model (the compile runs in the warm-up steps, which are not timed)",
+    )
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write results as JSON")
-    ap.add_argument("--profile", action="store_true",
-                    help="instead of the benchmark, profile one variant on the first model")
+    ap.add_argument(
+        "--profile", action="store_true", help="instead of the benchmark, profile one variant on the first model"
+    )
     ap.add_argument("--profile-variant", default="lora", choices=VARIANTS)
     ap.add_argument("--profile-steps", type=int, default=2)
     args = ap.parse_args()
@@ -424,10 +451,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-           "threads": torch.get_num_threads(), "batch_size": args.batch_size, "img_size": args.img_size,
-           "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "amp": args.amp,
-           "channels_last": args.channels_last}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -459,11 +495,15 @@ def main() -> None:
     for name in args.models:
         results = benchmark_model(name, args, device, meter)
         tables.append(format_table(name, results))
-        records[name] = {v: {**asdict(r), "median_img_per_s": r.median_img_per_s,
-                             "median_peak_mib": r.median_peak_mib} for v, r in results.items()}
-    print(f"\ntraining step = forward + backward + AdamW(lr {LR:g}); img/s and peak MiB are medians "
-          f"over {args.repeats} interleaved repeats of {args.steps} steps after {args.warmup} warm-up; "
-          "spread = (max - min) / median img/s")
+        records[name] = {
+            v: {**asdict(r), "median_img_per_s": r.median_img_per_s, "median_peak_mib": r.median_peak_mib}
+            for v, r in results.items()
+        }
+    print(
+        f"\ntraining step = forward + backward + AdamW(lr {LR:g}); img/s and peak MiB are medians "
+        f"over {args.repeats} interleaved repeats of {args.steps} steps after {args.warmup} warm-up; "
+        "spread = (max - min) / median img/s"
+    )
     for table in tables:
         print("\n" + table)
     if args.json is not None:

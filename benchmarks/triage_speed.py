@@ -80,8 +80,9 @@ def _study(folder: Path, minutes: float, fps: float, px: int, frames_too: bool) 
 def _cpu() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if "model name" in ln.lower()),
-                    platform.processor())
+        return next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "model name" in ln.lower()), platform.processor()
+        )
     except OSError:
         return platform.processor()
 
@@ -100,8 +101,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     base = dict(deploy=str(a.deploy), source=a.source, precision=a.precision, normal=[a.normal])
-    print(f"CPU: {_cpu()}; studies at {a.study_fps:g} frame/s, {a.px} px; model: {a.deploy}/{a.source} "
-          f"({a.precision})", flush=True)
+    print(
+        f"CPU: {_cpu()}; studies at {a.study_fps:g} frame/s, {a.px} px; model: {a.deploy}/{a.source} ({a.precision})",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         video, files = _study(tmp / "speed", a.speed_minutes, a.study_fps, a.px, frames_too=True)
@@ -110,8 +113,11 @@ def main() -> int:
             runs["infer"].append(_child({**base, "kind": "infer", "input": str(files), "out": str(tmp / f"i{i}.csv")}))
             runs["triage"].append(_child({**base, "kind": "triage", "input": str(video), "out": str(tmp / f"t{i}")}))
             last_i, last_t = runs["infer"][-1], runs["triage"][-1]
-            print(f"repeat {i + 1}: infer {last_i['seconds']:.1f}s, triage {last_t['seconds']:.1f}s (its job "
-                  f"{last_t['job_seconds']:.1f}s)", flush=True)
+            print(
+                f"repeat {i + 1}: infer {last_i['seconds']:.1f}s, triage {last_t['seconds']:.1f}s (its job "
+                f"{last_t['job_seconds']:.1f}s)",
+                flush=True,
+            )
         inf = min(runs["infer"], key=lambda r: r["seconds"])
         tri = min(runs["triage"], key=lambda r: r["seconds"])
         n = tri["frames"]
@@ -121,24 +127,41 @@ def main() -> int:
         for label, minutes in (("10 min", 10.0), ("2 h", 120.0)):
             v, _ = _study(tmp / label.replace(" ", ""), minutes, a.study_fps, a.px, frames_too=False)
             mem[label] = _child({**base, "kind": "triage", "input": str(v), "out": str(tmp / f"m{minutes:g}")})
-            print(f"memory, {label} study ({mem[label]['frames']} frames): peak RSS {mem[label]['peak_mib']:.0f} MiB "
-                  f"in {mem[label]['seconds']:.1f}s", flush=True)
+            print(
+                f"memory, {label} study ({mem[label]['frames']} frames): peak RSS {mem[label]['peak_mib']:.0f} MiB "
+                f"in {mem[label]['seconds']:.1f}s",
+                flush=True,
+            )
     mem_ratio = mem["2 h"]["peak_mib"] / mem["10 min"]["peak_mib"]
     fps = n / tri["seconds"]
     results = {
-        "cpu": _cpu(), "frames": n, "infer_s": inf["seconds"], "triage_s": tri["seconds"],
-        "infer_job_s": inf["job_seconds"], "triage_job_s": tri["job_seconds"], "speed_ratio": ratio,
-        "job_ratio": job_ratio, "memory_ratio": mem_ratio, "peak_mib": {k: v["peak_mib"] for k, v in mem.items()},
-        "triage_frames_per_s": fps, "study_50k_minutes": STUDY_FRAMES / fps / 60,
+        "cpu": _cpu(),
+        "frames": n,
+        "infer_s": inf["seconds"],
+        "triage_s": tri["seconds"],
+        "infer_job_s": inf["job_seconds"],
+        "triage_job_s": tri["job_seconds"],
+        "speed_ratio": ratio,
+        "job_ratio": job_ratio,
+        "memory_ratio": mem_ratio,
+        "peak_mib": {k: v["peak_mib"] for k, v in mem.items()},
+        "triage_frames_per_s": fps,
+        "study_50k_minutes": STUDY_FRAMES / fps / 60,
     }
     speed_ok, mem_ok = ratio >= SPEED_GOAL, mem_ratio <= MEMORY_GOAL
-    print(f"speed: triage of the video {n / tri['seconds']:.0f} frames/s vs infer on the same {n} frames as files "
-          f"{n / inf['seconds']:.0f} frames/s: {ratio:.2f}x (goal >= {SPEED_GOAL}x; the job alone {job_ratio:.2f}x) "
-          f"{'met' if speed_ok else 'NOT met'}")
-    print(f"memory: 2-hour study {mem['2 h']['peak_mib']:.0f} MiB vs 10-minute {mem['10 min']['peak_mib']:.0f} MiB: "
-          f"{mem_ratio:.2f}x (goal <= {MEMORY_GOAL}x) {'met' if mem_ok else 'NOT met'}")
-    print(f"a {STUDY_FRAMES:,}-frame study at this throughput: {results['study_50k_minutes']:.1f} min "
-          f"(this model and frame size; see the docstring)")
+    print(
+        f"speed: triage of the video {n / tri['seconds']:.0f} frames/s vs infer on the same {n} frames as files "
+        f"{n / inf['seconds']:.0f} frames/s: {ratio:.2f}x (goal >= {SPEED_GOAL}x; the job alone {job_ratio:.2f}x) "
+        f"{'met' if speed_ok else 'NOT met'}"
+    )
+    print(
+        f"memory: 2-hour study {mem['2 h']['peak_mib']:.0f} MiB vs 10-minute {mem['10 min']['peak_mib']:.0f} MiB: "
+        f"{mem_ratio:.2f}x (goal <= {MEMORY_GOAL}x) {'met' if mem_ok else 'NOT met'}"
+    )
+    print(
+        f"a {STUDY_FRAMES:,}-frame study at this throughput: {results['study_50k_minutes']:.1f} min "
+        f"(this model and frame size; see the docstring)"
+    )
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 1 if a.check and not (speed_ok and mem_ok) else 0

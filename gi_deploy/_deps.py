@@ -14,9 +14,11 @@ def require_onnxruntime() -> None:
     from importlib.util import find_spec
 
     if find_spec("onnxruntime") is None:
-        raise DependencyError("onnxruntime is not installed: install one of the two builds, "
-                              "pip install 'gi-deploy[cpu]' (CPU) or pip install 'gi-deploy[gpu]' "
-                              "(onnxruntime-gpu: CUDA/TensorRT providers), never both")
+        raise DependencyError(
+            "onnxruntime is not installed: install one of the two builds, "
+            "pip install 'gi-deploy[cpu]' (CPU) or pip install 'gi-deploy[gpu]' "
+            "(onnxruntime-gpu: CUDA/TensorRT providers), never both"
+        )
 
 
 def onnxruntime_builds() -> list[str]:
@@ -39,5 +41,7 @@ def require_training_extra(command: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise DependencyError(f"`gi-deploy {command}` needs the training extra ({name} is not importable: {e}); "
-                                  "install it with: pip install 'gi-deploy[train]'") from e
+            raise DependencyError(
+                f"`gi-deploy {command}` needs the training extra ({name} is not importable: {e}); "
+                "install it with: pip install 'gi-deploy[train]'"
+            ) from e

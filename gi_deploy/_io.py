@@ -72,8 +72,20 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # The distributions whose versions every run and bundle manifest records.
-TRACKED_LIBRARIES = ("gi-deploy", "torch", "torchvision", "timm", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
-                     "onnxscript", "tensorrt", "numpy", "Pillow")
+TRACKED_LIBRARIES = (
+    "gi-deploy",
+    "torch",
+    "torchvision",
+    "timm",
+    "peft",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "tensorrt",
+    "numpy",
+    "Pillow",
+)
 
 
 def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
@@ -121,8 +133,10 @@ def exclusive_lock(target: Path, what: str):
                 raise
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"{target} is being written by another gi-deploy process ({holder}); wait for it to "
-                              f"finish or stop it, or {what}") from None
+            raise ConfigError(
+                f"{target} is being written by another gi-deploy process ({holder}); wait for it to "
+                f"finish or stop it, or {what}"
+            ) from None
         try:  # the holder before us may have removed the file between our open and our lock: lock the new one
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
         except FileNotFoundError:

@@ -28,11 +28,15 @@ class GateFailed(VerificationError):
     """A named verification gate (merge, onnx_fp32, onnx_fp16, fp16_emulated, int8, engine) failed:
     carries the gate, the measured number and the threshold it missed. Nothing was written."""
 
-    def __init__(self, gate: str, what: str, metric: str, value: float, threshold: float, relation: str,
-                 hint: str = ""):
+    def __init__(
+        self, gate: str, what: str, metric: str, value: float, threshold: float, relation: str, hint: str = ""
+    ):
         self.gate, self.metric, self.value, self.threshold = gate, metric, value, threshold
-        super().__init__(f"gate {gate} failed for {what}: {metric} {value:.4g}, must be {relation} {threshold:g}"
-                         + (f" ({hint})" if hint else "") + "; nothing written")
+        super().__init__(
+            f"gate {gate} failed for {what}: {metric} {value:.4g}, must be {relation} {threshold:g}"
+            + (f" ({hint})" if hint else "")
+            + "; nothing written"
+        )
 
 
 class ExportError(GiDeployError):
@@ -44,8 +48,11 @@ class ExportFailed(GiDeployError):
 
     def __init__(self, exported: dict, failures: dict[str, Exception]):
         self.exported, self.failures = exported, failures
-        lines = [f"{len(failures)} source(s) failed to export"
-                 + (f" ({', '.join(exported)} exported fine)" if exported else "") + ":"]
+        lines = [
+            f"{len(failures)} source(s) failed to export"
+            + (f" ({', '.join(exported)} exported fine)" if exported else "")
+            + ":"
+        ]
         lines += [f"  {source}: {error}" for source, error in failures.items()]
         super().__init__("\n".join(lines))
 

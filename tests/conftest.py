@@ -63,8 +63,19 @@ def edit_manifest(path: Path, change, resealed: bool = False) -> dict:
 def tiny_train_config(data_dir: Path, out_dir: Path, **overrides):
     from gi_deploy.training.config import TrainConfig
 
-    kwargs = dict(source="capsule", data_dir=data_dir, method="lora", model=TINY_MODEL, pretrained=False,
-                  img_size=TINY_PX, epochs=1, batch_size=8, lr=1e-3, out_dir=out_dir, device="cpu")
+    kwargs = dict(
+        source="capsule",
+        data_dir=data_dir,
+        method="lora",
+        model=TINY_MODEL,
+        pretrained=False,
+        img_size=TINY_PX,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        out_dir=out_dir,
+        device="cpu",
+    )
     kwargs.update(overrides)
     return TrainConfig(**kwargs)
 
@@ -103,7 +114,6 @@ def two_source_deploy(tmp_path_factory, tiny_data, tiny_deploy) -> Path:
     export_source(run, deploy / "endoscope")
     shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
     return deploy
-
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,12 @@ import typer
 from gi_deploy.cli import demo, explain, export, infer, serve, train, triage
 from gi_deploy.cli._display import HelpGroup, setup_logging
 
-app = typer.Typer(cls=HelpGroup, add_completion=False, no_args_is_help=True,
-                  help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.")
+app = typer.Typer(
+    cls=HelpGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Per-source LoRA classifiers for GI endoscopy: train, export, infer.",
+)
 
 
 @app.callback()

@@ -47,8 +47,9 @@ def _sentences(text: str) -> str:
     keeps a docstring's line breaks in the command list, breaking sentences mid-line there), the
     paragraphs kept. A paragraph starting with click's no-rewrap marker ``\\b`` stays as it is."""
     paragraphs = inspect.cleandoc(text).split("\n\n")
-    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
-                       for p in paragraphs)
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines()) for p in paragraphs
+    )
 
 
 def _tidy_help(command: TyperCommand, ctx: typer.Context) -> TyperCommand:
@@ -90,6 +91,7 @@ def settings_options(tables: dict[str, type], after: str) -> Callable[[Callable]
     after the command's parameter ``after``. Each option defaults to None ("not given"). The
     command receives what was given as ``adapters={table: {field: value}}``; a tuple field's
     option takes comma-separated text."""
+
     def decorate(command: Callable) -> Callable:
         options, source = [], {}
         for table, cls in tables.items():
@@ -102,9 +104,17 @@ def settings_options(tables: dict[str, type], after: str) -> Callable[[Callable]
                 flag = f"--{table}-{(f.metadata.get('flag') or f.name).replace('_', '-')}"
                 decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
                 name = f"{table}_{f.name}"
-                options.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-                                                 annotation=Annotated[Optional[kind],  # noqa: UP045 (Typer)
-                                                                      opt(cls, f.name, *decls, shown_default=True)]))
+                options.append(
+                    inspect.Parameter(
+                        name,
+                        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                        default=None,
+                        annotation=Annotated[
+                            Optional[kind],  # noqa: UP045 (Typer)
+                            opt(cls, f.name, *decls, shown_default=True),
+                        ],
+                    )
+                )
                 source[name] = (table, f.name, listed)
         params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "adapters"]
         at = [p.name for p in params].index(after) + 1
@@ -122,6 +132,7 @@ def settings_options(tables: dict[str, type], after: str) -> Callable[[Callable]
         with_options.__signature__ = inspect.Signature(params)  # what Typer reads
         with_options.__annotations__ = {p.name: p.annotation for p in params}
         return with_options
+
     return decorate
 
 
@@ -148,9 +159,12 @@ def reported():
     except OSError as e:  # a read-only folder, a full disk: the file and the reason, not a traceback
         if e.errno not in _WRITE_ERRNOS:
             raise
-        err.print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}; free space or choose a folder you "
-                  "can write to (--out), then run the same command again (train and infer: with --resume)",
-                  style="red", soft_wrap=True)
+        err.print(
+            f"error: cannot write {e.filename or 'the output'}: {e.strerror}; free space or choose a folder you "
+            "can write to (--out), then run the same command again (train and infer: with --resume)",
+            style="red",
+            soft_wrap=True,
+        )
         raise typer.Exit(code=1) from None
 
 
@@ -178,8 +192,14 @@ def metrics_table(title: str, rows: dict[str, dict]) -> Table:
     for col in ("n", "Acc", "Prec", "Rec", "F1", "F1 macro", "MCC"):
         table.add_column(col, justify="right")
     for name, m in rows.items():
-        table.add_row(name, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in (
-            "accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "mcc")))
+        table.add_row(
+            name,
+            str(m["n"]),
+            *(
+                f"{100 * m[k]:.2f}"
+                for k in ("accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "mcc")
+            ),
+        )
     return table
 
 
@@ -192,11 +212,16 @@ def print_scores(title: str, scores: dict, n_wrong: int = 5) -> None:
     for s, sc in scored.items():
         m = sc.metrics
         auc = f", ROC AUC macro {m['roc_auc_macro']:.4f}" if m.get("roc_auc_macro") is not None else ""
-        out.print(f"{s}: specificity macro {m['specificity_macro']:.4f}{auc}; files: "
-                  + ", ".join(str(p) for p in sc.files.values()), soft_wrap=True)
+        out.print(
+            f"{s}: specificity macro {m['specificity_macro']:.4f}{auc}; files: "
+            + ", ".join(str(p) for p in sc.files.values()),
+            soft_wrap=True,
+        )
         for w in m.get("most_confidently_wrong", [])[:n_wrong]:
-            out.print(f"  wrong at {w['confidence']:.3f}: {w['path']} (true {w['true_label']}, predicted "
-                      f"{w['predicted']})", soft_wrap=True)
+            out.print(
+                f"  wrong at {w['confidence']:.3f}: {w['path']} (true {w['true_label']}, predicted {w['predicted']})",
+                soft_wrap=True,
+            )
 
 
 @contextmanager
@@ -213,9 +238,17 @@ def image_progress(label: str):
         TimeRemainingColumn,
     )
 
-    bar = Progress(TextColumn(label, markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=err, transient=True)
+    bar = Progress(
+        TextColumn(label, markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}", markup=False),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     task, started = None, [0.0]
 
     def update(done: int, total: int) -> None:
@@ -242,8 +275,12 @@ def interrupted_keeps(out_csv: Path):
     try:
         yield
     except KeyboardInterrupt:
-        err.print(f"interrupted: the rows written so far are in {out_csv}; run the same command with --resume to "
-                  "classify the rest", style="yellow", soft_wrap=True)
+        err.print(
+            f"interrupted: the rows written so far are in {out_csv}; run the same command with --resume to "
+            "classify the rest",
+            style="yellow",
+            soft_wrap=True,
+        )
         raise typer.Exit(code=130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -16,9 +16,15 @@ class TrainProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.source = source
-        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}", markup=False), TimeRemainingColumn(),
-                                 console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}", markup=False),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self.task = None
 
     def __enter__(self) -> TrainProgress:
@@ -33,18 +39,24 @@ class TrainProgress:
         if event == "start":
             if d.get("resumed_from") is not None:
                 say(f"resuming {self.source} after epoch {d['resumed_from']}")
-            say(f"{self.source}: {len(d['classes'])} classes ({d['layout']}), splits {d['counts']}, device "
-                f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})")
+            say(
+                f"{self.source}: {len(d['classes'])} classes ({d['layout']}), splits {d['counts']}, device "
+                f"{d['device']} (amp {d['amp']}, channels-last {d['channels_last']}, workers {d['num_workers']})"
+            )
             if d.get("compile"):
-                say(f"torch.compile{' + fused AdamW' if d.get('fused_adamw') else ''}: epoch 1's first step compiles "
-                    f"(or loads the kernels cached in {d.get('compile_cache')}); its time is printed with the epoch")
+                say(
+                    f"torch.compile{' + fused AdamW' if d.get('fused_adamw') else ''}: epoch 1's first step compiles "
+                    f"(or loads the kernels cached in {d.get('compile_cache')}); its time is printed with the epoch"
+                )
             say(f"base weights: {d['base_weights']}, licence {d['license']}")
             say(f"trainable params: {d['trainable']:,} / {d['total']:,} ({100 * d['trainable'] / d['total']:.2f}%)")
             for line in d.get("adapter_lines", []):  # each adapter kind's own summary (its summary_line hook)
                 say(line, soft_wrap=True)
             if d.get("excluded"):
-                say("left out (not in the paper's classes): "
-                    + ", ".join(f"{k} ({v})" for k, v in d["excluded"].items()))
+                say(
+                    "left out (not in the paper's classes): "
+                    + ", ".join(f"{k} ({v})" for k, v in d["excluded"].items())
+                )
             for note in d.get("notes", []):
                 err.print(f"warning: {note}", style="yellow")
         elif event == "batch":
@@ -57,15 +69,22 @@ class TrainProgress:
         elif event == "epoch":
             merged = any(v for k, v in d.items() if k.endswith("_merged"))  # <kind>_merged: an epoch_end hook merged
             peak = f"  peak {d['peak_mem_mib']:.0f} MiB" if d.get("peak_mem_mib") is not None else ""
-            steady = (f", steady {d['steady_img_per_s']:.0f} img/s after a {d['first_step_s']:.1f}s first step"
-                      if d.get("steady_img_per_s") else "")
-            say(f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
+            steady = (
+                f", steady {d['steady_img_per_s']:.0f} img/s after a {d['first_step_s']:.1f}s first step"
+                if d.get("steady_img_per_s")
+                else ""
+            )
+            say(
+                f"epoch {d['epoch']:3d}  loss {d['train_loss']:.4f}  train acc {100 * d['train_accuracy']:.2f}"
                 f"  val acc {100 * d['val_accuracy']:.2f}  {d['seconds']:.1f}s ({d['img_per_s']:.0f} img/s{steady})"
                 f"{peak}"
-                f"{'  merged' if merged else ''}{'  *best' if d['best'] else ''}")
+                f"{'  merged' if merged else ''}{'  *best' if d['best'] else ''}"
+            )
         elif event == "cell":
-            say(f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"
-                + (" (finished earlier, reused)" if d["reused"] else ""))
+            say(
+                f"== {d['method']} at {100 * d['label_fraction']:g}% of the labels"
+                + (" (finished earlier, reused)" if d["reused"] else "")
+            )
 
 
 def compare_table(source: str, rows: list[dict]) -> Table:
@@ -74,8 +93,13 @@ def compare_table(source: str, rows: list[dict]) -> Table:
     for col in ("method", "labels", "Acc", "F1 (w)", "MCC", "trainable", "artifact MB", "s/epoch", "peak MiB"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r["method"], f"{100 * r['label_fraction']:g}%", *(f"{100 * r[k]:.2f}" for k in
-                      ("accuracy", "f1_weighted", "mcc")), f"{r['trainable_params']:,}",
-                      f"{r['artifact_bytes'] / 1e6:.2f}", f"{r['epoch_seconds']:.1f}",
-                      f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a")
+        table.add_row(
+            r["method"],
+            f"{100 * r['label_fraction']:g}%",
+            *(f"{100 * r[k]:.2f}" for k in ("accuracy", "f1_weighted", "mcc")),
+            f"{r['trainable_params']:,}",
+            f"{r['artifact_bytes'] / 1e6:.2f}",
+            f"{r['epoch_seconds']:.1f}",
+            f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a",
+        )
     return table

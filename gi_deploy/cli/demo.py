@@ -24,12 +24,21 @@ def _tables(r) -> list[Table]:
         cross.add_column(f"{s} test", justify="right")
     cross.add_column("mixed", justify="right")
     for model, by_source in r.scores.items():
-        cross.add_row(f"{model} LoRA", *(f"{100 * by_source[s]['accuracy']:.2f}" for s in sources),
-                      f"{100 * rep['single_model_accuracy'][model]:.2f}")
-    cross.add_row("each image's own model", *(f"{100 * r.scores[s][s]['accuracy']:.2f}" for s in sources),
-                  f"{100 * rep['own_model_accuracy']:.2f}")
-    cross.add_row("--source auto", *(f"{100 * rep['routed_accuracy_by_source'][s]:.2f}" for s in sources),
-                  f"{100 * rep['routed_accuracy']:.2f}")
+        cross.add_row(
+            f"{model} LoRA",
+            *(f"{100 * by_source[s]['accuracy']:.2f}" for s in sources),
+            f"{100 * rep['single_model_accuracy'][model]:.2f}",
+        )
+    cross.add_row(
+        "each image's own model",
+        *(f"{100 * r.scores[s][s]['accuracy']:.2f}" for s in sources),
+        f"{100 * rep['own_model_accuracy']:.2f}",
+    )
+    cross.add_row(
+        "--source auto",
+        *(f"{100 * rep['routed_accuracy_by_source'][s]:.2f}" for s in sources),
+        f"{100 * rep['routed_accuracy']:.2f}",
+    )
     rows = {}
     for s in sources:
         for m in sources:
@@ -40,15 +49,21 @@ def _tables(r) -> list[Table]:
 def _routing_lines(r) -> list[str]:
     rep, gate, auto = r.routing, r.router_gate, r.auto
     o = rep.get("ood") or {}
-    lines = [f"router: {router_gate_text(gate)}; on the test sets {rep['routing_accuracy']:.2%} "
-             f"(confusion true x routed {rep['routing_confusion']['matrix']})"]
+    lines = [
+        f"router: {router_gate_text(gate)}; on the test sets {rep['routing_accuracy']:.2%} "
+        f"(confusion true x routed {rep['routing_confusion']['matrix']})"
+    ]
     answered = rep["n_images"] - rep["id_rejected"]
-    lines.append(f"on the {answered} test images --source auto answered: {rep['routed_accuracy_accepted']:.2%} "
-                 f"correct, each through its own source's model {rep['own_model_accuracy_accepted']:.2%}")
+    lines.append(
+        f"on the {answered} test images --source auto answered: {rep['routed_accuracy_accepted']:.2%} "
+        f"correct, each through its own source's model {rep['own_model_accuracy_accepted']:.2%}"
+    )
     if o.get("auroc") is not None:
-        lines.append(f"refused as out of distribution: {auto['ood_refused']}/{auto['ood_frames']} frames no source "
-                     f"covers, {auto['test_refused']}/{auto['rows'] - auto['ood_frames']} test images; OOD AUROC "
-                     f"{o['auroc']:.4f}, FPR@95TPR {o['fpr_at_95tpr']:.2%}")
+        lines.append(
+            f"refused as out of distribution: {auto['ood_refused']}/{auto['ood_frames']} frames no source "
+            f"covers, {auto['test_refused']}/{auto['rows'] - auto['ood_frames']} test images; OOD AUROC "
+            f"{o['auroc']:.4f}, FPR@95TPR {o['fpr_at_95tpr']:.2%}"
+        )
     return lines
 
 
@@ -70,8 +85,10 @@ def demo_cmd(
         out.print(line, soft_wrap=True)
     for s in r.scores:
         trainable, total = r.params[s]
-        out.print(f"{s} adapter: {trainable:,} trainable of {total:,}; merged ONNX parity "
-                  f"{r.verification[s]['onnx_fp32']['max_abs_logit_diff']:.1e}")
+        out.print(
+            f"{s} adapter: {trainable:,} trainable of {total:,}; merged ONNX parity "
+            f"{r.verification[s]['onnx_fp32']['max_abs_logit_diff']:.1e}"
+        )
     if r.triage is not None:
         for line in triage_lines(r.triage):  # the lines gi-deploy triage prints
             out.print(f"triage: {line}", soft_wrap=True)

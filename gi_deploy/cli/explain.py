@@ -34,11 +34,24 @@ def explain_cmd(
 
     with reported(), Progress(console=out, transient=True) as bar:
         task = bar.add_task("explain", total=None)
-        r = explain_path(ExplainConfig(path=path, runs_dir=runs_dir, sources=source or [], method=method.value,
-                                       target=target, layer=layer, out_dir=out_dir, sheet_rows=sheet_rows,
-                                       limit=limit),
-                         progress=lambda i, n: bar.update(task, completed=i, total=n))
-    out.print(f"{len(r.images)} image(s), {len(r.sources)} source(s) side by side ({', '.join(r.sources)}), "
-              f"{method.value}: {out_dir}/ ; contact sheet {r.sheet}", soft_wrap=True)
+        r = explain_path(
+            ExplainConfig(
+                path=path,
+                runs_dir=runs_dir,
+                sources=source or [],
+                method=method.value,
+                target=target,
+                layer=layer,
+                out_dir=out_dir,
+                sheet_rows=sheet_rows,
+                limit=limit,
+            ),
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
+        )
+    out.print(
+        f"{len(r.images)} image(s), {len(r.sources)} source(s) side by side ({', '.join(r.sources)}), "
+        f"{method.value}: {out_dir}/ ; contact sheet {r.sheet}",
+        soft_wrap=True,
+    )
     if r.errors:
         err.print(f"{len(r.errors)} image(s) could not be read: {r.errors[0]}", style="yellow", soft_wrap=True)

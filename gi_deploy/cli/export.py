@@ -14,8 +14,8 @@ from rich.table import Table
 from gi_deploy._deps import require_training_extra
 from gi_deploy.cli._display import arg, opt, out, reported, size_text
 from gi_deploy.core.bundles import bundle_summary, gates_line, interrupted_hint, list_bundles
-from gi_deploy.core.router import router_gate_text
 from gi_deploy.core.fields import default_of
+from gi_deploy.core.router import router_gate_text
 from gi_deploy.errors import BundleError, ExportFailed
 from gi_deploy.export.options import ExportConfig, Exporter, ExportOptions
 from gi_deploy.serve.triton_repo import TritonRepoConfig, write_triton_repo
@@ -40,8 +40,9 @@ def bundles_table(deploy_dir: Path) -> Table:
             continue
         heading = [b["source"], f"{b['model']} ({b['method']})", b["created"][:16].replace("T", " ")]
         for i, (file, size, gate, result) in enumerate(b["rows"]):
-            table.add_row(heading[i] if i < len(heading) else "", file, size_text(size) if size is not None else "",
-                          gate, result)
+            table.add_row(
+                heading[i] if i < len(heading) else "", file, size_text(size) if size is not None else "", gate, result
+            )
         table.add_section()
     return table
 
@@ -52,19 +53,28 @@ def _report(results: dict, storage: dict | None) -> None:
         if r.skipped:
             out.print(f"{name}: unchanged since {b.created} ({r.bundle_dir}); --force to re-export", soft_wrap=True)
             continue
-        out.print(f"{name}: {r.bundle_dir} ({b.model.parameters:,} params, {sum(b.timings_s.values()):.1f}s): "
-                  + gates_line(b.verification), soft_wrap=True)
+        out.print(
+            f"{name}: {r.bundle_dir} ({b.model.parameters:,} params, {sum(b.timings_s.values()):.1f}s): "
+            + gates_line(b.verification),
+            soft_wrap=True,
+        )
         fp = b.footprint
-        out.print(f"  footprint: {fp['trained_artifact']} artifact {size_text(fp['artifact_bytes'])} vs merged model "
-                  f"{size_text(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})", soft_wrap=True)
+        out.print(
+            f"  footprint: {fp['trained_artifact']} artifact {size_text(fp['artifact_bytes'])} vs merged model "
+            f"{size_text(fp['merged_model_bytes'])} ({fp['artifact_vs_merged_model']:.1%})",
+            soft_wrap=True,
+        )
         for note in r.notes:
             out.print(f"  {note}", soft_wrap=True)
     if storage:  # the storage argument: one base plus small adapters vs a full model per source
         s = storage
-        out.print(f"storage for {len(s['sources'])} adapted sources ({', '.join(s['sources'])}): one base "
-                  f"{size_text(s['base_bytes'])} + adapters {size_text(s['adapter_bytes'])} = "
-                  f"{size_text(s['base_bytes'] + s['adapter_bytes'])}, vs {size_text(s['merged_bytes'])} as merged "
-                  "models", soft_wrap=True)
+        out.print(
+            f"storage for {len(s['sources'])} adapted sources ({', '.join(s['sources'])}): one base "
+            f"{size_text(s['base_bytes'])} + adapters {size_text(s['adapter_bytes'])} = "
+            f"{size_text(s['base_bytes'] + s['adapter_bytes'])}, vs {size_text(s['merged_bytes'])} as merged "
+            "models",
+            soft_wrap=True,
+        )
 
 
 def export_cmd(
@@ -85,13 +95,19 @@ def export_cmd(
     router_source: Annotated[Optional[list[str]], opt(E, "router_sources", "--router-source")] = None,
     router_min_accuracy: Annotated[float, opt(E, "router_min_accuracy")] = default_of(E, "router_min_accuracy"),
     allow_small_val: Annotated[bool, opt(E, "allow_small_val")] = default_of(E, "allow_small_val"),
-    list_: Annotated[bool, typer.Option("--list", help="Show the bundles under --out (files, gates, footprint) "
-                                                       "and exit.")] = False,
+    list_: Annotated[
+        bool, typer.Option("--list", help="Show the bundles under --out (files, gates, footprint) and exit.")
+    ] = False,
     runs_dir: Annotated[Path, opt(E, "runs_dir", "--runs")] = default_of(E, "runs_dir"),
     deploy_dir: Annotated[Path, opt(E, "deploy_dir", "--out")] = default_of(E, "deploy_dir"),
-    triton_repo: Annotated[Optional[Path], typer.Option(
-        "--triton-repo", help="Write a Triton model repository of the bundles under --out (and their router) into "
-                              "this folder, for a full Triton server, and exit; torch-free.")] = None,
+    triton_repo: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--triton-repo",
+            help="Write a Triton model repository of the bundles under --out (and their router) into "
+            "this folder, for a full Triton server, and exit; torch-free.",
+        ),
+    ] = None,
 ) -> None:
     """Merge each run's adapter, export verified ONNX (fp32, fp16, int8) and TensorRT bundles."""
     if list_:
@@ -100,10 +116,15 @@ def export_cmd(
         return
     if triton_repo is not None:
         with reported():
-            r = write_triton_repo(TritonRepoConfig(deploy_dir=deploy_dir, out_dir=triton_repo, sources=sources,
-                                                   max_batch=max_batch, force=force))
-        out.print(f"Triton model repository: {r.out_dir} ({', '.join(r.models)}); run it as {r.out_dir}/README.txt "
-                  "says", soft_wrap=True)
+            r = write_triton_repo(
+                TritonRepoConfig(
+                    deploy_dir=deploy_dir, out_dir=triton_repo, sources=sources, max_batch=max_batch, force=force
+                )
+            )
+        out.print(
+            f"Triton model repository: {r.out_dir} ({', '.join(r.models)}); run it as {r.out_dir}/README.txt says",
+            soft_wrap=True,
+        )
         for note in r.notes:
             out.print(f"  {note}", soft_wrap=True)
         return
@@ -112,13 +133,30 @@ def export_cmd(
     from gi_deploy.export.writer import export_router, export_runs, storage_summary  # lazy: the training extra's
 
     with reported():
-        options = ExportOptions(merge=merge, fp16=fp16, int8=int8, calib_images=calib_images,
-                                int8_eval_images=int8_eval_images, int8_min_top1=int8_min_agreement,
-                                int8_max_accuracy_drop=int8_max_drop, allow_no_val=allow_no_val, engine=engine, max_batch=max_batch,
-                                exporter=exporter.value)
-        cfg = ExportConfig(runs_dir=runs_dir, deploy_dir=deploy_dir, sources=sources or [], options=options,
-                           force=force, router=router, router_sources=router_source,
-                           router_min_accuracy=router_min_accuracy, allow_small_val=allow_small_val)
+        options = ExportOptions(
+            merge=merge,
+            fp16=fp16,
+            int8=int8,
+            calib_images=calib_images,
+            int8_eval_images=int8_eval_images,
+            int8_min_top1=int8_min_agreement,
+            int8_max_accuracy_drop=int8_max_drop,
+            allow_no_val=allow_no_val,
+            engine=engine,
+            max_batch=max_batch,
+            exporter=exporter.value,
+        )
+        cfg = ExportConfig(
+            runs_dir=runs_dir,
+            deploy_dir=deploy_dir,
+            sources=sources or [],
+            options=options,
+            force=force,
+            router=router,
+            router_sources=router_source,
+            router_min_accuracy=router_min_accuracy,
+            allow_small_val=allow_small_val,
+        )
         try:
             results, failure = export_runs(cfg), None
         except ExportFailed as e:  # report the sources that did export, then the failures
@@ -130,7 +168,10 @@ def export_cmd(
     with reported():
         routed = export_router(cfg, results)
     if routed is not None:
-        out.print(f"router: {routed.path} over {', '.join(routed.manifest.sources)}: "
-                  + router_gate_text(routed.manifest.gate), soft_wrap=True)
+        out.print(
+            f"router: {routed.path} over {', '.join(routed.manifest.sources)}: "
+            + router_gate_text(routed.manifest.gate),
+            soft_wrap=True,
+        )
         for note in routed.notes:
             out.print(f"  {note}", soft_wrap=True)

@@ -44,8 +44,10 @@ def _print_config(cfg: TrainConfig, processes: int = 1) -> None:
     out.print("resolved config:")
     out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
     if processes > 1:
-        out.print(f"batch_size {cfg.batch_size} is the global batch: {cfg.batch_size // processes} per process x "
-                  f"{processes} processes")
+        out.print(
+            f"batch_size {cfg.batch_size} is the global batch: {cfg.batch_size // processes} per process x "
+            f"{processes} processes"
+        )
 
 
 def _train_rank(cfg_dict: dict):
@@ -95,10 +97,14 @@ def train_cmd(
     num_workers: Annotated[Optional[int], opt(T, "num_workers")] = None,
     resume: Annotated[bool, opt(T, "resume")] = False,
     overwrite: Annotated[bool, opt(T, "overwrite")] = False,
-    nproc_per_node: Annotated[Optional[int], typer.Option(
-        help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
-             "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
-             "train ... (see docs/scaling.md).")] = None,
+    nproc_per_node: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Train with N processes on this machine (DistributedDataParallel through torch's launcher; one per "
+            "GPU). --batch-size stays the global batch. Several machines: torchrun --nnodes ... -m gi_deploy "
+            "train ... (see docs/scaling.md)."
+        ),
+    ] = None,
     adapters: dict | None = None,  # {kind: {field: value}} of the generated adapter options (settings_options)
 ) -> None:
     """Fine-tune one classifier for SOURCE; save the adapter, checkpoints, metrics and curves."""
@@ -108,21 +114,50 @@ def train_cmd(
     from gi_deploy.training.checkpoint import lock_run_dir  # lazy: torch is the training extra's
     from gi_deploy.training.trainer import train  # lazy: torch is the training extra's
 
-    flags = given(source=source, data_dir=data_dir, method=method, model=model, pretrained=pretrained,
-                  weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  scheduler=scheduler, img_size=img_size, resize=resize, crop_pct=crop_pct, hflip=hflip,
-                  vflip=vflip, rotation_degrees=rotation, color_jitter=color_jitter, balance=balance,
-                  label_fraction=label_fraction, split=split, patience=patience, seed=seed, out_dir=out_dir,
-                  device=device, amp=amp, channels_last=channels_last, compile=compile, num_workers=num_workers,
-                  resume=resume, overwrite=overwrite, **(adapters or {}))
+    flags = given(
+        source=source,
+        data_dir=data_dir,
+        method=method,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        scheduler=scheduler,
+        img_size=img_size,
+        resize=resize,
+        crop_pct=crop_pct,
+        hflip=hflip,
+        vflip=vflip,
+        rotation_degrees=rotation,
+        color_jitter=color_jitter,
+        balance=balance,
+        label_fraction=label_fraction,
+        split=split,
+        patience=patience,
+        seed=seed,
+        out_dir=out_dir,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        compile=compile,
+        num_workers=num_workers,
+        resume=resume,
+        overwrite=overwrite,
+        **(adapters or {}),
+    )
     if distributed.env_rank() != 0:
         out.quiet = True  # under torchrun, rank 0 alone prints (and writes the run folder)
     with reported():
         cfg = layered_config(flags, config, resume)
         _print_config(cfg, nproc_per_node or int(os.environ.get("WORLD_SIZE", "1")))
         if nproc_per_node is not None and distributed.under_torchrun():
-            raise ConfigError("--nproc-per-node is for launching from a plain shell; under torchrun the process "
-                              "count is torchrun's --nproc-per-node")
+            raise ConfigError(
+                "--nproc-per-node is for launching from a plain shell; under torchrun the process "
+                "count is torchrun's --nproc-per-node"
+            )
         # two trainings never write one run folder: the launcher of N local processes holds the lock for
         # all its ranks; under torchrun rank 0 speaks for the run
         with lock_run_dir(cfg.run_dir) if distributed.env_rank() == 0 else nullcontext():
@@ -154,12 +189,15 @@ def sources_cmd() -> None:
 def compare_cmd(
     source: Source,
     data_dir: DataDir = None,
-    methods: Annotated[str, opt(T, "method", help="Comma-separated methods, from "
-                                                  + ",".join(m.value for m in Method) + ".")] = "lora,full,linear",
-    label_fractions: Annotated[str, opt(T, "label_fraction", help="Comma-separated shares of the labels, e.g. "
-                                                                  "0.01,0.1,1.0.")] = "1.0",
-    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file of training settings (as for `train`).")
-                      ] = None,
+    methods: Annotated[
+        str, opt(T, "method", help="Comma-separated methods, from " + ",".join(m.value for m in Method) + ".")
+    ] = "lora,full,linear",
+    label_fractions: Annotated[
+        str, opt(T, "label_fraction", help="Comma-separated shares of the labels, e.g. 0.01,0.1,1.0.")
+    ] = "1.0",
+    config: Annotated[
+        Optional[Path], typer.Option(help="YAML or TOML file of training settings (as for `train`).")
+    ] = None,
     model: Model = None,  # the base every cell starts from
     pretrained: Pretrained = None,
     weights: Weights = None,
@@ -168,8 +206,9 @@ def compare_cmd(
     lr: Lr = None,
     batch_size: BatchSize = None,
     seed: Seed = None,
-    out_dir: Annotated[Optional[Path], opt(T, "out_dir", "--out", help="Runs folder; the grid goes to "
-                                                                      "OUT/SOURCE-compare.")] = None,
+    out_dir: Annotated[
+        Optional[Path], opt(T, "out_dir", "--out", help="Runs folder; the grid goes to OUT/SOURCE-compare.")
+    ] = None,
     device: DeviceOpt = None,
     overwrite: Annotated[bool, opt(T, "overwrite", help="Retrain cells that already finished.")] = False,
 ) -> None:
@@ -178,9 +217,21 @@ def compare_cmd(
         require_training_extra("compare")
     from gi_deploy.training.compare import compare  # lazy: torch is the training extra's
 
-    flags = given(source=source, data_dir=data_dir, model=model, pretrained=pretrained, weights=weights,
-                  epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed, out_dir=out_dir,
-                  device=device, overwrite=overwrite)
+    flags = given(
+        source=source,
+        data_dir=data_dir,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        img_size=img_size,
+        seed=seed,
+        out_dir=out_dir,
+        device=device,
+        overwrite=overwrite,
+    )
     with reported():
         try:
             fractions = [float(f) for f in label_fractions.split(",") if f.strip()]

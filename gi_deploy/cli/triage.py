@@ -18,23 +18,28 @@ def triage_lines(r: TriageResult) -> list[str]:
     lines = []
     for v in r.summary["videos"]:
         b, sec = v["budget"], v["sections"]
-        lines.append(f"{v['video']}: {v['n_frames']} frames, {v['segments']} segments "
-                     f"({', '.join(f'{k} {n}' for k, n in v['segments_by_finding'].items()) or 'none'}); flagged "
-                     f"{b['flagged_frames']} ({b['flagged_percent']:.2f}%, {b['flagged_per_hour'] or 0:.0f}/h), "
-                     f"review {b['review_frames']} after near-duplicates, ~{b['reading_minutes']:.1f} min at "
-                     f"{b['frames_per_minute']:g} frames/min")
+        lines.append(
+            f"{v['video']}: {v['n_frames']} frames, {v['segments']} segments "
+            f"({', '.join(f'{k} {n}' for k, n in v['segments_by_finding'].items()) or 'none'}); flagged "
+            f"{b['flagged_frames']} ({b['flagged_percent']:.2f}%, {b['flagged_per_hour'] or 0:.0f}/h), "
+            f"review {b['review_frames']} after near-duplicates, ~{b['reading_minutes']:.1f} min at "
+            f"{b['frames_per_minute']:g} frames/min"
+        )
         if sec.get("incomplete") or sec.get("reason"):
             lines.append(f"{v['video']}: {sec['reason']}")
     e = r.evaluation
     if e:
-        pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
         f1 = ", ".join(f"@{t} {pct(x['f1'])}" for t, x in e["segmental_f1"].items())
-        lines.append(f"evaluation: event sensitivity {pct(e['event_sensitivity'])} ({e['events_found']}/{e['events']}),"
-                     f" per video {pct(e['per_video_sensitivity'])}, flagged {e['flagged_per_hour'] or 0:.0f}/h, "
-                     f"segmental F1 {f1}, specificity on {e['normal_frames']} normal-labelled frames "
-                     f"{pct(e['specificity_on_normal_frames'])} (unlabelled frames are unknown, not negative)")
-    lines.append(f"{r.n_classified} frames classified ({r.n_resumed} resumed) in {r.seconds:.1f}s -> "
-                 f"{r.files['report']}")
+        lines.append(
+            f"evaluation: event sensitivity {pct(e['event_sensitivity'])} ({e['events_found']}/{e['events']}),"
+            f" per video {pct(e['per_video_sensitivity'])}, flagged {e['flagged_per_hour'] or 0:.0f}/h, "
+            f"segmental F1 {f1}, specificity on {e['normal_frames']} normal-labelled frames "
+            f"{pct(e['specificity_on_normal_frames'])} (unlabelled frames are unknown, not negative)"
+        )
+    lines.append(
+        f"{r.n_classified} frames classified ({r.n_resumed} resumed) in {r.seconds:.1f}s -> {r.files['report']}"
+    )
     return lines
 
 
@@ -68,12 +73,33 @@ def triage_cmd(
     """Triage a capsule study (a video, or Kvasir-Capsule frames): finding segments, sections and transit
     times, a review list without near-duplicates, the review budget, report.html; --evaluate scores it."""
     with reported():
-        cfg = TriageConfig(inputs=inputs, out_dir=out_dir, deploy_dir=deploy_dir, source=source, fps=fps,
-                           frame_rate=frame_rate, normal=normal, landmark=landmark, quality=quality,
-                           smoothing=smoothing, window=window, high=high, low=low, top_k=top_k, read_fpm=read_fpm,
-                           labels=labels, gap=gap, tolerance=tolerance, precision=precision.value,
-                           device=device.value, backend=backend.value, batch_size=batch_size, threads=threads,
-                           workers=workers, resume=resume)
+        cfg = TriageConfig(
+            inputs=inputs,
+            out_dir=out_dir,
+            deploy_dir=deploy_dir,
+            source=source,
+            fps=fps,
+            frame_rate=frame_rate,
+            normal=normal,
+            landmark=landmark,
+            quality=quality,
+            smoothing=smoothing,
+            window=window,
+            high=high,
+            low=low,
+            top_k=top_k,
+            read_fpm=read_fpm,
+            labels=labels,
+            gap=gap,
+            tolerance=tolerance,
+            precision=precision.value,
+            device=device.value,
+            backend=backend.value,
+            batch_size=batch_size,
+            threads=threads,
+            workers=workers,
+            resume=resume,
+        )
         with interrupted_keeps(cfg.out_dir / PREDICTIONS), image_progress("triage") as progress:
             r = triage(cfg, progress)
     for line in triage_lines(r):

@@ -25,8 +25,8 @@ from gi_deploy._io import read_json, sha256_file
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.records import (
-    FileEntry,
     Fields,
+    FileEntry,
     as_dict,
     canonical_json,
     canonical_sha256,
@@ -57,8 +57,9 @@ def list_bundles(deploy_dir: Path) -> list[str]:
     are never listed."""
     if not deploy_dir.is_dir():
         return []
-    return sorted(p.parent.name for p in deploy_dir.glob(f"*/{MANIFEST_NAME}")
-                  if not p.parent.name.startswith((".", "_")))  # .<name>.staging / .old of an export in progress
+    return sorted(
+        p.parent.name for p in deploy_dir.glob(f"*/{MANIFEST_NAME}") if not p.parent.name.startswith((".", "_"))
+    )  # .<name>.staging / .old of an export in progress
 
 
 def interrupted_hint(deploy_dir: Path) -> str:
@@ -66,13 +67,18 @@ def interrupted_hint(deploy_dir: Path) -> str:
     ``.<source>.old`` and no bundle is listed: a sentence saying so (empty when none is)."""
     if not Path(deploy_dir).is_dir():
         return ""
-    old = sorted(p.parent.name[1:-len(".old")] for p in Path(deploy_dir).glob(f".*.old/{MANIFEST_NAME}")
-                 if not (Path(deploy_dir) / p.parent.name[1:-len(".old")]).exists())
+    old = sorted(
+        p.parent.name[1 : -len(".old")]
+        for p in Path(deploy_dir).glob(f".*.old/{MANIFEST_NAME}")
+        if not (Path(deploy_dir) / p.parent.name[1 : -len(".old")]).exists()
+    )
     if not old:
         return ""
-    return (f" (an interrupted export left the bundle of {', '.join(old)} in "
-            f"{', '.join(str(Path(deploy_dir) / f'.{s}.old') for s in old)}: the next `gi-deploy export` restores it, "
-            "or rename it back by hand)")
+    return (
+        f" (an interrupted export left the bundle of {', '.join(old)} in "
+        f"{', '.join(str(Path(deploy_dir) / f'.{s}.old') for s in old)}: the next `gi-deploy export` restores it, "
+        "or rename it back by hand)"
+    )
 
 
 def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:
@@ -82,13 +88,17 @@ def resolve_bundle_dir(deploy_dir: Path, source: str | None) -> Path:
         if len(available) == 1:
             return deploy_dir / available[0]
         if not available:
-            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first"
-                              + interrupted_hint(deploy_dir))
-        raise ConfigError(f"{len(available)} bundles under {deploy_dir} ({', '.join(available)}); "
-                          "choose one with --source")
+            raise BundleError(
+                f"no bundles under {deploy_dir}; run `gi-deploy export` first" + interrupted_hint(deploy_dir)
+            )
+        raise ConfigError(
+            f"{len(available)} bundles under {deploy_dir} ({', '.join(available)}); choose one with --source"
+        )
     if source not in available:
-        raise BundleError(f"no bundle for source {source!r} under {deploy_dir}; "
-                          f"available: {', '.join(available) or 'none'}" + interrupted_hint(deploy_dir))
+        raise BundleError(
+            f"no bundle for source {source!r} under {deploy_dir}; "
+            f"available: {', '.join(available) or 'none'}" + interrupted_hint(deploy_dir)
+        )
     return deploy_dir / source
 
 
@@ -100,8 +110,9 @@ def resolve_bundle_dirs(deploy_dir: Path, sources: list[str] | None) -> list[Pat
     if "all" in sources:
         available = list_bundles(deploy_dir)
         if not available:
-            raise BundleError(f"no bundles under {deploy_dir}; run `gi-deploy export` first"
-                              + interrupted_hint(deploy_dir))
+            raise BundleError(
+                f"no bundles under {deploy_dir}; run `gi-deploy export` first" + interrupted_hint(deploy_dir)
+            )
         return [deploy_dir / s for s in available]
     return [resolve_bundle_dir(deploy_dir, s) for s in dict.fromkeys(sources)]
 
@@ -119,16 +130,26 @@ def bundle_file(bundle_dir: Path, name, field: str = "file") -> Path:
     """``bundle_dir / name`` for a file the manifest names: a plain file name inside the bundle
     folder, not a path that leaves it (absolute, ``..``, a sub-folder) and not a symlink. A bundle
     is self-contained; anything else is refused with BundleError."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
-            or "\x00" in name or Path(name).is_absolute():
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).is_absolute()
+    ):
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise BundleError(f"{bundle_dir / MANIFEST_NAME}: field {field} = {shown} must be a plain file name inside "
-                          "the bundle folder (a bundle is self-contained: no absolute paths, no '..', no sub-folders); "
-                          + _FIX)
+        raise BundleError(
+            f"{bundle_dir / MANIFEST_NAME}: field {field} = {shown} must be a plain file name inside "
+            "the bundle folder (a bundle is self-contained: no absolute paths, no '..', no sub-folders); " + _FIX
+        )
     path = bundle_dir / name
     if path.is_symlink():
-        raise BundleError(f"{path} is a symlink (to {path.readlink()}); a bundle is self-contained and its files are "
-                          "refused as links: copy the real file in, or re-export")
+        raise BundleError(
+            f"{path} is a symlink (to {path.readlink()}); a bundle is self-contained and its files are "
+            "refused as links: copy the real file in, or re-export"
+        )
     return path
 
 
@@ -176,9 +197,19 @@ class ModelInfo:
         n = f.integer("num_classes", 1)
         if n != n_classes:
             raise f.bad(f.name("num_classes"), n, f"does not match the {n_classes} classes listed")
-        return cls(f.text("name"), n, f.text("method"), f.flag("merged"), f.integer("parameters", 0),
-                   f.integer("opset", 1), f.text("exporter"), f.text("input"), f.text("output"),
-                   f.str_list("dynamic_axes", nonempty=False), f.text("features_output", None))
+        return cls(
+            f.text("name"),
+            n,
+            f.text("method"),
+            f.flag("merged"),
+            f.integer("parameters", 0),
+            f.integer("opset", 1),
+            f.text("exporter"),
+            f.text("input"),
+            f.text("output"),
+            f.str_list("dynamic_axes", nonempty=False),
+            f.text("features_output", None),
+        )
 
 
 @dataclass(frozen=True)
@@ -228,8 +259,13 @@ class EngineEntry:
             if f.raw(key, None) is not None:
                 names[key] = f.raw(key)
                 bundle_file(bundle_dir, names[key], f.name(key))
-        return cls(f.text("status", choices=("built", "not built")), names.get("file"), names.get("script"),
-                   f.text("reason", None), f.rest("status", "file", "script", "reason"))
+        return cls(
+            f.text("status", choices=("built", "not built")),
+            names.get("file"),
+            names.get("script"),
+            f.text("reason", None),
+            f.rest("status", "file", "script", "reason"),
+        )
 
 
 @dataclass(frozen=True)
@@ -247,8 +283,9 @@ class TrainingRef:
     @classmethod
     def read(cls, f: Fields) -> TrainingRef:
         art = f.sub("artifact_sha256")
-        return cls(f.text("run_dir"), f.sha256("run_manifest_sha256"), {k: art.sha256(k) for k in art.data},
-                   f.obj("best"))
+        return cls(
+            f.text("run_dir"), f.sha256("run_manifest_sha256"), {k: art.sha256(k) for k in art.data}, f.obj("best")
+        )
 
 
 @dataclass(frozen=True)
@@ -304,9 +341,11 @@ class BundleManifest:
         where = Path(bundle_dir) / MANIFEST_NAME
         f = Fields(d, where, _FIX)
         if d.get("format") != BUNDLE_FORMAT or d.get("format_version") not in READABLE_FORMAT_VERSIONS:
-            raise BundleError(f"{where} is a {d.get('format')} v{d.get('format_version')} manifest; this gi-deploy "
-                              f"reads {BUNDLE_FORMAT} v{BUNDLE_FORMAT_VERSION} (sealed): re-export the bundle with "
-                              "`gi-deploy export --force`")
+            raise BundleError(
+                f"{where} is a {d.get('format')} v{d.get('format_version')} manifest; this gi-deploy "
+                f"reads {BUNDLE_FORMAT} v{BUNDLE_FORMAT_VERSION} (sealed): re-export the bundle with "
+                "`gi-deploy export --force`"
+            )
         source = f.text("source", pattern=_NAME, what="a non-empty name (a string without '/')")
         classes = f.str_list("classes", unique=True)
         files = {}
@@ -330,13 +369,29 @@ class BundleManifest:
         if engine is not None and engine.status == "built" and engine.file not in files:
             raise f.bad("engine.file", engine.file, "is not one of the bundle's files")
         adapter = f.obj("adapter", None)
-        m = cls(created=f.text("created"), export_key=f.sha256("export_key"), content_sha256=f.sha256("content_sha256"),
-                source=source, classes=classes, preprocess=read_preprocess(f),
-                model=ModelInfo.read(f.sub("model"), len(classes)), ood=ood, models=models, engine=engine,
-                verification=f.obj("verification"), footprint=f.obj("footprint"), base_weights=f.obj("base_weights"),
-                adapter=adapter, training=TrainingRef.read(f.sub("training")), options=f.obj("options"),
-                versions=f.obj("versions"), files=files, timings_s=f.obj("timings_s", {}), seal=f.obj("seal", {}),
-                format_version=d["format_version"])
+        m = cls(
+            created=f.text("created"),
+            export_key=f.sha256("export_key"),
+            content_sha256=f.sha256("content_sha256"),
+            source=source,
+            classes=classes,
+            preprocess=read_preprocess(f),
+            model=ModelInfo.read(f.sub("model"), len(classes)),
+            ood=ood,
+            models=models,
+            engine=engine,
+            verification=f.obj("verification"),
+            footprint=f.obj("footprint"),
+            base_weights=f.obj("base_weights"),
+            adapter=adapter,
+            training=TrainingRef.read(f.sub("training")),
+            options=f.obj("options"),
+            versions=f.obj("versions"),
+            files=files,
+            timings_s=f.obj("timings_s", {}),
+            seal=f.obj("seal", {}),
+            format_version=d["format_version"],
+        )
         if check_seal:
             check_seal_of(d, where, _FIX)
             if canonical_sha256(m.content()) != m.content_sha256:
@@ -349,28 +404,37 @@ def _short(v) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_model_metadata(bundle_dir: Path, manifest: BundleManifest, model_path: Path, metadata: dict[str, str],
-                         n_outputs: int | None) -> None:
+def check_model_metadata(
+    bundle_dir: Path, manifest: BundleManifest, model_path: Path, metadata: dict[str, str], n_outputs: int | None
+) -> None:
     """The model file's own record (its ``gi_deploy.`` metadata_props stamped at export) and its
     output width against the manifest: the content (classes, preprocessing, source, model
     interface, in-distribution threshold) must be the one the file was exported with, or every
     prediction could be silently relabelled. Raises BundleError naming the field that differs."""
     if n_outputs is not None and n_outputs != len(manifest.classes):
-        raise BundleError(f"{model_path} outputs {n_outputs} scores but {bundle_dir / MANIFEST_NAME} lists "
-                          f"{len(manifest.classes)} classes; re-export the bundle with `gi-deploy export --force`")
+        raise BundleError(
+            f"{model_path} outputs {n_outputs} scores but {bundle_dir / MANIFEST_NAME} lists "
+            f"{len(manifest.classes)} classes; re-export the bundle with `gi-deploy export --force`"
+        )
     meta = {k.removeprefix("gi_deploy."): v for k, v in metadata.items() if k.startswith("gi_deploy.")}
     if "content" not in meta or "content_sha256" not in meta:
-        raise BundleError(f"{model_path} carries no gi-deploy content record (not written by `gi-deploy export` "
-                          f"v{BUNDLE_FORMAT_VERSION}, or replaced); re-export the bundle")
+        raise BundleError(
+            f"{model_path} carries no gi-deploy content record (not written by `gi-deploy export` "
+            f"v{BUNDLE_FORMAT_VERSION}, or replaced); re-export the bundle"
+        )
     stamped, content = _json_or_none(meta["content"]) or {}, manifest.content()
     for key in CONTENT_FIELDS:
         if canonical_json(stamped.get(key)) != canonical_json(content[key]):
-            raise BundleError(f"{bundle_dir / MANIFEST_NAME} says {key} {_short(content[key])} but {model_path.name} "
-                              f"was exported with {_short(stamped.get(key))}: the manifest was edited after export; "
-                              "re-export the bundle with `gi-deploy export --force`")
+            raise BundleError(
+                f"{bundle_dir / MANIFEST_NAME} says {key} {_short(content[key])} but {model_path.name} "
+                f"was exported with {_short(stamped.get(key))}: the manifest was edited after export; "
+                "re-export the bundle with `gi-deploy export --force`"
+            )
     if meta["content_sha256"] != manifest.content_sha256:
-        raise BundleError(f"{model_path.name}'s content hash differs from {bundle_dir / MANIFEST_NAME}'s "
-                          "content_sha256; re-export the bundle with `gi-deploy export --force`")
+        raise BundleError(
+            f"{model_path.name}'s content hash differs from {bundle_dir / MANIFEST_NAME}'s "
+            "content_sha256; re-export the bundle with `gi-deploy export --force`"
+        )
 
 
 def _json_or_none(text: str | None):
@@ -387,15 +451,18 @@ def read_bundle_manifest(bundle_dir: Path) -> BundleManifest:
     bundle_dir = Path(bundle_dir)
     manifest_path = bundle_dir / MANIFEST_NAME
     if manifest_path.is_symlink():
-        raise BundleError(f"{manifest_path} is a symlink; a bundle is self-contained: copy the real file in, or "
-                          "re-export")
+        raise BundleError(
+            f"{manifest_path} is a symlink; a bundle is self-contained: copy the real file in, or re-export"
+        )
     manifest = BundleManifest.from_dict(read_json(manifest_path, "bundle manifest"), bundle_dir)
     labels_path = bundle_file(bundle_dir, LABELS_NAME, LABELS_NAME)
     labels = read_json(labels_path, "bundle labels")
     if labels != list(manifest.classes):
-        raise BundleError(f"{labels_path} lists {_short(labels)} but {manifest_path} lists classes "
-                          f"{_short(list(manifest.classes))}: one of them was edited after export and the predictions "
-                          "would be mislabelled; re-export the bundle with `gi-deploy export --force`")
+        raise BundleError(
+            f"{labels_path} lists {_short(labels)} but {manifest_path} lists classes "
+            f"{_short(list(manifest.classes))}: one of them was edited after export and the predictions "
+            "would be mislabelled; re-export the bundle with `gi-deploy export --force`"
+        )
     return manifest
 
 
@@ -406,18 +473,24 @@ def training_run_of(manifest: BundleManifest) -> Path:
     run_dir = Path(training.run_dir)
     run_manifest = run_dir / RUN_MANIFEST
     if not run_manifest.is_file():
-        raise DataError(f"the training run this bundle came from, {run_dir}, is gone; use the ONNX backends, or "
-                        "run on the machine that trained it")
+        raise DataError(
+            f"the training run this bundle came from, {run_dir}, is gone; use the ONNX backends, or "
+            "run on the machine that trained it"
+        )
     if sha256_file(run_manifest) != training.run_manifest_sha256:
-        raise BundleError(f"the run {run_dir} changed after this bundle was exported (retrained or resumed): it "
-                          "is another model now. Re-export the bundle")
+        raise BundleError(
+            f"the run {run_dir} changed after this bundle was exported (retrained or resumed): it "
+            "is another model now. Re-export the bundle"
+        )
     spec = method_spec(manifest.model.method)
     for path in spec.artifact_files(run_dir):
         recorded = training.artifact_sha256.get(path.name)
         if recorded is None or not path.is_file() or sha256_file(path) != recorded:
-            raise BundleError(f"{path} changed after this bundle was exported (its sha256 is not the one the bundle "
-                              "records): the torch model would not be the exported one. Restore it, or retrain and "
-                              "re-export")
+            raise BundleError(
+                f"{path} changed after this bundle was exported (its sha256 is not the one the bundle "
+                "records): the torch model would not be the exported one. Restore it, or retrain and "
+                "re-export"
+            )
     spec.check_artifact(run_dir, read_run_manifest(run_dir).best_artifact_sha256, "training")
     return run_dir
 
@@ -435,8 +508,10 @@ def gate_text(gate: str, g: dict) -> str:
     if gate == "fp16_emulated":
         return f"true fp16: top-1 {g['top1_agreement']:.0%}, max|Δprob| {g['max_abs_prob_diff']:.1e}"
     if gate == "int8":
-        return (f"int8 top-1 {g['top1_agreement']:.1%} on {g['n']} val images, accuracy {g['accuracy_fp32']:.1%} -> "
-                f"{g['accuracy_int8']:.1%}")
+        return (
+            f"int8 top-1 {g['top1_agreement']:.1%} on {g['n']} val images, accuracy {g['accuracy_fp32']:.1%} -> "
+            f"{g['accuracy_int8']:.1%}"
+        )
     return f"{gate} top-1 {g['top1_agreement']:.1%} max|Δprob| {g['max_abs_prob_diff']:.1e}"
 
 
@@ -459,9 +534,11 @@ def bundle_summary(bundle_dir: Path) -> dict:
     m = read_bundle_manifest(bundle_dir)
     v = m.verification
     files = {name: e.bytes for name, e in m.files.items()}
-    gates_of = {MODEL_FILES["fp32"]: ("onnx_fp32", "onnx_features"),
-                MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
-                MODEL_FILES["int8"]: ("int8",)}
+    gates_of = {
+        MODEL_FILES["fp32"]: ("onnx_fp32", "onnx_features"),
+        MODEL_FILES["fp16"]: ("onnx_fp16", "fp16_emulated"),
+        MODEL_FILES["int8"]: ("int8",),
+    }
     engine = m.engine or EngineEntry("not built")
     if engine.status == "built":
         gates_of[engine.file] = ("engine",)
@@ -477,8 +554,14 @@ def bundle_summary(bundle_dir: Path) -> dict:
             rows.append((name if i == 0 else "", size if i == 0 else None, gate, gate_text(gate, v[gate])))
     fp = m.footprint
     if "merge" in v:
-        rows.append((f"{fp.get('trained_artifact', 'adapter')} (run)", fp.get("artifact_bytes"), "merge",
-                     gate_text("merge", v["merge"])))
+        rows.append(
+            (
+                f"{fp.get('trained_artifact', 'adapter')} (run)",
+                fp.get("artifact_bytes"),
+                "merge",
+                gate_text("merge", v["merge"]),
+            )
+        )
     if fp:
         rows.append(("", None, "footprint", f"{fp['artifact_vs_merged_model']:.1%} of {MODEL_FILES['fp32']}"))
     return {"source": m.source, "model": m.model.name, "method": m.model.method, "created": m.created, "rows": rows}

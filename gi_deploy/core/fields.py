@@ -8,8 +8,9 @@ from enum import Enum
 from typing import Any
 
 
-def helped(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, cli: bool = True,
-           **kwargs) -> Any:  # noqa: A002 (peft's name)
+def helped(
+    default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, cli: bool = True, **kwargs
+) -> Any:  # noqa: A002 (peft's name)
     """``dataclasses.field`` with its help text in ``metadata["help"]``. For settings whose command-line
     options are generated from their fields (cli/_display.py ``settings_options``): ``flag`` names
     the option when it is not the field's name, ``cli=False`` keeps a field to config files."""

@@ -60,8 +60,10 @@ class MethodSpec:
 
     def artifact_files(self, run_dir: Path) -> list[Path]:
         """The weights files of a run's artifact (hashed into bundle manifests)."""
-        return [Path(run_dir) / name / ADAPTER_WEIGHTS if name == ADAPTER_DIR else Path(run_dir) / name
-                for name in self.artifact]
+        return [
+            Path(run_dir) / name / ADAPTER_WEIGHTS if name == ADAPTER_DIR else Path(run_dir) / name
+            for name in self.artifact
+        ]
 
     def artifact_sha256(self, run_dir: Path) -> dict[str, str]:
         """sha256 of the files a run's training wrote (the artifact's weights, peft's adapter config),
@@ -82,30 +84,54 @@ class MethodSpec:
         now = self.artifact_sha256(run_dir)
         for name, digest in recorded.items():
             if name in now and now[name] != digest:  # a missing file is reported by what loads it
-                raise BundleError(f"{Path(run_dir) / name} changed since {when} (its sha256 differs from the one "
-                                  "recorded): it is not the model whose metrics the run reports. Restore it, or "
-                                  "retrain with --overwrite")
+                raise BundleError(
+                    f"{Path(run_dir) / name} changed since {when} (its sha256 differs from the one "
+                    "recorded): it is not the model whose metrics the run reports. Restore it, or "
+                    "retrain with --overwrite"
+                )
 
     def artifact_bytes(self, run_dir: Path) -> int:
         """Size on disk of what a run of this method adds to the base model."""
         total = 0
         for name in self.artifact:
             path = Path(run_dir) / name
-            total += (sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir()
-                      else path.stat().st_size)
+            total += (
+                sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+            )
         return total
 
 
-METHODS: dict[str, MethodSpec] = {m.name: m for m in (
-    MethodSpec("lora", "adapters on the block MLP fc1/fc2 + new head (the seed paper)", ("lora",), False,
-               (ADAPTER_DIR,), ADAPTER_DIR),
-    MethodSpec("full", "every weight", (), True, (FULL_WEIGHTS,), FULL_WEIGHTS),
-    MethodSpec("linear", "the classifier head only (a linear probe)", (), False, (HEAD_WEIGHTS,), HEAD_WEIGHTS),
-    MethodSpec("colora", "convolution-kernel adapters + head (seeds/002)", ("colora",), False, (COLORA_WEIGHTS,),
-               COLORA_WEIGHTS),
-    MethodSpec("lora+colora", "both adapter kinds + head", ("lora", "colora"), False, (ADAPTER_DIR, COLORA_WEIGHTS),
-               ADAPTER_DIR),
-)}
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec(
+            "lora",
+            "adapters on the block MLP fc1/fc2 + new head (the seed paper)",
+            ("lora",),
+            False,
+            (ADAPTER_DIR,),
+            ADAPTER_DIR,
+        ),
+        MethodSpec("full", "every weight", (), True, (FULL_WEIGHTS,), FULL_WEIGHTS),
+        MethodSpec("linear", "the classifier head only (a linear probe)", (), False, (HEAD_WEIGHTS,), HEAD_WEIGHTS),
+        MethodSpec(
+            "colora",
+            "convolution-kernel adapters + head (seeds/002)",
+            ("colora",),
+            False,
+            (COLORA_WEIGHTS,),
+            COLORA_WEIGHTS,
+        ),
+        MethodSpec(
+            "lora+colora",
+            "both adapter kinds + head",
+            ("lora", "colora"),
+            False,
+            (ADAPTER_DIR, COLORA_WEIGHTS),
+            ADAPTER_DIR,
+        ),
+    )
+}
 METHOD_NAMES = tuple(METHODS)
 
 # The CLI's choices, built from the registry (a new MethodSpec appears in --method by itself).

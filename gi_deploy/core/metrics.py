@@ -83,8 +83,9 @@ def roc_curve(y_true_binary: Sequence[bool], scores: Sequence[float]) -> tuple[n
     if len(pos) != len(s):
         raise ValueError(f"y_true_binary has {len(pos)} values but scores has {len(s)}")
     if pos.all() or not pos.any():
-        raise ValueError("the ROC curve needs at least one positive and one negative; "
-                         f"got {int(pos.sum())} of {len(pos)} positive")
+        raise ValueError(
+            f"the ROC curve needs at least one positive and one negative; got {int(pos.sum())} of {len(pos)} positive"
+        )
     order = np.argsort(s, kind="mergesort")[::-1]  # descending, as scikit-learn sorts
     s, pos = s[order], pos[order]
     last_of_value = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # one point after each tied run
@@ -100,8 +101,9 @@ def _auc_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[st
     where it is defined (None when no class has one)."""
     n_cls = len(class_names)
     if probs.ndim != 2 or probs.shape != (len(y_true), n_cls):
-        raise ValueError(f"probs must have shape (N, C) = ({len(y_true)}, {n_cls}) in class_names order, "
-                         f"got {probs.shape}")
+        raise ValueError(
+            f"probs must have shape (N, C) = ({len(y_true)}, {n_cls}) in class_names order, got {probs.shape}"
+        )
     per_class = [binary_roc_auc(y_true == k, probs[:, k]) for k in range(n_cls)]
     defined = np.array([a is not None for a in per_class])
     out: dict = {"per_class": per_class, "roc_auc_macro": None, "roc_auc_weighted": None}
@@ -154,14 +156,23 @@ def classification_metrics(
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1), ("specificity", specificity)):
         out[f"{name}_weighted"] = float((values * weights).sum())
         out[f"{name}_macro"] = float(values[present].mean())
-    auc = _auc_metrics(np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64), class_names) \
-        if probs is not None else None
+    auc = (
+        _auc_metrics(np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64), class_names)
+        if probs is not None
+        else None
+    )
     if auc is not None:
         out["roc_auc_macro"], out["roc_auc_weighted"] = auc["roc_auc_macro"], auc["roc_auc_weighted"]
     out["per_class"] = {}
     for i, cls in enumerate(class_names):
-        row = {"precision": float(precision[i]), "recall": float(recall[i]), "sensitivity": float(recall[i]),
-               "specificity": float(specificity[i]), "f1": float(f1[i]), "support": int(support[i])}
+        row = {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "sensitivity": float(recall[i]),
+            "specificity": float(specificity[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
         if auc is not None:
             row["roc_auc"] = auc["per_class"][i]
         out["per_class"][cls] = row

@@ -35,10 +35,10 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     x = x.astype(np.float64)
     emp = x.T @ x / n
     mu = np.trace(emp) / d
-    x2 = x ** 2
-    delta_ = np.sum(emp ** 2)  # sklearn's delta_ / n_samples**2
+    x2 = x**2
+    delta_ = np.sum(emp**2)  # sklearn's delta_ / n_samples**2
     beta = (np.sum(x2.T @ x2) / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * np.trace(emp) + d * mu ** 2) / d
+    delta = (delta_ - 2.0 * mu * np.trace(emp) + d * mu**2) / d
     beta = min(beta, delta)
     shrinkage = 0.0 if beta == 0 else float(beta / delta)
     cov = (1 - shrinkage) * emp + shrinkage * mu * np.eye(d)
@@ -61,8 +61,11 @@ class IdStats:
             raise BundleError(f"in-distribution statistics are for {self.means.shape[1]}-dim features, got {f.shape}")
         fp = f @ self.precision  # (N, D)
         mp = self.means @ self.precision  # (K, D)
-        d = (np.einsum("nd,nd->n", fp, f)[:, None] - 2 * fp @ self.means.T
-             + np.einsum("kd,kd->k", mp, self.means)[None, :])
+        d = (
+            np.einsum("nd,nd->n", fp, f)[:, None]
+            - 2 * fp @ self.means.T
+            + np.einsum("kd,kd->k", mp, self.means)[None, :]
+        )
         return np.maximum(d.min(axis=1), 0.0)
 
     def rejects(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,16 +73,19 @@ class IdStats:
         return s, s > self.threshold
 
 
-def fit_id_stats(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray,
-                 tpr: float = TPR) -> tuple[IdStats, dict]:
+def fit_id_stats(
+    train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray, tpr: float = TPR
+) -> tuple[IdStats, dict]:
     """Class means and a Ledoit-Wolf shared covariance from the training split's features,
     the threshold from the validation split's scores. Returns the stats and the numbers for the
     manifest. Raises ConfigError for empty splits or a ``tpr`` outside (0, 1]."""
     if not 0 < tpr <= 1:
         raise ConfigError(f"tpr must be in (0, 1], got {tpr}")
     if len(train_feats) < 2 or len(val_feats) < 1:
-        raise ConfigError(f"in-distribution statistics need >= 2 training and >= 1 validation images, got "
-                          f"{len(train_feats)} and {len(val_feats)}")
+        raise ConfigError(
+            f"in-distribution statistics need >= 2 training and >= 1 validation images, got "
+            f"{len(train_feats)} and {len(val_feats)}"
+        )
     x = np.asarray(train_feats, dtype=np.float64)
     labels = np.asarray(train_labels)
     classes = np.unique(labels)
@@ -93,12 +99,20 @@ def fit_id_stats(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: n
     val_scores = stats.score(val_feats)
     train_scores = stats.score(x)
     stats.threshold = float(np.quantile(val_scores, tpr, method="higher"))
-    info = {"score": "mahalanobis_min_class", "covariance": "ledoit_wolf_shared", "shrinkage": round(shrinkage, 6),
-            "tpr": tpr, "threshold": stats.threshold, "n_train": int(len(x)), "n_val": int(len(val_feats)),
-            "feature_dim": int(x.shape[1]), "classes_with_means": [int(k) for k in classes],
-            "val_accepted": float((val_scores <= stats.threshold).mean()),
-            "train_accepted": float((train_scores <= stats.threshold).mean()),
-            "file": ID_STATS_FILE}
+    info = {
+        "score": "mahalanobis_min_class",
+        "covariance": "ledoit_wolf_shared",
+        "shrinkage": round(shrinkage, 6),
+        "tpr": tpr,
+        "threshold": stats.threshold,
+        "n_train": int(len(x)),
+        "n_val": int(len(val_feats)),
+        "feature_dim": int(x.shape[1]),
+        "classes_with_means": [int(k) for k in classes],
+        "val_accepted": float((val_scores <= stats.threshold).mean()),
+        "train_accepted": float((train_scores <= stats.threshold).mean()),
+        "file": ID_STATS_FILE,
+    }
     return stats, info
 
 
@@ -119,21 +133,28 @@ def load_id_stats(bundle_dir: Path, manifest, check_hash: bool = True) -> IdStat
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}; re-export the bundle")
     if check_hash and sha256_file(path) != manifest.files[entry.file].sha256:
-        raise BundleError(f"{path} does not match the sha256 in its manifest: the file was changed after export; "
-                          "re-export it")
+        raise BundleError(
+            f"{path} does not match the sha256 in its manifest: the file was changed after export; re-export it"
+        )
     try:
         with np.load(path) as z:
-            means, precision, threshold = (np.asarray(z["means"], np.float64), np.asarray(z["precision"], np.float64),
-                                           float(z["threshold"]))
+            means, precision, threshold = (
+                np.asarray(z["means"], np.float64),
+                np.asarray(z["precision"], np.float64),
+                float(z["threshold"]),
+            )
     except (OSError, ValueError, KeyError) as e:
         raise BundleError(f"{path} is not in-distribution statistics ({e}); re-export the bundle") from e
     if means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
-        raise BundleError(f"{path}: means {means.shape} and precision {precision.shape} do not fit together; "
-                          "re-export the bundle")
+        raise BundleError(
+            f"{path}: means {means.shape} and precision {precision.shape} do not fit together; re-export the bundle"
+        )
     if not (np.isfinite(threshold) and threshold > 0):
         raise BundleError(f"{path}: threshold {threshold!r} must be a finite number > 0; re-export the bundle")
     if threshold != entry.threshold:
-        raise BundleError(f"{Path(bundle_dir) / 'manifest.json'}: field ood.threshold = {entry.threshold!r} differs "
-                          f"from the threshold {threshold!r} in the sealed {entry.file}; the manifest was edited: "
-                          "re-export the bundle with `gi-deploy export --force`")
+        raise BundleError(
+            f"{Path(bundle_dir) / 'manifest.json'}: field ood.threshold = {entry.threshold!r} differs "
+            f"from the threshold {threshold!r} in the sealed {entry.file}; the manifest was edited: "
+            "re-export the bundle with `gi-deploy export --force`"
+        )
     return IdStats(means, precision, threshold)

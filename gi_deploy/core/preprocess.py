@@ -53,9 +53,7 @@ class PreprocessSpec:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"mean/std must be 3 values with std > 0, got {self.mean}/{self.std}")
         if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(
-                f"interpolation {self.interpolation!r} unknown; use one of {sorted(_INTERPOLATIONS)}"
-            )
+            raise ConfigError(f"interpolation {self.interpolation!r} unknown; use one of {sorted(_INTERPOLATIONS)}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize {self.resize!r} unknown; use one of {', '.join(RESIZE_MODES)}")
         if not 0.0 < self.crop_pct <= 1.0:
@@ -69,9 +67,13 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
         return cls(
-            size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-            interpolation=d.get("interpolation", "bilinear"), resize=d.get("resize", "direct"),
-            crop_pct=d.get("crop_pct", 1.0), decode=d.get("decode", "full"),
+            size=tuple(d["size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+            resize=d.get("resize", "direct"),
+            crop_pct=d.get("crop_pct", 1.0),
+            decode=d.get("decode", "full"),
         )
 
 
@@ -109,8 +111,9 @@ def require_regular_file(path: Path) -> None:
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror or e}") from e
     if stat.S_ISDIR(mode):
-        raise DataError(f"cannot read folder {path}: it could not be listed (check its permissions); its images "
-                        "were not classified")
+        raise DataError(
+            f"cannot read folder {path}: it could not be listed (check its permissions); its images were not classified"
+        )
     if not stat.S_ISREG(mode):
         kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
         raise DataError(f"cannot read image {path}: it is {kind}, not a regular file; only regular files are read")
@@ -160,14 +163,22 @@ def load_rgb(path: Path | bytes, spec: PreprocessSpec | None = None) -> Image.Im
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise DataError(f"cannot read image {path}: it declares a {w}x{h} canvas ({w * h / 1e6:.0f} MP, over "
-                                f"the {MAX_PIXELS / 1e6:.0f} MP limit): a decompression bomb, or not an endoscopy frame")
+                raise DataError(
+                    f"cannot read image {path}: it declares a {w}x{h} canvas ({w * h / 1e6:.0f} MP, over "
+                    f"the {MAX_PIXELS / 1e6:.0f} MP limit): a decompression bomb, or not an endoscopy frame"
+                )
             if spec is not None:
                 _draft(img, spec)
             # apply the EXIF orientation, so a rotated JPEG is seen upright by training and runtime alike
             return _to_rgb(ImageOps.exif_transpose(img))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
@@ -195,8 +206,10 @@ def resize_for(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
 def normalize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """An RGB PIL image already of ``spec.size`` -> float32 array (3, H, W), scaled and normalised."""
     if img.size != (spec.size[1], spec.size[0]):
-        raise ConfigError(f"normalize expects a {spec.size[1]}x{spec.size[0]} image, got {img.size[0]}x{img.size[1]}; "
-                          "resize it with resize_for first")
+        raise ConfigError(
+            f"normalize expects a {spec.size[1]}x{spec.size[0]} image, got {img.size[0]}x{img.size[1]}; "
+            "resize it with resize_for first"
+        )
     x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
     x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
@@ -234,7 +247,9 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
     return sorted(
-        p for p in folder.rglob("*")  # by default rglob never follows directory symlinks
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()  # a FIFO named .jpg too: it gets an error row
+        p
+        for p in folder.rglob("*")  # by default rglob never follows directory symlinks
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.is_dir()  # a FIFO named .jpg too: it gets an error row
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )

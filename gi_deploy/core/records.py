@@ -70,19 +70,29 @@ def check_seal(record: dict, where: Path, fix: str) -> None:
     first field that differs (added, removed or changed). Raises BundleError."""
     seal = record.get(SEAL_FIELD)
     if not (isinstance(seal, dict) and isinstance(seal.get("fields"), dict) and isinstance(seal.get("sha256"), str)):
-        raise BundleError(f"{where}: field {SEAL_FIELD} is missing or malformed ({_shown(seal)}): its content cannot "
-                          f"be checked; it was edited or written by an older gi-deploy: {fix}")
+        raise BundleError(
+            f"{where}: field {SEAL_FIELD} is missing or malformed ({_shown(seal)}): its content cannot "
+            f"be checked; it was edited or written by an older gi-deploy: {fix}"
+        )
     now, then = _sealed_fields(record), seal["fields"]
     # a sub-field first: emptying an object shows as the object "added" and its last key removed
-    changed = sorted((k for k in now.keys() | then.keys() if now.get(k) != then.get(k)), key=lambda k: ("." not in k, k))
+    changed = sorted(
+        (k for k in now.keys() | then.keys() if now.get(k) != then.get(k)), key=lambda k: ("." not in k, k)
+    )
     if changed:
         f = changed[0]
-        how = ("was added since" if f not in then else "was removed since" if f not in now
-               else "differs from what was sealed when")
+        how = (
+            "was added since"
+            if f not in then
+            else "was removed since"
+            if f not in now
+            else "differs from what was sealed when"
+        )
         value = _dotted(record, f)
         also = f" (so did {', '.join(changed[1:4])})" if changed[1:] else ""
-        raise BundleError(f"{where}: field {f}{'' if value is _MISSING else ' = ' + _shown(value)} {how} it was "
-                          f"written{also}; {fix}")
+        raise BundleError(
+            f"{where}: field {f}{'' if value is _MISSING else ' = ' + _shown(value)} {how} it was written{also}; {fix}"
+        )
     if canonical_sha256(then) != seal["sha256"]:
         raise BundleError(f"{where}: field {SEAL_FIELD}.sha256 does not match its fields; it was edited: {fix}")
 
@@ -120,8 +130,14 @@ class Fields:
             return default
         return self.data[key]
 
-    def text(self, key: str, default: Any = _MISSING, pattern: re.Pattern | None = None,
-            choices: tuple[str, ...] | None = None, what: str = "a non-empty string") -> Any:
+    def text(
+        self,
+        key: str,
+        default: Any = _MISSING,
+        pattern: re.Pattern | None = None,
+        choices: tuple[str, ...] | None = None,
+        what: str = "a non-empty string",
+    ) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -142,8 +158,9 @@ class Fields:
             raise self.bad(self.name(key), v, f"must be an integer in {_range(lo, hi)}")
         return v
 
-    def number(self, key: str, lo: float | None = None, hi: float | None = None, default: Any = _MISSING,
-               lo_open: bool = False) -> Any:
+    def number(
+        self, key: str, lo: float | None = None, hi: float | None = None, default: Any = _MISSING, lo_open: bool = False
+    ) -> Any:
         v = self.raw(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -252,17 +269,29 @@ def read_preprocess(f: Fields, key: str = "preprocess"):
 
     p = f.sub(key)
     size = p.raw("size")
-    if not (isinstance(size, list) and len(size) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIDE for v in size)):
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIDE for v in size)
+    ):
         raise f.bad(p.name("size"), size, f"must be [height, width], integers in 1..{MAX_INPUT_SIDE}")
     for name in ("mean", "std"):
         v = p.raw(name)
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+        if not (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ):
             raise f.bad(p.name(name), v, "must be 3 finite numbers")
-    spec = dict(size=tuple(size), mean=tuple(p.raw("mean")), std=tuple(p.raw("std")),
-                interpolation=p.text("interpolation", "bilinear"), resize=p.text("resize", "direct"),
-                crop_pct=p.number("crop_pct", 0.0, 1.0, default=1.0, lo_open=True), decode=p.text("decode", "full"))
+    spec = dict(
+        size=tuple(size),
+        mean=tuple(p.raw("mean")),
+        std=tuple(p.raw("std")),
+        interpolation=p.text("interpolation", "bilinear"),
+        resize=p.text("resize", "direct"),
+        crop_pct=p.number("crop_pct", 0.0, 1.0, default=1.0, lo_open=True),
+        decode=p.text("decode", "full"),
+    )
     try:
         return PreprocessSpec(**spec)
     except ValueError as e:  # ConfigError from the spec's own checks (interpolation, std > 0, ...)

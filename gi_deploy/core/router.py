@@ -44,7 +44,7 @@ from gi_deploy._io import read_json, sha256_file
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import IdStats
 from gi_deploy.core.preprocess import PreprocessSpec
-from gi_deploy.core.records import FileEntry, Fields, as_dict, seal_of
+from gi_deploy.core.records import Fields, FileEntry, as_dict, seal_of
 from gi_deploy.core.records import check_seal as check_seal_of
 from gi_deploy.errors import BundleError
 
@@ -56,8 +56,9 @@ ROUTER_MANIFEST = "manifest.json"
 FEATURE_VERSION = 1
 THUMB_PX = 32
 # The thumbnail every router feature is computed on: [0, 1] RGB (mean 0, std 1 leaves x/255).
-ROUTER_SPEC = PreprocessSpec(size=(THUMB_PX, THUMB_PX), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                             interpolation="bilinear", resize="direct")
+ROUTER_SPEC = PreprocessSpec(
+    size=(THUMB_PX, THUMB_PX), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", resize="direct"
+)
 HIST_BINS = 8
 GRID = 4
 RINGS = 4
@@ -69,11 +70,12 @@ NOVELTY_KEYS = ("novelty_means", "novelty_precisions", "novelty_thresholds")
 def router_gate_text(gate: dict) -> str:
     """The router's gate as the export and the demo print it: what it measured and exactly what it
     was held to (the goal, or all but one image where too few validation images resolve it)."""
-    text = f"held-out routing accuracy {gate['accuracy']:.2%} on {gate['n']} validation images, gate >= " \
-           f"{gate['min_accuracy']:.2%}"
+    text = (
+        f"held-out routing accuracy {gate['accuracy']:.2%} on {gate['n']} validation images, gate >= "
+        f"{gate['min_accuracy']:.2%}"
+    )
     if gate.get("small_val"):
-        text += (f" (all but one image: too few to resolve the {gate.get('goal', 0.99):.0%} goal, "
-                 "--allow-small-val)")
+        text += f" (all but one image: too few to resolve the {gate.get('goal', 0.99):.0%} goal, --allow-small-val)"
     return text
 
 
@@ -119,7 +121,7 @@ def router_features(thumbs: np.ndarray) -> np.ndarray:
     mean, std = flat.mean(axis=2), flat.std(axis=2)
     total = flat.sum(axis=1).sum(axis=1) + 1e-6
     chroma = flat.sum(axis=2)[:, :2] / total[:, None]
-    grad = (np.abs(np.diff(x, axis=2)).mean(axis=(2, 3)) + np.abs(np.diff(x, axis=3)).mean(axis=(2, 3)))
+    grad = np.abs(np.diff(x, axis=2)).mean(axis=(2, 3)) + np.abs(np.diff(x, axis=3)).mean(axis=(2, 3))
     return np.concatenate([hist, grid, np.stack(rings, axis=1), mean, std, chroma, grad], axis=1).astype(np.float32)
 
 
@@ -168,12 +170,19 @@ class Router:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What router.npz holds: the classifier, the source order its columns mean, the novelty models."""
-        out = {"mean": self.mean, "scale": self.scale, "weights": self.weights, "bias": self.bias,
-               "sources": np.array(self.sources)}
+        out = {
+            "mean": self.mean,
+            "scale": self.scale,
+            "weights": self.weights,
+            "bias": self.bias,
+            "sources": np.array(self.sources),
+        }
         if self.novelty is not None:
-            out.update(novelty_means=np.stack([m.means[0] for m in self.novelty]),
-                       novelty_precisions=np.stack([m.precision for m in self.novelty]),
-                       novelty_thresholds=np.array([m.threshold for m in self.novelty]))
+            out.update(
+                novelty_means=np.stack([m.means[0] for m in self.novelty]),
+                novelty_precisions=np.stack([m.precision for m in self.novelty]),
+                novelty_thresholds=np.array([m.threshold for m in self.novelty]),
+            )
         return out
 
 
@@ -217,16 +226,19 @@ class RouterManifest:
         fix = f"rewrite the router with `gi-deploy export --router --out {Path(folder).parent}`"
         f = Fields(d, where, fix)
         if d.get("format") != ROUTER_FORMAT or d.get("format_version") != ROUTER_FORMAT_VERSION:
-            raise BundleError(f"{where} is a {d.get('format')} v{d.get('format_version')} manifest, not a "
-                              f"{ROUTER_FORMAT} v{ROUTER_FORMAT_VERSION} (sealed) one; {fix}")
+            raise BundleError(
+                f"{where} is a {d.get('format')} v{d.get('format_version')} manifest, not a "
+                f"{ROUTER_FORMAT} v{ROUTER_FORMAT_VERSION} (sealed) one; {fix}"
+            )
         sources = f.str_list("sources", unique=True)
         if len(sources) < 2:
             raise f.bad("sources", list(sources), "must name at least two sources (a router chooses between them)")
         features = f.sub("features")
         version = features.integer("version", 1)
         if version != FEATURE_VERSION:
-            raise f.bad("features.version", version, f"is not the router features this gi-deploy computes "
-                                                     f"(v{FEATURE_VERSION})")
+            raise f.bad(
+                "features.version", version, f"is not the router features this gi-deploy computes (v{FEATURE_VERSION})"
+            )
         features.integer("n", 1)
         bundles = f.obj("bundles")
         if sorted(bundles) != sorted(sources):
@@ -236,9 +248,19 @@ class RouterManifest:
         if ROUTER_FILE not in f.obj("files"):
             raise f.bad("files", sorted(f.obj("files")), f"must list {ROUTER_FILE}")
         files = {ROUTER_FILE: FileEntry.read(f.sub("files").sub(ROUTER_FILE))}
-        m = cls(created=f.text("created"), sources=sources, images=f.obj("images"), features=features.data,
-                classifier=f.obj("classifier"), bundles=bundles, novelty=f.obj("novelty", None),
-                verification=f.obj("verification"), files=files, versions=f.obj("versions"), seal=f.obj("seal", {}))
+        m = cls(
+            created=f.text("created"),
+            sources=sources,
+            images=f.obj("images"),
+            features=features.data,
+            classifier=f.obj("classifier"),
+            bundles=bundles,
+            novelty=f.obj("novelty", None),
+            verification=f.obj("verification"),
+            files=files,
+            versions=f.obj("versions"),
+            seal=f.obj("seal", {}),
+        )
         if check_seal:
             check_seal_of(d, where, fix)
         return m
@@ -256,10 +278,12 @@ def load_router(deploy_dir: Path, check_hash: bool = True) -> Router:
     folder = router_dir(deploy_dir)
     manifest_path = folder / ROUTER_MANIFEST
     if not manifest_path.is_file():
-        raise BundleError(f"--source auto needs a router, and {deploy_dir} has none ({folder} is missing): write "
-                          f"one with `gi-deploy export --router --out {deploy_dir}` (it fits on the bundles' training "
-                          "images; bundles exported before gi-deploy learnt routing also need re-exporting for the "
-                          "in-distribution check)")
+        raise BundleError(
+            f"--source auto needs a router, and {deploy_dir} has none ({folder} is missing): write "
+            f"one with `gi-deploy export --router --out {deploy_dir}` (it fits on the bundles' training "
+            "images; bundles exported before gi-deploy learnt routing also need re-exporting for the "
+            "in-distribution check)"
+        )
     m = RouterManifest.from_dict(read_json(manifest_path, "router manifest"), folder)
     fix = f"rewrite it with `gi-deploy export --router --out {deploy_dir}`"
     path = folder / ROUTER_FILE
@@ -273,13 +297,17 @@ def load_router(deploy_dir: Path, check_hash: bool = True) -> Router:
             stored = [str(s) for s in z["sources"]]
             novelty = None
             if all(k in z for k in NOVELTY_KEYS):
-                novelty = [IdStats(mu[None, :].astype(np.float64), prec.astype(np.float64), float(t)) for mu, prec, t
-                           in zip(z["novelty_means"], z["novelty_precisions"], z["novelty_thresholds"])]
+                novelty = [
+                    IdStats(mu[None, :].astype(np.float64), prec.astype(np.float64), float(t))
+                    for mu, prec, t in zip(z["novelty_means"], z["novelty_precisions"], z["novelty_thresholds"])
+                ]
     except (OSError, ValueError, KeyError) as e:
         raise BundleError(f"{path} is not a router's arrays ({e}); {fix}") from e
     if stored != list(m.sources):
-        raise BundleError(f"{manifest_path}: field sources = {list(m.sources)} is not the order router.npz was fitted "
-                          f"with ({stored}): images would go to the wrong model; {fix}")
+        raise BundleError(
+            f"{manifest_path}: field sources = {list(m.sources)} is not the order router.npz was fitted "
+            f"with ({stored}): images would go to the wrong model; {fix}"
+        )
     n_feat, n_src = len(feature_names()), len(m.sources)
     shapes = {"mean": (n_feat,), "scale": (n_feat,), "weights": (n_feat, n_src), "bias": (n_src,)}
     wrong = [f"{k} {arrays[k].shape} (expected {v})" for k, v in shapes.items() if arrays[k].shape != v]

@@ -45,8 +45,16 @@ CHECKPOINT = "checkpoint.pt"  # last complete epoch: trained tensors, optimizer,
 METRICS_JSONL = "metrics.jsonl"
 CURVES_PNG = "curves.png"
 SPLITS_DIR = "splits"
-RUN_FILES = (RUN_MANIFEST, FULL_WEIGHTS, HEAD_WEIGHTS, COLORA_WEIGHTS, RANDOM_BASE_WEIGHTS, CHECKPOINT, METRICS_JSONL,
-             CURVES_PNG)
+RUN_FILES = (
+    RUN_MANIFEST,
+    FULL_WEIGHTS,
+    HEAD_WEIGHTS,
+    COLORA_WEIGHTS,
+    RANDOM_BASE_WEIGHTS,
+    CHECKPOINT,
+    METRICS_JSONL,
+    CURVES_PNG,
+)
 RUN_DIRS = (ADAPTER_DIR, SPLITS_DIR)
 
 
@@ -139,23 +147,59 @@ class RunRecord:
         f.sub("config").text("method")
         for key in ("best", "test"):
             f.obj(key, None)
-        known = ("format", "format_version", "created", "source", "config", "device", "classes", "preprocess",
-                 "base_weights", "model", "params", "artifact", "splits", "versions", "history", "best", "test",
-                 "status", "runtime", "resumed", "colora", "seconds")
+        known = (
+            "format",
+            "format_version",
+            "created",
+            "source",
+            "config",
+            "device",
+            "classes",
+            "preprocess",
+            "base_weights",
+            "model",
+            "params",
+            "artifact",
+            "splits",
+            "versions",
+            "history",
+            "best",
+            "test",
+            "status",
+            "runtime",
+            "resumed",
+            "colora",
+            "seconds",
+        )
         history = f.raw("history")
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise f.bad("history", history, "must be a list of per-epoch records")
         resumed = f.raw("resumed", None)
         if resumed is not None and not isinstance(resumed, list):
             raise f.bad("resumed", resumed, "must be a list")
-        return cls(created=f.text("created"), source=f.text("source"), config=config, device=f.text("device"),
-                   classes=classes, preprocess=read_preprocess(f), base_weights=f.obj("base_weights"),
-                   model=RunModelInfo(model.text("name"), n, model.text("classifier")), params=f.obj("params"),
-                   artifact=f.str_list("artifact"), splits=f.obj("splits"), versions=f.obj("versions"),
-                   history=history, best=d.get("best"), test=d.get("test"),
-                   status=f.text("status", choices=RUN_STATUSES), runtime=f.obj("runtime", {}), resumed=resumed,
-                   colora=f.obj("colora", None), seconds=f.number("seconds", 0.0, default=None),
-                   extra=f.rest(*known))
+        return cls(
+            created=f.text("created"),
+            source=f.text("source"),
+            config=config,
+            device=f.text("device"),
+            classes=classes,
+            preprocess=read_preprocess(f),
+            base_weights=f.obj("base_weights"),
+            model=RunModelInfo(model.text("name"), n, model.text("classifier")),
+            params=f.obj("params"),
+            artifact=f.str_list("artifact"),
+            splits=f.obj("splits"),
+            versions=f.obj("versions"),
+            history=history,
+            best=d.get("best"),
+            test=d.get("test"),
+            status=f.text("status", choices=RUN_STATUSES),
+            runtime=f.obj("runtime", {}),
+            resumed=resumed,
+            colora=f.obj("colora", None),
+            seconds=f.number("seconds", 0.0, default=None),
+            extra=f.rest(*known),
+        )
 
 
 def read_run_manifest(run_dir: Path, finished: bool = True) -> RunRecord:
@@ -186,8 +230,9 @@ def select_runs(runs_dir: Path, sources: list[str] | None = None, finished_only:
     if sources:
         missing = [s for s in sources if s not in trained]
         if missing:
-            raise BundleError(f"no trained run for {', '.join(missing)} under {runs_dir}; "
-                              f"trained: {', '.join(trained) or 'none'}")
+            raise BundleError(
+                f"no trained run for {', '.join(missing)} under {runs_dir}; trained: {', '.join(trained) or 'none'}"
+            )
         return [runs_dir / s for s in sources]
     if not trained:
         raise BundleError(f"no trained runs under {runs_dir}; run `gi-deploy train` first")

@@ -71,19 +71,30 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_margin: flo
     if tie_margin is not None:
         top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
         decisive = (top2[:, 1] - top2[:, 0]) >= tie_margin
-        result.update(top1_agreement_all=result["top1_agreement"], ties=int((~decisive).sum()),
-                      tie_margin=tie_margin,
-                      top1_agreement=float(agree[decisive].mean()) if finite and decisive.any() else float(finite))
+        result.update(
+            top1_agreement_all=result["top1_agreement"],
+            ties=int((~decisive).sum()),
+            tie_margin=tie_margin,
+            top1_agreement=float(agree[decisive].mean()) if finite and decisive.any() else float(finite),
+        )
     return result
 
 
-def check(gate: str, what: str, result: dict, atol: float | None = None, min_top1: float | None = None,
-          hint: str = "") -> dict:
+def check(
+    gate: str, what: str, result: dict, atol: float | None = None, min_top1: float | None = None, hint: str = ""
+) -> dict:
     """Record the thresholds in ``result`` and raise GateFailed (gate, number, threshold) when
     ``result`` misses one. Non-finite outputs always fail."""
     if not result["finite"]:
-        raise GateFailed(gate, what, "share of inputs with finite logits", result["finite_share"], 1.0, "equal to",
-                         hint or "inf or NaN in the graph")
+        raise GateFailed(
+            gate,
+            what,
+            "share of inputs with finite logits",
+            result["finite_share"],
+            1.0,
+            "equal to",
+            hint or "inf or NaN in the graph",
+        )
     if atol is not None:
         result["tolerance"] = atol
         if result["max_abs_logit_diff"] > atol:
@@ -162,6 +173,10 @@ def verification_batch(manifest: RunRecord, spec: PreprocessSpec) -> tuple[np.nd
             unread.append(str(path))  # moved since training: counted, and export refuses when none is left
     stress = stress_inputs(spec)
     batch = np.concatenate([np.stack(real), stress]) if real else stress
-    return batch.astype(np.float32), {"real_images": len(real), "real_images_wanted": len(wanted),
-                                      "real_images_unreadable": unread[:3], "stress_images": list(STRESS_IMAGES),
-                                      "n": int(len(batch))}
+    return batch.astype(np.float32), {
+        "real_images": len(real),
+        "real_images_wanted": len(wanted),
+        "real_images_unreadable": unread[:3],
+        "stress_images": list(STRESS_IMAGES),
+        "n": int(len(batch)),
+    }

@@ -66,8 +66,10 @@ def paper_effect(scores: dict[str, dict[str, dict]], margin: float = EFFECT_MARG
         gaps[source] = 100 * scores[source][source]["accuracy"] - max(others)
     met = bool(gaps) and all(g >= margin for g in gaps.values())
     detail = ", ".join(f"{s} {g:+.2f}" for s, g in gaps.items())
-    line = (f"paper's effect (each model >= {margin:.0f} points better on its own source than the other model "
-            f"there): {'met' if met else 'NOT met'} ({detail} points)")
+    line = (
+        f"paper's effect (each model >= {margin:.0f} points better on its own source than the other model "
+        f"there): {'met' if met else 'NOT met'} ({detail} points)"
+    )
     return {"met": met, "margin": margin, "gaps": gaps, "line": line}
 
 
@@ -91,25 +93,59 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     write_pretext(data, seed=cfg.seed, size=cfg.image_px, split_sizes=cfg.split_sizes)
     ood = write_ood(data / "ood", size=cfg.image_px, n=cfg.ood_per_kind, seed=cfg.seed)
     _mixed(data, cfg.sources, ood, data / "mixed")
-    say(f"data: synthetic {', '.join(cfg.sources)} images, a findings-free pretext set and frames no source "
-        f"covers, under {data}")
+    say(
+        f"data: synthetic {', '.join(cfg.sources)} images, a findings-free pretext set and frames no source "
+        f"covers, under {data}"
+    )
     result = DemoResult(out_dir=out, seconds=0.0)
-    common = dict(model=MODEL, img_size=cfg.img_size, batch_size=cfg.batch_size, seed=cfg.seed, out_dir=runs,
-                  device="cpu", overwrite=True)  # the demo regenerates its data, so its runs are stale
+    common = dict(
+        model=MODEL,
+        img_size=cfg.img_size,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        out_dir=runs,
+        device="cpu",
+        overwrite=True,
+    )  # the demo regenerates its data, so its runs are stale
     say(f"train {BASE}: {MODEL} from random init, full fine-tuning on the findings-free pretext task")
-    r = train(TrainConfig(source=BASE, data_dir=data / "pretext", method="full", pretrained=False,
-                          epochs=cfg.base_epochs, patience=cfg.base_epochs, lr=cfg.base_lr, **common))
+    r = train(
+        TrainConfig(
+            source=BASE,
+            data_dir=data / "pretext",
+            method="full",
+            pretrained=False,
+            epochs=cfg.base_epochs,
+            patience=cfg.base_epochs,
+            lr=cfg.base_lr,
+            **common,
+        )
+    )
     result.params[BASE] = (r.trainable_params, r.total_params)
     for source in cfg.sources:
         say(f"train {source}: LoRA r=16 on the {BASE} weights")
-        r = train(TrainConfig(source=source, data_dir=data / source, method="lora",
-                              weights=runs / BASE / FULL_WEIGHTS, epochs=cfg.lora_epochs,
-                              patience=cfg.lora_epochs, lr=cfg.lora_lr, **common))
+        r = train(
+            TrainConfig(
+                source=source,
+                data_dir=data / source,
+                method="lora",
+                weights=runs / BASE / FULL_WEIGHTS,
+                epochs=cfg.lora_epochs,
+                patience=cfg.lora_epochs,
+                lr=cfg.lora_lr,
+                **common,
+            )
+        )
         result.params[source] = (r.trainable_params, r.total_params)
     say("export: merge, ONNX (logits + pooled features), verify, in-distribution statistics, router")
     # a few dozen validation images cannot resolve the router's 99% goal: gated on all but one, and said
-    export_cfg = ExportConfig(runs_dir=runs, deploy_dir=deploy, sources=list(cfg.sources), router=True,
-                              router_sources=list(cfg.sources), allow_small_val=True)
+    export_cfg = ExportConfig(
+        runs_dir=runs,
+        deploy_dir=deploy,
+        sources=list(cfg.sources),
+        router=True,
+        router_sources=list(cfg.sources),
+        allow_small_val=True,
+    )
     bundles = export_runs(export_cfg)
     routed = export_router(export_cfg, bundles)
     for note in routed.notes:
@@ -119,23 +155,37 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     models = list(cfg.sources)
     result.scores = {model: {} for model in models}
     for source in cfg.sources:  # every model on each test set in one pass: each image decoded once
-        res = infer_folder(InferConfig(inputs=data / source / "test", deploy_dir=deploy, sources=models,
-                                       out_csv=out / "predictions" / f"{source}_test.csv"))
+        res = infer_folder(
+            InferConfig(
+                inputs=data / source / "test",
+                deploy_dir=deploy,
+                sources=models,
+                out_csv=out / "predictions" / f"{source}_test.csv",
+            )
+        )
         for model in models:
             result.scores[model][source] = res.sources[model].metrics
     result.effect = paper_effect(result.scores)
     say("--source auto on a mixed folder (both test sets and frames no source covers)")
-    auto = infer_folder(InferConfig(inputs=data / "mixed", deploy_dir=deploy, sources=["auto"],
-                                    out_csv=out / "predictions" / "mixed_auto.csv"))
+    auto = infer_folder(
+        InferConfig(
+            inputs=data / "mixed", deploy_dir=deploy, sources=["auto"], out_csv=out / "predictions" / "mixed_auto.csv"
+        )
+    )
     with open(auto.csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     is_ood = [r["path"].startswith("ood/") for r in rows]
     refused = [r["rejected"] == "1" for r in rows]
-    result.auto = {"rows": len(rows), "ood_frames": sum(is_ood),
-                   "ood_refused": sum(o and x for o, x in zip(is_ood, refused)),
-                   "test_refused": sum(x and not o for o, x in zip(is_ood, refused)), "csv": str(auto.csv_path)}
+    result.auto = {
+        "rows": len(rows),
+        "ood_frames": sum(is_ood),
+        "ood_refused": sum(o and x for o, x in zip(is_ood, refused)),
+        "test_refused": sum(x and not o for o, x in zip(is_ood, refused)),
+        "csv": str(auto.csv_path),
+    }
     result.routing = evaluate_routing(deploy, out / "routing", {s: data / s / "test" for s in cfg.sources}, ood).report
-    result.triage = run_triage_demo(deploy, out / "triage", source="capsule", seed=cfg.seed, size=cfg.image_px,
-                                    minutes=cfg.triage_minutes, say=say)
+    result.triage = run_triage_demo(
+        deploy, out / "triage", source="capsule", seed=cfg.seed, size=cfg.image_px, minutes=cfg.triage_minutes, say=say
+    )
     result.seconds = time.time() - t0
     return result

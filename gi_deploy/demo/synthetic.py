@@ -89,16 +89,19 @@ def render(finding: str, source: str, rng: np.random.Generator, size: int = 64) 
             gy, gx = rng.uniform(0.1, 0.9, size=2)
             img[_blob(yy, xx, gy, gx, 0.025, 0.04) < 1] = 1.0
         img[:, : size // 12] = 0.0  # black side bands of a wide sensor
-        img[:, -(size // 12):] = 0.0
+        img[:, -(size // 12) :] = 0.0
     img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     out = Image.fromarray((img * 255).astype(np.uint8))
     if capsule:  # capsule cameras resolve less: down- and up-sample
-        out = out.resize((size // 2, size // 2), Image.Resampling.BILINEAR).resize((size, size), Image.Resampling.BILINEAR)
+        out = out.resize((size // 2, size // 2), Image.Resampling.BILINEAR).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
     return np.asarray(out)
 
 
-def write_source(root: Path, source: str, seed: int = 0, size: int = 64,
-                 split_sizes: dict[str, int] = SPLIT_SIZES) -> Path:
+def write_source(
+    root: Path, source: str, seed: int = 0, size: int = 64, split_sizes: dict[str, int] = SPLIT_SIZES
+) -> Path:
     """Write ``root/<source>/{train,val,test}/<class>/<n>.jpg``; returns the source folder."""
     rng = np.random.default_rng([seed, SOURCES.index(source)])
     out = Path(root) / source
@@ -107,8 +110,9 @@ def write_source(root: Path, source: str, seed: int = 0, size: int = 64,
             folder = out / split / finding
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(render(finding, source, rng, size)).save(folder / f"{source}_{split}_{i:04d}.jpg",
-                                                                         quality=92)
+                Image.fromarray(render(finding, source, rng, size)).save(
+                    folder / f"{source}_{split}_{i:04d}.jpg", quality=92
+                )
     return out
 
 
@@ -136,8 +140,9 @@ def write_pretext(root: Path, seed: int = 0, size: int = 64, split_sizes: dict[s
             folder = out / split / direction
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(split_sizes[split]):
-                Image.fromarray(render_pretext(direction, rng, size)).save(folder / f"pretext_{split}_{i:04d}.jpg",
-                                                                           quality=92)
+                Image.fromarray(render_pretext(direction, rng, size)).save(
+                    folder / f"pretext_{split}_{i:04d}.jpg", quality=92
+                )
     return out
 
 
@@ -153,11 +158,17 @@ def write_ood(folder: Path, size: int = 64, n: int = 8, seed: int = 0) -> Path:
         blank = np.full((size, size, 3), level, np.uint8)
         saturated = np.zeros((size, size, 3), np.uint8)
         saturated[..., i % 3] = 255
-        field = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
-            (size, size), Image.Resampling.BICUBIC))
+        field = np.asarray(
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
+        )
         cell = int(rng.integers(2, 12))
-        pattern = np.where((((yy // cell) + (xx // cell * (i % 2))) % 2 == 0)[..., None],
-                           rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)
+        pattern = np.where(
+            (((yy // cell) + (xx // cell * (i % 2))) % 2 == 0)[..., None],
+            rng.integers(0, 256, 3),
+            rng.integers(0, 256, 3),
+        ).astype(np.uint8)
         for kind, a in (("blank", blank), ("saturated", saturated), ("colour_field", field), ("pattern", pattern)):
             Image.fromarray(a).save(folder / f"{kind}_{i:02d}.png")
     return folder
@@ -194,8 +205,15 @@ class CapsuleStudyPlan:
         return len(self.finding)
 
 
-def plan_capsule_study(n_frames: int, fps: float, seed: int = 0, n_runs: int = 6, run_frames: tuple[int, int] = (8, 16),
-                       stall_every: int = 40, stall_frames: int = 4) -> CapsuleStudyPlan:
+def plan_capsule_study(
+    n_frames: int,
+    fps: float,
+    seed: int = 0,
+    n_runs: int = 6,
+    run_frames: tuple[int, int] = (8, 16),
+    stall_every: int = 40,
+    stall_frames: int = 4,
+) -> CapsuleStudyPlan:
     """A study of ``n_frames`` at ``fps``: sections at 15% and 70% of the frames, ``n_runs``
     finding runs (polyp, ulcer, bleeding in turn; ``run_frames`` long, apart from each other and from
     the section changes), and a stall every ``stall_every`` frames where the capsule repeats one
@@ -203,8 +221,8 @@ def plan_capsule_study(n_frames: int, fps: float, seed: int = 0, n_runs: int = 6
     rng = np.random.default_rng([seed, 7])
     changes = (int(0.15 * n_frames), int(0.70 * n_frames))
     section = np.zeros(n_frames, np.int8)
-    section[changes[0]:] = 1
-    section[changes[1]:] = 2
+    section[changes[0] :] = 1
+    section[changes[1] :] = 2
     finding = ["normal"] * n_frames
     runs: list[tuple[str, int, int]] = []
     slots = np.linspace(0.05 * n_frames, 0.95 * n_frames, n_runs + 2)[1:-1]
@@ -214,7 +232,7 @@ def plan_capsule_study(n_frames: int, fps: float, seed: int = 0, n_runs: int = 6
         a = min(max(a, 1), n_frames - length - 1)
         cls = CLASSES[1 + i % (len(CLASSES) - 1)]
         runs.append((cls, a, a + length - 1))
-        finding[a:a + length] = [cls] * length
+        finding[a : a + length] = [cls] * length
     copy_of = np.full(n_frames, -1, np.int64)
     for s in range(stall_every // 2, n_frames - stall_frames, stall_every):
         for k in range(1, stall_frames):
@@ -251,13 +269,17 @@ def write_capsule_labels(plan: CapsuleStudyPlan, path: Path, video_id: str, norm
     for cls, a, b in plan.runs:
         rows += [(f, cls) for f in range(a, b + 1)]
     rows += [(c, label) for c, label in zip(plan.changes, LANDMARK_LABELS)]
-    rows += [(f, "normal") for f in range(0, plan.n_frames, normal_every)
-             if plan.finding[f] == "normal" and f not in plan.changes]
+    rows += [
+        (f, "normal")
+        for f in range(0, plan.n_frames, normal_every)
+        if plan.finding[f] == "normal" and f not in plan.changes
+    ]
     with open(path, "w", encoding="utf-8") as out:
         out.write("filename;video_id;frame_number;finding_category;finding_class\n")
         for f, cls in sorted(rows):
             out.write(f"{video_id}_{f}.jpg;{video_id};{f};{'Anatomy' if cls in LANDMARK_LABELS else 'Luminal'};{cls}\n")
     return Path(path)
+
 
 NEAR_OOD = ("third_device", "blur", "bubbles", "overexposed", "pretext")
 
@@ -267,8 +289,13 @@ def _third_device(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     down, blue up), a softer lens, and an octagonal field of view (corners cut) instead of side bands."""
     size = a.shape[0]
     img = a.astype(np.float32) / 255 * np.array([0.8, 1.0, 1.12], dtype=np.float32) * rng.uniform(0.95, 1.05)
-    img = np.asarray(Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(size / 80)), dtype=np.float32) / 255
+    img = (
+        np.asarray(
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(size / 80)),
+            dtype=np.float32,
+        )
+        / 255
+    )
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img[np.abs(yy - 0.5) + np.abs(xx - 0.5) > 0.72] = 0.0  # the corners of an octagonal view
     return (img * 255).astype(np.uint8)
@@ -310,8 +337,9 @@ def render_near_ood(kind: str, rng: np.random.Generator, size: int = 64, index: 
     return (np.clip(a.astype(np.float32) * rng.uniform(2.2, 3.0), 0, 255)).astype(np.uint8)
 
 
-def write_near_ood(root: Path, size: int = 64, n: int = 32, seed: int = 0,
-                   kinds: tuple[str, ...] = NEAR_OOD) -> dict[str, Path]:
+def write_near_ood(
+    root: Path, size: int = 64, n: int = 32, seed: int = 0, kinds: tuple[str, ...] = NEAR_OOD
+) -> dict[str, Path]:
     """Write ``root/<kind>/<kind>_<n>.jpg`` (JPEG quality 92, as the sources), ``n`` images per kind;
     returns {kind: folder}. Seeded apart from the sources' and the pretext's images."""
     out = {}

@@ -19,8 +19,9 @@ STUDY_MINUTES = 10
 VIDEO_ID = "synthetic_capsule_study"
 
 
-def write_study(folder: Path, minutes: float = STUDY_MINUTES, fps: float = STUDY_FPS, size: int = 64,
-                seed: int = 0) -> tuple[Path, Path]:
+def write_study(
+    folder: Path, minutes: float = STUDY_MINUTES, fps: float = STUDY_FPS, size: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
     """``(video, labels)``: ``<folder>/<VIDEO_ID>.mp4`` and its Kvasir-style ``metadata.csv``."""
     folder.mkdir(parents=True, exist_ok=True)
     plan = plan_capsule_study(int(minutes * 60 * fps), fps, seed=seed)
@@ -29,10 +30,20 @@ def write_study(folder: Path, minutes: float = STUDY_MINUTES, fps: float = STUDY
     return video, write_capsule_labels(plan, folder / "metadata.csv", VIDEO_ID)
 
 
-def run_triage_demo(deploy: Path, out: Path, source: str = "capsule", seed: int = 0, size: int = 64,
-                    minutes: float = STUDY_MINUTES, say: Callable[[str], None] = print) -> TriageResult:
+def run_triage_demo(
+    deploy: Path,
+    out: Path,
+    source: str = "capsule",
+    seed: int = 0,
+    size: int = 64,
+    minutes: float = STUDY_MINUTES,
+    say: Callable[[str], None] = print,
+) -> TriageResult:
     """Write the study, triage it with ``source``'s bundle and evaluate it against its labels."""
     video, labels = write_study(out / "study", minutes=minutes, size=size, seed=seed)
     say(f"triage: a {minutes:g}-minute synthetic capsule video ({video.name}), finding runs and near-duplicates")
-    return triage(TriageConfig(inputs=video, out_dir=out / "report", deploy_dir=deploy, source=source,
-                               normal=[CLASSES[0]], labels=labels))
+    return triage(
+        TriageConfig(
+            inputs=video, out_dir=out / "report", deploy_dir=deploy, source=source, normal=[CLASSES[0]], labels=labels
+        )
+    )

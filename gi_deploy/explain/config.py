@@ -23,12 +23,16 @@ METHODS = tuple(m.value for m in SaliencyMethod)
 class ExplainConfig:
     path: Path = helped(help="An image or a folder of images (searched recursively).")
     runs_dir: Path = helped(Path("runs"), "Runs folder.")
-    sources: list[str] = helped(default_factory=list, help="Source(s) to explain, side by side; repeat the option "
-                                                           "(none: every finished run).")
+    sources: list[str] = helped(
+        default_factory=list, help="Source(s) to explain, side by side; repeat the option (none: every finished run)."
+    )
     method: str = helped("gradcam", "gradcam | gradcam++ (grad-cam package) | smoothgrad.")
     target: str = helped("predicted", "Explain the predicted class, or this class name.")
-    layer: str | None = helped(None, "Target layer for Grad-CAM (none: the backbone's last feature map with at "
-                                     "least 4 cells per side, e.g. stages.3, layer4).")
+    layer: str | None = helped(
+        None,
+        "Target layer for Grad-CAM (none: the backbone's last feature map with at "
+        "least 4 cells per side, e.g. stages.3, layer4).",
+    )
     out_dir: Path = helped(Path("explain"), "Where the PNGs go.")
     sheet_rows: int = helped(24, "Images on the contact sheet, at most 48.")
     limit: int | None = helped(None, "Only the first N images of the folder (sorted).")

@@ -63,8 +63,14 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
-def smoothgrad(model: nn.Module, x: torch.Tensor, targets: list[int], samples: int = SMOOTHGRAD_SAMPLES,
-               noise: float = SMOOTHGRAD_NOISE, seed: int = 0) -> np.ndarray:
+def smoothgrad(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: list[int],
+    samples: int = SMOOTHGRAD_SAMPLES,
+    noise: float = SMOOTHGRAD_NOISE,
+    seed: int = 0,
+) -> np.ndarray:
     """SmoothGrad maps (N, H, W) in [0, 1]: the gradient of logit[target] w.r.t. the input,
     averaged over ``samples`` noisy copies (the noise's own gradients cancel in the mean), then
     |.|, max over colour channels, normalised per image."""
@@ -87,8 +93,9 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
     return ((maps - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
 
 
-def saliency(model: nn.Module, x: torch.Tensor, targets: list[int], method: str = "gradcam",
-             layer: str | None = None) -> np.ndarray:
+def saliency(
+    model: nn.Module, x: torch.Tensor, targets: list[int], method: str = "gradcam", layer: str | None = None
+) -> np.ndarray:
     """Maps (N, H, W) in [0, 1] at the input's size, one per image, for class ``targets[i]``."""
     if method not in METHODS:
         raise ConfigError(f"saliency method {method!r} unknown; use one of {', '.join(METHODS)}")
@@ -108,8 +115,9 @@ def saliency(model: nn.Module, x: torch.Tensor, targets: list[int], method: str 
         with cls(model=model, target_layers=[module]) as cam:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
     except (ValueError, IndexError) as e:  # grad-cam's own shape errors
-        raise ConfigError(f"Grad-CAM cannot use layer {name!r}: {e}; pick a stage output such as stages.N or "
-                          "layerN") from e
+        raise ConfigError(
+            f"Grad-CAM cannot use layer {name!r}: {e}; pick a stage output such as stages.N or layerN"
+        ) from e
     return np.clip(maps.astype(np.float32), 0.0, 1.0)
 
 
@@ -127,8 +135,10 @@ def _check_feature_map(model: nn.Module, module: nn.Module, name: str, x: torch.
     h, w = x.shape[-2:]
     nchw = shape is not None and len(shape) == 4 and abs(shape[2] / shape[3] - h / w) <= 0.5 * h / w
     if not nchw or (shape[2] > h or shape[3] > w):
-        raise ConfigError(f"layer {name!r} outputs {shape}, not an NCHW feature map; Grad-CAM needs one: pick a "
-                          "stage output such as stages.N (ConvNeXt) or layerN (ResNet)")
+        raise ConfigError(
+            f"layer {name!r} outputs {shape}, not an NCHW feature map; Grad-CAM needs one: pick a "
+            "stage output such as stages.N (ConvNeXt) or layerN (ResNet)"
+        )
 
 
 def map_to_original(saliency_map: np.ndarray, size: tuple[int, int], spec: PreprocessSpec) -> np.ndarray:
@@ -144,7 +154,7 @@ def map_to_original(saliency_map: np.ndarray, size: tuple[int, int], spec: Prepr
     x0, y0 = round(left * w / rw), round(top * h / rh)
     cw, ch = max(1, min(w - x0, round(tw * w / rw))), max(1, min(h - y0, round(th * h / rh)))
     out = np.zeros((h, w), np.float32)
-    out[y0:y0 + ch, x0:x0 + cw] = np.asarray(img.resize((cw, ch), Image.Resampling.BILINEAR), np.float32) / 255.0
+    out[y0 : y0 + ch, x0 : x0 + cw] = np.asarray(img.resize((cw, ch), Image.Resampling.BILINEAR), np.float32) / 255.0
     return out
 
 
@@ -190,18 +200,26 @@ def _thumbnail(image: Image.Image) -> Image.Image:
     scale = DISPLAY_MAX_SIDE / max(image.size)
     if scale >= 1:
         return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.BILINEAR)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
+    )
 
 
 def _plain(text: str) -> str:
     return text.replace("$", r"\$")  # matplotlib reads $...$ as math text
 
 
-def explain_images(paths: list[Path], sources: list[ExplainSource], method: str = "gradcam",
-                   target: str | list[str] = "predicted", layer: str | None = None,
-                   out_dir: Path = Path("explain"), sheet_rows: int = 24, names: list[str] | None = None,
-                   progress=None) -> ExplainResult:
+def explain_images(
+    paths: list[Path],
+    sources: list[ExplainSource],
+    method: str = "gradcam",
+    target: str | list[str] = "predicted",
+    layer: str | None = None,
+    out_dir: Path = Path("explain"),
+    sheet_rows: int = 24,
+    names: list[str] | None = None,
+    progress=None,
+) -> ExplainResult:
     """For each image: the original and one overlay per source (predicted class + confidence, and
     the target class when it is not the prediction) in ``out_dir/<name>.png``, plus a contact
     sheet ``out_dir/contact_sheet.png`` of the first ``sheet_rows`` images (at most 48).
@@ -295,32 +313,44 @@ def explain_path(cfg: ExplainConfig, progress=None) -> ExplainResult:
         out = cfg.out_dir.resolve()
         paths = [p for p in list_images(cfg.path) if out not in p.resolve().parents]  # not our own PNGs
     if cfg.limit is not None:
-        paths = paths[:cfg.limit]
+        paths = paths[: cfg.limit]
     if not paths:
         raise DataError(f"no images found under {cfg.path}")
     sources = [load_source(run) for run in select_runs(cfg.runs_dir, cfg.sources, finished_only=True)]
     root = cfg.path if cfg.path.is_dir() else cfg.path.parent
     names = ["__".join(p.relative_to(root).with_suffix("").parts) for p in paths]
-    return explain_images(paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows,
-                          names, progress)
+    return explain_images(
+        paths, sources, cfg.method, cfg.target, cfg.layer, cfg.out_dir, cfg.sheet_rows, names, progress
+    )
 
 
-def explain_wrong(csv_path: Path, folder: Path, bundle_manifest: BundleManifest, n: int, out_dir: Path,
-                  method: str = "gradcam") -> ExplainResult | None:
+def explain_wrong(
+    csv_path: Path, folder: Path, bundle_manifest: BundleManifest, n: int, out_dir: Path, method: str = "gradcam"
+) -> ExplainResult | None:
     """Heatmaps of the ``n`` most confidently wrong images of an ``infer`` run, for the class the
     bundle predicted, from the training run the bundle was exported from (checked to be the same
     run by the hashes in the bundle's manifest). ``out_dir`` is emptied of earlier PNGs first.
     None when nothing was wrong."""
-    wrong = [(w["path"], w["true_label"], w["predicted"], w["confidence"])
-             for w in most_confidently_wrong(csv_path, n, bundle_manifest.source)]
+    wrong = [
+        (w["path"], w["true_label"], w["predicted"], w["confidence"])
+        for w in most_confidently_wrong(csv_path, n, bundle_manifest.source)
+    ]
     if not wrong:
         return None
     run_dir = training_run_of(bundle_manifest)  # the same run, unchanged since the export
     model = load_source(run_dir)
     _remove_recorded(out_dir)
     names = [f"{i + 1:03d}_{Path(p).stem}_true-{t}_pred-{k}" for i, (p, t, k, _) in enumerate(wrong)]
-    result = explain_images([folder / p for p, *_ in wrong], [model], method, [k for _, _, k, _ in wrong], None,
-                            out_dir, min(n, SHEET_MAX_ROWS), names)
+    result = explain_images(
+        [folder / p for p, *_ in wrong],
+        [model],
+        method,
+        [k for _, _, k, _ in wrong],
+        None,
+        out_dir,
+        min(n, SHEET_MAX_ROWS),
+        names,
+    )
     written = sorted(p.name for p in out_dir.glob("*.png"))  # this run's maps and sheet: all it may remove later
     write_json(out_dir / WRITTEN_RECORD, {"written": written})
     return result
@@ -343,8 +373,13 @@ def _remove_recorded(out_dir: Path) -> None:
     record.unlink()
 
 
-def explain_wrong_sources(csv_path: Path, folder: Path, deploy_dir: Path, sources: list[str], n: int,
-                          ) -> dict[str, tuple[Path, ExplainResult | None]]:
+def explain_wrong_sources(
+    csv_path: Path,
+    folder: Path,
+    deploy_dir: Path,
+    sources: list[str],
+    n: int,
+) -> dict[str, tuple[Path, ExplainResult | None]]:
     """``infer --explain-wrong N``: for each source of an infer run, the heatmaps of its ``n`` most
     confidently wrong images in ``<csv stem>_wrong/`` (``<csv stem>_<source>_wrong/`` with several
     sources). Returns {source: (folder, result or None when nothing was wrong)}."""
@@ -354,4 +389,3 @@ def explain_wrong_sources(csv_path: Path, folder: Path, deploy_dir: Path, source
         out_dir = csv_path.with_name(csv_path.stem + ("_wrong" if len(sources) == 1 else f"_{s}_wrong"))
         done[s] = (out_dir, explain_wrong(csv_path, folder, read_bundle_manifest(Path(deploy_dir) / s), n, out_dir))
     return done
-

@@ -87,14 +87,21 @@ def convert_fp16(src: Path, dst: Path, islands: bool = True) -> dict:
     ops = list(FP32_OPS) if islands else []
     nodes = grn_island_nodes(model.graph) if islands else []
     fp32_nodes = sum(n.op_type in ops for n in model.graph.node) + len(nodes)
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ops,
-                                     node_block_list=nodes)
+    model = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ops, node_block_list=nodes
+    )
     removed = _dedupe_casts(model.graph)
     _topological_sort(model.graph)  # the converter appends its input casts at the end
     onnx.save(model, str(dst))
     onnx.checker.check_model(str(dst))
-    return {"islands": islands, "fp32_ops": ops, "grn_fp32_nodes": len(nodes), "fp32_nodes": fp32_nodes,
-            "casts": sum(n.op_type == "Cast" for n in model.graph.node), "duplicate_casts_removed": removed}
+    return {
+        "islands": islands,
+        "fp32_ops": ops,
+        "grn_fp32_nodes": len(nodes),
+        "fp32_nodes": fp32_nodes,
+        "casts": sum(n.op_type == "Cast" for n in model.graph.node),
+        "duplicate_casts_removed": removed,
+    }
 
 
 def _dedupe_casts(graph) -> int:
@@ -159,20 +166,30 @@ def _emulation_ops():
     class Conv(OpRun):
         op_domain = ""
 
-        def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
-                 strides=None):
+        def _run(
+            self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None, strides=None
+        ):
             n = X.ndim - 2
             if auto_pad not in (None, "NOTSET", b"NOTSET", "VALID", b"VALID") or n not in (1, 2, 3):
-                raise ExportError(f"fp16 check: Conv with auto_pad={auto_pad!r} on {n}-d input is not supported; "
-                                  "export with --no-fp16")
+                raise ExportError(
+                    f"fp16 check: Conv with auto_pad={auto_pad!r} on {n}-d input is not supported; "
+                    "export with --no-fp16"
+                )
             pads = list(pads or [0] * (2 * n))
             x = _f32(X)
             if pads[:n] != pads[n:]:  # asymmetric: pad explicitly (torch's F.pad takes the last axis first)
                 x = torch.nn.functional.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[n + i])])
                 pads = [0] * (2 * n)
             conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
-            y = conv(x, _f32(W), None if B is None else _f32(B), stride=tuple(strides or [1] * n),
-                     padding=tuple(pads[:n]), dilation=tuple(dilations or [1] * n), groups=group or 1)
+            y = conv(
+                x,
+                _f32(W),
+                None if B is None else _f32(B),
+                stride=tuple(strides or [1] * n),
+                padding=tuple(pads[:n]),
+                dilation=tuple(dilations or [1] * n),
+                groups=group or 1,
+            )
             return (y.numpy().astype(X.dtype),)
 
     class MatMul(OpRun):
@@ -211,7 +228,7 @@ def run_fp16_emulated(path: Path, inputs: np.ndarray, input_name: str) -> np.nda
     evaluator = ReferenceEvaluator(str(path), new_ops=_emulation_ops())
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = [evaluator.run(None, {input_name: inputs[i:i + 1]})[0] for i in range(len(inputs))]
+        out = [evaluator.run(None, {input_name: inputs[i : i + 1]})[0] for i in range(len(inputs))]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -220,25 +237,39 @@ def _gate_providers_fp16() -> list[str]:
     back to fp32 (so the CPU run alone cannot show an fp16 overflow; fp16_emulated does)."""
     import onnxruntime as ort
 
-    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers()
-            else ["CPUExecutionProvider"])
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers()
+        else ["CPUExecutionProvider"]
+    )
 
 
-def export_fp16(name: str, fp32_path: Path, dst: Path, inputs: np.ndarray, fp32_logits: np.ndarray,
-                peaks: np.ndarray) -> tuple[dict, dict]:
+def export_fp16(
+    name: str, fp32_path: Path, dst: Path, inputs: np.ndarray, fp32_logits: np.ndarray, peaks: np.ndarray
+) -> tuple[dict, dict]:
     """model.fp16.onnx and its two gates: onnxruntime on the whole batch, true-fp16 arithmetic on
     the inputs with the largest activations. Returns (the gates' numbers, the conversion's settings);
     raises GateFailed."""
     conversion = convert_fp16(fp32_path, dst)
     logits, provider = run_onnx(dst, inputs, _gate_providers_fp16())
-    ort_result = verify.check("onnx_fp16", f"{name} fp16 ONNX vs fp32", {
-        **verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN), "provider": provider},
-        min_top1=verify.FP16_MIN_TOP1)
+    ort_result = verify.check(
+        "onnx_fp16",
+        f"{name} fp16 ONNX vs fp32",
+        {**verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN), "provider": provider},
+        min_top1=verify.FP16_MIN_TOP1,
+    )
     idx = np.argsort(-peaks, kind="stable")[:FP16_EMULATED_IMAGES]
     emulated = run_fp16_emulated(dst, inputs[idx], INPUT_NAME)
-    emu_result = verify.check("fp16_emulated", f"{name} fp16 ONNX in true fp16 arithmetic vs fp32", {
-        **verify.compare_logits(fp32_logits[idx], emulated, verify.FP16_TIE_MARGIN), "inputs": idx.tolist(),
-        "peak_activations": [round(float(p), 3) for p in peaks[idx]]}, min_top1=verify.FP16_MIN_TOP1,
+    emu_result = verify.check(
+        "fp16_emulated",
+        f"{name} fp16 ONNX in true fp16 arithmetic vs fp32",
+        {
+            **verify.compare_logits(fp32_logits[idx], emulated, verify.FP16_TIE_MARGIN),
+            "inputs": idx.tolist(),
+            "peak_activations": [round(float(p), 3) for p in peaks[idx]],
+        },
+        min_top1=verify.FP16_MIN_TOP1,
         hint="fp16 arithmetic overflows here as it would on a GPU; onnxruntime's CPU provider hides it by computing "
-             "in fp32")
+        "in fp32",
+    )
     return {"onnx_fp16": ort_result, "fp16_emulated": emu_result}, conversion

@@ -24,13 +24,14 @@ def _features(model_path: Path, items: list[tuple[Path, int]], spec: PreprocessS
     session = ort_session(model_path)  # once: a session per chunk would reload the model file
     parts = []
     for i in range(0, len(items), CHUNK):
-        x = np.stack([load_input(p, spec) for p, _ in items[i:i + CHUNK]]).astype(np.float32)
+        x = np.stack([load_input(p, spec) for p, _ in items[i : i + CHUNK]]).astype(np.float32)
         parts.append(run_onnx_output(session, x, FEATURES_NAME))
     return np.concatenate(parts)
 
 
-def write_id_stats(name: str, manifest: RunRecord, spec: PreprocessSpec, model_path: Path, staging: Path,
-                   max_images: int) -> dict:
+def write_id_stats(
+    name: str, manifest: RunRecord, spec: PreprocessSpec, model_path: Path, staging: Path, max_images: int
+) -> dict:
     """Fit the statistics on up to ``max_images`` training and ``max_images // 2`` validation
     images (spread over the classes), write ``id_stats.npz`` into ``staging``; returns the
     manifest's ``ood`` entry. When the run's images are gone, returns ``{"status": "missing",
@@ -40,8 +41,11 @@ def write_id_stats(name: str, manifest: RunRecord, spec: PreprocessSpec, model_p
     val = split_images(manifest, "val", max(1, max_images // 2))
     gone = [p for p, _ in train + val if not p.is_file()]
     if gone or not train or not val:
-        reason = (f"{len(gone)} of the run's images are gone (e.g. {gone[0]})" if gone
-                  else "the run lists no training or validation images")
+        reason = (
+            f"{len(gone)} of the run's images are gone (e.g. {gone[0]})"
+            if gone
+            else "the run lists no training or validation images"
+        )
         log.warning("%s: no in-distribution statistics: %s", name, reason)
         return {"status": "missing", "reason": reason}
     train_feats = _features(model_path, train, spec)

@@ -51,8 +51,10 @@ def load_images(paths: list[Path], spec: PreprocessSpec, what: str) -> np.ndarra
         raise DataError(f"no {what} images listed in the run")
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} {what} image(s) of the run are gone, e.g. {missing[0]}; INT8 needs the "
-                        "source's training and validation images where training found them (or export without --int8)")
+        raise DataError(
+            f"{len(missing)} {what} image(s) of the run are gone, e.g. {missing[0]}; INT8 needs the "
+            "source's training and validation images where training found them (or export without --int8)"
+        )
     return np.stack([load_input(p, spec) for p in paths]).astype(np.float32)
 
 
@@ -65,7 +67,7 @@ class _Reader:
     def get_next(self) -> dict | None:
         if self.i >= len(self.images):
             return None
-        batch = self.images[self.i:self.i + CALIB_BATCH]
+        batch = self.images[self.i : self.i + CALIB_BATCH]
         self.i += CALIB_BATCH
         return {self.input_name: batch}
 
@@ -101,8 +103,11 @@ def _depthwise_convs(path: Path) -> list[str]:
     import onnx
 
     model = onnx.load(str(path))
-    return [n.name for n in model.graph.node if n.op_type == "Conv"
-            and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
 
 
 def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str, variant: str = "default") -> dict:
@@ -125,29 +130,50 @@ def quantize_int8(fp32_path: Path, dst: Path, calib: np.ndarray, input_name: str
         # onnxruntime's recommended pre-processing: shape inference and graph optimisation (BN folding)
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(dst), reader,
+            str(prepared),
+            str(dst),
+            reader,
             quant_format=QuantFormat.QOperator if variant == "qoperator" else QuantFormat.QDQ,
             op_types_to_quantize=None if variant == "qdq-all" else list(QUANTIZED_OPS),
             nodes_to_exclude=_depthwise_convs(prepared) if variant == "matmul-only" else None,
-            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
         )
-    return {"format": "QOperator" if variant == "qoperator" else "QDQ", "variant": variant, "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel",
-            "reduce_range": reduce_range, "calibration": "MinMax", "quantized_ops": list(QUANTIZED_OPS),
-            "calibration_images": int(len(calib))}
+    return {
+        "format": "QOperator" if variant == "qoperator" else "QDQ",
+        "variant": variant,
+        "activations": "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel",
+        "reduce_range": reduce_range,
+        "calibration": "MinMax",
+        "quantized_ops": list(QUANTIZED_OPS),
+        "calibration_images": int(len(calib)),
+    }
 
 
-def export_int8(name: str, manifest: RunRecord, spec: PreprocessSpec, fp32_path: Path, dst: Path, inputs: np.ndarray,
-                fp32_logits: np.ndarray, calib_images: int, eval_images: int, min_top1: float | None,
-                max_accuracy_drop: float | None) -> tuple[dict, dict]:
+def export_int8(
+    name: str,
+    manifest: RunRecord,
+    spec: PreprocessSpec,
+    fp32_path: Path,
+    dst: Path,
+    inputs: np.ndarray,
+    fp32_logits: np.ndarray,
+    calib_images: int,
+    eval_images: int,
+    min_top1: float | None,
+    max_accuracy_drop: float | None,
+) -> tuple[dict, dict]:
     """model.int8.onnx, calibrated on the training split, gated on the validation split (agreement with
     fp32 and the accuracy drop) and on the verification batch (agreement). Thresholds given
     (not None) are used as they are; defaults are relaxed on small sets and ``relaxed`` says how.
     Returns (the gate's numbers, the
     quantiser's settings); raises GateFailed or DataError."""
     classes = list(manifest.classes)
-    calib = load_images([p for p, _ in verify.split_images(manifest, "train", calib_images)],
-                                 spec, "training")
+    calib = load_images([p for p, _ in verify.split_images(manifest, "train", calib_images)], spec, "training")
     settings = quantize_int8(fp32_path, dst, calib, INPUT_NAME)
     logits, provider = run_onnx(dst, inputs)
     val = verify.split_images(manifest, "val", eval_images)
@@ -158,21 +184,45 @@ def export_int8(name: str, manifest: RunRecord, spec: PreprocessSpec, fp32_path:
     acc32, acc8 = float((val_fp32.argmax(1) == y_val).mean()), float((val_int8.argmax(1) == y_val).mean())
     what = f"{name} INT8 ONNX vs fp32"
     # the verification batch is gated too, on the same agreement (a default relaxed by one input of it)
-    batch_min, _, batch_notes = verify.int8_thresholds(min_top1, max_accuracy_drop, len(inputs),
-                                                       "verification-batch inputs")
-    batch = verify.check("int8", f"{what} (verification batch)", verify.compare_logits(fp32_logits, logits),
-                         min_top1=batch_min, hint="calibrate on more images: --calib-images")
+    batch_min, _, batch_notes = verify.int8_thresholds(
+        min_top1, max_accuracy_drop, len(inputs), "verification-batch inputs"
+    )
+    batch = verify.check(
+        "int8",
+        f"{what} (verification batch)",
+        verify.compare_logits(fp32_logits, logits),
+        min_top1=batch_min,
+        hint="calibrate on more images: --calib-images",
+    )
     val_min, allowed, notes = verify.int8_thresholds(min_top1, max_accuracy_drop, len(val), "validation images")
-    result = verify.check("int8", f"{what} on {len(val)} validation images", verify.compare_logits(val_fp32, val_int8),
-                          min_top1=val_min, hint="calibrate on more images: --calib-images")
+    result = verify.check(
+        "int8",
+        f"{what} on {len(val)} validation images",
+        verify.compare_logits(val_fp32, val_int8),
+        min_top1=val_min,
+        hint="calibrate on more images: --calib-images",
+    )
     drop = acc32 - acc8
     for note in notes + batch_notes[:1]:
         log.warning("%s: %s", name, note)
-    result.update(accuracy_fp32=acc32, accuracy_int8=acc8, accuracy_drop=drop, max_accuracy_drop=allowed,
-                  provider=provider, verification_batch=batch,
-                  thresholds="given" if min_top1 is not None and max_accuracy_drop is not None else "default",
-                  relaxed=notes + batch_notes[:1])
+    result.update(
+        accuracy_fp32=acc32,
+        accuracy_int8=acc8,
+        accuracy_drop=drop,
+        max_accuracy_drop=allowed,
+        provider=provider,
+        verification_batch=batch,
+        thresholds="given" if min_top1 is not None and max_accuracy_drop is not None else "default",
+        relaxed=notes + batch_notes[:1],
+    )
     if drop > allowed + 1e-12:
-        raise GateFailed("int8", f"{what} on {len(val)} validation images", "accuracy drop", drop, allowed,
-                         "at most", f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images")
+        raise GateFailed(
+            "int8",
+            f"{what} on {len(val)} validation images",
+            "accuracy drop",
+            drop,
+            allowed,
+            "at most",
+            f"fp32 {acc32:.2%} -> int8 {acc8:.2%}; calibrate on more images: --calib-images",
+        )
     return result, settings

@@ -62,6 +62,7 @@ def has_pooled_features(model: nn.Module) -> bool:
     """Whether ``model`` exposes timm's forward_features / forward_head(pre_logits=True)."""
     return callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
 
+
 # The metadata_props key prefix of the essentials stamped into every ONNX file of a bundle.
 METADATA_PREFIX = "gi_deploy."
 
@@ -78,9 +79,16 @@ class ExportedOnnx:
     features_gate: dict | None = None  # the onnx_features gate, when the graph has a features output
 
 
-def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset: int = OPSET,
-                exporter: str = DEFAULT_EXPORTER, inputs: np.ndarray | None = None,
-                reference: np.ndarray | None = None, what: str = "fp32 ONNX vs torch") -> ExportedOnnx:
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_size: tuple[int, int],
+    opset: int = OPSET,
+    exporter: str = DEFAULT_EXPORTER,
+    inputs: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+    what: str = "fp32 ONNX vs torch",
+) -> ExportedOnnx:
     """Export ``model`` (eval mode, CPU, fp32) with a dynamic batch axis, then check the file: its
     onnxruntime logits on ``inputs`` (default: a few seeded random images) against ``reference``
     (default: ``model``'s own logits on them) must be within ``verify.FP32_ATOL`` with the same
@@ -107,8 +115,13 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
             else:
                 outputs = [OUTPUT_NAME, FEATURES_NAME] if isinstance(model, WithFeatures) else [OUTPUT_NAME]
                 torch.onnx.export(
-                    model, (example,), str(path), dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=outputs,
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=outputs,
                     dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                 )
         except torch.onnx.errors.OnnxExporterError as e:
@@ -117,10 +130,12 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
                 f"ONNX export of {type(model).__name__} at {input_size[0]}x{input_size[1]} px failed: {first}. "
                 "Some timm heads only export at their native size (VGG's pre_logits pools a feature map "
                 "smaller than 7x7 up with adaptive pooling, which ONNX cannot express below 224 px): "
-                "train at the model's default --img-size") from None
+                "train at the model's default --img-size"
+            ) from None
     onnx.checker.check_model(str(path))
-    version = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                   if o.domain in ("", "ai.onnx"))
+    version = next(
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    )
     if inputs is None:
         inputs = np.random.default_rng(verify.VERIFY_SEED).standard_normal((3, 3, *input_size)).astype(np.float32)
     if reference is None:
@@ -128,10 +143,17 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int], opset
             out = model(torch.from_numpy(inputs))
             reference = (out[0] if isinstance(out, tuple) else out).numpy()
     logits, provider = run_onnx(path, inputs)
-    gate = verify.check("onnx_fp32", what, {
-        **verify.compare_logits(reference, logits), "provider": provider,
-        "batch_sizes": [1] + [min(RUN_CHUNK, len(inputs) - i) for i in range(1, len(inputs), RUN_CHUNK)]},
-        atol=verify.FP32_ATOL, min_top1=verify.FP32_MIN_TOP1)
+    gate = verify.check(
+        "onnx_fp32",
+        what,
+        {
+            **verify.compare_logits(reference, logits),
+            "provider": provider,
+            "batch_sizes": [1] + [min(RUN_CHUNK, len(inputs) - i) for i in range(1, len(inputs), RUN_CHUNK)],
+        },
+        atol=verify.FP32_ATOL,
+        min_top1=verify.FP32_MIN_TOP1,
+    )
     result = ExportedOnnx(path, version, logits, gate)
     if isinstance(model, WithFeatures):
         result.features_gate = features_gate(model, path, inputs, what)
@@ -146,14 +168,32 @@ def features_gate(model: WithFeatures, path: Path, inputs: np.ndarray, what: str
     feats = run_onnx_output(ort_session(path), inputs, FEATURES_NAME)
     finite = bool(np.isfinite(feats).all())
     diff = float(np.abs(ref - feats).max()) if finite else float("inf")
-    result = {"max_abs_feature_diff": diff, "finite": finite, "finite_share": float(np.isfinite(feats).all(1).mean()),
-              "n": int(len(inputs)), "dim": int(feats.shape[1]), "tolerance": FEATURES_ATOL}
+    result = {
+        "max_abs_feature_diff": diff,
+        "finite": finite,
+        "finite_share": float(np.isfinite(feats).all(1).mean()),
+        "n": int(len(inputs)),
+        "dim": int(feats.shape[1]),
+        "tolerance": FEATURES_ATOL,
+    }
     if not finite:
-        raise GateFailed("onnx_features", what.replace("fp32 ONNX", "ONNX features"), "share of finite features",
-                         result["finite_share"], 1.0, "equal to")
+        raise GateFailed(
+            "onnx_features",
+            what.replace("fp32 ONNX", "ONNX features"),
+            "share of finite features",
+            result["finite_share"],
+            1.0,
+            "equal to",
+        )
     if diff > FEATURES_ATOL:
-        raise GateFailed("onnx_features", what.replace("fp32 ONNX", "ONNX features"), "max |Δfeature|", diff,
-                         FEATURES_ATOL, "at most")
+        raise GateFailed(
+            "onnx_features",
+            what.replace("fp32 ONNX", "ONNX features"),
+            "max |Δfeature|",
+            diff,
+            FEATURES_ATOL,
+            "at most",
+        )
     return result
 
 
@@ -161,14 +201,23 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
     from importlib.util import find_spec
 
     if find_spec("onnxscript") is None:
-        raise DependencyError('the dynamo ONNX exporter needs onnxscript: pip install "gi-deploy[dynamo]", '
-                              "or use --exporter torchscript")
+        raise DependencyError(
+            'the dynamo ONNX exporter needs onnxscript: pip install "gi-deploy[dynamo]", or use --exporter torchscript'
+        )
     batch = torch.export.Dim("batch", min=1, max=4096)
     # dynamo implements opset >= 18 only; asking for 17 triggers a down-conversion that fails on
     # timm models and leaves 18 anyway, so ask for 18 (LayerNormalization exists from 17).
     outputs = [OUTPUT_NAME, FEATURES_NAME] if isinstance(model, WithFeatures) else [OUTPUT_NAME]
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
-                                output_names=outputs, dynamic_shapes=({0: batch},), verbose=False)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        opset_version=max(opset, 18),
+        input_names=[INPUT_NAME],
+        output_names=outputs,
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
     program.save(str(path))
 
 
@@ -195,11 +244,12 @@ def read_metadata(path: Path) -> dict[str, str]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    return {p.key[len(METADATA_PREFIX) :]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
 def ort_session(path: Path, providers: list[str] | None = None):
     import onnxruntime as ort
+
     return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
 
 
@@ -214,7 +264,7 @@ def run_onnx(path: Path, inputs: np.ndarray, providers: list[str] | None = None)
     name = session.get_inputs()[0].name
     parts = [session.run(None, {name: inputs[:1]})[0]]
     for i in range(1, len(inputs), RUN_CHUNK):
-        parts.append(session.run(None, {name: inputs[i:i + RUN_CHUNK]})[0])
+        parts.append(session.run(None, {name: inputs[i : i + RUN_CHUNK]})[0])
     return np.concatenate(parts).astype(np.float32), session.get_providers()[0]
 
 
@@ -222,5 +272,5 @@ def run_onnx_output(session, inputs: np.ndarray, output: str) -> np.ndarray:
     """One named output of an onnxruntime ``session`` (:func:`ort_session`) on ``inputs`` (chunks
     of ``RUN_CHUNK``), float32."""
     name = session.get_inputs()[0].name
-    parts = [session.run([output], {name: inputs[i:i + RUN_CHUNK]})[0] for i in range(0, len(inputs), RUN_CHUNK)]
+    parts = [session.run([output], {name: inputs[i : i + RUN_CHUNK]})[0] for i in range(0, len(inputs), RUN_CHUNK)]
     return np.concatenate(parts).astype(np.float32)

@@ -68,28 +68,37 @@ def router_threshold(min_accuracy: float, n: int, allow_small_val: bool) -> tupl
     if need >= min_accuracy:
         return min_accuracy, None
     enough = math.ceil(round(1.0 / (1.0 - min_accuracy), 9))
-    where = (f"the router's gate (>= {min_accuracy:.1%} held-out routing accuracy) needs at least {enough} "
-             f"validation images to resolve, and the sources have {n}")
+    where = (
+        f"the router's gate (>= {min_accuracy:.1%} held-out routing accuracy) needs at least {enough} "
+        f"validation images to resolve, and the sources have {n}"
+    )
     if not allow_small_val:
-        raise DataError(f"{where}: one misrouted image would already fail it. Add validation images, or pass "
-                        "--allow-small-val to gate on all but one image instead (said and recorded in the router's "
-                        "manifest); nothing written")
-    return need, (f"WARNING: {where}; gated on all but one image, >= {need:.1%} (--allow-small-val; recorded in "
-                  f"{ROUTER_DIR}/manifest.json as verification.router.small_val)")
+        raise DataError(
+            f"{where}: one misrouted image would already fail it. Add validation images, or pass "
+            "--allow-small-val to gate on all but one image instead (said and recorded in the router's "
+            "manifest); nothing written"
+        )
+    return need, (
+        f"WARNING: {where}; gated on all but one image, >= {need:.1%} (--allow-small-val; recorded in "
+        f"{ROUTER_DIR}/manifest.json as verification.router.small_val)"
+    )
 
 
 def _thumbs(items: list[tuple[Path, int]], source: str, split: str) -> np.ndarray:
     gone = [p for p, _ in items if not p.is_file()]
     if gone:
-        raise DataError(f"router: {len(gone)} {split} image(s) of source {source} are gone, e.g. {gone[0]}; the "
-                        "router fits on each source's training images where training found them")
+        raise DataError(
+            f"router: {len(gone)} {split} image(s) of source {source} are gone, e.g. {gone[0]}; the "
+            "router fits on each source's training images where training found them"
+        )
     if not items:
         raise DataError(f"router: source {source} lists no {split} images")
     return router_features(np.stack([load_input(p, ROUTER_SPEC) for p, _ in items]))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2, steps: int = STEPS,
-                 lr: float = LR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2, steps: int = STEPS, lr: float = LR
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Standardisation (mean, scale) and a class-balanced multinomial logistic regression
     (weights (F, S), bias (S,)) by full-batch gradient descent. Deterministic."""
     mean = x.mean(axis=0)
@@ -108,8 +117,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = L2, s
     return mean.astype(np.float32), scale.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
 
 
-def fit_novelty(router: Router, xs: list[np.ndarray], vxs: list[np.ndarray],
-                tpr: float = NOVELTY_TPR) -> tuple[list, dict]:
+def fit_novelty(
+    router: Router, xs: list[np.ndarray], vxs: list[np.ndarray], tpr: float = NOVELTY_TPR
+) -> tuple[list, dict]:
     """Per source: a one-class Ledoit-Wolf Mahalanobis model (core/ood.py's) on its training
     images' standardised router features, thresholded at the ``tpr`` quantile of its validation
     images' scores. Returns the models (``Router.novelty``) and the manifest's ``novelty`` entry."""
@@ -118,16 +128,25 @@ def fit_novelty(router: Router, xs: list[np.ndarray], vxs: list[np.ndarray],
         z, vz = (x - router.mean) / router.scale, (vx - router.mean) / router.scale
         stats, numbers = fit_id_stats(z, np.zeros(len(z), dtype=int), vz, tpr=tpr)
         models.append(stats)
-        info[source] = {k: numbers[k] for k in ("threshold", "shrinkage", "n_train", "n_val", "val_accepted",
-                                                "train_accepted")}
+        info[source] = {
+            k: numbers[k] for k in ("threshold", "shrinkage", "n_train", "n_val", "val_accepted", "train_accepted")
+        }
     router.novelty = models
-    entry = {"score": "min over sources of Mahalanobis (Ledoit-Wolf, standardised router features) / threshold",
-             "tpr": tpr, "refuses": "novelty > 1: no source's frames look like the image", "sources": info}
+    entry = {
+        "score": "min over sources of Mahalanobis (Ledoit-Wolf, standardised router features) / threshold",
+        "tpr": tpr,
+        "refuses": "novelty > 1: no source's frames look like the image",
+        "sources": info,
+    }
     return models, entry
 
 
-def write_router(deploy_dir: Path, sources: list[str] | None = None,
-                 min_accuracy: float = ROUTER_MIN_ACCURACY, allow_small_val: bool = False) -> RouterResult:
+def write_router(
+    deploy_dir: Path,
+    sources: list[str] | None = None,
+    min_accuracy: float = ROUTER_MIN_ACCURACY,
+    allow_small_val: bool = False,
+) -> RouterResult:
     """Fit, gate and write ``deploy_dir/_router/`` over ``sources`` (default: every bundle
     there). Raises ConfigError with fewer than two sources, BundleError for a missing bundle,
     DataError when a source's images are gone or too few validation images resolve
@@ -136,8 +155,10 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     deploy_dir = Path(deploy_dir)
     sources = list(dict.fromkeys(sources or list_bundles(deploy_dir)))
     if len(sources) < 2:
-        raise ConfigError(f"a router chooses between sources: {deploy_dir} has {len(sources)} "
-                          f"({', '.join(sources) or 'none'}); export at least two")
+        raise ConfigError(
+            f"a router chooses between sources: {deploy_dir} has {len(sources)} "
+            f"({', '.join(sources) or 'none'}); export at least two"
+        )
     missing = [s for s in sources if s not in list_bundles(deploy_dir)]
     if missing:
         raise BundleError(f"router: no bundle for {', '.join(missing)} under {deploy_dir}; export it first")
@@ -157,30 +178,56 @@ def write_router(deploy_dir: Path, sources: list[str] | None = None,
     train_acc = float((router.probabilities_of_features(x).argmax(axis=1) == y).mean())
     accuracy = float((pred == vy).mean())
     need, note = router_threshold(min_accuracy, len(vy), allow_small_val)
-    gate = {"accuracy": accuracy, "n": int(len(vy)), "train_accuracy": train_acc, "min_accuracy": need,
-            "goal": min_accuracy, "small_val": note is not None,
-            "confusion": confusion_matrix(vy, pred, len(sources)).tolist(), "split": "val"}
+    gate = {
+        "accuracy": accuracy,
+        "n": int(len(vy)),
+        "train_accuracy": train_acc,
+        "min_accuracy": need,
+        "goal": min_accuracy,
+        "small_val": note is not None,
+        "confusion": confusion_matrix(vy, pred, len(sources)).tolist(),
+        "split": "val",
+    }
     if accuracy < need:
-        raise GateFailed("router", f"router over {', '.join(sources)}", "held-out routing accuracy", accuracy, need,
-                         "at least", "the sources' images look alike in global colour and layout; route with "
-                                     "--source per folder instead")
+        raise GateFailed(
+            "router",
+            f"router over {', '.join(sources)}",
+            "held-out routing accuracy",
+            accuracy,
+            need,
+            "at least",
+            "the sources' images look alike in global colour and layout; route with --source per folder instead",
+        )
     final = router_dir(deploy_dir)
     staging = final.with_name(f".{final.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     np.savez(staging / ROUTER_FILE, **router.arrays())
     draft = {
-        "format": ROUTER_FORMAT, "format_version": ROUTER_FORMAT_VERSION, "created": utc_now(),
-        "sources": sources, "images": counts,
-        "features": {"version": FEATURE_VERSION, "preprocess": ROUTER_SPEC.to_dict(), "names": feature_names(),
-                     "n": len(feature_names())},
-        "classifier": {"kind": "multinomial_logistic_regression", "l2": L2, "steps": STEPS, "lr": LR,
-                       "class_weight": "balanced"},
+        "format": ROUTER_FORMAT,
+        "format_version": ROUTER_FORMAT_VERSION,
+        "created": utc_now(),
+        "sources": sources,
+        "images": counts,
+        "features": {
+            "version": FEATURE_VERSION,
+            "preprocess": ROUTER_SPEC.to_dict(),
+            "names": feature_names(),
+            "n": len(feature_names()),
+        },
+        "classifier": {
+            "kind": "multinomial_logistic_regression",
+            "l2": L2,
+            "steps": STEPS,
+            "lr": LR,
+            "class_weight": "balanced",
+        },
         "bundles": {s: bundles[s].export_key for s in sources},
         "novelty": novelty,
         "verification": {"router": gate},
-        "files": {ROUTER_FILE: {"sha256": sha256_file(staging / ROUTER_FILE),
-                                "bytes": (staging / ROUTER_FILE).stat().st_size}},
+        "files": {
+            ROUTER_FILE: {"sha256": sha256_file(staging / ROUTER_FILE), "bytes": (staging / ROUTER_FILE).stat().st_size}
+        },
         "versions": library_versions(("numpy",)),
     }
     manifest = RouterManifest.from_dict(json.loads(json.dumps(draft)), staging, check_seal=False).sealed()

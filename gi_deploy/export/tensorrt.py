@@ -45,8 +45,9 @@ def timing_cache_path(target: EngineTarget) -> Path:
     return base / "gi-deploy" / "tensorrt" / f"timing.{target.gpu_slug}.{target.tag}.cache"
 
 
-def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tuple[int, int],
-                 max_batch: int) -> tuple[Path, dict]:
+def build_engine(
+    onnx_path: Path, out_dir: Path, input_name: str, input_size: tuple[int, int], max_batch: int
+) -> tuple[Path, dict]:
     """Build the strongly typed engine of ``onnx_path`` (the fp16 ONNX) into ``out_dir``.
     Returns its path and the manifest stamp. Raises DependencyError without TensorRT or a GPU,
     ExportError when parsing or building fails (with TensorRT's own messages)."""
@@ -77,16 +78,23 @@ def build_engine(onnx_path: Path, out_dir: Path, input_name: str, input_size: tu
         config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT {target.tensorrt_version} failed to build an engine from {onnx_path.name} "
-                          "(see its log above)")
+        raise ExportError(
+            f"TensorRT {target.tensorrt_version} failed to build an engine from {onnx_path.name} (see its log above)"
+        )
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
     tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     os.replace(tmp, cache_path)  # atomic: a concurrent build never reads half a cache
     engine_path = out_dir / target.engine_file
     engine_path.write_bytes(bytes(memoryview(serialized)))
-    stamp = {**target.to_dict(), "max_batch": max_batch, "input_size": list(input_size), "strongly_typed": True,
-             "built_from": onnx_path.name, "timing_cache": str(cache_path)}
+    stamp = {
+        **target.to_dict(),
+        "max_batch": max_batch,
+        "input_size": list(input_size),
+        "strongly_typed": True,
+        "built_from": onnx_path.name,
+        "timing_cache": str(cache_path),
+    }
     return engine_path, stamp
 
 
@@ -95,18 +103,27 @@ def run_engine(engine_path: Path, inputs: np.ndarray, max_batch: int) -> np.ndar
     return EngineRunner(engine_path, max_batch)(inputs)
 
 
-def trtexec_command(onnx_name: str, input_name: str, input_size: tuple[int, int], max_batch: int,
-                    engine_file: str = "$ENGINE", cache_file: str = "$CACHE") -> str:
+def trtexec_command(
+    onnx_name: str,
+    input_name: str,
+    input_size: tuple[int, int],
+    max_batch: int,
+    engine_file: str = "$ENGINE",
+    cache_file: str = "$CACHE",
+) -> str:
     """The trtexec equivalent of :func:`build_engine` (TensorRT 10: add --stronglyTyped; 11 always is)."""
     h, w = input_size
     shape = lambda b: f"{input_name}:{b}x3x{h}x{w}"  # noqa: E731
-    return (f"trtexec --onnx={onnx_name} --minShapes={shape(1)} --optShapes={shape(max_batch)} "
-            f"--maxShapes={shape(max_batch)} --memPoolSize=workspace:{WORKSPACE_BYTES >> 20} "
-            f"--timingCacheFile={cache_file} --saveEngine={engine_file}")
+    return (
+        f"trtexec --onnx={onnx_name} --minShapes={shape(1)} --optShapes={shape(max_batch)} "
+        f"--maxShapes={shape(max_batch)} --memPoolSize=workspace:{WORKSPACE_BYTES >> 20} "
+        f"--timingCacheFile={cache_file} --saveEngine={engine_file}"
+    )
 
 
-def write_build_script(bundle_dir: Path, onnx_name: str, input_name: str, input_size: tuple[int, int],
-                       max_batch: int) -> tuple[Path, str]:
+def write_build_script(
+    bundle_dir: Path, onnx_name: str, input_name: str, input_size: tuple[int, int], max_batch: int
+) -> tuple[Path, str]:
     """Write ``build_engine.sh``: run on the target (GPU box or Jetson), it names the engine after
     that machine's compute capability and TensorRT version, as :func:`build_engine` does. Returns
     the script's path and the trtexec command it runs."""
@@ -138,19 +155,31 @@ echo "built $ENGINE from {shlex.quote(onnx_name)}; verify it against model.onnx 
     return path, command
 
 
-def export_engine(name: str, fp16_path: Path, staging: Path, input_size: tuple[int, int], inputs: np.ndarray,
-                  fp32_logits: np.ndarray, max_batch: int) -> tuple[dict | None, dict, str | None]:
+def export_engine(
+    name: str,
+    fp16_path: Path,
+    staging: Path,
+    input_size: tuple[int, int],
+    inputs: np.ndarray,
+    fp32_logits: np.ndarray,
+    max_batch: int,
+) -> tuple[dict | None, dict, str | None]:
     """The TensorRT engine and its parity gate, or build_engine.sh when TensorRT or a GPU is
     missing. Returns (verification or None, the manifest entry, a note for the user or None)."""
     ok, why = tensorrt_status()
     if not ok:
-        script, command = write_build_script(staging, fp16_path.name, INPUT_NAME, input_size,
-                                                      max_batch)
-        return None, {"status": "not built", "reason": why, "script": script.name, "command": command}, (
-            f"no TensorRT engine here ({why}): wrote {script.name}, the trtexec command that builds it on the target")
+        script, command = write_build_script(staging, fp16_path.name, INPUT_NAME, input_size, max_batch)
+        return (
+            None,
+            {"status": "not built", "reason": why, "script": script.name, "command": command},
+            (f"no TensorRT engine here ({why}): wrote {script.name}, the trtexec command that builds it on the target"),
+        )
     path, stamp = build_engine(fp16_path, staging, INPUT_NAME, input_size, max_batch)
     logits = run_engine(path, inputs, max_batch)
-    result = verify.check("engine", f"{name} TensorRT engine vs fp32 ONNX",
-                          verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN),
-                          min_top1=verify.FP16_MIN_TOP1)
+    result = verify.check(
+        "engine",
+        f"{name} TensorRT engine vs fp32 ONNX",
+        verify.compare_logits(fp32_logits, logits, verify.FP16_TIE_MARGIN),
+        min_top1=verify.FP16_MIN_TOP1,
+    )
     return result, {"status": "built", "file": path.name, **stamp}, None  # hashed with the other files

@@ -54,7 +54,9 @@ def int8_allowed_drop(max_drop: float, n: int) -> float:
     return max(max_drop, 1.0 / n)
 
 
-def int8_thresholds(min_top1: float | None, max_drop: float | None, n: int, what: str) -> tuple[float, float, list[str]]:
+def int8_thresholds(
+    min_top1: float | None, max_drop: float | None, n: int, what: str
+) -> tuple[float, float, list[str]]:
     """The INT8 gate's (least agreement, largest drop) on ``n`` images, and a note for each default
     that was relaxed. A threshold the user gave (not None) is the threshold, never relaxed; a default
     (None) is relaxed to one image where ``n`` is too small to resolve it, and the note says so."""
@@ -62,11 +64,15 @@ def int8_thresholds(min_top1: float | None, max_drop: float | None, n: int, what
     if min_top1 is None:
         min_top1 = resolvable_share(INT8_MIN_TOP1, n)
         if min_top1 < INT8_MIN_TOP1:
-            notes.append(f"INT8 gate on {n} {what}: default least agreement {INT8_MIN_TOP1:.0%} relaxed to "
-                         f"{min_top1:.1%} (all but one image); score more images or set --int8-min-agreement")
+            notes.append(
+                f"INT8 gate on {n} {what}: default least agreement {INT8_MIN_TOP1:.0%} relaxed to "
+                f"{min_top1:.1%} (all but one image); score more images or set --int8-min-agreement"
+            )
     if max_drop is None:
         max_drop = int8_allowed_drop(INT8_MAX_ACCURACY_DROP, n)
         if max_drop > INT8_MAX_ACCURACY_DROP:
-            notes.append(f"INT8 gate on {n} {what}: default largest accuracy drop {INT8_MAX_ACCURACY_DROP:.0%} "
-                         f"relaxed to {max_drop:.1%} (one image); score more images or set --int8-max-drop")
+            notes.append(
+                f"INT8 gate on {n} {what}: default largest accuracy drop {INT8_MAX_ACCURACY_DROP:.0%} "
+                f"relaxed to {max_drop:.1%} (one image); score more images or set --int8-max-drop"
+            )
     return min_top1, max_drop, notes

@@ -32,9 +32,9 @@ from gi_deploy.core.bundles import (
     BundleManifest,
     read_bundle_manifest,
 )
-from gi_deploy.core.records import canonical_json, canonical_sha256
 from gi_deploy.core.methods import method_spec
 from gi_deploy.core.preprocess import PreprocessSpec
+from gi_deploy.core.records import canonical_json, canonical_sha256
 from gi_deploy.core.runs import RUN_MANIFEST, RunRecord, read_run_manifest, select_runs
 from gi_deploy.errors import BundleError, DataError, ExportError, ExportFailed, GiDeployError
 from gi_deploy.export import fp16, id_stats, int8, onnx_export, tensorrt, verify
@@ -69,16 +69,22 @@ def run_hashes(run_dir: Path, manifest: RunRecord) -> dict:
     files = spec.artifact_files(run_dir)
     missing = [p for p in files if not p.is_file()]
     if missing:
-        raise BundleError(f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or "
-                          "--resume it)")
+        raise BundleError(
+            f"trained weights missing: {missing[0]}; the run did not finish an epoch (train or --resume it)"
+        )
     recorded = manifest.best_artifact_sha256
     if recorded:
         spec.check_artifact(run_dir, recorded, "training")  # a tampered adapter never exports with the run's metrics
     else:
-        log.warning("%s was trained before gi-deploy recorded its artifact's sha256; its trained files cannot be "
-                    "checked against training (retrain to record them)", run_dir)
-    return {"run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
-            "artifact_sha256": {p.name: sha256_file(p) for p in files}}
+        log.warning(
+            "%s was trained before gi-deploy recorded its artifact's sha256; its trained files cannot be "
+            "checked against training (retrain to record them)",
+            run_dir,
+        )
+    return {
+        "run_manifest_sha256": sha256_file(run_dir / RUN_MANIFEST),
+        "artifact_sha256": {p.name: sha256_file(p) for p in files},
+    }
 
 
 def export_key(hashes: dict, options: ExportOptions) -> str:
@@ -87,7 +93,9 @@ def export_key(hashes: dict, options: ExportOptions) -> str:
     payload = {
         "run_manifest": hashes["run_manifest_sha256"],
         "artifacts": hashes["artifact_sha256"],
-        "options": asdict(options), "gi_deploy": gi_deploy.__version__, "format_version": BUNDLE_FORMAT_VERSION,
+        "options": asdict(options),
+        "gi_deploy": gi_deploy.__version__,
+        "format_version": BUNDLE_FORMAT_VERSION,
         "engine_target": tensorrt.tensorrt_status()[1] if options.engine else None,
         "int8_reduce_range": not int8.cpu_has_vnni() if options.int8 else None,  # chosen for this CPU
     }
@@ -109,7 +117,10 @@ def current_bundle(bundle_dir: Path, key: str, run: RunRecord | None = None) -> 
     if manifest.export_key != key:
         return None
     if run is not None and (manifest.source, manifest.classes, manifest.preprocess) != (
-            run.source, run.classes, run.preprocess):
+        run.source,
+        run.classes,
+        run.preprocess,
+    ):
         log.warning("%s: re-exporting: its source, classes or preprocessing differ from the run's", bundle_dir)
         return None
     for name, entry in manifest.files.items():
@@ -136,19 +147,31 @@ class _Timer:
 def _stamp(path: Path, run: RunRecord, content: dict, precision: str, key: str) -> None:
     """The essentials, in the ONNX file's own metadata_props: the bundle's whole content (what the
     manifest's ``content_sha256`` covers) and its hash, checked against the manifest at load."""
-    onnx_export.set_metadata(path, {
-        "format": f"{BUNDLE_FORMAT}/{BUNDLE_FORMAT_VERSION}", "source": content["source"],
-        "classes": content["classes"], "preprocess": content["preprocess"], "model": content["model"]["name"],
-        "method": content["model"]["method"], "merged": content["model"]["merged"], "precision": precision,
-        "base_weights_license": run.base_weights.get("license", "unknown"),
-        "gi_deploy_version": gi_deploy.__version__, "export_key": key,
-        "content": canonical_json(content), "content_sha256": canonical_sha256(content),
-        "input": onnx_export.INPUT_NAME, "output": onnx_export.OUTPUT_NAME,
-    })
+    onnx_export.set_metadata(
+        path,
+        {
+            "format": f"{BUNDLE_FORMAT}/{BUNDLE_FORMAT_VERSION}",
+            "source": content["source"],
+            "classes": content["classes"],
+            "preprocess": content["preprocess"],
+            "model": content["model"]["name"],
+            "method": content["model"]["method"],
+            "merged": content["model"]["merged"],
+            "precision": precision,
+            "base_weights_license": run.base_weights.get("license", "unknown"),
+            "gi_deploy_version": gi_deploy.__version__,
+            "export_key": key,
+            "content": canonical_json(content),
+            "content_sha256": canonical_sha256(content),
+            "input": onnx_export.INPUT_NAME,
+            "output": onnx_export.OUTPUT_NAME,
+        },
+    )
 
 
-def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None = None, force: bool = False,
-                  **overrides) -> ExportResult:
+def export_source(
+    run_dir: Path, bundle_dir: Path, options: ExportOptions | None = None, force: bool = False, **overrides
+) -> ExportResult:
     """Export one run to ``bundle_dir`` (``options``, or ExportOptions(**overrides)).
 
     Raises GateFailed (naming the gate, the number and the threshold) and writes nothing when any
@@ -167,16 +190,19 @@ def export_source(run_dir: Path, bundle_dir: Path, options: ExportOptions | None
         return _export_timed(run_dir, bundle_dir, manifest, options, key, hashes)
 
 
-def _export_timed(run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str,
-                  hashes: dict) -> ExportResult:
+def _export_timed(
+    run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str, hashes: dict
+) -> ExportResult:
     timer = _Timer()
     try:
         return _export(run_dir, bundle_dir, manifest, options, key, hashes, timer)
     except GiDeployError:
         raise
     except Exception as e:  # a library failure: typed, with the step it happened in; the cause is chained
-        raise ExportError(f"{run_dir.name}: export failed after step {timer.last or 'start'!r} with "
-                          f"{type(e).__name__}: {e}. Nothing was written; rerun with -v for details") from e
+        raise ExportError(
+            f"{run_dir.name}: export failed after step {timer.last or 'start'!r} with "
+            f"{type(e).__name__}: {e}. Nothing was written; rerun with -v for details"
+        ) from e
 
 
 def _restore_interrupted(bundle_dir: Path) -> None:
@@ -194,16 +220,22 @@ def _check_validation_images(run_dir: Path, info: dict, options: ExportOptions) 
     if info["real_images"] or not info["real_images_wanted"]:
         info["no_validation_images"] = False
         return None
-    where = f"none of the {info['real_images_wanted']} validation images of {run_dir} can be read (e.g. " \
-            f"{info['real_images_unreadable'][0]})"
+    where = (
+        f"none of the {info['real_images_wanted']} validation images of {run_dir} can be read (e.g. "
+        f"{info['real_images_unreadable'][0]})"
+    )
     if not options.allow_no_val:
-        raise DataError(f"{where}: the verification gates would run on the {len(verify.STRESS_IMAGES)} synthetic "
-                        "stress images alone. Put the images back where training found them, or pass --allow-no-val "
-                        "to export anyway (recorded in the manifest); nothing written")
+        raise DataError(
+            f"{where}: the verification gates would run on the {len(verify.STRESS_IMAGES)} synthetic "
+            "stress images alone. Put the images back where training found them, or pass --allow-no-val "
+            "to export anyway (recorded in the manifest); nothing written"
+        )
     info["no_validation_images"] = True
     log.warning("%s; exporting on the synthetic stress images alone (--allow-no-val)", where)
-    return (f"WARNING: {where}; the gates ran on the {len(verify.STRESS_IMAGES)} synthetic stress images alone "
-            "(--allow-no-val; recorded in the manifest as verification.inputs.no_validation_images)")
+    return (
+        f"WARNING: {where}; the gates ran on the {len(verify.STRESS_IMAGES)} synthetic stress images alone "
+        "(--allow-no-val; recorded in the manifest as verification.inputs.no_validation_images)"
+    )
 
 
 def _merge_gate(name: str, models: RunModels, inputs: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -216,8 +248,12 @@ def _merge_gate(name: str, models: RunModels, inputs: np.ndarray) -> tuple[dict,
     with torch.no_grad(), branch_form(models.reference):
         ref_logits = models.reference(torch.from_numpy(inputs)).numpy()
     merged_logits, peaks = logits_and_peaks(models.deployed, inputs)
-    gate = verify.check("merge", f"{name} merged model vs adapter model",
-                        verify.compare_logits(ref_logits, merged_logits), atol=verify.MERGE_ATOL)
+    gate = verify.check(
+        "merge",
+        f"{name} merged model vs adapter model",
+        verify.compare_logits(ref_logits, merged_logits),
+        atol=verify.MERGE_ATOL,
+    )
     return {"merge": gate}, ref_logits, peaks
 
 
@@ -240,13 +276,24 @@ class _Job:
     peaks: np.ndarray | None = None
 
 
-def _export(run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str, hashes: dict,
-            timer: _Timer) -> ExportResult:
+def _export(
+    run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: ExportOptions, key: str, hashes: dict, timer: _Timer
+) -> ExportResult:
     spec = manifest.preprocess
     inputs, inputs_info = verify.verification_batch(manifest, spec)
     no_val_note = _check_validation_images(run_dir, inputs_info, options)
-    job = _Job(run_dir.name, run_dir, manifest, spec, options, key, hashes,
-               bundle_dir.with_name(f".{bundle_dir.name}.staging"), timer, inputs)
+    job = _Job(
+        run_dir.name,
+        run_dir,
+        manifest,
+        spec,
+        options,
+        key,
+        hashes,
+        bundle_dir.with_name(f".{bundle_dir.name}.staging"),
+        timer,
+        inputs,
+    )
     models = load_run_models(run_dir, merge=options.merge, manifest=manifest)
     timer.lap("load_and_merge")
     verification, job.ref_logits, job.peaks = _merge_gate(job.name, models, inputs)
@@ -263,7 +310,9 @@ def _export(run_dir: Path, bundle_dir: Path, manifest: RunRecord, options: Expor
     except BaseException:
         shutil.rmtree(job.staging, ignore_errors=True)
         raise
-    notes = ([no_val_note] if no_val_note else []) + written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
+    notes = (
+        ([no_val_note] if no_val_note else []) + written["notes"] + _swap_into_place(job.staging, bundle_dir, bundle)
+    )
     return ExportResult(bundle_dir, bundle, notes=notes)
 
 
@@ -274,36 +323,69 @@ def _write_models(job: _Job, models: RunModels) -> dict:
     o, staging, x = job.options, job.staging, job.inputs
     fp32_path = staging / MODEL_FILES["fp32"]
     features = onnx_export.has_pooled_features(models.deployed)
-    exported = (onnx_export.WithFeatures(models.deployed, torch.from_numpy(x[:2])) if features  # checks its head on 2
-                else models.deployed)
-    onnx = onnx_export.export_onnx(exported, fp32_path, job.spec.size, o.opset, o.exporter, inputs=x,
-                                   reference=job.ref_logits, what=f"{job.name} fp32 ONNX vs adapter model")
+    exported = (
+        onnx_export.WithFeatures(models.deployed, torch.from_numpy(x[:2]))
+        if features  # checks its head on 2
+        else models.deployed
+    )
+    onnx = onnx_export.export_onnx(
+        exported,
+        fp32_path,
+        job.spec.size,
+        o.opset,
+        o.exporter,
+        inputs=x,
+        reference=job.ref_logits,
+        what=f"{job.name} fp32 ONNX vs adapter model",
+    )
     verification, extras, engine, notes = {"onnx_fp32": onnx.verification}, {}, None, []
     if onnx.features_gate is not None:
         verification["onnx_features"] = onnx.features_gate
     job.timer.lap("onnx_fp32")
-    ood = id_stats.write_id_stats(job.name, job.manifest, job.spec, fp32_path, staging, o.ood_images) if features \
+    ood = (
+        id_stats.write_id_stats(job.name, job.manifest, job.spec, fp32_path, staging, o.ood_images)
+        if features
         else None
+    )
     job.timer.lap("id_stats")
     if o.fp16:
-        gates, extras["fp16"] = fp16.export_fp16(job.name, fp32_path, staging / MODEL_FILES["fp16"], x, onnx.logits,
-                                                 job.peaks)
+        gates, extras["fp16"] = fp16.export_fp16(
+            job.name, fp32_path, staging / MODEL_FILES["fp16"], x, onnx.logits, job.peaks
+        )
         verification.update(gates)
         job.timer.lap("fp16")
     if o.int8:
         verification["int8"], extras["int8"] = int8.export_int8(
-            job.name, job.manifest, job.spec, fp32_path, staging / MODEL_FILES["int8"], x, onnx.logits,
-            o.calib_images, o.int8_eval_images, o.int8_min_top1, o.int8_max_accuracy_drop)
+            job.name,
+            job.manifest,
+            job.spec,
+            fp32_path,
+            staging / MODEL_FILES["int8"],
+            x,
+            onnx.logits,
+            o.calib_images,
+            o.int8_eval_images,
+            o.int8_min_top1,
+            o.int8_max_accuracy_drop,
+        )
         notes += verification["int8"]["relaxed"]  # a relaxed default is said, not silent
         job.timer.lap("int8")
     if o.engine:
-        gate, engine, note = tensorrt.export_engine(job.name, staging / MODEL_FILES["fp16"], staging, job.spec.size,
-                                                    x, onnx.logits, o.max_batch)
+        gate, engine, note = tensorrt.export_engine(
+            job.name, staging / MODEL_FILES["fp16"], staging, job.spec.size, x, onnx.logits, o.max_batch
+        )
         verification.update({"engine": gate} if gate is not None else {})
         notes += [note] if note else []
         job.timer.lap("engine")
-    written = {"verification": verification, "extras": extras, "engine": engine, "opset": onnx.opset,
-               "notes": notes, "ood": ood, "features": features}
+    written = {
+        "verification": verification,
+        "extras": extras,
+        "engine": engine,
+        "opset": onnx.opset,
+        "notes": notes,
+        "ood": ood,
+        "features": features,
+    }
     written["content"] = content = _content(job, models, written)
     for precision in [p for p in MODEL_FILES if (staging / MODEL_FILES[p]).is_file()]:
         _stamp(staging / MODEL_FILES[precision], job.manifest, content, precision, job.key)
@@ -314,14 +396,30 @@ def _content(job: _Job, models: RunModels, written: dict) -> dict:
     """What the bundle's content hash covers (core/bundles.CONTENT_FIELDS), in JSON form, known
     before the model files are final so that each of them can carry it."""
     run = job.manifest
-    model = {"name": run.model.name, "num_classes": len(run.classes), "method": run.method,
-             "merged": models.merged, "parameters": sum(p.numel() for p in models.deployed.parameters()),
-             "opset": written["opset"], "exporter": job.options.exporter, "input": onnx_export.INPUT_NAME,
-             "output": onnx_export.OUTPUT_NAME, "dynamic_axes": ["batch"],
-             **({"features_output": onnx_export.FEATURES_NAME} if written["features"] else {})}
-    return json.loads(canonical_json({"source": run.source, "classes": list(run.classes),
-                                      "preprocess": run.preprocess.to_dict(), "model": model,
-                                      "ood": written["ood"]}))
+    model = {
+        "name": run.model.name,
+        "num_classes": len(run.classes),
+        "method": run.method,
+        "merged": models.merged,
+        "parameters": sum(p.numel() for p in models.deployed.parameters()),
+        "opset": written["opset"],
+        "exporter": job.options.exporter,
+        "input": onnx_export.INPUT_NAME,
+        "output": onnx_export.OUTPUT_NAME,
+        "dynamic_axes": ["batch"],
+        **({"features_output": onnx_export.FEATURES_NAME} if written["features"] else {}),
+    }
+    return json.loads(
+        canonical_json(
+            {
+                "source": run.source,
+                "classes": list(run.classes),
+                "preprocess": run.preprocess.to_dict(),
+                "model": model,
+                "ood": written["ood"],
+            }
+        )
+    )
 
 
 def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: dict) -> BundleManifest:
@@ -331,29 +429,44 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
     manifest, options, staging = job.manifest, job.options, job.staging
     content = written["content"]
     write_json(staging / LABELS_NAME, content["classes"])
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}  # every file, hashed once
-             for p in sorted(staging.iterdir()) if p.is_file()}
-    models_entry = {p: {"file": f, **files[f], **written["extras"].get(p, {})} for p, f in MODEL_FILES.items()
-                    if f in files}
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}  # every file, hashed once
+        for p in sorted(staging.iterdir())
+        if p.is_file()
+    }
+    models_entry = {
+        p: {"file": f, **files[f], **written["extras"].get(p, {})} for p, f in MODEL_FILES.items() if f in files
+    }
     engine = written["engine"]
     if engine and engine.get("status") == "built":
         engine.update(files[engine["file"]])
     method = manifest.method
     adapter_bytes = method_spec(method).artifact_bytes(job.run_dir)
     footprint = {
-        "trained_artifact": method, "artifact_bytes": adapter_bytes,
+        "trained_artifact": method,
+        "artifact_bytes": adapter_bytes,
         "merged_model_bytes": models_entry["fp32"]["bytes"],
         "artifact_vs_merged_model": round(adapter_bytes / models_entry["fp32"]["bytes"], 6),
         **{f"{p}_model_bytes": models_entry[p]["bytes"] for p in ("fp16", "int8") if p in models_entry},
     }
     draft = {
-        "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "created": utc_now(),
-        "export_key": job.key, "content_sha256": canonical_sha256(content), **content,
-        "models": models_entry, "engine": engine, "verification": verification, "footprint": footprint,
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": utc_now(),
+        "export_key": job.key,
+        "content_sha256": canonical_sha256(content),
+        **content,
+        "models": models_entry,
+        "engine": engine,
+        "verification": verification,
+        "footprint": footprint,
         "base_weights": manifest.base_weights,
         "adapter": _adapter_entry(manifest),
-        "training": {"run_dir": str(job.run_dir.resolve()), "best": {k: manifest.best.get(k) for k in
-                     ("epoch", "accuracy", "f1_weighted", "mcc")}, **job.hashes},
+        "training": {
+            "run_dir": str(job.run_dir.resolve()),
+            "best": {k: manifest.best.get(k) for k in ("epoch", "accuracy", "f1_weighted", "mcc")},
+            **job.hashes,
+        },
         "options": asdict(options),
         "versions": library_versions(),
         "files": files,
@@ -361,8 +474,10 @@ def _bundle_manifest(job: _Job, models: RunModels, verification: dict, written: 
     }
     bundle = BundleManifest.from_dict(json.loads(json.dumps(draft)), staging, check_seal=False).sealed()
     if bundle.content_sha256 != canonical_sha256(content):  # the files carry ``content``: they must agree
-        raise ExportError(f"{job.name}: the manifest's content ({bundle.content_sha256[:12]}) differs from the one "
-                          f"stamped in the model files ({canonical_sha256(content)[:12]}); nothing was written")
+        raise ExportError(
+            f"{job.name}: the manifest's content ({bundle.content_sha256[:12]}) differs from the one "
+            f"stamped in the model files ({canonical_sha256(content)[:12]}); nothing was written"
+        )
     return bundle
 
 
@@ -375,8 +490,9 @@ def _swap_into_place(staging: Path, bundle_dir: Path, bundle: BundleManifest) ->
     if bundle_dir.exists():
         dropped = sorted(p.name for p in bundle_dir.glob("model.*.engine") if p.name not in bundle.files)
         if dropped:  # built on a target from the previous fp16 ONNX: stale now
-            notes.append(f"removed {', '.join(dropped)} built from the previous export; rebuild with "
-                         f"{tensorrt.BUILD_SCRIPT}")
+            notes.append(
+                f"removed {', '.join(dropped)} built from the previous export; rebuild with {tensorrt.BUILD_SCRIPT}"
+            )
         bundle_dir.rename(old)
     staging.rename(bundle_dir)
     shutil.rmtree(old, ignore_errors=True)
@@ -409,9 +525,12 @@ def storage_summary(results: dict[str, ExportResult]) -> dict | None:
         return None
     artifacts = sum(f["artifact_bytes"] for f in adapted.values())
     base = max(f["merged_model_bytes"] for f in adapted.values())  # a plain backbone costs what a merged one does
-    return {"sources": list(adapted), "base_bytes": base, "adapter_bytes": artifacts,
-            "merged_bytes": sum(f["merged_model_bytes"] for f in adapted.values())}
-
+    return {
+        "sources": list(adapted),
+        "base_bytes": base,
+        "adapter_bytes": artifacts,
+        "merged_bytes": sum(f["merged_model_bytes"] for f in adapted.values()),
+    }
 
 
 def export_router(cfg: ExportConfig, results: dict[str, ExportResult]) -> RouterResult | None:

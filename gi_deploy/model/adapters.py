@@ -62,12 +62,22 @@ class AdapterKind:
 
 
 ADAPTERS: dict[str, AdapterKind] = {
-    "lora": AdapterKind("lora", ADAPTER_DIR, ADAPTER_SETTINGS["lora"], lora.apply_lora, lora.save_lora,
-                        lora.load_lora, lora.lora_deltas),
-    "colora": AdapterKind("colora", COLORA_WEIGHTS, ADAPTER_SETTINGS["colora"], colora.apply_colora_adapter,
-                          colora.save_colora_adapter, colora.load_colora_adapter, colora.colora_deltas,
-                          summary=colora.colora_run_summary, summary_line=colora.colora_summary_line,
-                          epoch_end=colora.colora_epoch_end, state=colora.colora_state),
+    "lora": AdapterKind(
+        "lora", ADAPTER_DIR, ADAPTER_SETTINGS["lora"], lora.apply_lora, lora.save_lora, lora.load_lora, lora.lora_deltas
+    ),
+    "colora": AdapterKind(
+        "colora",
+        COLORA_WEIGHTS,
+        ADAPTER_SETTINGS["colora"],
+        colora.apply_colora_adapter,
+        colora.save_colora_adapter,
+        colora.load_colora_adapter,
+        colora.colora_deltas,
+        summary=colora.colora_run_summary,
+        summary_line=colora.colora_summary_line,
+        epoch_end=colora.colora_epoch_end,
+        state=colora.colora_state,
+    ),
 }
 assert ADAPTERS.keys() == ADAPTER_SETTINGS.keys(), "each adapter kind registers its settings and its torch side"
 
@@ -109,8 +119,14 @@ def apply_method(model: nn.Module, method: str | MethodSpec, **settings: Any) ->
     return model
 
 
-def save_trained(model: nn.Module, method: str | MethodSpec, run_dir: Path, head: str,
-                 settings: dict[str, Any] | None = None, merges: int = 0) -> None:
+def save_trained(
+    model: nn.Module,
+    method: str | MethodSpec,
+    run_dir: Path,
+    head: str,
+    settings: dict[str, Any] | None = None,
+    merges: int = 0,
+) -> None:
     """Save only what training changed, atomically: each adapter kind's file (the classifier goes
     where ``spec.head_in`` says), the classifier alone (linear) or the whole model (full).
     :func:`attach_trained` reads it back."""

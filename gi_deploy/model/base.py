@@ -97,18 +97,27 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        details = [f"{label}: {show(keys)}" for label, keys in
-                   (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
-        raise WeightsError(f"weights file {path} does not match model "
-                           f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: "
-                           + "; ".join(details) + ". Pass the --model the checkpoint was trained as.")
+
+        details = [
+            f"{label}: {show(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
+        raise WeightsError(
+            f"weights file {path} does not match model "
+            f"{model.pretrained_cfg.get('architecture', type(model).__name__)}: "
+            + "; ".join(details)
+            + ". Pass the --model the checkpoint was trained as."
+        )
     model.load_state_dict(state, strict=False)
 
 
-def create_base_model(name: str, num_classes: int, pretrained: bool = True,
-                      weights: Path | None = None) -> tuple[nn.Module, BaseWeights]:
+def create_base_model(
+    name: str, num_classes: int, pretrained: bool = True, weights: Path | None = None
+) -> tuple[nn.Module, BaseWeights]:
     """``timm.create_model(name, num_classes=...)`` with weights from a local file (``weights``),
     the Hugging Face hub (``pretrained``), or random init. Raises WeightsError with the fix
     (``--weights`` / ``--no-pretrained``) when the hub cannot be reached."""
@@ -127,7 +136,8 @@ def create_base_model(name: str, num_classes: int, pretrained: bool = True,
             raise WeightsError(
                 f"could not download pretrained weights for {name!r} from the Hugging Face hub ({e}). "
                 "Offline? Pass a local checkpoint with --weights PATH, or train from random init with "
-                "--no-pretrained.") from e
+                "--no-pretrained."
+            ) from e
         cfg = model.pretrained_cfg
         kind, ref = "hub", cfg.get("hf_hub_id") or cfg.get("url") or name
         license_ = cfg.get("license", "unknown")

@@ -59,8 +59,10 @@ class CoLoRAConv2d(nn.Module):
     def __init__(self, base: nn.Conv2d, forward_mode: str = "fused"):
         super().__init__()
         if type(base) is not nn.Conv2d or base.groups != 1:
-            raise ConfigError(f"CoLoRA needs a dense nn.Conv2d (groups=1), got {type(base).__name__} "
-                              f"with groups={getattr(base, 'groups', '?')}")
+            raise ConfigError(
+                f"CoLoRA needs a dense nn.Conv2d (groups=1), got {type(base).__name__} "
+                f"with groups={getattr(base, 'groups', '?')}"
+            )
         if base.padding_mode != "zeros":
             raise ConfigError(f"CoLoRA supports zero padding only, got padding_mode={base.padding_mode!r}")
         self.base = base
@@ -151,24 +153,39 @@ def colora_candidates(model: nn.Module, settings: ColoraSettings, head: str) -> 
         for pattern in settings.targets:
             hits = [n for n in convs if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                raise ConfigError(f"CoLoRA target {pattern!r} matched no convolution; convolutions are: "
-                                  + ", ".join(list(convs)[:12]) + (" ..." if len(convs) > 12 else ""))
+                raise ConfigError(
+                    f"CoLoRA target {pattern!r} matched no convolution; convolutions are: "
+                    + ", ".join(list(convs)[:12])
+                    + (" ..." if len(convs) > 12 else "")
+                )
             if all(convs[n].groups > 1 for n in hits):
-                raise ConfigError(f"CoLoRA target {pattern!r} matches only grouped/depthwise convolutions "
-                                  f"({hits[0]}, ...); their kernels cannot hold CoLoRA's channel-mixing update "
-                                  "(see gi_deploy/model/colora.py). Target dense convolutions")
+                raise ConfigError(
+                    f"CoLoRA target {pattern!r} matches only grouped/depthwise convolutions "
+                    f"({hits[0]}, ...); their kernels cannot hold CoLoRA's channel-mixing update "
+                    "(see gi_deploy/model/colora.py). Target dense convolutions"
+                )
     else:
         chosen = convs
     report = ColoraReport(
-        layers=[n for n, m in chosen.items() if type(m) is nn.Conv2d and m.groups == 1
-                and min(m.kernel_size) >= settings.min_kernel],
+        layers=[
+            n
+            for n, m in chosen.items()
+            if type(m) is nn.Conv2d and m.groups == 1 and min(m.kernel_size) >= settings.min_kernel
+        ],
         skipped_grouped=[n for n, m in chosen.items() if m.groups > 1],
-        skipped_unsupported=[n for n, m in chosen.items() if type(m) is not nn.Conv2d and m.groups == 1])
+        skipped_unsupported=[n for n, m in chosen.items() if type(m) is not nn.Conv2d and m.groups == 1],
+    )
     if not report.layers:
-        raise ConfigError(f"CoLoRA found no dense convolution to adapt in {type(model).__name__} "
-                          f"(targets {list(settings.targets) or 'all'}, min_kernel {settings.min_kernel}"
-                          + (f"; skipped Conv2d subclasses: {', '.join(report.skipped_unsupported[:3])}"
-                             if report.skipped_unsupported else "") + ")")
+        raise ConfigError(
+            f"CoLoRA found no dense convolution to adapt in {type(model).__name__} "
+            f"(targets {list(settings.targets) or 'all'}, min_kernel {settings.min_kernel}"
+            + (
+                f"; skipped Conv2d subclasses: {', '.join(report.skipped_unsupported[:3])}"
+                if report.skipped_unsupported
+                else ""
+            )
+            + ")"
+        )
     return report
 
 
@@ -195,15 +212,23 @@ def colora_summary(model: nn.Module) -> dict:
     merges update, and ``skipped_grouped`` counts depthwise/grouped convolutions left frozen."""
     layers = colora_layers(model)
     skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-    return {"layers": len(layers), "skipped_grouped": len(skipped),
-            "backprop_params": sum(p.numel() for p in colora_parameters(model)),
-            "merged_into_params": sum(m.base.weight.numel() + (m.base.bias.numel() if m.base.bias is not None else 0)
-                                      for m in layers.values())}
+    return {
+        "layers": len(layers),
+        "skipped_grouped": len(skipped),
+        "backprop_params": sum(p.numel() for p in colora_parameters(model)),
+        "merged_into_params": sum(
+            m.base.weight.numel() + (m.base.bias.numel() if m.base.bias is not None else 0) for m in layers.values()
+        ),
+    }
 
 
 def colora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in colora_layers(model).values()
-            for p in (layer.pointwise, layer.spatial, layer.bias_delta) if p is not None]
+    return [
+        p
+        for layer in colora_layers(model).values()
+        for p in (layer.pointwise, layer.spatial, layer.bias_delta)
+        if p is not None
+    ]
 
 
 def merge_all(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -261,8 +286,9 @@ def colora_state(model: nn.Module, merges: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_colora(model: nn.Module, path: Path, settings: ColoraSettings, merges: int,
-                extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_colora(
+    model: nn.Module, path: Path, settings: ColoraSettings, merges: int, extra: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write the CoLoRA adapter (plus ``extra`` tensors, e.g. the classifier) atomically as
     safetensors, with the settings and merge count in its metadata."""
     from safetensors.torch import save_file
@@ -275,8 +301,7 @@ def save_colora(model: nn.Module, path: Path, settings: ColoraSettings, merges: 
     tmp.replace(path)
 
 
-def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: str,
-                head_in_file: bool) -> ColoraReport:
+def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: str, head_in_file: bool) -> ColoraReport:
     """Wrap ``model`` as the run did (``head`` names its classifier) and load the adapter from
     ``path``, with the classifier's tensors when ``head_in_file`` (``colora`` alone; with
     ``lora+colora`` peft's adapter holds the head). Raises BundleError when the file does not fit."""
@@ -289,16 +314,26 @@ def load_colora(model: nn.Module, path: Path, settings: ColoraSettings, head: st
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     layers = colora_layers(model)
-    expected = {f"{n}.{k}" for n, layer in layers.items() for k in ("pointwise", "spatial", "bias_delta")
-                if getattr(layer, k) is not None}
-    optional = {f"{n}.{k}" for n, layer in layers.items() for k in ("merged_weight", "merged_bias")
-                if getattr(layer, k) is not None}
+    expected = {
+        f"{n}.{k}"
+        for n, layer in layers.items()
+        for k in ("pointwise", "spatial", "bias_delta")
+        if getattr(layer, k) is not None
+    }
+    optional = {
+        f"{n}.{k}"
+        for n, layer in layers.items()
+        for k in ("merged_weight", "merged_bias")
+        if getattr(layer, k) is not None
+    }
     head_keys = set(head_state(model.state_dict(), head)) if head_in_file else set()
     missing = sorted((expected | head_keys) - set(state))
     unexpected = sorted(set(state) - expected - optional - head_keys)
     if missing or unexpected:
-        raise BundleError(f"{path} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]}); "
-                          "it was saved for another model or CoLoRA targets")
+        raise BundleError(
+            f"{path} does not fit the model (missing: {missing[:3]}, unexpected: {unexpected[:3]}); "
+            "it was saved for another model or CoLoRA targets"
+        )
     for key, t in state.items():
         target = model.get_parameter(key) if key in expected or key in head_keys else model.get_buffer(key)
         if target.shape != t.shape:
@@ -315,21 +350,24 @@ def is_merge_epoch(epoch: int, merge_every: int) -> bool:
 # The adapter kind's uniform interface (model/adapters.py): CoLoRA wraps convolutions of the timm
 # model in place, inside a peft wrapper when LoRA is applied too.
 
+
 def apply_colora_adapter(model: nn.Module, settings: ColoraSettings, head: str) -> nn.Module:
     apply_colora(inner_model(model), settings, head)
     return model
 
 
-def save_colora_adapter(model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str, with_head: bool,
-                        merges: int) -> None:
+def save_colora_adapter(
+    model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str, with_head: bool, merges: int
+) -> None:
     """``colora.safetensors``: the factors and merges, with the classifier when no peft adapter holds it."""
     inner = inner_model(model)
     extra = head_state(inner.state_dict(), head) if with_head else {}
     save_colora(inner, Path(run_dir) / COLORA_WEIGHTS, settings, merges, extra)
 
 
-def load_colora_adapter(model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str,
-                        with_head: bool) -> nn.Module:
+def load_colora_adapter(
+    model: nn.Module, run_dir: Path, settings: ColoraSettings, head: str, with_head: bool
+) -> nn.Module:
     load_colora(inner_model(model), Path(run_dir) / COLORA_WEIGHTS, settings, head, head_in_file=with_head)
     return model
 
@@ -341,20 +379,25 @@ def colora_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 # Its training hooks (AdapterKind): Table 4's counts, and the merge every ``merge_every`` epochs.
 
+
 def colora_run_summary(model: nn.Module, settings: ColoraSettings) -> dict:
     """:func:`colora_summary`'s counts and the merge schedule, as run.json records them."""
     return {**colora_summary(model), "merge_every": settings.merge_every}
 
 
 def colora_summary_line(summary: dict, deployed: int) -> str:
-    return (f"CoLoRA: {summary['layers']} convolutions, {summary['backprop_params']:,} parameters trained by "
-            f"backpropagation, merged into {summary['merged_into_params']:,} of the {deployed:,} deployed"
-            + (f"; {summary['skipped_grouped']} depthwise/grouped convolutions stay frozen"
-               if summary["skipped_grouped"] else ""))
+    return (
+        f"CoLoRA: {summary['layers']} convolutions, {summary['backprop_params']:,} parameters trained by "
+        f"backpropagation, merged into {summary['merged_into_params']:,} of the {deployed:,} deployed"
+        + (
+            f"; {summary['skipped_grouped']} depthwise/grouped convolutions stay frozen"
+            if summary["skipped_grouped"]
+            else ""
+        )
+    )
 
 
-def colora_epoch_end(model: nn.Module, optimizer: torch.optim.Optimizer, settings: ColoraSettings,
-                     epoch: int) -> bool:
+def colora_epoch_end(model: nn.Module, optimizer: torch.optim.Optimizer, settings: ColoraSettings, epoch: int) -> bool:
     """After every ``merge_every``-th epoch: K0 += K_p * K_d, b0 += db, the factors reset (and their
     optimizer moments dropped, :func:`merge_all`). True when it merged."""
     if not is_merge_epoch(epoch, settings.merge_every):

@@ -27,13 +27,21 @@ def apply_lora(model: nn.Module, lora: LoraSettings, head: str | None = None) ->
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
             raise ConfigError(f"LoRA target {target!r} matched no module; module names are: {', '.join(leaves)}")
-        grouped = [n for n in hits if isinstance(model.get_submodule(n), nn.Conv2d)
-                   and model.get_submodule(n).groups > 1]
+        grouped = [
+            n for n in hits if isinstance(model.get_submodule(n), nn.Conv2d) and model.get_submodule(n).groups > 1
+        ]
         if grouped:  # peft cannot merge LoRA into grouped (depthwise) convolutions
-            raise ConfigError(f"LoRA target {target!r} matches grouped convolutions ({grouped[0]}, ...) "
-                              "which cannot be merged; target the block MLP fc1/fc2")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), modules_to_save=list(lora.modules_to_save))
+            raise ConfigError(
+                f"LoRA target {target!r} matches grouped convolutions ({grouped[0]}, ...) "
+                "which cannot be merged; target the block MLP fc1/fc2"
+            )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save),
+    )
     peft_model = get_peft_model(model, config)
     if lora.dropout_position == "rank" and lora.dropout > 0:
         move_lora_dropout_to_rank(peft_model, lora.dropout)
@@ -66,8 +74,7 @@ def move_lora_dropout_to_rank(model: nn.Module, p: float) -> int:
     return changed
 
 
-def save_lora(model: nn.Module, run_dir: Path, settings: LoraSettings, head: str, with_head: bool,
-              merges: int) -> None:
+def save_lora(model: nn.Module, run_dir: Path, settings: LoraSettings, head: str, with_head: bool, merges: int) -> None:
     """peft's ``save_pretrained`` into ``run_dir/adapter``, atomically (the head travels in it as a
     module to save)."""
     run_dir = Path(run_dir)
@@ -88,8 +95,10 @@ def load_lora(model: nn.Module, run_dir: Path, settings: LoraSettings, head: str
     return PeftModel.from_pretrained(model, str(adapter))
 
 
-def peft_lora_parts(peft_model: nn.Module, adapter: str = "default",
-                    ) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
+def peft_lora_parts(
+    peft_model: nn.Module,
+    adapter: str = "default",
+) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
     """Read LoRA factors and fully trained modules (``modules_to_save``) out of a peft model,
     keyed by the plain model's module / state-dict names."""
     from peft.tuners.lora import LoraLayer
@@ -103,9 +112,11 @@ def peft_lora_parts(peft_model: nn.Module, adapter: str = "default",
     replaced: dict[str, torch.Tensor] = {}
     for name, module in inner.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            factors[name] = LoraFactors(A=module.lora_A[adapter].weight.detach(),
-                                        B=module.lora_B[adapter].weight.detach(),
-                                        scaling=float(module.scaling[adapter]))
+            factors[name] = LoraFactors(
+                A=module.lora_A[adapter].weight.detach(),
+                B=module.lora_B[adapter].weight.detach(),
+                scaling=float(module.scaling[adapter]),
+            )
         elif isinstance(module, ModulesToSaveWrapper):
             trained = module.modules_to_save[adapter]
             replaced.update({f"{name}.{k}": v for k, v in trained.state_dict().items()})

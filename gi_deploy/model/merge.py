@@ -53,13 +53,15 @@ def colora_delta(pointwise: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor
     if pointwise.dim() != 4 or pointwise.shape[2:] != (1, 1):
         raise ConfigError(f"CoLoRA pointwise kernel must be (out, in, 1, 1), got {tuple(pointwise.shape)}")
     if spatial.dim() != 4 or spatial.shape[1] != 1 or spatial.shape[0] != pointwise.shape[0]:
-        raise ConfigError(f"CoLoRA spatial kernel must be (out, 1, kh, kw) with out={pointwise.shape[0]}, "
-                          f"got {tuple(spatial.shape)}")
+        raise ConfigError(
+            f"CoLoRA spatial kernel must be (out, 1, kh, kw) with out={pointwise.shape[0]}, got {tuple(spatial.shape)}"
+        )
     return pointwise.float() * spatial.float()  # (out, in, 1, 1) * (out, 1, kh, kw) broadcasts to (out, in, kh, kw)
 
 
-def merge_state_dict(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor],
-                     replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge_state_dict(
+    base: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], replaced: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """A new state dict: ``base`` with each tensor in ``deltas`` added to the tensor of that key
     (``<module>.weight`` / ``<module>.bias``) and the tensors in ``replaced`` (fully trained
     modules such as the new head) swapped in.
@@ -77,8 +79,10 @@ def merge_state_dict(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tens
             raise ConfigError(f"update for {key!r} has shape {tuple(delta.shape)}, the base tensor {tuple(w.shape)}")
         new = w.float() + delta.float()
         if not torch.isfinite(new).all():
-            raise VerificationError(f"merging the adapter into {module!r} produced non-finite weights; "
-                                    "the adapter is corrupt or diverged in training")
+            raise VerificationError(
+                f"merging the adapter into {module!r} produced non-finite weights; "
+                "the adapter is corrupt or diverged in training"
+            )
         merged[key] = new.to(w.dtype)
     for key, t in (replaced or {}).items():
         if key not in base:
@@ -89,7 +93,8 @@ def merge_state_dict(base: dict[str, torch.Tensor], deltas: dict[str, torch.Tens
     return merged
 
 
-def merge_lora_state_dict(base: dict[str, torch.Tensor], factors: dict[str, LoraFactors],
-                          replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def merge_lora_state_dict(
+    base: dict[str, torch.Tensor], factors: dict[str, LoraFactors], replaced: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """:func:`merge_state_dict` with every ``<module>.weight`` in ``factors`` updated by s * B A."""
     return merge_state_dict(base, {f"{module}.weight": lora_delta(f) for module, f in factors.items()}, replaced)

@@ -28,14 +28,18 @@ def rebuild_base(manifest: RunRecord, run_dir: Path) -> nn.Module:
     else:
         path = Path(base["ref"]) if base["kind"] == "file" else Path(run_dir) / base["ref"]
         if not path.is_file():
-            raise WeightsError(f"the base weights this run was trained from are gone: {path}; restore the "
-                               "file (its fingerprint is in run.json) or retrain")
+            raise WeightsError(
+                f"the base weights this run was trained from are gone: {path}; restore the "
+                "file (its fingerprint is in run.json) or retrain"
+            )
         model, _ = create_base_model(model_cfg.name, model_cfg.num_classes, pretrained=False, weights=path)
     fp = state_fingerprint(model, exclude_prefix=classifier_name(model))
     if fp != base["fingerprint"]:
-        raise WeightsError(f"rebuilt base for run {run_dir} ({base['kind']}: {base['ref']}) differs from the one "
-                           f"it was trained on (fingerprint {fp[:12]} != {base['fingerprint'][:12]}); the adapter "
-                           "only fits the original base weights")
+        raise WeightsError(
+            f"rebuilt base for run {run_dir} ({base['kind']}: {base['ref']}) differs from the one "
+            f"it was trained on (fingerprint {fp[:12]} != {base['fingerprint'][:12]}); the adapter "
+            "only fits the original base weights"
+        )
     return model
 
 

@@ -23,13 +23,13 @@ class LoraSettings:
     alpha: int = helped(32, "LoRA alpha (scaling alpha / r).")
     dropout: float = helped(0.1, "LoRA dropout.")
     target_modules: tuple[str, ...] = helped(("fc1", "fc2"), "Module names LoRA adapts.", cli=False)
-    modules_to_save: tuple[str, ...] = helped(("head.fc",), "Modules trained in full beside the adapters.",
-                                              cli=False)
+    modules_to_save: tuple[str, ...] = helped(("head.fc",), "Modules trained in full beside the adapters.", cli=False)
     # "input": peft's (and the paper's) dropout on the layer input, full width; "rank": the same rate
     # on the r-dimensional output of A, 6-190x fewer elements (a cheaper, different regulariser;
     # see benchmarks/train_throughput.py). Training-only: saved adapters and merges are identical.
-    dropout_position: str = helped("input", "input (peft, the paper) | rank (on A's output: cheaper, see "
-                                   "docs/benchmarks.md).")
+    dropout_position: str = helped(
+        "input", "input (peft, the paper) | rank (on A's output: cheaper, see docs/benchmarks.md)."
+    )
 
     def __post_init__(self) -> None:
         self.target_modules, self.modules_to_save = tuple(self.target_modules), tuple(self.modules_to_save)
@@ -61,15 +61,20 @@ class ColoraSettings:
     ``merge_every`` N merges after every N-th epoch; 0 merges only at export."""
 
     merge_every: int = helped(1, "CoLoRA: merge into the kernels every N epochs; 0 = only at export.")
-    targets: tuple[str, ...] = helped((), "CoLoRA: module-name patterns, e.g. 'layer3.*,layer4.*' "
-                                          "(none: every dense conv).")
+    targets: tuple[str, ...] = helped(
+        (), "CoLoRA: module-name patterns, e.g. 'layer3.*,layer4.*' (none: every dense conv)."
+    )
     min_kernel: int = helped(1, "CoLoRA: skip convolutions with a smaller kernel; 3 leaves 1x1 convs frozen.")
     # fused: one convolution with K0 + K_p*K_d; branch: K0*x + K_d*(K_p*x), the paper's Fig. 4 layer.
     # Identical outputs and gradients; fused measured 1.85-2.1x faster (two runs) with 0.73x the peak
     # memory of branch on ResNet50 (CPU; benchmarks/train_throughput.py), where most convolutions are
     # 1x1 and the branch doubles their cost.
-    forward_mode: str = helped("fused", "CoLoRA training forward: fused (one conv with K0 + dK) | branch (the "
-                                        "paper's extra convs; slower, same maths).", flag="forward")
+    forward_mode: str = helped(
+        "fused",
+        "CoLoRA training forward: fused (one conv with K0 + dK) | branch (the "
+        "paper's extra convs; slower, same maths).",
+        flag="forward",
+    )
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)

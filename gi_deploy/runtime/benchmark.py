@@ -31,18 +31,27 @@ from gi_deploy.core.preprocess import PreprocessSpec, list_images
 from gi_deploy.errors import ConfigError, DataError, GiDeployError
 from gi_deploy.runtime.backends import open_backend
 from gi_deploy.runtime.backends.base import Backend, cpu_threads
-from gi_deploy.runtime.infer import choose_decoder
 from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches, default_workers
+from gi_deploy.runtime.infer import choose_decoder
 
 # (row name, backend, precision, torch.compile); the first row is the baseline every ratio is against
-CANDIDATES = (("PyTorch eager", "torch", "fp32", False), ("onnxruntime fp32", "onnxruntime", "fp32", None),
-              ("onnxruntime fp16", "onnxruntime", "fp16", None), ("onnxruntime int8", "onnxruntime", "int8", None),
-              ("OpenVINO fp32", "openvino", "fp32", None), ("OpenVINO bf16", "openvino", "bf16", None),
-              ("OpenVINO int8", "openvino", "int8", None), ("TensorRT fp16", "tensorrt", "fp16", None))
+CANDIDATES = (
+    ("PyTorch eager", "torch", "fp32", False),
+    ("onnxruntime fp32", "onnxruntime", "fp32", None),
+    ("onnxruntime fp16", "onnxruntime", "fp16", None),
+    ("onnxruntime int8", "onnxruntime", "int8", None),
+    ("OpenVINO fp32", "openvino", "fp32", None),
+    ("OpenVINO bf16", "openvino", "bf16", None),
+    ("OpenVINO int8", "openvino", "int8", None),
+    ("TensorRT fp16", "tensorrt", "fp16", None),
+)
 OPENVINO_ROWS = ("OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8")
 INT8_ROWS = ("onnxruntime int8", "OpenVINO int8")
-GPU_CANDIDATES = (("PyTorch eager fp16", "torch", "fp16", False), ("PyTorch compiled fp16", "torch", "fp16", True),
-                  ("auto fp16", "auto", "fp16", None))
+GPU_CANDIDATES = (
+    ("PyTorch eager fp16", "torch", "fp16", False),
+    ("PyTorch compiled fp16", "torch", "fp16", True),
+    ("auto fp16", "auto", "fp16", None),
+)
 
 
 @dataclass
@@ -53,22 +62,30 @@ class BenchmarkConfig:
     n_images: int = helped(256, "Images per throughput run (the folder is cycled).")
     batch_size: int = helped(32, "Images per model call.")
     latency_runs: int = helped(50, "Batch-1 calls timed for p50/p95.")
-    workers: int | None = helped(None, "Decoding processes (none: one per core up to 4 for a CPU model, every core "
-                                       "but one for a GPU model).")
+    workers: int | None = helped(
+        None, "Decoding processes (none: one per core up to 4 for a CPU model, every core but one for a GPU model)."
+    )
     threads: int | None = helped(None, "The model's CPU threads (none: every core).")
     device: str = helped("auto", "auto | cpu | cuda.")
     rows: list[str] = helped(default_factory=list, help="Measure only these rows (by name; none: every row).")
-    decode: str = helped("cpu", "The end-to-end column's decoder: cpu (Pillow in worker processes) | gpu (nvJPEG, "
-                                "for models on the GPU) | auto (as infer chooses).")
+    decode: str = helped(
+        "cpu",
+        "The end-to-end column's decoder: cpu (Pillow in worker processes) | gpu (nvJPEG, "
+        "for models on the GPU) | auto (as infer chooses).",
+    )
 
     def __post_init__(self) -> None:
         self.deploy_dir = Path(self.deploy_dir)
         if self.batch_size < 1 or (self.workers or 0) < 0 or (self.threads is not None and self.threads < 1):
-            raise ConfigError(f"batch_size must be >= 1, workers >= 0 and threads >= 1; got {self.batch_size}, "
-                              f"{self.workers} and {self.threads}")
+            raise ConfigError(
+                f"batch_size must be >= 1, workers >= 0 and threads >= 1; got {self.batch_size}, "
+                f"{self.workers} and {self.threads}"
+            )
         if self.n_images < 2 * self.batch_size:
-            raise ConfigError(f"--n-images {self.n_images} must be at least twice --batch-size {self.batch_size}: "
-                              "the first batch warms up and is not timed")
+            raise ConfigError(
+                f"--n-images {self.n_images} must be at least twice --batch-size {self.batch_size}: "
+                "the first batch warms up and is not timed"
+            )
         if self.latency_runs < 5:
             raise ConfigError(f"latency runs must be >= 5 for a p95, got {self.latency_runs}")
 
@@ -125,7 +142,7 @@ def _model_only(b: Backend, x: np.ndarray, batch: int) -> float:
     b.predict_logits(x[:batch])  # warm-up: first-run allocations and kernel selection
     t = time.perf_counter()
     for i in range(0, len(x), batch):
-        b.predict_logits(x[i:i + batch])
+        b.predict_logits(x[i : i + batch])
     return len(x) / (time.perf_counter() - t)
 
 
@@ -134,14 +151,15 @@ def _latency(b: Backend, x: np.ndarray, runs: int) -> tuple[float, float]:
     times = []
     for i in range(runs):
         t = time.perf_counter()
-        b.predict_logits(x[i % len(x):i % len(x) + 1])
+        b.predict_logits(x[i % len(x) : i % len(x) + 1])
         times.append(time.perf_counter() - t)
     p50, p95 = np.percentile(np.asarray(times) * 1000, [50, 95])
     return float(p50), float(p95)
 
 
-def _end_to_end(b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None,
-                decode: str = "cpu") -> float:
+def _end_to_end(
+    b: Backend, paths: list[Path], spec: PreprocessSpec, batch: int, workers: int | None, decode: str = "cpu"
+) -> float:
     """The runtime's pipeline (runtime/decode/cpu.py) feeding this backend, timed from the first
     batch's arrival: images after it / seconds after it. ``decode`` as infer's (runtime/infer.py)."""
     t0, n = None, 0
@@ -180,7 +198,7 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
             found = list_images(Path(cfg.images))
             if not found:
                 raise DataError(f"no images in {cfg.images}")
-        found = found[:cfg.n_images]  # a big folder: only the images measured are decoded (and held in memory)
+        found = found[: cfg.n_images]  # a big folder: only the images measured are decoded (and held in memory)
         paths = [found[i % len(found)] for i in range(cfg.n_images)]
         decoded = decode_batch(found, (spec,))
         if decoded.n_good == 0:
@@ -192,8 +210,16 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
                 continue
             say(f"{name}...")
             try:
-                b = open_backend(bundle_dir, manifest, backend, precision, cfg.device, cfg.threads, compile=compile,
-                                 batch_size=cfg.batch_size)
+                b = open_backend(
+                    bundle_dir,
+                    manifest,
+                    backend,
+                    precision,
+                    cfg.device,
+                    cfg.threads,
+                    compile=compile,
+                    batch_size=cfg.batch_size,
+                )
             except (GiDeployError, ImportError) as e:  # not on this machine or not in this bundle: say why
                 rows.append(BenchRow(name, f"skipped: {e}"))
                 continue
@@ -213,9 +239,16 @@ def run_benchmark(cfg: BenchmarkConfig, say=lambda _msg: None) -> BenchmarkResul
         for r in rows:
             if r.status == "ok":
                 r.e2e_vs_eager, r.model_vs_eager = r.end_to_end / eager.end_to_end, r.model_only / eager.model_only
-    return BenchmarkResult(manifest.source, manifest.model.name, spec.size, cfg.n_images, cfg.batch_size,
-                           cfg.workers if cfg.workers is not None else "auto",
-                           f"{platform.processor() or platform.machine()}, {cpu_threads()} cores", rows)
+    return BenchmarkResult(
+        manifest.source,
+        manifest.model.name,
+        spec.size,
+        cfg.n_images,
+        cfg.batch_size,
+        cfg.workers if cfg.workers is not None else "auto",
+        f"{platform.processor() or platform.machine()}, {cpu_threads()} cores",
+        rows,
+    )
 
 
 ROUTER_ROW = "router (--source auto)"
@@ -234,9 +267,14 @@ def _router_rows(cfg: BenchmarkConfig, found: list[Path], paths: list[Path]) -> 
         router = load_router(cfg.deploy_dir)
     except GiDeployError as e:
         return [BenchRow(ROUTER_ROW, f"skipped: {e}")]
-    b = Backend("router", "fp32", f"numpy {np.__version__}, {len(router.sources)} sources",
-                lambda t: router.probabilities_of_features(router_features(t)),
-                model_bytes=router.path.joinpath("router.npz").stat().st_size, spec=ROUTER_SPEC)
+    b = Backend(
+        "router",
+        "fp32",
+        f"numpy {np.__version__}, {len(router.sources)} sources",
+        lambda t: router.probabilities_of_features(router_features(t)),
+        model_bytes=router.path.joinpath("router.npz").stat().st_size,
+        spec=ROUTER_SPEC,
+    )
     rgb = [load_rgb(p) for p in found[:32]]
     t = time.perf_counter()
     thumbs = np.stack([to_input(img, ROUTER_SPEC) for img in rgb])
@@ -270,19 +308,38 @@ def goals(result: BenchmarkResult, base: str = "onnxruntime fp32") -> list[tuple
     ov = max((rows[n] for n in OPENVINO_ROWS if n in rows), key=lambda r: r.end_to_end, default=None)
     eager16, compiled16, auto = (rows.get(n) for n in ("PyTorch eager fp16", "PyTorch compiled fp16", "auto fp16"))
     fastest = max((r for r in rows.values() if r.name != "auto fp16"), key=lambda r: r.model_only, default=None)
-    gpu = [] if compiled16 is None and eager16 is None else [
-        ("GPU: end-to-end vs model-only, compiled torch fp16",
-         compiled16.end_to_end / compiled16.model_only if compiled16 else None, 0.8),
-        ("GPU: compiled vs eager torch fp16 model-only",
-         compiled16.model_only / eager16.model_only if compiled16 and eager16 else None, 1.8),
-        ("GPU: auto's model-only vs the fastest row's", auto.model_only / fastest.model_only if auto and fastest
-         else None, 0.9),
-    ]
+    gpu = (
+        []
+        if compiled16 is None and eager16 is None
+        else [
+            (
+                "GPU: end-to-end vs model-only, compiled torch fp16",
+                compiled16.end_to_end / compiled16.model_only if compiled16 else None,
+                0.8,
+            ),
+            (
+                "GPU: compiled vs eager torch fp16 model-only",
+                compiled16.model_only / eager16.model_only if compiled16 and eager16 else None,
+                1.8,
+            ),
+            (
+                "GPU: auto's model-only vs the fastest row's",
+                auto.model_only / fastest.model_only if auto and fastest else None,
+                0.9,
+            ),
+        ]
+    )
     return gpu + [
-        ("end-to-end infer vs PyTorch eager end-to-end", ort.end_to_end / eager.end_to_end if ort and eager else None,
-         1.5),
+        (
+            "end-to-end infer vs PyTorch eager end-to-end",
+            ort.end_to_end / eager.end_to_end if ort and eager else None,
+            1.5,
+        ),
         ("end-to-end infer vs onnxruntime model-only", ort.end_to_end / ort.model_only if ort else None, 0.9),
         ("best int8 vs fp32 model-only", int8.model_only / ort.model_only if int8 and ort else None, 2.0),
-        ("best OpenVINO end-to-end vs onnxruntime fp32 end-to-end", ov.end_to_end / ort.end_to_end if ov and ort
-         else None, 1.7),
+        (
+            "best OpenVINO end-to-end vs onnxruntime fp32 end-to-end",
+            ov.end_to_end / ort.end_to_end if ov and ort else None,
+            1.7,
+        ),
     ]

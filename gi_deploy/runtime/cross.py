@@ -75,12 +75,15 @@ def read_class_map(path: Path | None, sources: list[str]) -> dict[str, dict[str,
     if all(isinstance(v, str) for v in raw.values()):
         return {s: dict(raw) for s in sources}
     if not all(isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in raw.values()):
-        raise ConfigError(f"--class-map {path} mixes the two forms: use either {{source: {{class: shared}}}} for "
-                          "every entry, or a flat {class: shared}")
+        raise ConfigError(
+            f"--class-map {path} mixes the two forms: use either {{source: {{class: shared}}}} for "
+            "every entry, or a flat {class: shared}"
+        )
     unknown = sorted(set(raw) - set(sources))
     if unknown:
-        raise ConfigError(f"--class-map {path} names sources with no bundle: {', '.join(unknown)}; bundles: "
-                          f"{', '.join(sources)}")
+        raise ConfigError(
+            f"--class-map {path} names sources with no bundle: {', '.join(unknown)}; bundles: {', '.join(sources)}"
+        )
     return {s: dict(raw.get(s, {})) for s in sources}
 
 
@@ -92,15 +95,17 @@ def default_test_set(deploy_dir: Path, source: str, scratch: Path) -> Path:
     split = run_dir / SPLITS_DIR / "test.csv"
     run_json = run_dir / RUN_MANIFEST
     if not split.is_file() or not run_json.is_file():
-        raise ConfigError(f"no test set for {source}: its training run {run_dir} is not here; give one with "
-                          f"--test {source}=FOLDER")
+        raise ConfigError(
+            f"no test set for {source}: its training run {run_dir} is not here; give one with --test {source}=FOLDER"
+        )
     data_dir = Path(read_run_manifest(run_dir, finished=False).config["data_dir"])
     if not data_dir.is_absolute():  # recorded as typed: relative to where training ran
-        data_dir = next((d for d in (Path.cwd() / data_dir, run_dir.parent.parent / data_dir) if d.is_dir()),
-                        data_dir)
+        data_dir = next((d for d in (Path.cwd() / data_dir, run_dir.parent.parent / data_dir) if d.is_dir()), data_dir)
     if not data_dir.is_dir():
-        raise ConfigError(f"no test set for {source}: its run's data folder {data_dir} is not here; give one with "
-                          f"--test {source}=FOLDER")
+        raise ConfigError(
+            f"no test set for {source}: its run's data folder {data_dir} is not here; give one with "
+            f"--test {source}=FOLDER"
+        )
     out = scratch / f"{source}.test.csv"
     with open(split, newline="", encoding="utf-8") as f_in, open(out, "w", newline="", encoding="utf-8") as f_out:
         w = csv.writer(f_out)
@@ -118,17 +123,22 @@ def _truth(test: str | Path) -> dict[str, str]:
     for p in inputs.paths:
         rel = inputs.rel(p)
         inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts  # a class folder under the root
-        label = inputs.labels.get(p.resolve()) or (Path(rel).parts[0] if inside and len(Path(rel).parts) > 1
-                                                   else None)
+        label = inputs.labels.get(p.resolve()) or (Path(rel).parts[0] if inside and len(Path(rel).parts) > 1 else None)
         if label is None:
-            raise DataError(f"test set {test}: {rel} has no label (use class-named sub-folders or a list with a "
-                            "label column)")
+            raise DataError(
+                f"test set {test}: {rel} has no label (use class-named sub-folders or a list with a label column)"
+            )
         truth[rel] = label
     return truth
 
 
-def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path] | None = None,
-                   class_map: Path | None = None, **infer_options) -> CrossResult:
+def cross_evaluate(
+    deploy_dir: Path,
+    out_dir: Path,
+    tests: dict[str, str | Path] | None = None,
+    class_map: Path | None = None,
+    **infer_options,
+) -> CrossResult:
     """Run every bundle on every test set (``tests``: source -> folder or list; default: each
     bundle's own run's test split) and write ``cross_accuracy.csv`` and ``cross.json`` to
     ``out_dir``, with each test set's predictions CSV. ``infer_options`` go to InferConfig."""
@@ -143,8 +153,17 @@ def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path]
     for test, where in tests.items():
         truth = {rel: maps.get(test, {}).get(c, c) for rel, c in _truth(where).items()}
         csv_path = out_dir / f"{test}.predictions.csv"
-        infer_folder(InferConfig(inputs=where, deploy_dir=deploy_dir, sources=models, out_csv=csv_path, top_k=1, score=False,
-                                 **infer_options))
+        infer_folder(
+            InferConfig(
+                inputs=where,
+                deploy_dir=deploy_dir,
+                sources=models,
+                out_csv=csv_path,
+                top_k=1,
+                score=False,
+                **infer_options,
+            )
+        )
         files[f"{test}.predictions"] = csv_path
         with open(csv_path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -168,9 +187,24 @@ def cross_evaluate(deploy_dir: Path, out_dir: Path, tests: dict[str, str | Path]
                 values = (getattr(cells[(m, t)], attr) for t in names)
                 w.writerow([m, *("" if v is None else f"{v:.4f}" for v in values)])
     files["json"] = out_dir / "cross.json"
-    write_json(files["json"], {"models": models, "tests": {t: str(w) for t, w in tests.items()},
-                               "class_map": str(class_map) if class_map else None,
-                               "cells": [{"model": c.model, "test": c.test, "accuracy": c.accuracy,
-                                          "accuracy_all_images": c.accuracy_all, "n": c.n,
-                                          "n_skipped": c.n_skipped, "correct": c.correct} for c in cells.values()]})
+    write_json(
+        files["json"],
+        {
+            "models": models,
+            "tests": {t: str(w) for t, w in tests.items()},
+            "class_map": str(class_map) if class_map else None,
+            "cells": [
+                {
+                    "model": c.model,
+                    "test": c.test,
+                    "accuracy": c.accuracy,
+                    "accuracy_all_images": c.accuracy_all,
+                    "n": c.n,
+                    "n_skipped": c.n_skipped,
+                    "correct": c.correct,
+                }
+                for c in cells.values()
+            ],
+        },
+    )
     return CrossResult(models, names, cells, files)

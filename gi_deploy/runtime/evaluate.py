@@ -64,11 +64,13 @@ def _open(csv_path: Path, need_probs: bool = True) -> tuple[list[str], dict[str,
     if not header:
         raise DataError(f"predictions CSV {csv_path} is empty; re-run gi-deploy infer to write it")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    classes = [c[len(PROB_PREFIX):] for c in header if c.startswith(PROB_PREFIX)]
+    classes = [c[len(PROB_PREFIX) :] for c in header if c.startswith(PROB_PREFIX)]
     if missing or (need_probs and not classes):
         what = ", ".join(missing + ([] if classes or not need_probs else ["prob:<class> columns"]))
-        raise DataError(f"predictions CSV {csv_path} lacks {what} (columns: {header}); it must be written by "
-                        "gi-deploy infer, whose CSV carries every class probability")
+        raise DataError(
+            f"predictions CSV {csv_path} lacks {what} (columns: {header}); it must be written by "
+            "gi-deploy infer, whose CSV carries every class probability"
+        )
     return classes, {c: i for i, c in enumerate(header)}, header
 
 
@@ -97,8 +99,13 @@ def most_confidently_wrong(csv_path: Path, n: int, source: str | None = None) ->
     for seq, r in enumerate(_rows(csv_path)):
         true, pred, src = r[col["true_label"]], r[col["predicted"]], r[col["source"]]
         if true and pred and pred != true and not r[col["error"]] and source in (None, src):
-            top.add(seq, r[col["path"]], true, pred,
-                    _float(r[col["confidence"]], "confidence", r[col["path"]], src, csv_path))
+            top.add(
+                seq,
+                r[col["path"]],
+                true,
+                pred,
+                _float(r[col["confidence"]], "confidence", r[col["path"]], src, csv_path),
+            )
     return top.result()
 
 
@@ -115,15 +122,19 @@ def _scan(csv_path: Path, col: dict[str, int], prob_cols: list[int]) -> dict[str
     seen: dict[tuple[str, str], int] = {}
     for line, r in enumerate(_rows(csv_path), start=2):
         if len(r) != len(col):  # two writers interleaved, or a hand edit: nothing below could be trusted
-            raise DataError(f"{csv_path} line {line} has {len(r)} cells, the header {len(col)}: the file is damaged "
-                            "(two processes writing it, or edited); re-run gi-deploy infer into a new --out")
+            raise DataError(
+                f"{csv_path} line {line} has {len(r)} cells, the header {len(col)}: the file is damaged "
+                "(two processes writing it, or edited); re-run gi-deploy infer into a new --out"
+            )
         source, path = r[col["source"]], r[col["path"]]
         if not source:
             raise DataError(f"{csv_path}: row {path!r} has no source; every row must name its bundle's source")
         if (path, source) in seen:
-            raise DataError(f"{csv_path} line {line} repeats {path!r} for source {source!r} (first on line "
-                            f"{seen[(path, source)]}): it would be counted twice; re-run gi-deploy infer into a new "
-                            "--out")
+            raise DataError(
+                f"{csv_path} line {line} repeats {path!r} for source {source!r} (first on line "
+                f"{seen[(path, source)]}): it would be counted twice; re-run gi-deploy infer into a new "
+                "--out"
+            )
         seen[(path, source)] = line
         t = tallies.setdefault(source, _Tally())
         t.n_rows += 1
@@ -156,20 +167,24 @@ def _check_labels(t: _Tally, classes: list[str], source: str, csv_path: Path) ->
         if label not in classes:
             raise DataError(
                 f"{csv_path}: row {path!r} has true_label {label!r}, not a class of source {source} "
-                f"({', '.join(classes)}); labels from another class set need --class-map to rename them")
+                f"({', '.join(classes)}); labels from another class set need --class-map to rename them"
+            )
     for pred, path in t.predicted.items():
         if pred not in classes:
             raise DataError(
                 f"{csv_path}: row {path!r} predicts {pred!r} but source {source}'s prob: columns "
-                f"are {', '.join(classes)}; the CSV was edited or mixes runs, re-run gi-deploy infer")
+                f"are {', '.join(classes)}; the CSV was edited or mixes runs, re-run gi-deploy infer"
+            )
 
 
 def _float(value: str, column: str, path: str, source: str, csv_path: Path) -> float:
     try:
         return float(value)
     except ValueError as e:
-        raise DataError(f"{csv_path}: row {path!r} (source {source}) has {column}={value!r}, "
-                        "not a number; re-run gi-deploy infer for it") from e
+        raise DataError(
+            f"{csv_path}: row {path!r} (source {source}) has {column}={value!r}, "
+            "not a number; re-run gi-deploy infer for it"
+        ) from e
 
 
 def _prefix(csv_path: Path, out_prefix: Path | None, source: str, several: bool) -> Path:
@@ -177,8 +192,9 @@ def _prefix(csv_path: Path, out_prefix: Path | None, source: str, several: bool)
     return prefix.with_name(f"{prefix.name}.{source}") if several else prefix
 
 
-def score_predictions(csv_path: Path, n_wrong: int = 20, out_prefix: Path | None = None,
-                      extra: dict | None = None) -> dict[str, SourceScore]:
+def score_predictions(
+    csv_path: Path, n_wrong: int = 20, out_prefix: Path | None = None, extra: dict | None = None
+) -> dict[str, SourceScore]:
     """Score every source of a predictions CSV and write its metrics JSON and report files.
 
     For each source with labelled, error-free rows: ``classification_metrics`` (with ROC AUC
@@ -204,19 +220,28 @@ def score_predictions(csv_path: Path, n_wrong: int = 20, out_prefix: Path | None
     for source, t in tallies.items():  # every source checked before anything is written
         classes_of[source] = [c for j, c in enumerate(all_classes) if j in t.filled]
         _check_labels(t, classes_of[source], source, csv_path)
-    scores = {s: SourceScore(source=s, classes=classes_of[s], n_rows=t.n_rows, n_errors=t.n_errors,
-                             n_unlabelled=t.n_rows - t.n_errors - t.n_labelled - sum(
-                                 v for k, v in t.rejected_labels.items() if k), metrics=None,
-                             n_rejected=t.n_rejected)
-              for s, t in tallies.items()}
-    gathered = _gather(csv_path, col, {s: classes_of[s] for s, t in tallies.items() if t.n_labelled},
-                       all_classes, prob_cols, n_wrong)
+    scores = {
+        s: SourceScore(
+            source=s,
+            classes=classes_of[s],
+            n_rows=t.n_rows,
+            n_errors=t.n_errors,
+            n_unlabelled=t.n_rows - t.n_errors - t.n_labelled - sum(v for k, v in t.rejected_labels.items() if k),
+            metrics=None,
+            n_rejected=t.n_rejected,
+        )
+        for s, t in tallies.items()
+    }
+    gathered = _gather(
+        csv_path, col, {s: classes_of[s] for s, t in tallies.items() if t.n_labelled}, all_classes, prob_cols, n_wrong
+    )
     for source, (y_true, y_pred, probs, wrong) in gathered.items():
         score = scores[source]
         prefix = _prefix(csv_path, out_prefix, source, several=len(tallies) > 1)
         refused = _rejected_entry(tallies[source], y_true, y_pred) if "rejected" in col else {}
-        score.metrics, score.files = _score_source(y_true, y_pred, probs, wrong, score, prefix,
-                                                   {**(extra or {}), **refused})
+        score.metrics, score.files = _score_source(
+            y_true, y_pred, probs, wrong, score, prefix, {**(extra or {}), **refused}
+        )
     return scores
 
 
@@ -226,14 +251,22 @@ def _rejected_entry(t: _Tally, y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     accepted rows only)."""
     labelled_rejected = sum(v for k, v in t.rejected_labels.items() if k)
     n = len(y_true) + labelled_rejected
-    return {"n_rejected": t.n_rejected, "rejected_by_true_label": {k or "(unlabelled)": v for k, v in
-                                                                    sorted(t.rejected_labels.items())},
-            "accuracy_counting_rejected": float((y_true == y_pred).sum() / n) if n else None,
-            "rejected_share": t.n_rejected / max(1, t.n_rows - t.n_errors)}
+    return {
+        "n_rejected": t.n_rejected,
+        "rejected_by_true_label": {k or "(unlabelled)": v for k, v in sorted(t.rejected_labels.items())},
+        "accuracy_counting_rejected": float((y_true == y_pred).sum() / n) if n else None,
+        "rejected_share": t.n_rejected / max(1, t.n_rows - t.n_errors),
+    }
 
 
-def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]], all_classes: list[str],
-            prob_cols: list[int], n_wrong: int) -> dict[str, tuple]:
+def _gather(
+    csv_path: Path,
+    col: dict[str, int],
+    classes_of: dict[str, list[str]],
+    all_classes: list[str],
+    prob_cols: list[int],
+    n_wrong: int,
+) -> dict[str, tuple]:
     """Pass 2, streaming: per labelled source, y_true and y_pred (int32 (N,)), probabilities in
     the source's class order (float64 (N, C)) and its ``n_wrong`` most confidently wrong rows
     (highest confidence first; equal confidences in CSV order)."""
@@ -253,13 +286,24 @@ def _gather(csv_path: Path, col: dict[str, int], classes_of: dict[str, list[str]
             wrong.add(seq, path, true, pred, _float(r[col["confidence"]], "confidence", path, source, csv_path))
     out = {}
     for s, (y_true, y_pred, probs, wrong) in acc.items():
-        out[s] = (np.frombuffer(y_true, np.int32), np.frombuffer(y_pred, np.int32),
-                  np.frombuffer(probs, np.float64).reshape(len(y_true), len(classes_of[s])), wrong.result())
+        out[s] = (
+            np.frombuffer(y_true, np.int32),
+            np.frombuffer(y_pred, np.int32),
+            np.frombuffer(probs, np.float64).reshape(len(y_true), len(classes_of[s])),
+            wrong.result(),
+        )
     return out
 
 
-def _score_source(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, wrong: list[dict],
-                  score: SourceScore, prefix: Path, extra: dict | None) -> tuple[dict, dict[str, Path]]:
+def _score_source(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray,
+    wrong: list[dict],
+    score: SourceScore,
+    prefix: Path,
+    extra: dict | None,
+) -> tuple[dict, dict[str, Path]]:
     """Metrics and files for one source's labelled, error-free rows."""
     metrics = classification_metrics(y_true, y_pred, score.classes, probs=probs)
     metrics.update(source=score.source, n_errors=score.n_errors, n_unlabelled=score.n_unlabelled)
@@ -282,4 +326,3 @@ def evaluate_csv(csv_path: Path, out_dir: Path | None = None, n_wrong: int = 20)
     if not any(sc.metrics for sc in scores.values()):
         raise DataError(f"no labelled rows in {csv_path}: nothing to score")
     return scores
-

@@ -53,8 +53,14 @@ def capped_workers(workers: int | None) -> int | None:
         return workers
     cap = max(1, available // WORKER_BYTES, min(workers, os.cpu_count() or 1))
     if workers > cap:
-        log.warning("--workers %d: the %.1f GB of free memory allows %d decode workers (%d MB each); using %d",
-                    workers, available / 1e9, cap, WORKER_BYTES >> 20, cap)
+        log.warning(
+            "--workers %d: the %.1f GB of free memory allows %d decode workers (%d MB each); using %d",
+            workers,
+            available / 1e9,
+            cap,
+            WORKER_BYTES >> 20,
+            cap,
+        )
         return cap
     return workers
 
@@ -71,8 +77,10 @@ class PerSource(Strategy):
         seen: dict[str, Path] = {}
         for b in bundles:  # rows are keyed by the manifest's source: two folders of one source would mix
             if b.source in seen:
-                raise ConfigError(f"{seen[b.source]} and {b.path} are both bundles of source {b.source!r} (a copied "
-                                  "or renamed folder?); select one of them with --source")
+                raise ConfigError(
+                    f"{seen[b.source]} and {b.path} are both bundles of source {b.source!r} (a copied "
+                    "or renamed folder?); select one of them with --source"
+                )
             seen[b.source] = b.path
         self.bundles = {b.source: b for b in bundles}
         self.slots = tuple(self.bundles)
@@ -100,11 +108,20 @@ def open_strategy(cfg: InferConfig, load: bool = True) -> Strategy:
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
     if not load:
         return PerSource([BundleInfo(d) for d in dirs])
-    return PerSource([load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads,
-                                  compile=cfg.compile, batch_size=cfg.batch_size) for d in dirs])
-
-
-
+    return PerSource(
+        [
+            load_bundle(
+                d,
+                cfg.precision,
+                cfg.device,
+                backend=cfg.backend,
+                threads=cfg.threads,
+                compile=cfg.compile,
+                batch_size=cfg.batch_size,
+            )
+            for d in dirs
+        ]
+    )
 
 
 def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Callable, Callable | None]:
@@ -118,8 +135,10 @@ def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Calla
     if decode == "cpu" or (decode == "auto" and not on_gpu):
         return "cpu (Pillow" + (", draft" if any(s.decode == "draft" for s in specs) else "") + ")", decode_batch, None
     if not on_gpu:
-        raise ConfigError("--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
-                          f"{', '.join(b.name + ' on ' + b.detail for b in backends)}: use --decode cpu")
+        raise ConfigError(
+            "--decode gpu feeds models that run on the GPU (torch or TensorRT on CUDA); "
+            f"{', '.join(b.name + ' on ' + b.detail for b in backends)}: use --decode cpu"
+        )
     from gi_deploy.runtime.decode import gpu as gpu_decode  # lazy: the GPU decoder needs torch and torchvision
 
     ok, why = gpu_decode.nvjpeg_status()
@@ -151,10 +170,17 @@ def infer_folder(cfg: InferConfig, progress: Callable[[int, int], None] | None =
     models = list(strategy.bundles.values())
     workers = cfg.workers if cfg.workers is not None else default_workers(gpu=any(b.device == "cuda" for b in models))
     decoder, reader, finish = choose_decoder(cfg.decode, models, strategy.specs)
-    result = run_job(cfg, job, lambda todo: answered(strategy, decoded_batches(
-        todo, strategy.specs, cfg.batch_size, workers, reader=reader, finish=finish)), progress,
-        extra={"decode_workers": workers, "routing": "auto"} if strategy.slots == ("auto",) else
-        {"decode_workers": workers})
+    result = run_job(
+        cfg,
+        job,
+        lambda todo: answered(
+            strategy, decoded_batches(todo, strategy.specs, cfg.batch_size, workers, reader=reader, finish=finish)
+        ),
+        progress,
+        extra={"decode_workers": workers, "routing": "auto"}
+        if strategy.slots == ("auto",)
+        else {"decode_workers": workers},
+    )
     decoder += f" ({finish.n_gpu} on the GPU, {finish.n_cpu} on the CPU)" if hasattr(finish, "n_gpu") else ""
     result.decoder, result.workers = decoder, workers
     return result

@@ -50,8 +50,10 @@ def _read_list(list_file: Path) -> tuple[list[Path], dict[Path, str]]:
     try:
         text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{list_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (or UTF-16 "
-                        "with its byte-order mark)") from e
+        raise DataError(
+            f"{list_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (or UTF-16 "
+            "with its byte-order mark)"
+        ) from e
     if list_file.suffix.lower() != ".csv":
         paths = [base / line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return paths, {}
@@ -62,21 +64,27 @@ def _read_list(list_file: Path) -> tuple[list[Path], dict[Path, str]]:
     columns = {c.lower().strip(): c for c in reader.fieldnames or []}
     path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
-        raise DataError(f"list {list_file} has no path column; expected one of {', '.join(PATH_COLUMNS)}, "
-                        f"found {', '.join(reader.fieldnames or [])}")
+        raise DataError(
+            f"list {list_file} has no path column; expected one of {', '.join(PATH_COLUMNS)}, "
+            f"found {', '.join(reader.fieldnames or [])}"
+        )
     label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
     paths, labels = [], {}
     for line, row in enumerate(rows, start=2):
         if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
-            raise DataError(f"{list_file} line {line} has more or fewer cells than its header's {len(columns)}; fix "
-                            "the row (a path with a comma must be quoted)")
+            raise DataError(
+                f"{list_file} line {line} has more or fewer cells than its header's {len(columns)}; fix "
+                "the row (a path with a comma must be quoted)"
+            )
         p = base / row[path_col].strip()
         paths.append(p)
         if label_col and row[label_col].strip():
             label, key = row[label_col].strip(), p.resolve()
             if key in labels and labels[key] != label:
-                raise DataError(f"{list_file} line {line} labels {row[path_col].strip()!r} {label!r}, an earlier row "
-                                f"labels it {labels[key]!r}; keep one label per image")
+                raise DataError(
+                    f"{list_file} line {line} labels {row[path_col].strip()!r} {label!r}, an earlier row "
+                    f"labels it {labels[key]!r}; keep one label per image"
+                )
             labels[key] = label
     return paths, labels
 
@@ -96,13 +104,15 @@ def collect_inputs(spec: str | Path, labels_csv: Path | None = None) -> Inputs:
         inputs = Inputs(path.parent, paths)
     elif _GLOB_CHARS & set(text):
         parts = Path(text).parts
-        fixed = [p for p in parts[:next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]]
+        fixed = list(parts[: next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))])
         root = Path(*fixed) if fixed else Path(".")
         matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
         inputs = Inputs(root, [p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()])
     elif path.exists():
-        raise ConfigError(f"cannot classify {path}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                          f"or a list file ({', '.join(LIST_SUFFIXES)})")
+        raise ConfigError(
+            f"cannot classify {path}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+            f"or a list file ({', '.join(LIST_SUFFIXES)})"
+        )
     else:
         raise ConfigError(f"nothing to classify at {spec}: no such file or folder, and not a glob pattern")
     if not inputs.paths:
@@ -121,15 +131,25 @@ def collect_inputs(spec: str | Path, labels_csv: Path | None = None) -> Inputs:
                 inputs.labels.setdefault((inputs.root / p.relative_to(labels_csv.parent)).resolve(), extra[p.resolve()])
     if labels_csv is not None:
         known = {p.resolve() for p in inputs.paths}
-        unmatched = sorted(str(p) for p in listed if p.resolve() in extra and p.resolve() not in known and not (
-            p.is_relative_to(labels_csv.parent)
-            and (inputs.root / p.relative_to(labels_csv.parent)).resolve() in known))
+        unmatched = sorted(
+            str(p)
+            for p in listed
+            if p.resolve() in extra
+            and p.resolve() not in known
+            and not (
+                p.is_relative_to(labels_csv.parent)
+                and (inputs.root / p.relative_to(labels_csv.parent)).resolve() in known
+            )
+        )
         if unmatched and len(unmatched) == len(extra):
-            raise DataError(f"--labels {labels_csv}: none of its {len(unmatched)} paths is an image of {spec} (e.g. "
-                            f"{unmatched[0]}); paths are relative to the labels file or to the folder classified")
+            raise DataError(
+                f"--labels {labels_csv}: none of its {len(unmatched)} paths is an image of {spec} (e.g. "
+                f"{unmatched[0]}); paths are relative to the labels file or to the folder classified"
+            )
         if unmatched:
-            log.warning("--labels %s: %d label(s) match no image classified, e.g. %s", labels_csv, len(unmatched),
-                        unmatched[0])
+            log.warning(
+                "--labels %s: %d label(s) match no image classified, e.g. %s", labels_csv, len(unmatched), unmatched[0]
+            )
     return inputs
 
 
@@ -146,5 +166,7 @@ def check_label_names(labels: dict[Path, str], classes: list[str], where: str) -
     """Raise ConfigError listing the label names that are not classes of the bundle."""
     unknown = sorted(set(labels.values()) - set(classes))
     if unknown:
-        raise ConfigError(f"{where} has labels that are not classes of the bundle: {', '.join(unknown)}; its "
-                          f"classes are {', '.join(classes)}; rename them in the labels")
+        raise ConfigError(
+            f"{where} has labels that are not classes of the bundle: {', '.join(unknown)}; its "
+            f"classes are {', '.join(classes)}; rename them in the labels"
+        )

@@ -46,39 +46,60 @@ PARQUET_NAME = "predictions.parquet"  # --parquet DIR: the one file a run writes
 
 @dataclass
 class InferConfig:
-    inputs: str | Path = helped(help="A folder (searched recursively), an image, a glob ('scans/**/*.jpg') or a "
-                                     ".txt/.csv list of paths.")
+    inputs: str | Path = helped(
+        help="A folder (searched recursively), an image, a glob ('scans/**/*.jpg') or a .txt/.csv list of paths."
+    )
     deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
-    sources: list[str] | None = helped(None, "Bundle(s) to run, repeatable, or 'all'; each image gets one row per "
-                                             "source (none: the only bundle). 'auto': the router picks each "
-                                             "image's source, and refuses what no model was trained for.")
+    sources: list[str] | None = helped(
+        None,
+        "Bundle(s) to run, repeatable, or 'all'; each image gets one row per "
+        "source (none: the only bundle). 'auto': the router picks each "
+        "image's source, and refuses what no model was trained for.",
+    )
     out_csv: Path = helped(Path("predictions.csv"), "Predictions CSV.")
     batch_size: int = helped(32, "Images per model call.")
-    backend: str = helped("auto", "auto: the fastest available (a TensorRT engine, onnxruntime on a GPU provider, torch "
-                                  "on CUDA; on a CPU onnxruntime or OpenVINO, whichever measured faster here); "
-                                  "onnxruntime | openvino | tensorrt; torch: the merged model rebuilt from its "
-                                  "training run.")
-    precision: str = helped("fp32", "fp32 | fp16 | int8 (the bundle's model files) | bf16 (OpenVINO on a CPU with "
-                                    "native bf16, or torch on CUDA).")
+    backend: str = helped(
+        "auto",
+        "auto: the fastest available (a TensorRT engine, onnxruntime on a GPU provider, torch "
+        "on CUDA; on a CPU onnxruntime or OpenVINO, whichever measured faster here); "
+        "onnxruntime | openvino | tensorrt; torch: the merged model rebuilt from its "
+        "training run.",
+    )
+    precision: str = helped(
+        "fp32",
+        "fp32 | fp16 | int8 (the bundle's model files) | bf16 (OpenVINO on a CPU with native bf16, or torch on CUDA).",
+    )
     device: str = helped("auto", "auto: TensorRT -> CUDA -> CPU, whichever is installed.")
-    workers: int | None = helped(None, "Decoding processes (0: decode in the main process; none: one per core up to 4 "
-                                       "for a CPU model, every core but one for a GPU model).")
+    workers: int | None = helped(
+        None,
+        "Decoding processes (0: decode in the main process; none: one per core up to 4 "
+        "for a CPU model, every core but one for a GPU model).",
+    )
     compile: bool | None = helped(None, "torch.compile the torch backend (none: on CUDA).")
-    decode: str = helped("auto", "auto (gpu when every model runs on a GPU that can decode JPEGs and the GPU decoder "
-                                 "measured faster than this machine's CPU workers, else cpu) | cpu (Pillow in the "
-                                 "worker processes) | gpu (nvJPEG, batched; other files fall back to the CPU decoder "
-                                 "one by one).")
+    decode: str = helped(
+        "auto",
+        "auto (gpu when every model runs on a GPU that can decode JPEGs and the GPU decoder "
+        "measured faster than this machine's CPU workers, else cpu) | cpu (Pillow in the "
+        "worker processes) | gpu (nvJPEG, batched; other files fall back to the CPU decoder "
+        "one by one).",
+    )
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
     labels: Path | None = helped(None, "CSV of (path, label): the true class of each image.")
     top_k: int = helped(3, "Classes and probabilities per row.")
     resume: bool = helped(False, "Keep the rows already in --out (a killed run's) and classify only the rest.")
     strict: bool = helped(False, "Stop at the first unreadable file instead of writing an error row for it.")
     n_wrong: int = helped(20, "Most confidently wrong images listed in the metrics.")
-    explain_wrong: int = helped(0, "Write Grad-CAM heatmaps of the N most confidently wrong images (needs the "
-                                   "training extra and the bundle's run).")
-    parquet_dir: Path | None = helped(None, "Also write the predictions as predictions.parquet in this folder, "
-                                            "replaced at the end of the run (nothing else in the folder is "
-                                            "touched).")
+    explain_wrong: int = helped(
+        0,
+        "Write Grad-CAM heatmaps of the N most confidently wrong images (needs the "
+        "training extra and the bundle's run).",
+    )
+    parquet_dir: Path | None = helped(
+        None,
+        "Also write the predictions as predictions.parquet in this folder, "
+        "replaced at the end of the run (nothing else in the folder is "
+        "touched).",
+    )
     score: bool = True  # False: no labels read, checked or scored (evaluate --cross maps them itself)
 
     def __post_init__(self) -> None:
@@ -93,7 +114,9 @@ class InferConfig:
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 decodes in the main process), got {self.workers}")
         if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1 (or left out: every core this process may use), got {self.threads}")
+            raise ConfigError(
+                f"threads must be >= 1 (or left out: every core this process may use), got {self.threads}"
+            )
         if self.explain_wrong < 0:
             raise ConfigError(f"explain_wrong is a number of images (0: none), got {self.explain_wrong}")
 
@@ -208,8 +231,9 @@ class InferResult:
         return sum(r.n_rejected for r in self.sources.values())
 
 
-def csv_columns(top_k: int, classes: list[str], extra: tuple[str, ...] = (), item: tuple[str, ...] = ()
-                ) -> tuple[str, ...]:
+def csv_columns(
+    top_k: int, classes: list[str], extra: tuple[str, ...] = (), item: tuple[str, ...] = ()
+) -> tuple[str, ...]:
     """The predictions CSV header: path, source, label, prediction, confidence, top-k, error, the
     input's own columns (``item``: a video frame's index and time), the strategy's (``extra``),
     then one probability column per class of every selected model."""
@@ -250,8 +274,11 @@ def job_outputs(cfg: InferConfig, sources: Iterable[str] = ()) -> tuple[list[Pat
     ``<stem>_<source>_wrong``) and the Parquet file."""
     out = real_path(cfg.out_csv)
     files = [out, sidecar_of(out), out.with_name(f".{out.name}.lock")]
-    folders = [real_path(out.parent / f"{out.stem}{part}_wrong") for part in ("", *(f"_{s}" for s in sources))
-               ] if cfg.explain_wrong else []
+    folders = (
+        [real_path(out.parent / f"{out.stem}{part}_wrong") for part in ("", *(f"_{s}" for s in sources))]
+        if cfg.explain_wrong
+        else []
+    )
     if cfg.parquet_dir is not None:
         files.append(real_path(cfg.parquet_dir) / PARQUET_NAME)
     return files, folders
@@ -267,9 +294,12 @@ def _in_family(p: Path, out: Path) -> bool:
     ``<stem>_wrong`` and ``<stem>_<source>_wrong``. (``<stem>.jpg``, an image beside a CSV of the
     same stem, is not one: ``infer a.jpg --out a.csv`` writes nothing over it.)"""
     n = p.name
-    return p.parent == out.parent and (n.startswith(out.name + ".") or n == f".{out.name}.lock"
-                                       or (n.startswith(out.stem + ".") and n.endswith(REPORT_ENDINGS))
-                                       or (n.startswith(out.stem + "_") and n.endswith("_wrong")))
+    return p.parent == out.parent and (
+        n.startswith(out.name + ".")
+        or n == f".{out.name}.lock"
+        or (n.startswith(out.stem + ".") and n.endswith(REPORT_ENDINGS))
+        or (n.startswith(out.stem + "_") and n.endswith("_wrong"))
+    )
 
 
 def check_outputs(cfg: InferConfig, inputs: Inputs, sources: Iterable[str] = ()) -> list[Path]:
@@ -278,8 +308,9 @@ def check_outputs(cfg: InferConfig, inputs: Inputs, sources: Iterable[str] = ())
     models' (their ``--explain-wrong`` folders). Returns the outputs."""
     out = cfg.out_csv
     if out.is_dir() or str(out).endswith(("/", "\\")):
-        raise ConfigError(f"--out {out} is a folder; give the predictions CSV's file name, e.g. "
-                          f"{out / 'predictions.csv'}")
+        raise ConfigError(
+            f"--out {out} is a folder; give the predictions CSV's file name, e.g. {out / 'predictions.csv'}"
+        )
     files, folders = job_outputs(cfg, sources)
     spec = Path(str(cfg.inputs))
     given = [p for p in (spec, cfg.labels) if p is not None and Path(p).is_file()]
@@ -287,33 +318,48 @@ def check_outputs(cfg: InferConfig, inputs: Inputs, sources: Iterable[str] = ())
     out_real = files[0]
     for p, shown in protected.items():
         if p == out_real:
-            raise ConfigError(f"--out {out} is one of the inputs; writing the predictions there would destroy it. "
-                              "Choose another --out")
+            raise ConfigError(
+                f"--out {out} is one of the inputs; writing the predictions there would destroy it. "
+                "Choose another --out"
+            )
         if p in files or any(_in_family(a, out_real) for a in (p, *p.parents)):
-            raise ConfigError(f"--out {out} would write {p.name} beside it, and {shown} is one of the inputs of this "
-                              "run: it would be overwritten or deleted. Choose another --out (another name or folder)")
+            raise ConfigError(
+                f"--out {out} would write {p.name} beside it, and {shown} is one of the inputs of this "
+                "run: it would be overwritten or deleted. Choose another --out (another name or folder)"
+            )
         for d in folders:
             if p == d or p.is_relative_to(d):
-                raise ConfigError(f"{shown} is an input of this run, inside {d}, which this run writes and clears; "
-                                  "choose another --out or --parquet")
+                raise ConfigError(
+                    f"{shown} is an input of this run, inside {d}, which this run writes and clears; "
+                    "choose another --out or --parquet"
+                )
     if spec.is_dir():
         root = real_path(spec)
         for o in [*files, *folders]:
             if o.is_relative_to(root) or o == root or root.is_relative_to(o):
-                raise ConfigError(f"--out {out} writes {o}, which lies inside the input folder {spec} (or holds it): the next run "
-                                  f"over that folder would classify (or lose) it. Write it outside, e.g. --out "
-                                  f"{spec.resolve().parent / out.name}")
+                raise ConfigError(
+                    f"--out {out} writes {o}, which lies inside the input folder {spec} (or holds it): the next run "
+                    f"over that folder would classify (or lose) it. Write it outside, e.g. --out "
+                    f"{spec.resolve().parent / out.name}"
+                )
     if cfg.parquet_dir is not None and cfg.parquet_dir.exists():
         if not cfg.parquet_dir.is_dir():
-            raise ConfigError(f"--parquet {cfg.parquet_dir} exists and is not a folder; give a folder (this run "
-                              f"writes {PARQUET_NAME} into it)")
+            raise ConfigError(
+                f"--parquet {cfg.parquet_dir} exists and is not a folder; give a folder (this run "
+                f"writes {PARQUET_NAME} into it)"
+            )
         # a reader of the folder (pyarrow, Spark, Ray) takes every Parquet file in it as one table
-        others = sorted(p.name for p in cfg.parquet_dir.iterdir() if p.name.endswith(".parquet")
-                        and p.name != PARQUET_NAME and not p.name.startswith((".", "_")))
+        others = sorted(
+            p.name
+            for p in cfg.parquet_dir.iterdir()
+            if p.name.endswith(".parquet") and p.name != PARQUET_NAME and not p.name.startswith((".", "_"))
+        )
         if others:
-            raise ConfigError(f"--parquet {cfg.parquet_dir} already holds other Parquet files ({', '.join(others[:3])}"
-                              f"{', ...' if len(others) > 3 else ''}), which a reader of the folder would mix with "
-                              "this run's rows; move them away or give another folder")
+            raise ConfigError(
+                f"--parquet {cfg.parquet_dir} already holds other Parquet files ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}), which a reader of the folder would mix with "
+                "this run's rows; move them away or give another folder"
+            )
     return [*files, *folders]
 
 
@@ -339,8 +385,9 @@ def plan_job(cfg: InferConfig, inputs: Inputs, strategy: Strategy) -> Job:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def _rows_done(csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str], str]
-               ) -> tuple[set[tuple[str, str]], int]:
+def _rows_done(
+    csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str], str]
+) -> tuple[set[tuple[str, str]], int]:
     """The (path, slot) pairs of the complete rows a killed run left in a predictions CSV, and their
     count. A last line cut short by the kill is dropped from the file; a CSV with another header, or
     a malformed row with rows after it, is a ConfigError. Only the pairs are kept."""
@@ -354,15 +401,19 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str]
         csv_path.write_bytes(b"")  # killed before the header was complete: nothing to keep
         return set(), 0
     try:
-        text = raw[:raw.rfind(b"\n") + 1].decode("utf-8") if trimmed else raw.decode("utf-8")
+        text = raw[: raw.rfind(b"\n") + 1].decode("utf-8") if trimmed else raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--resume: {csv_path} is not a predictions CSV (not UTF-8 text: {e.reason} at byte "
-                          f"{e.start}); use another --out, or drop --resume") from e
+        raise ConfigError(
+            f"--resume: {csv_path} is not a predictions CSV (not UTF-8 text: {e.reason} at byte "
+            f"{e.start}); use another --out, or drop --resume"
+        ) from e
     reader = csv.reader(io.StringIO(text, newline=""))
     header = tuple(next(reader, ()))
     if header != columns:  # checked before anything is written: a CSV that is not this run's is left as it is
-        raise ConfigError(f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
-                          "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume")
+        raise ConfigError(
+            f"--resume: {csv_path} has columns {list(header)}, this run writes {list(columns)} "
+            "(other sources, --top-k or gi-deploy version); use another --out, or drop --resume"
+        )
     pairs, n, cut = set(), 0, False
     tmp = csv_path.with_name(csv_path.name + ".resume.tmp")
     with create_exclusive(tmp) as out:  # the complete rows, re-written identically
@@ -371,8 +422,10 @@ def _rows_done(csv_path: Path, columns: tuple[str, ...], slot_of: Callable[[str]
         try:
             for row in reader:
                 if cut:  # a broken row with rows after it: not a kill, a damaged file
-                    raise ConfigError(f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
-                                      "(two processes wrote it, or it was edited); use another --out")
+                    raise ConfigError(
+                        f"--resume: {csv_path} has a malformed row before line {reader.line_num} "
+                        "(two processes wrote it, or it was edited); use another --out"
+                    )
                 if len(row) != len(columns):  # the kill cut a quoted path that holds a newline
                     cut = True
                     continue
@@ -395,21 +448,29 @@ def _check_same_models(csv_path: Path, identities: dict[str, dict]) -> dict[str,
     Returns the sidecar's parts this run does not load (their rows stay in the CSV: so must they)."""
     side = sidecar_of(csv_path)
     if not side.is_file():
-        raise ConfigError(f"--resume: {csv_path} has rows but no {side.name} saying which models wrote them (written by "
-                          "an older gi-deploy, or the file was removed), so they could mix with another model's; use "
-                          "another --out, or drop --resume")
+        raise ConfigError(
+            f"--resume: {csv_path} has rows but no {side.name} saying which models wrote them (written by "
+            "an older gi-deploy, or the file was removed), so they could mix with another model's; use "
+            "another --out, or drop --resume"
+        )
     recorded = read_json(side, "predictions sidecar")
     recorded = recorded if isinstance(recorded, dict) else {}
     for part, now in identities.items():
         before = recorded.get(part)
-        same = isinstance(before, dict) and {k: before.get(k) for k in now if k != "bundle"} == \
-            {k: v for k, v in now.items() if k != "bundle"}
+        same = isinstance(before, dict) and {k: before.get(k) for k in now if k != "bundle"} == {
+            k: v for k, v in now.items() if k != "bundle"
+        }
         if not same:
-            was = (f"{before.get('bundle')} (export {str(before.get('export_key'))[:12]}, {before.get('precision')})"
-                   if isinstance(before, dict) else f"models {side.name} does not name for {part}")
-            raise ConfigError(f"--resume: the {part} rows in {csv_path} were written by {was}; this run loads "
-                              f"{now.get('bundle')} (export {str(now.get('export_key'))[:12]}, {now.get('precision')})"
-                              ": one CSV would mix two models. Use another --out, or drop --resume to start again")
+            was = (
+                f"{before.get('bundle')} (export {str(before.get('export_key'))[:12]}, {before.get('precision')})"
+                if isinstance(before, dict)
+                else f"models {side.name} does not name for {part}"
+            )
+            raise ConfigError(
+                f"--resume: the {part} rows in {csv_path} were written by {was}; this run loads "
+                f"{now.get('bundle')} (export {str(now.get('export_key'))[:12]}, {now.get('precision')})"
+                ": one CSV would mix two models. Use another --out, or drop --resume to start again"
+            )
     return {part: v for part, v in recorded.items() if part not in identities}
 
 
@@ -421,9 +482,11 @@ def _check_same_root(csv_path: Path, before: object, now: dict) -> None:
     classified, so another folder's ``a/1.jpg`` would be taken for done. ConfigError naming both."""
     if before != now:
         was = before.get("root") if isinstance(before, dict) else f"a folder {sidecar_of(csv_path).name} does not name"
-        raise ConfigError(f"--resume: the rows in {csv_path} are paths relative to {was}; this run's are relative to "
-                          f"{now['root']}: the same names may be other images. Resume with the same INPUT, or use "
-                          "another --out")
+        raise ConfigError(
+            f"--resume: the rows in {csv_path} are paths relative to {was}; this run's are relative to "
+            f"{now['root']}: the same names may be other images. Resume with the same INPUT, or use "
+            "another --out"
+        )
 
 
 @contextmanager
@@ -455,9 +518,11 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
     except OSError as e:
         if e.errno not in _WRITE_ERRNOS:
             raise
-        raise DataError(f"cannot write {out}: {e.strerror} ({e.filename or out}); the rows already written are "
-                        "kept: free space or fix the folder's permissions, then run the same command with --resume "
-                        "to continue") from e
+        raise DataError(
+            f"cannot write {out}: {e.strerror} ({e.filename or out}); the rows already written are "
+            "kept: free space or fix the folder's permissions, then run the same command with --resume "
+            "to continue"
+        ) from e
 
 
 def _label_of(cfg: InferConfig, job: Job, item, rel: str, classes: list[str]) -> str:
@@ -475,7 +540,7 @@ def _answer_values(job: Job, a: Answer) -> dict[str, str]:
     v = {"source": a.source, **a.extra}
     if a.probs is None:
         return v
-    order = np.argsort(-a.probs, kind="stable")[:job.k_top]
+    order = np.argsort(-a.probs, kind="stable")[: job.k_top]
     v.update(predicted=classes[order[0]], confidence=f"{a.probs[order[0]]:.6f}")
     for i, k in enumerate(order, start=1):
         v[f"top{i}_class"], v[f"top{i}_prob"] = classes[k], f"{a.probs[k]:.6f}"
@@ -491,8 +556,10 @@ def write_rows(cfg: InferConfig, job: Job, writer, f, batch: Answered) -> None:
     for item, error in zip(batch.items, batch.errors):
         if error and cfg.strict:
             f.flush()
-            raise DataError(f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
-                            f"in {cfg.out_csv}: fix or remove the file and run again with --resume)")
+            raise DataError(
+                f"{error} (--strict: stopped at the first unreadable file; the rows before it are "
+                f"in {cfg.out_csv}: fix or remove the file and run again with --resume)"
+            )
         rel = job.inputs.rel(item)
         own = extra_values(item) if extra_values else {}
         answers = None if error else batch.answers[good]
@@ -510,9 +577,14 @@ def write_rows(cfg: InferConfig, job: Job, writer, f, batch: Answered) -> None:
     f.flush()
 
 
-def run_job(cfg: InferConfig, job: Job, batches: Callable[[list], Iterable[Answered]],
-            progress: Callable[[int, int], None] | None = None, backends: Callable[[], dict] | None = None,
-            extra: dict | None = None) -> InferResult:
+def run_job(
+    cfg: InferConfig,
+    job: Job,
+    batches: Callable[[list], Iterable[Answered]],
+    progress: Callable[[int, int], None] | None = None,
+    backends: Callable[[], dict] | None = None,
+    extra: dict | None = None,
+) -> InferResult:
     """Open the outputs (lock, resume, sidecar), write the rows of ``batches(job.todo)`` as they
     come, then score and sum up. ``batches`` gets the items still to classify, in order, and yields
     them answered (:func:`answered` over decoded batches, Ray's actors, a video's frames);
@@ -534,25 +606,47 @@ def run_job(cfg: InferConfig, job: Job, batches: Callable[[list], Iterable[Answe
         return finish_job(cfg, job, (backends or job.strategy.backends)(), n_classified, seconds, extra)
 
 
-def finish_job(cfg: InferConfig, job: Job, backends: dict[str, tuple[str, list[str]]], n_classified: int,
-               seconds: float, extra: dict | None = None) -> InferResult:
+def finish_job(
+    cfg: InferConfig,
+    job: Job,
+    backends: dict[str, tuple[str, list[str]]],
+    n_classified: int,
+    seconds: float,
+    extra: dict | None = None,
+) -> InferResult:
     """Score the whole CSV (runtime/evaluate.py), write the Parquet copy, sum the run up. Sources
     are the models' (an unreadable image's row under ``auto`` counts as an error, not a source)."""
-    extra = {"inputs": str(cfg.inputs), "precision": cfg.precision,
-             "backends": {s: provider for s, (provider, _) in backends.items()}, **(extra or {})}
+    extra = {
+        "inputs": str(cfg.inputs),
+        "precision": cfg.precision,
+        "backends": {s: provider for s, (provider, _) in backends.items()},
+        **(extra or {}),
+    }
     scores = score_predictions(cfg.out_csv, n_wrong=cfg.n_wrong, extra=extra)
     runs = {}
     for s in job.strategy.bundles:
         provider, notes = backends.get(s, ("not run", []))
         sc = scores.get(s)
-        runs[s] = (SourceRun(s, provider, notes, 0, 0, 0, None, {}) if sc is None else
-                   SourceRun(s, provider, notes, sc.n_rows, sc.n_errors, sc.n_unlabelled, sc.metrics, sc.files,
-                             sc.n_rejected))
+        runs[s] = (
+            SourceRun(s, provider, notes, 0, 0, 0, None, {})
+            if sc is None
+            else SourceRun(
+                s, provider, notes, sc.n_rows, sc.n_errors, sc.n_unlabelled, sc.metrics, sc.files, sc.n_rejected
+            )
+        )
     per_slot = [scores[s].n_errors for s in job.strategy.slots if s in scores]
     n_errors = max(per_slot, default=0)  # an unreadable image has an error row per slot
-    result = InferResult(csv_path=cfg.out_csv, root=job.inputs.root, n_images=len(job.items), n_errors=n_errors,
-                         n_resumed=job.n_resumed, n_classified=n_classified, seconds=seconds, sources=runs,
-                         n_duplicates=job.n_duplicates)
+    result = InferResult(
+        csv_path=cfg.out_csv,
+        root=job.inputs.root,
+        n_images=len(job.items),
+        n_errors=n_errors,
+        n_resumed=job.n_resumed,
+        n_classified=n_classified,
+        seconds=seconds,
+        sources=runs,
+        n_duplicates=job.n_duplicates,
+    )
     if cfg.parquet_dir is not None:
         result.parquet = write_parquet(cfg.out_csv, job.columns, cfg.parquet_dir)
     return result
@@ -572,11 +666,24 @@ def write_parquet(csv_path: Path, columns: tuple[str, ...], folder: Path) -> Pat
         from gi_deploy.errors import DependencyError
 
         raise DependencyError(f"--parquet needs pyarrow ({e}); install it with: pip install 'gi-deploy[scale]'") from e
-    numeric = lambda c: c.startswith(PROB_PREFIX) or c == "confidence" or c.endswith("_prob") or c in (  # noqa: E731
-        "router_confidence", "id_score", "id_threshold")
+    numeric = lambda c: (
+        c.startswith(PROB_PREFIX)
+        or c == "confidence"
+        or c.endswith("_prob")
+        or c
+        in (  # noqa: E731
+            "router_confidence",
+            "id_score",
+            "id_threshold",
+        )
+    )
     types = {c: pa.float64() if numeric(c) else pa.string() for c in columns}
-    table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
-        column_types=types, strings_can_be_null=False, null_values=[""], quoted_strings_can_be_null=False))
+    table = pacsv.read_csv(
+        csv_path,
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, strings_can_be_null=False, null_values=[""], quoted_strings_can_be_null=False
+        ),
+    )
     table = table.cast(pa.schema([(c, types[c]) for c in columns]))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

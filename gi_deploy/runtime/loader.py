@@ -48,9 +48,16 @@ class Bundle:
         return self.backend.predict_logits_and_features(batch)
 
 
-def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", check_hash: bool = True,
-                backend: str = "onnxruntime", threads: int | None = None, compile: bool | None = None,
-                batch_size: int = 32) -> Bundle:
+def load_bundle(
+    bundle_dir: Path,
+    precision: str = "fp32",
+    device: str = "cpu",
+    check_hash: bool = True,
+    backend: str = "onnxruntime",
+    threads: int | None = None,
+    compile: bool | None = None,
+    batch_size: int = 32,
+) -> Bundle:
     """Open ``bundle_dir``: check its manifest and the model file's hash, load the model on
     ``backend`` (runtime/backends/select.py; onnxruntime by default, no torch import).
 
@@ -63,8 +70,9 @@ def load_bundle(bundle_dir: Path, precision: str = "fp32", device: str = "cpu", 
     for note in b.notes:
         if not is_info(note):
             log.warning("%s: %s", manifest.source, note)
-    return Bundle(path=bundle_dir, manifest=manifest, classes=list(manifest.classes), preprocess=manifest.preprocess,
-                  backend=b)
+    return Bundle(
+        path=bundle_dir, manifest=manifest, classes=list(manifest.classes), preprocess=manifest.preprocess, backend=b
+    )
 
 
 class BundleInfo:
@@ -80,5 +88,10 @@ def bundle_identity(b, precision: str) -> dict:
     """What makes one source's rows one model's: the bundle's export key and content hash, and the
     model file (precision and sha256) that ran."""
     m = b.manifest
-    return {"bundle": str(b.path), "export_key": m.export_key, "content_sha256": m.content_sha256,
-            "precision": precision, "model_sha256": m.models[precision].sha256 if precision in m.models else None}
+    return {
+        "bundle": str(b.path),
+        "export_key": m.export_key,
+        "content_sha256": m.content_sha256,
+        "precision": precision,
+        "model_sha256": m.models[precision].sha256 if precision in m.models else None,
+    }

@@ -42,12 +42,16 @@ from gi_deploy.runtime.job import Answer, Answered, InferConfig, InferResult, pl
 
 @dataclass
 class RayOptions:
-    address: str | None = helped(None, "Ray cluster to join (HOST:6379, ray://HOST:10001, 'auto'); none: as "
-                                       "ray.init() does: RAY_ADDRESS, else the cluster `ray start` started on this "
-                                       "node, else a new local Ray on this machine, shut down with the run.")
+    address: str | None = helped(
+        None,
+        "Ray cluster to join (HOST:6379, ray://HOST:10001, 'auto'); none: as "
+        "ray.init() does: RAY_ADDRESS, else the cluster `ray start` started on this "
+        "node, else a new local Ray on this machine, shut down with the run.",
+    )
     actors: int | None = helped(None, "Classifier actors (none: one per GPU of the cluster, else one per 4 CPUs).")
-    gpus_per_actor: float | None = helped(None, "GPUs each actor holds (none: 1 when the cluster has GPUs and "
-                                                "--device is not cpu, else 0).")
+    gpus_per_actor: float | None = helped(
+        None, "GPUs each actor holds (none: 1 when the cluster has GPUs and --device is not cpu, else 0)."
+    )
     cpus_per_actor: float = helped(1.0, "CPUs each actor holds (its model's threads).")
 
     def __post_init__(self) -> None:
@@ -72,13 +76,16 @@ def _decode(batch: dict, specs: tuple[PreprocessSpec, ...]) -> dict:
 
 
 def _encode(answers: list[Answer]) -> str:
-    return json.dumps([[a.source, None if a.probs is None else a.probs.tolist(), a.extra, a.rejected, a.reason]
-                       for a in answers])
+    return json.dumps(
+        [[a.source, None if a.probs is None else a.probs.tolist(), a.extra, a.rejected, a.reason] for a in answers]
+    )
 
 
 def _decode_answers(text: str) -> list[Answer]:
-    return [Answer(s, None if p is None else np.asarray(p, dtype=np.float32), extra, rejected, reason)
-            for s, p, extra, rejected, reason in json.loads(text)]
+    return [
+        Answer(s, None if p is None else np.asarray(p, dtype=np.float32), extra, rejected, reason)
+        for s, p, extra, rejected, reason in json.loads(text)
+    ]
 
 
 class _Classifier:
@@ -93,10 +100,17 @@ class _Classifier:
     def __call__(self, batch: dict) -> dict:
         good = np.array([not e for e in batch["error"]], dtype=bool)
         n = len(good)
-        answers = iter(self.strategy.classify([batch[f"x{j}"][good] for j in range(len(self.strategy.specs))])
-                       if good.any() else [])
-        return {"path": batch["path"], "error": batch["error"], "backend": np.array([self.backends] * n, dtype=object),
-                "answers": np.array([_encode(next(answers)) if g else "" for g in good], dtype=object)}
+        answers = iter(
+            self.strategy.classify([batch[f"x{j}"][good] for j in range(len(self.strategy.specs))])
+            if good.any()
+            else []
+        )
+        return {
+            "path": batch["path"],
+            "error": batch["error"],
+            "backend": np.array([self.backends] * n, dtype=object),
+            "answers": np.array([_encode(next(answers)) if g else "" for g in good], dtype=object),
+        }
 
 
 def _ray():
@@ -104,8 +118,9 @@ def _ray():
         import ray  # lazy: the scale extra's, only for --ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise DependencyError(f"`gi-deploy infer --ray` needs Ray Data ({e}); install it with: "
-                              "pip install 'gi-deploy[scale]'") from e
+        raise DependencyError(
+            f"`gi-deploy infer --ray` needs Ray Data ({e}); install it with: pip install 'gi-deploy[scale]'"
+        ) from e
     return ray
 
 
@@ -153,8 +168,13 @@ def start_reaper(pids: list[int]):
 
     if not pids or not sys.platform.startswith("linux"):
         return None
-    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     reaper.stdout.readline()  # "armed": from here on this process's death reaches it
     reaper.stdout.close()
     _REAPERS.append(reaper)
@@ -168,17 +188,21 @@ def _placement(ray, cfg: InferConfig, opts: RayOptions) -> tuple[int, float]:
     """(actors, GPUs per actor) from the options and the cluster's resources."""
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
-    per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (
-        1.0 if gpus >= 1 and cfg.device != "cpu" else 0.0)
+    per_actor = (
+        opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus >= 1 and cfg.device != "cpu" else 0.0)
+    )
     if per_actor > gpus:
-        raise ConfigError(f"--ray-gpus-per-actor {per_actor} but the Ray cluster has {gpus:g} GPU(s); "
-                          "use --ray-gpus-per-actor 0 or join a cluster with GPUs")
+        raise ConfigError(
+            f"--ray-gpus-per-actor {per_actor} but the Ray cluster has {gpus:g} GPU(s); "
+            "use --ray-gpus-per-actor 0 or join a cluster with GPUs"
+        )
     actors = opts.actors or (int(gpus // per_actor) if per_actor else max(1, int(resources.get("CPU", 1) // 4)))
     return actors, per_actor
 
 
-def infer_on_ray(cfg: InferConfig, opts: RayOptions | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> InferResult:
+def infer_on_ray(
+    cfg: InferConfig, opts: RayOptions | None = None, progress: Callable[[int, int], None] | None = None
+) -> InferResult:
     """Run ``infer_folder``'s job on Ray Data: same strategy (one source, several, or ``auto``), same
     CSV columns and rows (in completion order, not input order), same error rows, sidecar, metrics
     and ``--resume``. ``progress(done, total)`` after every batch that comes back, so its rate is the
@@ -190,8 +214,10 @@ def infer_on_ray(cfg: InferConfig, opts: RayOptions | None = None,
     first unreadable file."""
     opts = opts or RayOptions()
     if cfg.decode == "gpu":  # Ray's tasks decode with Pillow; the GPU decoder feeds a model in its own process
-        raise ConfigError("--decode gpu is not available with --ray: Ray tasks decode on the CPU (Pillow) before the "
-                          "actors' models; drop --decode, or run without --ray to decode on the GPU")
+        raise ConfigError(
+            "--decode gpu is not available with --ray: Ray tasks decode on the CPU (Pillow) before the "
+            "actors' models; drop --decode, or run without --ray to decode on the GPU"
+        )
     ray = _ray()
     inputs = collect_inputs(cfg.inputs, cfg.labels)
     strategy = open_strategy(cfg, load=False)  # manifests and router only: the actors load the models
@@ -207,24 +233,34 @@ def infer_on_ray(cfg: InferConfig, opts: RayOptions | None = None,
             by_name = {str(p): p for p in todo}
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # ours shows the cluster-wide rate
-            ds = ray.data.from_items([{"path": str(p)} for p in todo],
-                                     override_num_blocks=max(1, -(-len(todo) // cfg.batch_size)))
+            ds = ray.data.from_items(
+                [{"path": str(p)} for p in todo], override_num_blocks=max(1, -(-len(todo) // cfg.batch_size))
+            )
             ds = ds.map_batches(_decode, batch_size=cfg.batch_size, fn_kwargs={"specs": strategy.specs})
-            ds = ds.map_batches(_Classifier, batch_size=cfg.batch_size, num_gpus=gpus_per_actor,
-                                compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` before 2.51
-                                num_cpus=opts.cpus_per_actor,
-                                fn_constructor_kwargs={"cfg": _actor_config(cfg, opts)})
+            ds = ds.map_batches(
+                _Classifier,
+                batch_size=cfg.batch_size,
+                num_gpus=gpus_per_actor,
+                compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` before 2.51
+                num_cpus=opts.cpus_per_actor,
+                fn_constructor_kwargs={"cfg": _actor_config(cfg, opts)},
+            )
             for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 if not backends and len(out["backend"]):
                     backends.update({s: (v[0], v[1]) for s, v in json.loads(out["backend"][0]).items()})
                 errors = [e or None for e in out["error"]]
-                yield Answered([by_name[p] for p in out["path"]], errors,
-                               [_decode_answers(a) for a, e in zip(out["answers"], errors) if e is None])
+                yield Answered(
+                    [by_name[p] for p in out["path"]],
+                    errors,
+                    [_decode_answers(a) for a, e in zip(out["answers"], errors) if e is None],
+                )
 
         def ran() -> dict[str, tuple[str, list[str]]]:
             got = backends or {s: ("ray (nothing classified in this run)", []) for s in strategy.bundles}
-            return {s: (f"{p} on Ray ({actors} actor(s), {gpus_per_actor:g} GPU each)", notes)
-                    for s, (p, notes) in got.items()}
+            return {
+                s: (f"{p} on Ray ({actors} actor(s), {gpus_per_actor:g} GPU each)", notes)
+                for s, (p, notes) in got.items()
+            }
 
         return run_job(cfg, job, batches, progress, backends=ran)
     finally:

@@ -33,8 +33,14 @@ def report_path(prefix: Path, kind: str) -> Path:
     return prefix.with_name(prefix.name + SUFFIXES[kind])
 
 
-def write_report(prefix: Path, metrics: dict, class_names: Sequence[str], y_true: Sequence[int],
-                 probs: np.ndarray | None, wrong_rows: list[dict]) -> dict[str, Path]:
+def write_report(
+    prefix: Path,
+    metrics: dict,
+    class_names: Sequence[str],
+    y_true: Sequence[int],
+    probs: np.ndarray | None,
+    wrong_rows: list[dict],
+) -> dict[str, Path]:
     """Write the report files for one scored source and return ``{kind: path}``.
 
     ``metrics`` is ``classification_metrics``' dict (its confusion matrices are written as they
@@ -52,8 +58,13 @@ def write_report(prefix: Path, metrics: dict, class_names: Sequence[str], y_true
     _write_matrix_csv(files["confusion_normalized_csv"], names, [[f"{v:.4f}" for v in row] for row in cm_norm])
     plot_confusion(files["confusion_png"], cm, cm_norm, names)
     if probs is not None:
-        plot_roc(files["roc_png"], np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64), names,
-                 metrics.get("roc_auc_macro"))
+        plot_roc(
+            files["roc_png"],
+            np.asarray(y_true, dtype=np.int64),
+            np.asarray(probs, dtype=np.float64),
+            names,
+            metrics.get("roc_auc_macro"),
+        )
     with open(files["wrong_csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=WRONG_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -92,16 +103,24 @@ def plot_confusion(path: Path, cm: np.ndarray, cm_norm: np.ndarray, names: list[
         ax.set_title(title)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_xticks(range(n), names, rotation=45 if n <= 10 else 90, ha="right" if n <= 10 else "center",
-                      fontsize=font)
+        ax.set_xticks(
+            range(n), names, rotation=45 if n <= 10 else 90, ha="right" if n <= 10 else "center", fontsize=font
+        )
         ax.set_yticks(range(n), names, fontsize=font)
         # white text on dark cells, black elsewhere
         threshold = (mat.max() if vmax is None else vmax) / 2.0
         for i in range(n):
             for j in range(n):
                 value = int(mat[i, j]) if vmax is None else float(mat[i, j])
-                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=font,
-                        color="white" if mat[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(value),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if mat[i, j] > threshold else "black",
+                )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -35,8 +35,9 @@ def is_auto(sources: list[str] | None) -> bool:
     if not sources or AUTO not in sources:
         return False
     if len(set(sources)) > 1:
-        raise ConfigError(f"--source auto routes every image itself; do not name other sources beside it (got "
-                          f"{', '.join(sources)})")
+        raise ConfigError(
+            f"--source auto routes every image itself; do not name other sources beside it (got {', '.join(sources)})"
+        )
     return True
 
 
@@ -44,8 +45,7 @@ def refusal_reason(source: str, novelty: float | None, score: float | None, thre
     """Why an image is refused ("" when it is not): the router's check first (no source looks like
     it), then the routed model's."""
     if novelty is not None and novelty > 1:
-        return (f"not like any source's frames (router features): novelty {novelty:.2f} x the nearest source's "
-                "threshold")
+        return f"not like any source's frames (router features): novelty {novelty:.2f} x the nearest source's threshold"
     if score is not None and threshold is not None and score > threshold:
         return f"out of distribution for {source}'s model: score {score:.1f} over its threshold {threshold:.1f}"
     return ""
@@ -71,23 +71,39 @@ class Routed(Strategy):
         router = load_router(cfg.deploy_dir)
         missing = [s for s in router.sources if s not in list_bundles(cfg.deploy_dir)]
         if missing:
-            raise BundleError(f"the router of {cfg.deploy_dir} routes to {', '.join(missing)}, which has no bundle "
-                              f"there any more; re-export it, or rewrite the router: gi-deploy export --router --out "
-                              f"{cfg.deploy_dir}")
+            raise BundleError(
+                f"the router of {cfg.deploy_dir} routes to {', '.join(missing)}, which has no bundle "
+                f"there any more; re-export it, or rewrite the router: gi-deploy export --router --out "
+                f"{cfg.deploy_dir}"
+            )
         bundles, stats, notes = {}, {}, []
         for s in router.sources:
             d = cfg.deploy_dir / s
-            b = load_bundle(d, cfg.precision, cfg.device, backend=cfg.backend, threads=cfg.threads,
-                            compile=cfg.compile, batch_size=cfg.batch_size) if load else BundleInfo(d)
+            b = (
+                load_bundle(
+                    d,
+                    cfg.precision,
+                    cfg.device,
+                    backend=cfg.backend,
+                    threads=cfg.threads,
+                    compile=cfg.compile,
+                    batch_size=cfg.batch_size,
+                )
+                if load
+                else BundleInfo(d)
+            )
             bundles[s] = b
             stats[s] = load_id_stats(b.path, b.manifest)
             if stats[s] is None:
-                notes.append(f"{s}: its bundle has no in-distribution statistics (exported before gi-deploy learnt "
-                             f"routing, or without its training images): images routed to it are never refused; "
-                             f"re-export it with `gi-deploy export {s} --force`")
+                notes.append(
+                    f"{s}: its bundle has no in-distribution statistics (exported before gi-deploy learnt "
+                    f"routing, or without its training images): images routed to it are never refused; "
+                    f"re-export it with `gi-deploy export {s} --force`"
+                )
             elif load and b.backend.run_features is None:
-                notes.append(f"{s}: the {b.backend.name} model gives no pooled features: images routed to it are "
-                             "never refused")
+                notes.append(
+                    f"{s}: the {b.backend.name} model gives no pooled features: images routed to it are never refused"
+                )
         for n in notes:
             log.warning(n)
         return cls(router, bundles, stats, notes)
@@ -97,13 +113,19 @@ class Routed(Strategy):
 
     def identities(self, precision: str) -> dict[str, dict]:
         m = self.router.manifest  # sealed: the source order, thresholds and router.npz's sha256 are covered
-        router = {"bundle": str(self.router.path), "export_key": m.seal.get("sha256", ""), "precision": "router",
-                  "content_sha256": m.files[ROUTER_FILE].sha256}
+        router = {
+            "bundle": str(self.router.path),
+            "export_key": m.seal.get("sha256", ""),
+            "precision": "router",
+            "content_sha256": m.files[ROUTER_FILE].sha256,
+        }
         return {**{s: bundle_identity(b, precision) for s, b in self.bundles.items()}, "_router": router}
 
     def backends(self) -> dict[str, tuple[str, list[str]]]:
-        return {s: (b.provider, list(b.backend.notes) + [n for n in self.notes if n.startswith(f"{s}:")])
-                for s, b in self.bundles.items()}
+        return {
+            s: (b.provider, list(b.backend.notes) + [n for n in self.notes if n.startswith(f"{s}:")])
+            for s, b in self.bundles.items()
+        }
 
     def classify(self, inputs: list[np.ndarray]) -> list[list[Answer]]:
         """Route the readable images, run each source's model on its share (one call each), score
@@ -127,8 +149,12 @@ class Routed(Strategy):
                 threshold = st.threshold if st is not None else None
                 rejected = bool(model_rejects[k]) or (nov is not None and nov > 1)
                 reason = refusal_reason(s, nov, score, threshold) if rejected else ""
-                extra = {"router_confidence": f"{conf[j]:.6f}", "id_score": "" if score is None else f"{score:.3f}",
-                         "id_threshold": "" if threshold is None else f"{threshold:.3f}",
-                         "rejected": "1" if rejected else "0", "reason": reason}
+                extra = {
+                    "router_confidence": f"{conf[j]:.6f}",
+                    "id_score": "" if score is None else f"{score:.3f}",
+                    "id_threshold": "" if threshold is None else f"{threshold:.3f}",
+                    "rejected": "1" if rejected else "0",
+                    "reason": reason,
+                }
                 answers[j] = Answer(s, None if rejected else probs[k], extra, rejected, reason)
         return [[a] for a in answers]

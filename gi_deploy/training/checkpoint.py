@@ -44,10 +44,18 @@ def rng_state(loader_gen: torch.Generator) -> dict:
     ``torch.load(weights_only=True)`` (no pickled Python objects: a checkpoint cannot run code)."""
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state(), "loader": loader_gen.get_state()}
+    state = {
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,8 +64,9 @@ def rng_state(loader_gen: torch.Generator) -> dict:
 def set_rng_state(state: dict, loader_gen: torch.Generator) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     loader_gen.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
@@ -74,8 +83,10 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_run_dir(cfg: TrainConfig) -> None:
     if (cfg.run_dir / RUN_MANIFEST).exists() and not (cfg.overwrite or cfg.resume):
-        raise ConfigError(f"{cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                          "replace it, or choose another --out or source name")
+        raise ConfigError(
+            f"{cfg.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out or source name"
+        )
 
 
 def lock_run_dir(run_dir: Path):
@@ -110,14 +121,18 @@ def load_for_resume(cfg: TrainConfig) -> tuple[RunRecord, dict]:
     if manifest.status == "done":
         raise ConfigError(f"run {run_dir} already finished; pass --overwrite to train it again")
     if not (run_dir / CHECKPOINT).is_file():
-        raise ConfigError(f"run {run_dir} stopped before its first epoch finished ({CHECKPOINT} missing); "
-                          "start it again with --overwrite")
+        raise ConfigError(
+            f"run {run_dir} stopped before its first epoch finished ({CHECKPOINT} missing); "
+            "start it again with --overwrite"
+        )
     old, new = manifest.config, cfg.to_dict()
     # a key the run did not record was added to gi-deploy after it started: it ran with the default
     changed = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k, field_default(k)) != new[k])
     if changed:
-        raise ConfigError(f"--resume with a different config: {', '.join(f'{k} {old.get(k)!r} -> {new[k]!r}' for k in changed)}; "
-                          "resume with the original settings, or start again with --overwrite")
+        raise ConfigError(
+            f"--resume with a different config: {', '.join(f'{k} {old.get(k)!r} -> {new[k]!r}' for k in changed)}; "
+            "resume with the original settings, or start again with --overwrite"
+        )
     return manifest, load_checkpoint(run_dir / CHECKPOINT)
 
 
@@ -131,12 +146,14 @@ def load_checkpoint(path: Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path} is refused: it is not a plain gi-deploy checkpoint (tensors and numbers only); "
-                          f"loading it could run code it carries ({first}). Nothing from it was run; start the "
-                          "run again with --overwrite (or use a checkpoint written by this version)") from e
+        raise BundleError(
+            f"{path} is refused: it is not a plain gi-deploy checkpoint (tensors and numbers only); "
+            f"loading it could run code it carries ({first}). Nothing from it was run; start the "
+            "run again with --overwrite (or use a checkpoint written by this version)"
+        ) from e
     if not isinstance(checkpoint, dict) or not {"trained", "optimizer", "loop", "rng"} <= set(checkpoint):
-        raise BundleError(f"{path} is not a gi-deploy checkpoint (keys {sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__}); "
-                          "start the run again with --overwrite")
+        held = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise BundleError(f"{path} is not a gi-deploy checkpoint (keys {held}); start the run again with --overwrite")
     return checkpoint
 
 
@@ -146,14 +163,30 @@ def write_metrics_jsonl(run_dir: Path, history: list[dict]) -> None:
     tmp.replace(run_dir / METRICS_JSONL)
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, scaler, state: LoopState,
-                     loader_gen: torch.Generator, extra: dict | None = None) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    state: LoopState,
+    loader_gen: torch.Generator,
+    extra: dict | None = None,
+) -> None:
     """``extra``: more entries (under torchrun, ``rng_ranks``: every rank's RNG state)."""
     tmp = run_dir / (CHECKPOINT + ".tmp")
-    torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "loop": vars(state).copy(), "rng": rng_state(loader_gen),
-                **(extra or {})}, tmp)
+    torch.save(
+        {
+            "trained": trained_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(),
+            "loop": vars(state).copy(),
+            "rng": rng_state(loader_gen),
+            **(extra or {}),
+        },
+        tmp,
+    )
     tmp.replace(run_dir / CHECKPOINT)  # atomic: an interrupt never leaves half a checkpoint
 
 

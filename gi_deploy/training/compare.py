@@ -20,9 +20,22 @@ from gi_deploy.errors import ConfigError
 from gi_deploy.training.config import RESUME_MAY_CHANGE, TrainConfig
 from gi_deploy.training.trainer import train
 
-COLUMNS = ("method", "label_fraction", "train_images", "eval_split", "accuracy", "f1_weighted", "mcc",
-           "trainable_params", "total_params", "artifact_bytes", "epochs", "best_epoch", "epoch_seconds",
-           "peak_mem_mib")
+COLUMNS = (
+    "method",
+    "label_fraction",
+    "train_images",
+    "eval_split",
+    "accuracy",
+    "f1_weighted",
+    "mcc",
+    "trainable_params",
+    "total_params",
+    "artifact_bytes",
+    "epochs",
+    "best_epoch",
+    "epoch_seconds",
+    "peak_mem_mib",
+)
 
 
 @dataclass
@@ -34,8 +47,9 @@ class CompareResult:
 
 def _cell_config(base: TrainConfig, method: str, fraction: float, out_dir: Path) -> TrainConfig:
     cell_out = out_dir / f"{method}-{fraction:g}"
-    return dataclasses.replace(base, method=method, label_fraction=fraction, out_dir=cell_out,
-                               resume=False, overwrite=base.overwrite)
+    return dataclasses.replace(
+        base, method=method, label_fraction=fraction, out_dir=cell_out, resume=False, overwrite=base.overwrite
+    )
 
 
 def _previous(cfg: TrainConfig) -> RunRecord | None:
@@ -55,11 +69,17 @@ def row_of(manifest: RunRecord, run_dir: Path) -> dict:
     peaks = [r["peak_mem_mib"] for r in history if r.get("peak_mem_mib") is not None]
     method = manifest.method
     return {
-        "method": method, "label_fraction": manifest.config["label_fraction"],
-        "train_images": manifest.splits["counts"]["train"], "eval_split": split,
-        "accuracy": scores["accuracy"], "f1_weighted": scores["f1_weighted"], "mcc": scores["mcc"],
-        "trainable_params": manifest.params["trainable"], "total_params": manifest.params["total"],
-        "artifact_bytes": method_spec(method).artifact_bytes(run_dir), "epochs": len(history),
+        "method": method,
+        "label_fraction": manifest.config["label_fraction"],
+        "train_images": manifest.splits["counts"]["train"],
+        "eval_split": split,
+        "accuracy": scores["accuracy"],
+        "f1_weighted": scores["f1_weighted"],
+        "mcc": scores["mcc"],
+        "trainable_params": manifest.params["trainable"],
+        "total_params": manifest.params["total"],
+        "artifact_bytes": method_spec(method).artifact_bytes(run_dir),
+        "epochs": len(history),
         "best_epoch": manifest.best["epoch"],
         "epoch_seconds": sum(r["seconds"] for r in history) / len(history),
         "peak_mem_mib": max(peaks) if peaks else None,
@@ -73,8 +93,10 @@ def write_tables(rows: list[dict], out_dir: Path, title: str) -> tuple[Path, Pat
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    header = ("| method | labels | train imgs | eval | Acc | F1 (w) | MCC | trainable | artifact | epochs "
-              "| s/epoch | peak MiB |")
+    header = (
+        "| method | labels | train imgs | eval | Acc | F1 (w) | MCC | trainable | artifact | epochs "
+        "| s/epoch | peak MiB |"
+    )
     lines = [f"# {title}", "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "n/a"
@@ -82,16 +104,24 @@ def write_tables(rows: list[dict], out_dir: Path, title: str) -> tuple[Path, Pat
             f"| {r['method']} | {100 * r['label_fraction']:g}% | {r['train_images']} | {r['eval_split']} "
             f"| {100 * r['accuracy']:.2f} | {100 * r['f1_weighted']:.2f} | {100 * r['mcc']:.2f} "
             f"| {r['trainable_params']:,} / {r['total_params']:,} | {r['artifact_bytes'] / 1e6:.2f} MB "
-            f"| {r['epochs']} (best {r['best_epoch']}) | {r['epoch_seconds']:.1f} | {peak} |")
-    lines += ["", "Scores on the test split when there is one, else on validation at the best epoch; "
-              "peak memory is CUDA's allocator peak on GPU, the resident-set growth on CPU."]
+            f"| {r['epochs']} (best {r['best_epoch']}) | {r['epoch_seconds']:.1f} | {peak} |"
+        )
+    lines += [
+        "",
+        "Scores on the test split when there is one, else on validation at the best epoch; "
+        "peak memory is CUDA's allocator peak on GPU, the resident-set growth on CPU.",
+    ]
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return csv_path, md_path
 
 
-def compare(base: TrainConfig, methods: list[str], fractions: list[float],
-            report: Callable[[str, dict], None] | None = None,
-            train_fn: Callable | None = None) -> CompareResult:
+def compare(
+    base: TrainConfig,
+    methods: list[str],
+    fractions: list[float],
+    report: Callable[[str, dict], None] | None = None,
+    train_fn: Callable | None = None,
+) -> CompareResult:
     """Train every (method, label fraction) cell of the grid with ``base``'s recipe; write the
     table to ``<base.out_dir>/<source>-compare/compare.{csv,md}``. Errors (including Ctrl-C as
     TrainingInterrupted) propagate; calling again reuses finished cells and resumes the stopped one."""
@@ -109,12 +139,20 @@ def compare(base: TrainConfig, methods: list[str], fractions: list[float],
         for fraction in fractions:
             cfg = _cell_config(base, method, fraction, out_dir)
             manifest = _previous(cfg)
-            reused = (manifest is not None and not base.overwrite and manifest.status == "done"
-                      and _same_settings(manifest, cfg))
+            reused = (
+                manifest is not None
+                and not base.overwrite
+                and manifest.status == "done"
+                and _same_settings(manifest, cfg)
+            )
             report("cell", {"method": method, "label_fraction": fraction, "reused": reused})
             if not reused:
-                resume = (manifest is not None and not base.overwrite and (cfg.run_dir / CHECKPOINT).is_file()
-                          and manifest.status in ("interrupted", "training"))
+                resume = (
+                    manifest is not None
+                    and not base.overwrite
+                    and (cfg.run_dir / CHECKPOINT).is_file()
+                    and manifest.status in ("interrupted", "training")
+                )
                 cfg = dataclasses.replace(cfg, resume=resume, overwrite=not resume and manifest is not None)
                 train_fn(cfg, report=report)
                 manifest = read_run_manifest(cfg.run_dir)

@@ -34,8 +34,10 @@ RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "device", "num_workers", "
 class TrainConfig:
     """Everything that defines a training run; stored resolved in the run manifest."""
 
-    source: str = helped(help="kvasir, gastrovision (built-in layouts, see `gi-deploy sources`) or any name for "
-                              "an ImageFolder tree; the run goes to OUT/SOURCE.")
+    source: str = helped(
+        help="kvasir, gastrovision (built-in layouts, see `gi-deploy sources`) or any name for "
+        "an ImageFolder tree; the run goes to OUT/SOURCE."
+    )
     data_dir: Path = helped(help="The dataset folder (layout: `gi-deploy sources`).")
     method: str = helped("lora", "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".")
     model: str = helped("convnextv2_base", "timm model name.")
@@ -53,20 +55,25 @@ class TrainConfig:
     num_workers: int | None = helped(None, "DataLoader workers (none: 0 on CPU, up to 8 on CUDA).")
     val_fraction: float = helped(0.1, "Share of each class held out for validation.")
     test_fraction: float = helped(0.1, "Share of each class held out for testing.")
-    split: str = helped("seeded", "seeded | official-0 | official-1 (kvasir's official folds: train on one, "
-                                  "test on the other).")
+    split: str = helped(
+        "seeded", "seeded | official-0 | official-1 (kvasir's official folds: train on one, test on the other)."
+    )
     label_fraction: float = helped(1.0, "Train on this share of each class's labels (seeded).")
     resize: str = helped("direct", "direct (squash to img_size, the paper) | crop (shorter side + centre crop).")
-    decode: str = helped("draft", "draft (JPEGs at least twice the input size decoded at 1/2-1/8 scale by libjpeg "
-                                  "first: faster, the same at inference) | full.")
+    decode: str = helped(
+        "draft",
+        "draft (JPEGs at least twice the input size decoded at 1/2-1/8 scale by libjpeg "
+        "first: faster, the same at inference) | full.",
+    )
     crop_pct: float = helped(0.875, "With resize crop: crop size / resize size.")
     hflip: bool = helped(True, "Random horizontal flip.")
     vflip: bool = helped(False, "Random vertical flip.")
     rotation_degrees: float = helped(10.0, "Random rotation range in degrees.")
     color_jitter: float = helped(0.0, "Brightness/contrast/saturation jitter.")
     scheduler: str = helped("none", "none (the paper) | cosine | plateau (on val accuracy).")
-    balance: str = helped("none", "Class imbalance: none | weighted-loss (inverse class frequency) | sampler "
-                                  "(balanced batches).")
+    balance: str = helped(
+        "none", "Class imbalance: none | weighted-loss (inverse class frequency) | sampler (balanced batches)."
+    )
     amp: str = helped("auto", "auto (bf16, or fp16 + scaler, on CUDA; off on CPU) | off | bf16 | fp16.")
     channels_last: bool | None = helped(None, "Channels-last memory format (none: on CUDA only).")
     compile: bool = helped(False, "torch.compile the model.")
@@ -74,8 +81,9 @@ class TrainConfig:
     resume: bool = helped(False, "Continue an interrupted run from its last checkpoint.")
     # one field per adapter kind, named as in ADAPTER_SETTINGS (a table of that name in --config)
     lora: LoraSettings = helped(default_factory=LoraSettings, help="LoRA settings (a [lora] table in --config).")
-    colora: ColoraSettings = helped(default_factory=ColoraSettings,
-                                    help="CoLoRA settings (a [colora] table in --config).")
+    colora: ColoraSettings = helped(
+        default_factory=ColoraSettings, help="CoLoRA settings (a [colora] table in --config)."
+    )
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -85,8 +93,14 @@ class TrainConfig:
             if isinstance(getattr(self, kind), dict):
                 setattr(self, kind, _settings_from_dict(cls, getattr(self, kind), kind))
         problems = []
-        for name, allowed in (("scheduler", SCHEDULERS), ("balance", BALANCE), ("amp", AMP), ("resize", RESIZE),
-                              ("split", SPLIT_MODES), ("decode", DECODE_MODES)):
+        for name, allowed in (
+            ("scheduler", SCHEDULERS),
+            ("balance", BALANCE),
+            ("amp", AMP),
+            ("resize", RESIZE),
+            ("split", SPLIT_MODES),
+            ("decode", DECODE_MODES),
+        ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} {getattr(self, name)!r} unknown; use one of {', '.join(allowed)}")
         if not 0.0 < self.label_fraction <= 1.0:
@@ -110,10 +124,13 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.num_workers is not None and self.num_workers < 0:
             problems.append(f"num_workers must be >= 0, got {self.num_workers}")
-        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1
-                and self.val_fraction + self.test_fraction < 1):
-            problems.append(f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} "
-                            "must be fractions that leave images for training")
+        if not (
+            0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            problems.append(
+                f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} "
+                "must be fractions that leave images for training"
+            )
         if not self.data_dir.is_dir():
             problems.append(f"data_dir {self.data_dir} is not a folder")
         if self.weights is not None and not self.weights.is_file():
@@ -205,6 +222,7 @@ def load_config_file(path: Path) -> dict:
 
     def norm(d: dict) -> dict:
         return {str(k).replace("-", "_"): (norm(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
     return norm(data)
 
 
@@ -223,4 +241,3 @@ def layered_config(flags: dict, config_file: Path | None = None, resume: bool = 
         layers.append(file_layer)
     layers.append({k: v for k, v in flags.items() if v is not None and v != {}})
     return TrainConfig.from_layers(*layers)
-

@@ -61,10 +61,16 @@ class DatasetSplits:
     def to_dict(self) -> dict:
         def row(rel: str, y: int) -> list:
             return [rel, self.classes[y]] + ([self.groups[rel]] if self.groups else [])
+
         return {
-            "root": str(self.root), "layout": self.layout, "classes": self.classes,
-            "counts": self.counts(), "group_kind": self.group_kind, "excluded": self.excluded,
-            "notes": self.notes, "label_fraction": self.label_fraction,
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.classes,
+            "counts": self.counts(),
+            "group_kind": self.group_kind,
+            "excluded": self.excluded,
+            "notes": self.notes,
+            "label_fraction": self.label_fraction,
             "files": {name: [row(rel, y) for rel, y in items] for name, items in self.splits.items()},
         }
 
@@ -101,8 +107,11 @@ def _describe(folder: Path) -> str:
     return f"found in {folder}: {shown or 'nothing'}"
 
 
-def _stratified_take(items: list[tuple[str, int]], fraction: float, rng: random.Random,
-                     ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _stratified_take(
+    items: list[tuple[str, int]],
+    fraction: float,
+    rng: random.Random,
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Split off ``fraction`` of each class (at least one image while two or more remain)."""
     by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for item in items:
@@ -118,29 +127,37 @@ def _stratified_take(items: list[tuple[str, int]], fraction: float, rng: random.
     return sorted(keep), sorted(taken)
 
 
-def discover_splits(data_dir: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                    seed: int = 0) -> DatasetSplits:
+def discover_splits(
+    data_dir: Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> DatasetSplits:
     """Find classes and splits under ``data_dir``; raises DataError showing the expected tree."""
     data_dir = Path(data_dir).resolve()  # stored in the run manifest: must not depend on the cwd
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist\n{EXPECTED_LAYOUT}")
-    split_dirs = {name: next((data_dir / a for a in aliases if (data_dir / a).is_dir()), None)
-                  for name, aliases in _SPLIT_ALIASES.items()}
+    split_dirs = {
+        name: next((data_dir / a for a in aliases if (data_dir / a).is_dir()), None)
+        for name, aliases in _SPLIT_ALIASES.items()
+    }
     rng = random.Random(seed)
     if split_dirs["train"] is not None:
         per_split = {name: _class_folders(d) for name, d in split_dirs.items() if d is not None}
         classes = sorted(per_split["train"])
         if not classes:
-            raise DataError(f"{split_dirs['train']} has no class folders with images\n"
-                            f"{EXPECTED_LAYOUT}\n{_describe(split_dirs['train'])}")
+            raise DataError(
+                f"{split_dirs['train']} has no class folders with images\n"
+                f"{EXPECTED_LAYOUT}\n{_describe(split_dirs['train'])}"
+            )
         splits: dict[str, list[tuple[str, int]]] = {}
         for name, folders in per_split.items():
             unknown = sorted(set(folders) - set(classes))
             if unknown:
-                raise DataError(f"{split_dirs[name]} has classes not in {split_dirs['train']}: "
-                                f"{', '.join(unknown)}; every class needs training images")
-            splits[name] = sorted((p.relative_to(data_dir).as_posix(), classes.index(c))
-                                  for c, paths in folders.items() for p in paths)
+                raise DataError(
+                    f"{split_dirs[name]} has classes not in {split_dirs['train']}: "
+                    f"{', '.join(unknown)}; every class needs training images"
+                )
+            splits[name] = sorted(
+                (p.relative_to(data_dir).as_posix(), classes.index(c)) for c, paths in folders.items() for p in paths
+            )
         if "val" not in splits:
             splits["train"], splits["val"] = _stratified_take(splits["train"], val_fraction, rng)
         splits.setdefault("test", [])
@@ -148,11 +165,13 @@ def discover_splits(data_dir: Path, val_fraction: float = 0.1, test_fraction: fl
     else:
         folders = _class_folders(data_dir)
         if len(folders) < 2:
-            raise DataError(f"{data_dir} needs at least two class folders with images\n"
-                            f"{EXPECTED_LAYOUT}\n{_describe(data_dir)}")
+            raise DataError(
+                f"{data_dir} needs at least two class folders with images\n{EXPECTED_LAYOUT}\n{_describe(data_dir)}"
+            )
         classes = sorted(folders)
-        items = sorted((p.relative_to(data_dir).as_posix(), classes.index(c))
-                       for c, paths in folders.items() for p in paths)
+        items = sorted(
+            (p.relative_to(data_dir).as_posix(), classes.index(c)) for c, paths in folders.items() for p in paths
+        )
         rest, test = _stratified_take(items, test_fraction, rng)
         train, val = _stratified_take(rest, val_fraction / (1 - test_fraction), rng)
         splits = {"train": train, "val": val, "test": test}
@@ -160,8 +179,9 @@ def discover_splits(data_dir: Path, val_fraction: float = 0.1, test_fraction: fl
     result = DatasetSplits(root=data_dir, classes=classes, splits={s: splits[s] for s in SPLITS}, layout=layout)
     check_no_leak(result)
     if not result.splits["val"]:
-        raise DataError(f"no validation images could be formed under {data_dir}: add a val/ folder "
-                        "or more images per class")
+        raise DataError(
+            f"no validation images could be formed under {data_dir}: add a val/ folder or more images per class"
+        )
     return result
 
 
@@ -176,8 +196,10 @@ def check_no_leak(ds: DatasetSplits) -> None:
         for rel, y in items:
             key = (ds.classes[y], Path(rel).name)
             if key in seen and seen[key] != split:
-                raise DataError(f"image {key[1]!r} of class {key[0]!r} is in both the {seen[key]} and the "
-                                f"{split} split under {ds.root}; remove one copy so evaluation is honest")
+                raise DataError(
+                    f"image {key[1]!r} of class {key[0]!r} is in both the {seen[key]} and the "
+                    f"{split} split under {ds.root}; remove one copy so evaluation is honest"
+                )
             seen[key] = split
     if not ds.groups:
         return
@@ -190,18 +212,24 @@ def check_no_leak(ds: DatasetSplits) -> None:
         return
     kind = ds.group_kind or "group"
     detail = ", ".join(f"{g} ({'/'.join(sorted(where[g]))})" for g in shared[:5]) + (
-        f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+    )
     if not ds.allow_group_overlap:
-        raise DataError(f"{len(shared)} {kind}(s) appear in more than one split under {ds.root}: {detail}. "
-                        f"Frames of one {kind} are near-duplicates; split at the {kind} level")
-    note = (f"{len(shared)} {kind}(s) are shared between splits ({detail}): these folds are not "
-            f"{kind}-disjoint, so test scores are optimistic")
+        raise DataError(
+            f"{len(shared)} {kind}(s) appear in more than one split under {ds.root}: {detail}. "
+            f"Frames of one {kind} are near-duplicates; split at the {kind} level"
+        )
+    note = (
+        f"{len(shared)} {kind}(s) are shared between splits ({detail}): these folds are not "
+        f"{kind}-disjoint, so test scores are optimistic"
+    )
     if note not in ds.notes:
         ds.notes.append(note)
 
 
-def group_split(items: list[tuple[str, int]], groups: dict[str, str], val_fraction: float,
-                test_fraction: float, rng: random.Random) -> dict[str, list[tuple[str, int]]]:
+def group_split(
+    items: list[tuple[str, int]], groups: dict[str, str], val_fraction: float, test_fraction: float, rng: random.Random
+) -> dict[str, list[tuple[str, int]]]:
     """Split whole groups (videos) into train/val/test, aiming at the given image fractions per class.
 
     Greedy and seeded: groups in a shuffled order, largest first, each to the split whose per-class
@@ -219,8 +247,9 @@ def group_split(items: list[tuple[str, int]], groups: dict[str, str], val_fracti
     assigned: dict[str, list[str]] = {s: [] for s in fractions}
 
     def gain(split: str, counts: Counter) -> float:
-        return sum(n * (fractions[split] * class_total[c] - current[split][c]) / class_total[c]
-                   for c, n in counts.items())
+        return sum(
+            n * (fractions[split] * class_total[c] - current[split][c]) / class_total[c] for c, n in counts.items()
+        )
 
     for g in order:
         counts = Counter(y for _, y in by_group[g])
@@ -248,7 +277,7 @@ def subsample_per_class(items: list[tuple[str, int]], fraction: float, seed: int
     for y in sorted(by_class):
         group = sorted(by_class[y])
         rng.shuffle(group)
-        kept += group[:max(1, round(len(group) * fraction))]
+        kept += group[: max(1, round(len(group) * fraction))]
     return sorted(kept)
 
 
@@ -286,8 +315,14 @@ class ImageDataset(Dataset):
     geometry (:func:`resize_for`, the same resize or resize-and-crop the deployed model sees);
     training images are then augmented, and all are normalised by the shared :func:`normalize`."""
 
-    def __init__(self, root: Path, items: list[tuple[str, int]], spec: PreprocessSpec,
-                 augment: Augment | None = None, pixels: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        items: list[tuple[str, int]],
+        spec: PreprocessSpec,
+        augment: Augment | None = None,
+        pixels: bool = False,
+    ):
         self.root, self.items, self.spec, self.pixels = Path(root), items, spec, pixels
         self.augment = augment.transform() if augment is not None and not pixels else None
 

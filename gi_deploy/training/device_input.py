@@ -26,8 +26,9 @@ class DeviceFeed:
     """``feed(x, train)``: the model's input (float32 NCHW, normalised, channels-last when asked)
     from a loader batch: float NCHW from CPU workers, or uint8 NHWC pixels with ``on_device``."""
 
-    def __init__(self, spec: PreprocessSpec, device: torch.device, channels_last: bool, augment: Augment,
-                 on_device: bool):
+    def __init__(
+        self, spec: PreprocessSpec, device: torch.device, channels_last: bool, augment: Augment, on_device: bool
+    ):
         self.device, self.channels_last, self.augment, self.on_device = device, channels_last, augment, on_device
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -54,8 +55,13 @@ class DeviceFeed:
             angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(a.rotation_degrees)
             h, w = x.shape[-2:]
             cos, sin = torch.cos(angle), torch.sin(angle)
-            theta = torch.stack([torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], 1),
-                                 torch.stack([sin * w / h, cos, torch.zeros_like(cos)], 1)], 1)
+            theta = torch.stack(
+                [
+                    torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], 1),
+                    torch.stack([sin * w / h, cos, torch.zeros_like(cos)], 1),
+                ],
+                1,
+            )
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return x

@@ -77,15 +77,18 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise ConfigError(f"rank {rank} has local rank {local} but this node has {torch.cuda.device_count()} "
-                              "GPU(s); use --nproc-per-node <= the number of GPUs")
+            raise ConfigError(
+                f"rank {rank} has local rank {local} but this node has {torch.cuda.device_count()} "
+                "GPU(s); use --nproc-per-node <= the number of GPUs"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         from datetime import timedelta
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        )
     return Dist(rank, world, local, True), device
 
 
@@ -103,8 +106,10 @@ def per_rank_batch(global_batch: int, d: Dist) -> int:
     """Images per step on each rank; the global batch must split evenly, or the gradient DDP
     averages would weigh the ranks' images unequally."""
     if global_batch % d.world:
-        raise ConfigError(f"--batch-size {global_batch} is the global batch and must divide evenly over {d.world} "
-                          f"processes; use a multiple of {d.world}")
+        raise ConfigError(
+            f"--batch-size {global_batch} is the global batch and must divide evenly over {d.world} "
+            f"processes; use a multiple of {d.world}"
+        )
     return global_batch // d.world
 
 
@@ -137,8 +142,10 @@ def check_same(value: str, what: str, d: Dist, error: type[Exception] = Distribu
     dist.all_gather_object(values, value)
     if len(set(values)) > 1:
         differ = [r for r, v in enumerate(values) if v != values[0]]
-        raise error(f"{what} differs between ranks: rank 0 has {values[0][:12]}, rank(s) {differ} have "
-                    f"{[values[r][:12] for r in differ]}; every process must see the same data and code")
+        raise error(
+            f"{what} differs between ranks: rank 0 has {values[0][:12]}, rank(s) {differ} have "
+            f"{[values[r][:12] for r in differ]}; every process must see the same data and code"
+        )
 
 
 def share_splits(load: Callable[[], Any], d: Dist) -> tuple[Any, str]:
@@ -166,8 +173,8 @@ class RankShare(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = list(self.order)
-        order += order[:self.num_samples * self.world - len(order)]
-        return iter(order[self.rank::self.world])
+        order += order[: self.num_samples * self.world - len(order)]
+        return iter(order[self.rank :: self.world])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -259,13 +266,16 @@ def own_rng_state(checkpoint: dict, d: Dist) -> dict:
     ranks = checkpoint.get("rng_ranks")
     saved_world = len(ranks) if ranks else 1
     if saved_world != d.world:
-        raise ConfigError(f"the checkpoint was written by a {saved_world}-process run and this is a {d.world}-process "
-                          f"one; resume with --nproc-per-node {saved_world} (each process resumes its own "
-                          "augmentation stream)")
+        raise ConfigError(
+            f"the checkpoint was written by a {saved_world}-process run and this is a {d.world}-process "
+            f"one; resume with --nproc-per-node {saved_world} (each process resumes its own "
+            "augmentation stream)"
+        )
     return ranks[d.rank] if ranks else checkpoint["rng"]
 
 
 # ---------------------------------------------------------------- launching N processes on this machine
+
 
 def launch_local(entrypoint: Callable, args: tuple, nproc: int) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` in ``nproc`` processes on this machine through torch's elastic
@@ -282,17 +292,28 @@ def launch_local(entrypoint: Callable, args: tuple, nproc: int) -> dict[int, Any
 
     if nproc < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc}")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          start_method="spawn", logs_specs=DefaultLogsSpecs())
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(),
+    )
     try:
         with _torch_launch_log(shown=log.isEnabledFor(logging.INFO)):
             return elastic_launch(config, _recorded_call)(entrypoint, *args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        raise DistributedError(f"rank {rank} of {nproc} died (exit code {failure.exitcode}): "
-                               f"{_one_line(failure.message)}; the other ranks were stopped and the last complete "
-                               "epoch is checkpointed: fix the cause and run the same command with --resume") from None
+        raise DistributedError(
+            f"rank {rank} of {nproc} died (exit code {failure.exitcode}): "
+            f"{_one_line(failure.message)}; the other ranks were stopped and the last complete "
+            "epoch is checkpointed: fix the cause and run the same command with --resume"
+        ) from None
 
 
 def _one_line(message: str | dict) -> str:

@@ -63,8 +63,10 @@ class SourceSpec:
                 return cls
         if key in set(map(normalize_label, self.excluded)):
             return None
-        raise DataError(f"{self.name}: unknown class {folder!r}; known classes: {', '.join(self.classes)} "
-                        f"(left out on purpose: {', '.join(self.excluded)})")
+        raise DataError(
+            f"{self.name}: unknown class {folder!r}; known classes: {', '.join(self.classes)} "
+            f"(left out on purpose: {', '.join(self.excluded)})"
+        )
 
 
 def _map_class_folders(spec: SourceSpec, root: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
@@ -82,8 +84,10 @@ def _map_class_folders(spec: SourceSpec, root: Path) -> tuple[dict[str, list[Pat
             by_class[cls] += images
     missing = [c for c, imgs in by_class.items() if not imgs]
     if missing:
-        raise DataError(f"{spec.name}: no images for class(es) {', '.join(missing)} under {root}\n"
-                        f"expected:\n{spec.layout}\n{_describe(root)}")
+        raise DataError(
+            f"{spec.name}: no images for class(es) {', '.join(missing)} under {root}\n"
+            f"expected:\n{spec.layout}\n{_describe(root)}"
+        )
     return by_class, excluded
 
 
@@ -103,8 +107,9 @@ def _unwrap(spec: SourceSpec, root: Path) -> Path:
 def _indexed(by_class: dict[str, list[Path]], data_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Sorted class names and (path relative to ``data_dir``, class index) pairs."""
     classes = sorted(by_class)
-    return classes, sorted((p.relative_to(data_dir).as_posix(), classes.index(c))
-                           for c, paths in by_class.items() for p in paths)
+    return classes, sorted(
+        (p.relative_to(data_dir).as_posix(), classes.index(c)) for c, paths in by_class.items() for p in paths
+    )
 
 
 def _find_dir(data_dir: Path, names: tuple[str, ...]) -> Path | None:
@@ -116,6 +121,7 @@ def _find_dir(data_dir: Path, names: tuple[str, ...]) -> Path | None:
 
 # --- Kvasir-Capsule ------------------------------------------------------------------------------
 
+
 def _kvasir_video_ids(root: Path, data_dir: Path, files: list[tuple[str, int]]) -> dict[str, str]:
     """Video id of each image: from ``metadata.csv`` (``filename;video_id;...``) when present,
     else the ``<videoID>_<frame>.jpg`` file-name prefix."""
@@ -125,8 +131,10 @@ def _kvasir_video_ids(root: Path, data_dir: Path, files: list[tuple[str, int]]) 
             with open(candidate, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f, delimiter=";")
                 if not {"filename", "video_id"} <= set(reader.fieldnames or ()):
-                    raise DataError(f"{candidate}: expected a semicolon-separated CSV with columns filename;video_id;"
-                                    f"... (found {reader.fieldnames})")
+                    raise DataError(
+                        f"{candidate}: expected a semicolon-separated CSV with columns filename;video_id;"
+                        f"... (found {reader.fieldnames})"
+                    )
                 from_metadata = {row["filename"]: row["video_id"] for row in reader if row.get("video_id")}
             break
     groups = {}
@@ -137,18 +145,23 @@ def _kvasir_video_ids(root: Path, data_dir: Path, files: list[tuple[str, int]]) 
         elif "_" in Path(name).stem:
             groups[rel] = Path(name).stem.split("_", 1)[0]
         else:
-            raise DataError(f"{root / rel}: Kvasir-Capsule images are named <videoID>_<frame>.jpg and this one "
-                            "has no video id; add a metadata.csv (filename;video_id) or rename it")
+            raise DataError(
+                f"{root / rel}: Kvasir-Capsule images are named <videoID>_<frame>.jpg and this one "
+                "has no video id; add a metadata.csv (filename;video_id) or rename it"
+            )
     return groups
 
 
-def _official_folds(spec: SourceSpec, data_dir: Path, root: Path, classes: list[str],
-                    by_name: dict[tuple[str, str], str]) -> list[list[tuple[str, int]]]:
+def _official_folds(
+    spec: SourceSpec, data_dir: Path, root: Path, classes: list[str], by_name: dict[tuple[str, str], str]
+) -> list[list[tuple[str, int]]]:
     """The two official folds (``official_splits/split_0.csv``, ``split_1.csv``: filename,label)."""
     split_dir = _find_dir(data_dir, ("official_splits", "splits")) or _find_dir(root.parent, ("official_splits",))
     if split_dir is None:
-        raise DataError(f"{spec.name}: --split official-N needs official_splits/split_0.csv and split_1.csv "
-                        f"(from github.com/simula/kvasir-capsule) under {data_dir}")
+        raise DataError(
+            f"{spec.name}: --split official-N needs official_splits/split_0.csv and split_1.csv "
+            f"(from github.com/simula/kvasir-capsule) under {data_dir}"
+        )
     folds = []
     for i in (0, 1):
         path = split_dir / f"split_{i}.csv"
@@ -172,14 +185,17 @@ def _official_folds(spec: SourceSpec, data_dir: Path, root: Path, classes: list[
                 else:
                     items.add((rel, classes.index(cls)))
         if missing:
-            raise DataError(f"{path}: {len(missing)} listed image(s) not found under {root}, e.g. "
-                            f"{', '.join(missing[:3])}; is the labelled_images download complete?")
+            raise DataError(
+                f"{path}: {len(missing)} listed image(s) not found under {root}, e.g. "
+                f"{', '.join(missing[:3])}; is the labelled_images download complete?"
+            )
         folds.append(sorted(items))
     return folds
 
 
-def discover_kvasir(spec: SourceSpec, data_dir: Path, val_fraction: float, test_fraction: float, seed: int,
-                    split: str = "seeded") -> DatasetSplits:
+def discover_kvasir(
+    spec: SourceSpec, data_dir: Path, val_fraction: float, test_fraction: float, seed: int, split: str = "seeded"
+) -> DatasetSplits:
     data_dir = Path(data_dir).resolve()
     root = _find_dir(data_dir, ("labelled_images", "labeled_images")) or _unwrap(spec, data_dir)
     by_class, excluded = _map_class_folders(spec, root)
@@ -199,10 +215,21 @@ def discover_kvasir(spec: SourceSpec, data_dir: Path, val_fraction: float, test_
         carved = group_split(train_val, groups, val_fraction, 0.0, rng)
         splits = {"train": carved["train"], "val": carved["val"], "test": test}
         layout = f"kvasir-capsule, official fold {train_fold} -> train/val, fold {1 - train_fold} -> test"
-        notes.append("the official Kvasir-Capsule folds share videos (7 of 43 in the release): test frames have "
-                     "near-duplicates in training, so scores are optimistic; the default video-level split avoids it")
-    ds = DatasetSplits(root=data_dir, classes=classes, splits=splits, layout=layout, groups=groups,
-                       group_kind="video", allow_group_overlap=split != "seeded", excluded=excluded, notes=notes)
+        notes.append(
+            "the official Kvasir-Capsule folds share videos (7 of 43 in the release): test frames have "
+            "near-duplicates in training, so scores are optimistic; the default video-level split avoids it"
+        )
+    ds = DatasetSplits(
+        root=data_dir,
+        classes=classes,
+        splits=splits,
+        layout=layout,
+        groups=groups,
+        group_kind="video",
+        allow_group_overlap=split != "seeded",
+        excluded=excluded,
+        notes=notes,
+    )
     check_no_leak(ds)
     _warn_missing_classes(ds)
     return ds
@@ -210,8 +237,10 @@ def discover_kvasir(spec: SourceSpec, data_dir: Path, val_fraction: float, test_
 
 # --- GastroVision --------------------------------------------------------------------------------
 
-def discover_gastrovision(spec: SourceSpec, data_dir: Path, val_fraction: float, test_fraction: float, seed: int,
-                          split: str = "seeded") -> DatasetSplits:
+
+def discover_gastrovision(
+    spec: SourceSpec, data_dir: Path, val_fraction: float, test_fraction: float, seed: int, split: str = "seeded"
+) -> DatasetSplits:
     if split != "seeded":
         raise DataError(f"{spec.name} has no official split files; use --split seeded")
     data_dir = Path(data_dir).resolve()
@@ -221,8 +250,13 @@ def discover_gastrovision(spec: SourceSpec, data_dir: Path, val_fraction: float,
     rng = random.Random(seed)
     rest, test = _stratified_take(items, test_fraction, rng)
     train, val = _stratified_take(rest, val_fraction / (1 - test_fraction), rng)
-    ds = DatasetSplits(root=data_dir, classes=classes, splits={"train": train, "val": val, "test": test},
-                       layout="gastrovision, stratified per class", excluded=excluded)
+    ds = DatasetSplits(
+        root=data_dir,
+        classes=classes,
+        splits={"train": train, "val": val, "test": test},
+        layout="gastrovision, stratified per class",
+        excluded=excluded,
+    )
     check_no_leak(ds)
     _warn_missing_classes(ds)
     return ds
@@ -233,18 +267,35 @@ def _warn_missing_classes(ds: DatasetSplits) -> None:
         present = Counter(y for _, y in ds.splits[split])
         absent = [c for i, c in enumerate(ds.classes) if not present[i]]
         if ds.splits[split] and absent:
-            ds.notes.append(f"the {split} split has no images of {', '.join(absent)} (too few "
-                            f"{ds.group_kind or 'image'}s of those classes); their {split} metrics are undefined")
+            ds.notes.append(
+                f"the {split} split has no images of {', '.join(absent)} (too few "
+                f"{ds.group_kind or 'image'}s of those classes); their {split} metrics are undefined"
+            )
 
 
 KVASIR = SourceSpec(
     name="kvasir",
     title="Kvasir-Capsule (video capsule endoscopy), labelled images",
-    classes=("angiectasia", "blood-fresh", "erosion", "erythema", "foreign body", "ileocecal valve",
-             "lymphangiectasia", "normal clean mucosa", "pylorus", "reduced mucosal view", "ulcer"),
-    spellings={"blood-fresh": ("Blood - fresh", "Blood", "blood_fresh"), "erythema": ("Erythematous",),
-               "foreign body": ("Foreign Bodies",), "ileocecal valve": ("Ileo-cecal valve",),
-               "normal clean mucosa": ("Normal", "Normal mucosa")},
+    classes=(
+        "angiectasia",
+        "blood-fresh",
+        "erosion",
+        "erythema",
+        "foreign body",
+        "ileocecal valve",
+        "lymphangiectasia",
+        "normal clean mucosa",
+        "pylorus",
+        "reduced mucosal view",
+        "ulcer",
+    ),
+    spellings={
+        "blood-fresh": ("Blood - fresh", "Blood", "blood_fresh"),
+        "erythema": ("Erythematous",),
+        "foreign body": ("Foreign Bodies",),
+        "ileocecal valve": ("Ileo-cecal valve",),
+        "normal clean mucosa": ("Normal", "Normal mucosa"),
+    },
     excluded=("Ampulla of vater", "Blood - hematin", "Polyp"),
     layout="""  DATA/labelled_images/<class>/<videoID>_<frame>.jpg   (14 class folders; Ampulla of vater,
                                                        Blood - hematin and Polyp are left out)
@@ -257,14 +308,38 @@ KVASIR = SourceSpec(
 GASTROVISION = SourceSpec(
     name="gastrovision",
     title="GastroVision (conventional endoscopy, two hospitals), the paper's 20 of 27 classes",
-    classes=("Accessory tools", "Barrett's esophagus", "Blood in lumen", "Cecum", "Colon polyps",
-             "Colorectal cancer", "Duodenal bulb", "Dyed-lifted-polyps", "Dyed-resection-margins", "Esophagitis",
-             "Gastric polyps", "Gastroesophageal_junction_normal z-line", "Ileocecal valve", "Normal esophagus",
-             "Normal mucosa and vascular pattern in the large bowel", "Normal stomach", "Pylorus",
-             "Resected polyps", "Retroflex rectum", "Small bowel_terminal ileum"),
+    classes=(
+        "Accessory tools",
+        "Barrett's esophagus",
+        "Blood in lumen",
+        "Cecum",
+        "Colon polyps",
+        "Colorectal cancer",
+        "Duodenal bulb",
+        "Dyed-lifted-polyps",
+        "Dyed-resection-margins",
+        "Esophagitis",
+        "Gastric polyps",
+        "Gastroesophageal_junction_normal z-line",
+        "Ileocecal valve",
+        "Normal esophagus",
+        "Normal mucosa and vascular pattern in the large bowel",
+        "Normal stomach",
+        "Pylorus",
+        "Resected polyps",
+        "Retroflex rectum",
+        "Small bowel_terminal ileum",
+    ),
     spellings={"Barrett's esophagus": ("Barretts esophagus", "Barrett\u2019s esophagus")},
-    excluded=("Angiectasia", "Colon diverticula", "Erythema", "Esophageal varices",
-              "Mucosal inflammation large bowel", "Resection margins", "Ulcer"),
+    excluded=(
+        "Angiectasia",
+        "Colon diverticula",
+        "Erythema",
+        "Esophageal varices",
+        "Mucosal inflammation large bowel",
+        "Resection margins",
+        "Ulcer",
+    ),
     layout="""  DATA/<class>/<file>.jpg        (the 27 class folders of the download; the 7 classes the paper
                                   leaves out are skipped; file names repeat across classes)""",
     split="80/10/10 stratified per class, seeded; images keyed by (class, file name)",
@@ -274,16 +349,24 @@ GASTROVISION = SourceSpec(
 SOURCES: dict[str, SourceSpec] = {s.name: s for s in (KVASIR, GASTROVISION)}
 
 
-def load_splits(source: str, data_dir: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                seed: int = 0, split: str = "seeded") -> DatasetSplits:
+def load_splits(
+    source: str,
+    data_dir: Path,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    split: str = "seeded",
+) -> DatasetSplits:
     """The splits of ``source``: a built-in dataset by name, otherwise an ImageFolder tree."""
     if split not in SPLIT_MODES:
         raise DataError(f"split {split!r} unknown; use one of {', '.join(SPLIT_MODES)}")
     spec = SOURCES.get(source)
     if spec is None:
         if split != "seeded":
-            raise DataError(f"--split {split} is only for built-in sources with official splits (kvasir); "
-                            f"{source!r} is read as an ImageFolder tree")
+            raise DataError(
+                f"--split {split} is only for built-in sources with official splits (kvasir); "
+                f"{source!r} is read as an ImageFolder tree"
+            )
         return discover_splits(data_dir, val_fraction, test_fraction, seed)
     if not Path(data_dir).is_dir():
         raise DataError(f"data folder {data_dir} does not exist\nexpected:\n{spec.layout}")

@@ -52,8 +52,8 @@ from gi_deploy.training.checkpoint import (
     set_rng_state,
     write_metrics_jsonl,
 )
-from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.compiled import adamw_options, compile_model
+from gi_deploy.training.config import TrainConfig
 from gi_deploy.training.data import Augment, DatasetSplits, ImageDataset, subsample_per_class
 from gi_deploy.training.device_input import DeviceFeed, augments_on_device
 from gi_deploy.training.distributed import Dist
@@ -104,9 +104,16 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, classes: list[str],
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False, feed: DeviceFeed | None = None,
-             d: Dist = Dist()) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    classes: list[str],
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    feed: DeviceFeed | None = None,
+    d: Dist = Dist(),
+) -> dict:
     """Metrics of ``model`` over ``loader`` (eval mode; restores the previous mode). ``feed`` turns
     a loader batch into the model's input (default: move it to ``device``). Under torchrun each
     rank holds a shard of the data and the predictions are gathered: every rank gets the metrics of
@@ -136,8 +143,9 @@ def _train_counts(ds: DatasetSplits) -> list[int]:
 
 
 def _augment(cfg: TrainConfig) -> Augment:
-    return Augment(hflip=cfg.hflip, vflip=cfg.vflip, rotation_degrees=cfg.rotation_degrees,
-                   color_jitter=cfg.color_jitter)
+    return Augment(
+        hflip=cfg.hflip, vflip=cfg.vflip, rotation_degrees=cfg.rotation_degrees, color_jitter=cfg.color_jitter
+    )
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
@@ -145,28 +153,43 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     (the main process feeds the GPU), at most 32."""
     if cfg.num_workers is not None:
         return cfg.num_workers
-    return max(1, min(32, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                      - 1)) if device.type == "cuda" else 0
+    return (
+        max(1, min(32, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1))
+        if device.type == "cuda"
+        else 0
+    )
 
 
-def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: torch.device,
-             g: torch.Generator, d: Dist = Dist()) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+def _loaders(
+    ds: DatasetSplits,
+    spec: PreprocessSpec,
+    cfg: TrainConfig,
+    device: torch.device,
+    g: torch.Generator,
+    d: Dist = Dist(),
+) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     workers = loader_workers(cfg, device)
     # Workers are started afresh each epoch (not persistent), seeded from a draw of the loader's generator (the
     # global RNG for val/test): every epoch's randomness then follows from the checkpointed RNG states, and a
     # resumed run goes on exactly as the uninterrupted one. Persistent workers would carry their random streams
     # on from epoch 1 and draw no new seed, which a resumed run cannot reproduce.
-    common = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, d), num_workers=workers,
-                  pin_memory=device.type == "cuda", persistent_workers=False,
-                  **({"prefetch_factor": 4} if workers > 0 else {}))
+    common = dict(
+        batch_size=distributed.per_rank_batch(cfg.batch_size, d),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        **({"prefetch_factor": 4} if workers > 0 else {}),
+    )
     augment = _augment(cfg)
     pixels = augments_on_device(device, augment)  # uint8 to the GPU, augmented there
     train_set = ImageDataset(ds.root, ds.splits["train"], spec, augment=augment, pixels=pixels)
     ddp_sampler = distributed.train_sampler(train_set, d, g)  # this rank's share of what shuffle=True draws
     if ddp_sampler is not None:
         if cfg.balance == "sampler":
-            raise ConfigError("--balance sampler is not available under torchrun (it would draw each rank's batches "
-                              "independently); use --balance weighted-loss")
+            raise ConfigError(
+                "--balance sampler is not available under torchrun (it would draw each rank's batches "
+                "independently); use --balance weighted-loss"
+            )
         train = DataLoader(train_set, sampler=ddp_sampler, generator=g, **common)
     elif cfg.balance == "sampler":  # every class drawn equally often, with replacement
         counts = _train_counts(ds)
@@ -175,11 +198,16 @@ def _loaders(ds: DatasetSplits, spec: PreprocessSpec, cfg: TrainConfig, device: 
         train = DataLoader(train_set, sampler=sampler, generator=g, **common)
     else:
         train = DataLoader(train_set, shuffle=True, generator=g, **common)
-    val = DataLoader(distributed.shard(ImageDataset(ds.root, ds.splits["val"], spec, pixels=pixels), d), shuffle=False,
-                     **common)
-    test = DataLoader(distributed.shard(ImageDataset(ds.root, ds.splits["test"], spec, pixels=pixels), d),
-                      shuffle=False, **common) \
-        if ds.splits["test"] else None
+    val = DataLoader(
+        distributed.shard(ImageDataset(ds.root, ds.splits["val"], spec, pixels=pixels), d), shuffle=False, **common
+    )
+    test = (
+        DataLoader(
+            distributed.shard(ImageDataset(ds.root, ds.splits["test"], spec, pixels=pixels), d), shuffle=False, **common
+        )
+        if ds.splits["test"]
+        else None
+    )
     return train, val, test
 
 
@@ -196,14 +224,25 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     if cfg.scheduler == "cosine":  # per epoch over the maximum number of epochs
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if cfg.scheduler == "plateau":  # on validation accuracy
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
-                                                          patience=max(1, cfg.patience // 2))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=max(1, cfg.patience // 2)
+        )
     return None
 
 
-def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn, device: torch.device,
-               amp_dtype: torch.dtype | None, feed: DeviceFeed, epoch: int, report: Report,
-               d: Dist = Dist()) -> dict:
+def _run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer,
+    scaler,
+    loss_fn,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    feed: DeviceFeed,
+    epoch: int,
+    report: Report,
+    d: Dist = Dist(),
+) -> dict:
     """One pass over the training data; returns the mean loss and the accuracy (over every rank's
     images under torchrun), the seconds to the end of the first step (loader start-up, cuDNN
     autotuning, a compile: the warm-up) and the images/s of the steps after it (the steady rate, of
@@ -221,8 +260,10 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
             loss = loss_fn(logits, y)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"training loss became {loss_value} at epoch {epoch}, step {step}/{steps}; "
-                                   "the last good checkpoint is kept. Lower --lr, or try --amp off")
+            raise TrainingDiverged(
+                f"training loss became {loss_value} at epoch {epoch}, step {step}/{steps}; "
+                "the last good checkpoint is kept. Lower --lr, or try --amp off"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -234,13 +275,24 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer, scaler, loss_fn,
             first_step_s = time.perf_counter() - t0
         else:
             after_first += len(y)
-        report("batch", {"epoch": epoch, "step": step, "steps": steps, "loss": loss_value,
-                         "img_per_s": d.world * seen / max(time.perf_counter() - t0, 1e-9)})
+        report(
+            "batch",
+            {
+                "epoch": epoch,
+                "step": step,
+                "steps": steps,
+                "loss": loss_value,
+                "img_per_s": d.world * seen / max(time.perf_counter() - t0, 1e-9),
+            },
+        )
     steady = after_first / max(time.perf_counter() - t0 - (first_step_s or 0.0), 1e-9) if after_first else None
     total_loss, n_correct, seen = distributed.all_sum(d, total_loss, float(correct.item()), float(seen))
-    return {"loss": total_loss / max(seen, 1), "accuracy": n_correct / max(seen, 1),
-            "first_step_s": round(first_step_s or 0.0, 3),
-            "steady_img_per_s": round(d.world * steady, 1) if steady else None}
+    return {
+        "loss": total_loss / max(seen, 1),
+        "accuracy": n_correct / max(seen, 1),
+        "first_step_s": round(first_step_s or 0.0, 3),
+        "steady_img_per_s": round(d.world * steady, 1) if steady else None,
+    }
 
 
 @dataclass
@@ -291,13 +343,16 @@ def _load_data(cfg: TrainConfig, manifest: RunRecord | None) -> DatasetSplits:
     if not ds.splits["val"]:
         raise ConfigError(f"{cfg.source}: the validation split is empty; early stopping needs one")
     if manifest is not None and manifest.splits["files"] != ds.to_dict()["files"]:
-        raise ConfigError(f"the data under {cfg.data_dir} changed since run {cfg.run_dir} started (its splits "
-                          "differ); resuming would mix two datasets. Start again with --overwrite")
+        raise ConfigError(
+            f"the data under {cfg.data_dir} changed since run {cfg.run_dir} started (its splits "
+            "differ); resuming would mix two datasets. Start again with --overwrite"
+        )
     return ds
 
 
-def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: RunRecord | None,
-                main: bool = True) -> tuple[nn.Module, BaseWeights, Path]:
+def _base_model(
+    cfg: TrainConfig, ds: DatasetSplits, manifest: RunRecord | None, main: bool = True
+) -> tuple[nn.Module, BaseWeights, Path]:
     """The base the run trains from (a resumed run's own, by fingerprint) and the run folder. A
     random-init base is saved in the run, since nothing else could rebuild it at export time."""
     if manifest is not None:
@@ -312,8 +367,10 @@ def _base_model(cfg: TrainConfig, ds: DatasetSplits, manifest: RunRecord | None,
         from safetensors.torch import save_file
 
         head = classifier_name(model)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(head + ".")},
-                  str(run_dir / RANDOM_BASE_WEIGHTS))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(head + ".")},
+            str(run_dir / RANDOM_BASE_WEIGHTS),
+        )
         base.ref = RANDOM_BASE_WEIGHTS
     return model, base, run_dir
 
@@ -333,10 +390,19 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     seed_everything(cfg.seed)
     model, base, run_dir = _base_model(cfg, ds, manifest, d.main)
     head = classifier_name(model)
-    spec = (manifest.preprocess if manifest is not None else  # a resumed run's own
-            PreprocessSpec(size=(cfg.img_size, cfg.img_size), mean=tuple(model.pretrained_cfg["mean"]),
-                           std=tuple(model.pretrained_cfg["std"]), resize=cfg.resize,
-                           crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0, decode=cfg.decode))
+    spec = (
+        manifest.preprocess
+        if manifest is not None
+        # a resumed run's own
+        else PreprocessSpec(
+            size=(cfg.img_size, cfg.img_size),
+            mean=tuple(model.pretrained_cfg["mean"]),
+            std=tuple(model.pretrained_cfg["std"]),
+            resize=cfg.resize,
+            crop_pct=cfg.crop_pct if cfg.resize == "crop" else 1.0,
+            decode=cfg.decode,
+        )
+    )
     deployed = sum(p.numel() for p in model.parameters())  # what the exported (merged) model holds
     method, settings, kinds = method_spec(cfg.method), cfg.adapter_settings(), adapter_kinds(cfg.method)
     model = apply_method(model, method, **settings)
@@ -346,40 +412,93 @@ def _prepare(cfg: TrainConfig, report: Report) -> _Run:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, **adamw_options(device, cfg.compile))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        **adamw_options(device, cfg.compile),
+    )
     eval_model, compile_cache = compile_model(model) if cfg.compile else (model, None)
-    run = _Run(cfg, run_dir, device, amp_dtype, channels_last, ds, model,
-               distributed.wrap(eval_model, d, device), method, settings, head,
-               _loaders(ds, spec, cfg, device, g, d), g, optimizer, _scheduler(optimizer, cfg),
-               torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), _loss_fn(ds, cfg, device),
-               DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
-               manifest, kinds, summaries, memory_baseline, dist=d, eval_model=eval_model)
+    run = _Run(
+        cfg,
+        run_dir,
+        device,
+        amp_dtype,
+        channels_last,
+        ds,
+        model,
+        distributed.wrap(eval_model, d, device),
+        method,
+        settings,
+        head,
+        _loaders(ds, spec, cfg, device, g, d),
+        g,
+        optimizer,
+        _scheduler(optimizer, cfg),
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        _loss_fn(ds, cfg, device),
+        DeviceFeed(spec, device, channels_last, _augment(cfg), augments_on_device(device, _augment(cfg))),
+        manifest,
+        kinds,
+        summaries,
+        memory_baseline,
+        dist=d,
+        eval_model=eval_model,
+    )
     if checkpoint is not None:
         _restore(run, checkpoint)
     else:
         run.manifest = RunRecord(
-            created=utc_now(), source=cfg.source, config=cfg.to_dict(), device=str(device), classes=tuple(ds.classes),
-            preprocess=spec, base_weights=base.to_dict(), model=RunModelInfo(cfg.model, len(ds.classes), head),
-            params={"trainable": trainable, "total": total, "deployed": deployed}, artifact=tuple(method.artifact),
-            splits=ds.to_dict(), versions=library_versions())
-    run.manifest.runtime = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                               "channels_last": channels_last, "compile": cfg.compile,
-                               "fused_adamw": bool(adamw_options(device, cfg.compile)),
-                               "compile_cache": str(compile_cache) if compile_cache else None,
-                               "num_workers": run.loaders[0].num_workers,
-                               "augment_on": "gpu" if run.feed.on_device else "cpu",
-                               # --batch-size is the global batch: batch_per_process x processes
-                               "processes": d.world, "global_batch": cfg.batch_size,
-                               "batch_per_process": run.loaders[0].batch_size, "split_hash": split_hash}
+            created=utc_now(),
+            source=cfg.source,
+            config=cfg.to_dict(),
+            device=str(device),
+            classes=tuple(ds.classes),
+            preprocess=spec,
+            base_weights=base.to_dict(),
+            model=RunModelInfo(cfg.model, len(ds.classes), head),
+            params={"trainable": trainable, "total": total, "deployed": deployed},
+            artifact=tuple(method.artifact),
+            splits=ds.to_dict(),
+            versions=library_versions(),
+        )
+    run.manifest.runtime = {
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "channels_last": channels_last,
+        "compile": cfg.compile,
+        "fused_adamw": bool(adamw_options(device, cfg.compile)),
+        "compile_cache": str(compile_cache) if compile_cache else None,
+        "num_workers": run.loaders[0].num_workers,
+        "augment_on": "gpu" if run.feed.on_device else "cpu",
+        # --batch-size is the global batch: batch_per_process x processes
+        "processes": d.world,
+        "global_batch": cfg.batch_size,
+        "batch_per_process": run.loaders[0].batch_size,
+        "split_hash": split_hash,
+    }
     if d.main:
         run.manifest.save(run_dir)
         ds.write_csvs(run_dir / SPLITS_DIR)
     lines = [k.summary_line(summaries[k.name], deployed) for k in kinds if k.summary_line is not None]
-    report("start", {"trainable": trainable, "total": total, "deployed": deployed, "adapter_lines": lines,
-                     "classes": ds.classes, "counts": ds.counts(), "device": str(device), "base_weights": base.kind,
-                     "license": base.license, "layout": ds.layout, "notes": ds.notes, "excluded": ds.excluded,
-                     "resumed_from": run.state.epoch if cfg.resume else None, **run.manifest.runtime})
+    report(
+        "start",
+        {
+            "trainable": trainable,
+            "total": total,
+            "deployed": deployed,
+            "adapter_lines": lines,
+            "classes": ds.classes,
+            "counts": ds.counts(),
+            "device": str(device),
+            "base_weights": base.kind,
+            "license": base.license,
+            "layout": ds.layout,
+            "notes": ds.notes,
+            "excluded": ds.excluded,
+            "resumed_from": run.state.epoch if cfg.resume else None,
+            **run.manifest.runtime,
+        },
+    )
     return run
 
 
@@ -390,8 +509,10 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     needed = {n for n, p in model.named_parameters() if p.requires_grad}
     unexpected = model.load_state_dict(checkpoint["trained"], strict=False).unexpected_keys
     if unexpected or needed - set(checkpoint["trained"]):
-        raise BundleError(f"{path} does not fit this model (unexpected: {unexpected[:3]}, "
-                          f"missing: {sorted(needed - set(checkpoint['trained']))[:3]}); start again with --overwrite")
+        raise BundleError(
+            f"{path} does not fit this model (unexpected: {unexpected[:3]}, "
+            f"missing: {sorted(needed - set(checkpoint['trained']))[:3]}); start again with --overwrite"
+        )
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     if run.scheduler is not None:
         run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -399,7 +520,7 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     run.state = LoopState(**checkpoint["loop"])
     set_rng_state(distributed.own_rng_state(checkpoint, run.dist), run.generator)
     m = run.manifest
-    m.history = m.history[:run.state.epoch]  # drop epochs past the checkpoint
+    m.history = m.history[: run.state.epoch]  # drop epochs past the checkpoint
     m.config, m.device, m.status = run.cfg.to_dict(), str(run.device), "training"
     m.resumed = (m.resumed or []) + [{"at_epoch": run.state.epoch, "time": utc_now()}]
 
@@ -410,21 +531,41 @@ def _epoch(run: _Run, epoch: int, report: Report) -> tuple[dict, dict]:
     state = run.state
     t_epoch = time.time()
     with PeakMemory(run.device, baseline=run.memory_baseline) as mem:
-        stats = _run_epoch(run.step_model, run.loaders[0], run.optimizer, run.scaler, run.loss_fn, run.device,
-                           run.amp_dtype, run.feed, epoch, report, run.dist)
+        stats = _run_epoch(
+            run.step_model,
+            run.loaders[0],
+            run.optimizer,
+            run.scaler,
+            run.loss_fn,
+            run.device,
+            run.amp_dtype,
+            run.feed,
+            epoch,
+            report,
+            run.dist,
+        )
         merged = _epoch_end_hooks(run, epoch)
         if merged:
             state.merges += 1
         eval_model = run.eval_model if run.eval_model is not None else run.step_model  # no bool(): compiled
-        val = evaluate(eval_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last,
-                       run.feed, run.dist)
+        val = evaluate(
+            eval_model, run.loaders[1], run.device, run.ds.classes, run.amp_dtype, run.channels_last, run.feed, run.dist
+        )
     seconds = time.time() - t_epoch
-    record = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-              "val_accuracy": val["accuracy"], "val_f1_weighted": val["f1_weighted"], "val_mcc": val["mcc"],
-              "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
-              "img_per_s": round(len(run.ds.splits["train"]) / max(seconds, 1e-9), 1),
-              "first_step_s": stats["first_step_s"], "steady_img_per_s": stats["steady_img_per_s"],
-              "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None}
+    record = {
+        "epoch": epoch,
+        "train_loss": stats["loss"],
+        "train_accuracy": stats["accuracy"],
+        "val_accuracy": val["accuracy"],
+        "val_f1_weighted": val["f1_weighted"],
+        "val_mcc": val["mcc"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(run.ds.splits["train"]) / max(seconds, 1e-9), 1),
+        "first_step_s": stats["first_step_s"],
+        "steady_img_per_s": stats["steady_img_per_s"],
+        "peak_mem_mib": round(mem.peak_mib, 1) if mem.peak_mib is not None else None,
+    }
     for name in run.merging:  # whether it merged, and under torchrun the hash every rank merged to
         record[f"{name}_merged"] = name in merged
         if merged.get(name):
@@ -463,22 +604,34 @@ def _end_epoch(run: _Run, record: dict, val: dict) -> None:
         state.best_acc, state.best_epoch, state.stale = val["accuracy"], epoch, 0
         if run.dist.main:
             save_trained(run.model, run.method, run.run_dir, run.head, run.settings, state.merges)
-        manifest.best = {"epoch": epoch, **{k: v for k, v in val.items() if k != "confusion_matrix"},
-                         "artifact_sha256": run.method.artifact_sha256(run.run_dir)}  # checked at export
+        manifest.best = {
+            "epoch": epoch,
+            **{k: v for k, v in val.items() if k != "confusion_matrix"},
+            "artifact_sha256": run.method.artifact_sha256(run.run_dir),
+        }  # checked at export
         manifest.best.update({f"{name}_merges": state.merges for name in run.merging})
     else:
         state.stale += 1
     state.epoch = epoch
     record["best"] = improved
     for name, summary in run.summaries.items():  # each kind's counts, and the merges the run and its best hold
-        merges = {"merges": state.merges, "merges_in_best": manifest.best[f"{name}_merges"]} \
-            if name in run.merging else {}
+        merges = (
+            {"merges": state.merges, "merges_in_best": manifest.best[f"{name}_merges"]} if name in run.merging else {}
+        )
         manifest.set_adapter_summary(name, {**summary, **merges})
     manifest.history.append(record)
     rng_ranks = distributed.rank_rng_states(rng_state(run.generator), run.dist)  # a collective: every rank
     if run.dist.main:  # only rank 0 writes; every rank resumes from this checkpoint
-        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.generator,
-                        extra={"rng_ranks": rng_ranks} if rng_ranks else None)
+        save_checkpoint(
+            run.run_dir,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            state,
+            run.generator,
+            extra={"rng_ranks": rng_ranks} if rng_ranks else None,
+        )
         write_metrics_jsonl(run.run_dir, manifest.history)
         manifest.save(run.run_dir)
 
@@ -517,8 +670,10 @@ def _train(run: _Run, report: Report, t0: float) -> TrainResult:
             manifest.save(run.run_dir)
         raise TrainingInterrupted(
             f"interrupted; epochs 1-{state.epoch} are checkpointed in {run.run_dir}. Continue with the same command "
-            "plus --resume" if state.epoch else f"interrupted before the first epoch finished; nothing to resume "
-            f"in {run.run_dir}") from None
+            "plus --resume"
+            if state.epoch
+            else f"interrupted before the first epoch finished; nothing to resume in {run.run_dir}"
+        ) from None
     except TrainingDiverged:
         manifest.status = "diverged"
         if main:
@@ -535,6 +690,13 @@ def _train(run: _Run, report: Report, t0: float) -> TrainResult:
     if main:
         manifest.save(run.run_dir)
     params = manifest.params
-    return TrainResult(run_dir=run.run_dir, best_epoch=state.best_epoch, best_val=manifest.best, test=test_metrics,
-                       trainable_params=params["trainable"], total_params=params["total"], seconds=time.time() - t0,
-                       history=manifest.history)
+    return TrainResult(
+        run_dir=run.run_dir,
+        best_epoch=state.best_epoch,
+        best_val=manifest.best,
+        test=test_metrics,
+        trainable_params=params["trainable"],
+        total_params=params["total"],
+        seconds=time.time() - t0,
+        history=manifest.history,
+    )

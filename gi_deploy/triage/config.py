@@ -18,21 +18,31 @@ READ_FRAMES_PER_MINUTE = 30.0
 
 @dataclass
 class TriageConfig:
-    inputs: str | Path = helped(help="A capsule video (mp4, avi, mkv; read as a stream) or a folder / .txt list of "
-                                     "Kvasir-Capsule frames named <video_id>_<frame>.jpg.")
-    out_dir: Path = helped(Path("triage"), "Report folder: report.html, segments.csv, frames.csv, summary.json and "
-                                           "the job's predictions.csv (what --resume continues).")
+    inputs: str | Path = helped(
+        help="A capsule video (mp4, avi, mkv; read as a stream) or a folder / .txt list of "
+        "Kvasir-Capsule frames named <video_id>_<frame>.jpg."
+    )
+    out_dir: Path = helped(
+        Path("triage"),
+        "Report folder: report.html, segments.csv, frames.csv, summary.json and "
+        "the job's predictions.csv (what --resume continues).",
+    )
     deploy_dir: Path = helped(Path("deploy"), "Bundles folder.")
-    source: str | None = helped(None, "The bundle to run (kvasir, any source's name, or auto: the router; none: the "
-                                      "only bundle).")
+    source: str | None = helped(
+        None, "The bundle to run (kvasir, any source's name, or auto: the router; none: the only bundle)."
+    )
     fps: float | None = helped(None, "Sample a video to this many frames per second, by time (none: every frame).")
-    frame_rate: float | None = helped(None, "Frames per second of a folder of frames, for their times (none: frame "
-                                            "numbers read as seconds).")
+    frame_rate: float | None = helped(
+        None, "Frames per second of a folder of frames, for their times (none: frame numbers read as seconds)."
+    )
     normal: list[str] | None = helped(None, "Classes that are normal mucosa (none: the source's built-in roles).")
-    landmark: list[str] | None = helped(None, "Landmark classes in order: stomach -> small bowel, small bowel -> "
-                                              "colon (kvasir: pylorus, ileocecal valve).")
-    quality: list[str] | None = helped(None, "Classes that mean the view cannot be read (kvasir: reduced mucosal "
-                                             "view).")
+    landmark: list[str] | None = helped(
+        None,
+        "Landmark classes in order: stomach -> small bowel, small bowel -> colon (kvasir: pylorus, ileocecal valve).",
+    )
+    quality: list[str] | None = helped(
+        None, "Classes that mean the view cannot be read (kvasir: reduced mucosal view)."
+    )
     smoothing: str = helped("median", "median | ema | none: temporal smoothing of the probabilities.")
     window: int = helped(5, "Smoothing window in sampled frames (odd for median; the EMA's span).")
     high: float = helped(0.6, "A segment needs one frame with a smoothed finding score >= this ...")
@@ -49,8 +59,11 @@ class TriageConfig:
     threads: int | None = helped(None, "The model's CPU threads (none: every core this process may use).")
     workers: int | None = helped(None, "Decoding processes for frame files (a video decodes in one thread).")
     resume: bool = helped(False, "Keep the frames a killed run classified and classify only the rest.")
-    labels: Path | None = helped(None, "Score the study against Kvasir-Capsule's metadata.csv (video id, frame number, "
-                                       "finding): event sensitivity, segmental F1, landmark time error.")
+    labels: Path | None = helped(
+        None,
+        "Score the study against Kvasir-Capsule's metadata.csv (video id, frame number, "
+        "finding): event sensitivity, segmental F1, landmark time error.",
+    )
     gap: int = helped(10, "Evaluation: labelled frames of one class at most this many frames apart are one event.")
     tolerance: int = helped(5, "Evaluation: an event is found when a segment overlaps it within this many frames.")
 
@@ -67,8 +80,9 @@ class TriageConfig:
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be > 0, got {v}")
         if self.min_frames < 1 or self.top_k < 1 or self.batch_size < 1:
-            raise ConfigError(f"min_frames, top_k and batch_size must be >= 1, got {self.min_frames}, {self.top_k}, "
-                              f"{self.batch_size}")
+            raise ConfigError(
+                f"min_frames, top_k and batch_size must be >= 1, got {self.min_frames}, {self.top_k}, {self.batch_size}"
+            )
         self.labels = None if self.labels is None else Path(self.labels)
         if self.gap < 0 or self.tolerance < 0:
             raise ConfigError(f"gap and tolerance are frame counts >= 0, got {self.gap} and {self.tolerance}")

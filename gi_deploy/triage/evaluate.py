@@ -62,9 +62,11 @@ def read_labels(path: Path) -> dict[str, dict[int, str]]:
 
     vcol, fcol, ccol = pick(VIDEO_COLUMNS), pick(FRAME_COLUMNS), pick(CLASS_COLUMNS)
     if not (vcol and fcol and ccol):
-        raise DataError(f"--evaluate {path}: needs a video ({'/'.join(VIDEO_COLUMNS)}), a frame "
-                        f"({'/'.join(FRAME_COLUMNS)}) and a class ({'/'.join(CLASS_COLUMNS)}) column; it has "
-                        f"{', '.join(reader.fieldnames or [])}")
+        raise DataError(
+            f"--evaluate {path}: needs a video ({'/'.join(VIDEO_COLUMNS)}), a frame "
+            f"({'/'.join(FRAME_COLUMNS)}) and a class ({'/'.join(CLASS_COLUMNS)}) column; it has "
+            f"{', '.join(reader.fieldnames or [])}"
+        )
     out: dict[str, dict[int, str]] = {}
     for line, row in enumerate(reader, start=2):
         try:
@@ -138,15 +140,18 @@ def _time_of(study: VideoStudy, frame: int) -> float:
     return float(np.interp(frame, study.table.frames, study.table.times))
 
 
-def evaluate_studies(studies: list[VideoStudy], labels: dict[str, dict[int, str]], gap: int = 10,
-                     tolerance: int = 5) -> dict:
+def evaluate_studies(
+    studies: list[VideoStudy], labels: dict[str, dict[int, str]], gap: int = 10, tolerance: int = 5
+) -> dict:
     """Score ``studies`` against ``labels`` (see the module docstring). Returns a JSON-able dict."""
     by_video = {s.video: s for s in studies}
     missing = sorted(v for v in labels if v not in by_video)
     if not set(labels) & set(by_video):
-        raise DataError(f"--evaluate: none of the labelled videos ({', '.join(sorted(labels)[:5])}) is in this study "
-                        f"({', '.join(sorted(by_video)[:5])}); video ids must match the video's file name or the "
-                        "frames' <video_id>")
+        raise DataError(
+            f"--evaluate: none of the labelled videos ({', '.join(sorted(labels)[:5])}) is in this study "
+            f"({', '.join(sorted(by_video)[:5])}); video ids must match the video's file name or the "
+            "frames' <video_id>"
+        )
     roles = studies[0].roles
     findings = roles.names("findings")
     normal_keys = {key(c) for c in roles.names("normal")}
@@ -167,10 +172,13 @@ def evaluate_studies(studies: list[VideoStudy], labels: dict[str, dict[int, str]
         for e, ok in zip(events, found):
             per_class[e.finding][0] += ok
             per_class[e.finding][1] += 1
-        per_video[video] = {"events": len(events), "found": int(sum(found)),
-                            "sensitivity": sum(found) / len(events) if events else None,
-                            "detected": bool(any(found)) if events else None,
-                            "flagged_per_hour": s.budget.get("flagged_per_hour")}
+        per_video[video] = {
+            "events": len(events),
+            "found": int(sum(found)),
+            "sensitivity": sum(found) / len(events) if events else None,
+            "detected": bool(any(found)) if events else None,
+            "flagged_per_hour": s.budget.get("flagged_per_hour"),
+        }
         labelled = np.array(sorted(lab), np.int64)
         scored = []
         for g in s.segments:
@@ -193,9 +201,17 @@ def evaluate_studies(studies: list[VideoStudy], labels: dict[str, dict[int, str]
             b = s.sections.bounds[i] if i < len(s.sections.bounds) else None
             truth = _time_of(s, frames[0])
             predicted = None if b is None else float(s.table.times[b])
-            landmark_rows.append({"video": video, "landmark": lm, "section_begins": SECTIONS[i + 1],
-                                  "labelled_frame": frames[0], "labelled_time_s": truth, "predicted_time_s": predicted,
-                                  "error_s": None if predicted is None else abs(predicted - truth)})
+            landmark_rows.append(
+                {
+                    "video": video,
+                    "landmark": lm,
+                    "section_begins": SECTIONS[i + 1],
+                    "labelled_frame": frames[0],
+                    "labelled_time_s": truth,
+                    "predicted_time_s": predicted,
+                    "error_s": None if predicted is None else abs(predicted - truth),
+                }
+            )
     total_found = sum(v[0] for v in per_class.values())
     total = sum(v[1] for v in per_class.values())
     videos_with = [v for v in per_video.values() if v["events"]]
@@ -206,16 +222,20 @@ def evaluate_studies(studies: list[VideoStudy], labels: dict[str, dict[int, str]
     hours = sum(s.budget.get("duration_s", 0.0) for s in studies if s.video in labels) / 3600
     flagged = sum(s.budget.get("flagged_frames", 0) for s in studies if s.video in labels)
     return {
-        "gap_frames": gap, "tolerance_frames": tolerance,
-        "events": total, "events_found": total_found,
+        "gap_frames": gap,
+        "tolerance_frames": tolerance,
+        "events": total,
+        "events_found": total_found,
         "event_sensitivity": total_found / total if total else None,
-        "per_class": {c: {"found": f, "events": n, "sensitivity": f / n if n else None}
-                      for c, (f, n) in per_class.items()},
+        "per_class": {
+            c: {"found": f, "events": n, "sensitivity": f / n if n else None} for c, (f, n) in per_class.items()
+        },
         "per_video": per_video,
         "videos_detected": sum(bool(v["detected"]) for v in videos_with),
         "videos_with_events": len(videos_with),
-        "per_video_sensitivity": (sum(bool(v["detected"]) for v in videos_with) / len(videos_with)
-                                  if videos_with else None),
+        "per_video_sensitivity": (
+            sum(bool(v["detected"]) for v in videos_with) / len(videos_with) if videos_with else None
+        ),
         "flagged_per_hour": flagged / hours if hours > 0 else None,
         "segmental_f1": f1,
         "segments_over_unlabelled_frames": unknown_segments,
@@ -226,5 +246,5 @@ def evaluate_studies(studies: list[VideoStudy], labels: dict[str, dict[int, str]
         "labels_not_model_classes": other_labels,
         "videos_not_in_study": missing,
         "note": "unlabelled frames are unknown, not negative: specificity is measured on frames labelled normal "
-                "only, and segments over frames nobody labelled are left out of the segmental F1",
+        "only, and segments over frames nobody labelled are left out of the segmental F1",
     }

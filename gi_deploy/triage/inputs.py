@@ -51,8 +51,10 @@ def parse_frame_name(path: Path) -> tuple[str, int]:
     """``(video id, frame number)`` of a Kvasir-Capsule frame file. Raises DataError otherwise."""
     m = FRAME_NAME.match(path.stem)
     if not m:
-        raise DataError(f"{path}: frames are read as Kvasir-Capsule names them, <video_id>_<frame>.jpg (e.g. "
-                        "04a78ef00c5245e0_10023.jpg), to group them by video and order them in time; rename it")
+        raise DataError(
+            f"{path}: frames are read as Kvasir-Capsule names them, <video_id>_<frame>.jpg (e.g. "
+            "04a78ef00c5245e0_10023.jpg), to group them by video and order them in time; rename it"
+        )
     return m["video"], int(m["frame"])
 
 
@@ -67,8 +69,9 @@ def collect_frames(paths: list[Path], root: Path, frame_rate: float | None) -> S
     frames = np.array([k[1] for k in keyed], np.int64)
     rate = frame_rate or 1.0
     notes = [] if frame_rate else ["no --frame-rate given: times are frame numbers read as seconds (1 frame/s)"]
-    return StudyInputs(root, [k[2] for k in keyed], videos=[k[0] for k in keyed], frames=frames,
-                       times=frames / rate, notes=notes)
+    return StudyInputs(
+        root, [k[2] for k in keyed], videos=[k[0] for k in keyed], frames=frames, times=frames / rate, notes=notes
+    )
 
 
 def collect_study(spec: str | Path, fps: float | None = None, frame_rate: float | None = None) -> StudyInputs:
@@ -83,8 +86,15 @@ def collect_study(spec: str | Path, fps: float | None = None, frame_rate: float 
         info = probe_video(path, fps)
         items = [frame_item(path, int(f)) for f in info.frames]
         notes = list(info.notes) + ([info.damaged] if info.damaged else [])
-        return StudyInputs(path.parent, items, videos=[path.stem] * len(items), frames=info.frames.copy(),
-                           times=info.times.copy(), video=info, notes=notes)
+        return StudyInputs(
+            path.parent,
+            items,
+            videos=[path.stem] * len(items),
+            frames=info.frames.copy(),
+            times=info.times.copy(),
+            video=info,
+            notes=notes,
+        )
     if fps is not None:
         raise ConfigError("--fps samples a video file; frames in a folder are classified as they are")
     if path.is_dir():
@@ -100,6 +110,8 @@ def collect_study(spec: str | Path, fps: float | None = None, frame_rate: float 
             raise DataError(f"list {path} names no frame")
         return collect_frames(paths, base, frame_rate)
     if path.exists():
-        raise ConfigError(f"cannot triage {path}: not a video ({', '.join(sorted(VIDEO_SUFFIXES))}), a folder of "
-                          "frames or a .txt list of frames")
+        raise ConfigError(
+            f"cannot triage {path}: not a video ({', '.join(sorted(VIDEO_SUFFIXES))}), a folder of "
+            "frames or a .txt list of frames"
+        )
     raise ConfigError(f"nothing to triage at {spec}: no such file or folder")

@@ -28,7 +28,7 @@ def dhash(pixels: np.ndarray) -> np.ndarray:
     a = np.asarray(pixels, dtype=np.uint8)
     h, w = a.shape[:2]
     ch, cw = max(1, int(h * HASH_CROP / 2)), max(1, int(w * HASH_CROP / 2))
-    crop = a[h // 2 - ch:h // 2 + ch, w // 2 - cw:w // 2 + cw]
+    crop = a[h // 2 - ch : h // 2 + ch, w // 2 - cw : w // 2 + cw]
     grey = Image.fromarray(crop).convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR)
     g = np.asarray(grey, dtype=np.int16)
     return np.packbits((g[:, :-1] > g[:, 1:]).ravel())
@@ -46,7 +46,7 @@ def remove_near_duplicates(order: np.ndarray, hashes: np.ndarray, max_bits: int 
     kept: list[int] = []
     kept_hashes = np.zeros((len(order), HASH_BYTES), np.uint8)
     for p in np.asarray(order, dtype=np.int64):
-        if kept and int(hamming(kept_hashes[:len(kept)], hashes[p]).min()) <= max_bits:
+        if kept and int(hamming(kept_hashes[: len(kept)], hashes[p]).min()) <= max_bits:
             continue
         kept_hashes[len(kept)] = hashes[p]
         kept.append(int(p))
@@ -57,7 +57,7 @@ def flagged_positions(segments: list[Segment], n: int) -> np.ndarray:
     """(N,) bool: frames inside any segment."""
     flags = np.zeros(n, bool)
     for g in segments:
-        flags[g.start:g.end + 1] = True
+        flags[g.start : g.end + 1] = True
     return flags
 
 
@@ -105,5 +105,10 @@ def quality_track(probs: np.ndarray, quality: tuple[int, ...], rejected: np.ndar
     reduced = (probs[:, list(quality)].sum(1) >= threshold) if quality and n else np.zeros(n, bool)
     rejected = np.asarray(rejected, bool)
     poor = reduced | rejected
-    return {"reduced_view": int(reduced.sum()), "refused": int(rejected.sum()), "poor": int(poor.sum()),
-            "poor_share": float(poor.mean()) if n else 0.0, "flags": poor}
+    return {
+        "reduced_view": int(reduced.sum()),
+        "refused": int(rejected.sum()),
+        "poor": int(poor.sum()),
+        "poor_share": float(poor.mean()) if n else 0.0,
+        "flags": poor,
+    }

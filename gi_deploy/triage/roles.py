@@ -53,24 +53,33 @@ def _resolve(names: tuple[str, ...] | list[str], classes: list[str], flag: str, 
     out = []
     for n in names:
         if key(n) not in by_key:
-            raise ConfigError(f"{flag} {n!r} is not a class of the {source} model; its classes are "
-                              f"{', '.join(classes)}")
+            raise ConfigError(
+                f"{flag} {n!r} is not a class of the {source} model; its classes are {', '.join(classes)}"
+            )
         out.append(by_key[key(n)])
     return tuple(out)
 
 
-def class_roles(source: str, classes: list[str], normal: list[str] | None = None,
-                landmark: list[str] | None = None, quality: list[str] | None = None) -> ClassRoles:
+def class_roles(
+    source: str,
+    classes: list[str],
+    normal: list[str] | None = None,
+    landmark: list[str] | None = None,
+    quality: list[str] | None = None,
+) -> ClassRoles:
     """The roles of ``classes`` (the model's class order). Names given override the built-in
     source's roles one role at a time. Raises ConfigError naming a class the model does not have,
     a class given two roles, more than two landmarks, or no finding class left."""
     builtin = BUILTIN_ROLES.get(key(source), {})
     given = {"normal": normal, "landmark": landmark, "quality": quality}
-    roles = {r: _resolve(given[r] if given[r] is not None else builtin.get(r, ()), classes, f"--{r}", source)
-             for r in given}
+    roles = {
+        r: _resolve(given[r] if given[r] is not None else builtin.get(r, ()), classes, f"--{r}", source) for r in given
+    }
     if len(roles["landmark"]) > 2:
-        raise ConfigError(f"--landmark takes at most two classes in order (stomach -> small bowel, small bowel -> "
-                          f"colon), got {', '.join(classes[i] for i in roles['landmark'])}")
+        raise ConfigError(
+            f"--landmark takes at most two classes in order (stomach -> small bowel, small bowel -> "
+            f"colon), got {', '.join(classes[i] for i in roles['landmark'])}"
+        )
     seen: dict[int, str] = {}
     for role, idx in roles.items():
         for i in idx:
@@ -79,6 +88,8 @@ def class_roles(source: str, classes: list[str], normal: list[str] | None = None
             seen[i] = role
     findings = tuple(i for i in range(len(classes)) if i not in seen)
     if not findings:
-        raise ConfigError(f"no finding class is left in {', '.join(classes)} after --normal/--landmark/--quality; "
-                          "leave at least one class as a finding")
+        raise ConfigError(
+            f"no finding class is left in {', '.join(classes)} after --normal/--landmark/--quality; "
+            "leave at least one class as a finding"
+        )
     return ClassRoles(tuple(classes), roles["normal"], roles["landmark"], roles["quality"], findings)

@@ -48,10 +48,20 @@ class TriageResult:
 def infer_config(cfg: TriageConfig) -> InferConfig:
     """The job's config: the predictions CSV in the report folder, no label scoring (triage scores
     events, not frames)."""
-    return InferConfig(inputs=cfg.inputs, deploy_dir=cfg.deploy_dir, sources=[cfg.source] if cfg.source else None,
-                       out_csv=cfg.out_dir / PREDICTIONS, batch_size=cfg.batch_size, backend=cfg.backend,
-                       precision=cfg.precision, device=cfg.device, workers=capped_workers(cfg.workers),
-                       threads=cfg.threads, resume=cfg.resume, score=False)
+    return InferConfig(
+        inputs=cfg.inputs,
+        deploy_dir=cfg.deploy_dir,
+        sources=[cfg.source] if cfg.source else None,
+        out_csv=cfg.out_dir / PREDICTIONS,
+        batch_size=cfg.batch_size,
+        backend=cfg.backend,
+        precision=cfg.precision,
+        device=cfg.device,
+        workers=capped_workers(cfg.workers),
+        threads=cfg.threads,
+        resume=cfg.resume,
+        score=False,
+    )
 
 
 def _triage_source(strategy) -> str:
@@ -59,8 +69,10 @@ def _triage_source(strategy) -> str:
     built-in kvasir (capsule) bundle if routed to, else the first."""
     names = list(strategy.bundles)
     if len(strategy.slots) > 1:
-        raise ConfigError(f"triage reads one model's classes; these bundles are {', '.join(names)}: give --source "
-                          "with one of them (or auto)")
+        raise ConfigError(
+            f"triage reads one model's classes; these bundles are {', '.join(names)}: give --source "
+            "with one of them (or auto)"
+        )
     return next((n for n in names if key(n) == "kvasir"), names[0])
 
 
@@ -110,8 +122,11 @@ def triage(cfg: TriageConfig, progress: Callable[[int, int], None] | None = None
     strategy = open_strategy(icfg)
     job = plan_job(icfg, inputs, strategy)
     specs = strategy.specs
-    workers = icfg.workers if icfg.workers is not None else default_workers(
-        gpu=any(getattr(b, "device", "cpu") == "cuda" for b in strategy.bundles.values()))
+    workers = (
+        icfg.workers
+        if icfg.workers is not None
+        else default_workers(gpu=any(getattr(b, "device", "cpu") == "cuda" for b in strategy.bundles.values()))
+    )
     hashes: dict[Path, np.ndarray] = {}
 
     def batches(todo: list) -> Iterable:
@@ -125,8 +140,9 @@ def triage(cfg: TriageConfig, progress: Callable[[int, int], None] | None = None
     return report(cfg, inputs, source, roles, specs, hashes, labels, result)
 
 
-def report(cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, hashes: dict, labels, result
-           ) -> TriageResult:
+def report(
+    cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, hashes: dict, labels, result
+) -> TriageResult:
     """The study from the job's CSV, the review list and the report files."""
     out = cfg.out_dir
     tables = read_predictions(out / PREDICTIONS, source, list(roles.classes))
@@ -135,8 +151,12 @@ def report(cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, ha
     item_of = {inputs.rel(p): p for p in inputs.paths}
     studies = [analyse(t, roles, cfg) for t in tables]
     # the flagged frames a resumed run classified before the kill have no hash yet: decode those again
-    missing = [item_of[s.table.items[i]] for s in studies for i in np.flatnonzero(s.flagged)
-               if item_of[s.table.items[i]] not in hashes]
+    missing = [
+        item_of[s.table.items[i]]
+        for s in studies
+        for i in np.flatnonzero(s.flagged)
+        if item_of[s.table.items[i]] not in hashes
+    ]
     for item, image in frame_images(inputs, missing):
         if image is not None:
             hashes[item] = dhash(to_pixels(image, specs[0]))
@@ -165,21 +185,36 @@ def report(cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, ha
                 sheets.setdefault(s.video, {})[finding] = contact_sheet(cells)
     evaluation = evaluate_studies(studies, labels, cfg.gap, cfg.tolerance) if labels is not None else None
     summary = {
-        "input": str(cfg.inputs), "model": source, "created": utc_now(),
+        "input": str(cfg.inputs),
+        "model": source,
+        "created": utc_now(),
         "roles": roles.to_dict(),
-        "settings": {"smoothing": cfg.smoothing, "window": cfg.window, "high": cfg.high, "low": cfg.low,
-                     "min_frames": cfg.min_frames, "landmark_evidence": cfg.landmark_evidence, "fps": cfg.fps,
-                     "duplicate_bits": cfg.duplicate_bits, "top_k": cfg.top_k, "read_fpm": cfg.read_fpm},
+        "settings": {
+            "smoothing": cfg.smoothing,
+            "window": cfg.window,
+            "high": cfg.high,
+            "low": cfg.low,
+            "min_frames": cfg.min_frames,
+            "landmark_evidence": cfg.landmark_evidence,
+            "fps": cfg.fps,
+            "duplicate_bits": cfg.duplicate_bits,
+            "top_k": cfg.top_k,
+            "read_fpm": cfg.read_fpm,
+        },
         "notes": list(inputs.notes),
         "videos": [summary_of(s) for s in studies],
-        "classified": result.n_classified, "resumed": result.n_resumed, "unreadable": result.n_errors,
+        "classified": result.n_classified,
+        "resumed": result.n_resumed,
+        "unreadable": result.n_errors,
         "seconds": result.seconds,
     }
     if evaluation is not None:
         summary["evaluation"] = evaluation
-    files = {"predictions": out / PREDICTIONS,
-             "segments": write_segments(out / "segments.csv", studies),
-             "frames": write_frames(out / "frames.csv", studies)}
+    files = {
+        "predictions": out / PREDICTIONS,
+        "segments": write_segments(out / "segments.csv", studies),
+        "frames": write_frames(out / "frames.csv", studies),
+    }
     for video, by_finding in sheets.items():  # the contact sheets as files too (the README's image)
         for finding, sheet in by_finding.items():
             name = f"contact_{video}_{key(finding)}.jpg"
@@ -187,5 +222,4 @@ def report(cfg: TriageConfig, inputs: StudyInputs, source: str, roles, specs, ha
             files[f"contact:{video}:{finding}"] = out / name
     files["summary"] = write_summary(out / "summary.json", summary)
     files["report"] = write_html(out / "report.html", summary, studies, sheets, evaluation)
-    return TriageResult(out, files, summary, studies, evaluation, result.n_classified, result.n_resumed,
-                        result.seconds)
+    return TriageResult(out, files, summary, studies, evaluation, result.n_classified, result.n_resumed, result.seconds)

@@ -58,10 +58,15 @@ class Sections:
 
     def to_dict(self, times: np.ndarray, frames: np.ndarray) -> dict:
         b1, b2 = self.bounds
-        return {"first_small_bowel_frame": None if b1 is None else int(frames[b1]),
-                "first_colon_frame": None if b2 is None else int(frames[b2]),
-                "evidence": list(self.evidence), "incomplete": self.incomplete, "reason": self.reason,
-                "sections": list(SECTIONS), **self.transit(times)}
+        return {
+            "first_small_bowel_frame": None if b1 is None else int(frames[b1]),
+            "first_colon_frame": None if b2 is None else int(frames[b2]),
+            "evidence": list(self.evidence),
+            "incomplete": self.incomplete,
+            "reason": self.reason,
+            "sections": list(SECTIONS),
+            **self.transit(times),
+        }
 
 
 def _best_ordered(e1: np.ndarray, e2: np.ndarray) -> tuple[int, int]:
@@ -84,14 +89,24 @@ def find_sections(landmark_scores: np.ndarray, min_evidence: float = 0.5) -> Sec
     n = len(landmark_scores)
     nl = landmark_scores.shape[1] if landmark_scores.ndim == 2 else 0
     if nl == 0 or n == 0:
-        return Sections((None, None), (None, None), n, True, "the model has no landmark classes: sections and the "
-                        "caecum cannot be found (give --landmark)")
+        return Sections(
+            (None, None),
+            (None, None),
+            n,
+            True,
+            "the model has no landmark classes: sections and the caecum cannot be found (give --landmark)",
+        )
     e1 = landmark_scores[:, 0].astype(np.float64)
     if nl == 1:
         b = int(np.argmax(e1))
         ok = e1[b] >= min_evidence
-        return Sections((b if ok else None, None), (float(e1[b]) if ok else None, None), n, True,
-                        "one landmark class only: the colon boundary cannot be found (give a second --landmark)")
+        return Sections(
+            (b if ok else None, None),
+            (float(e1[b]) if ok else None, None),
+            n,
+            True,
+            "one landmark class only: the colon boundary cannot be found (give a second --landmark)",
+        )
     e2 = landmark_scores[:, 1].astype(np.float64)
     if n >= 2:
         b1, b2 = _best_ordered(e1, e2)
@@ -102,10 +117,20 @@ def find_sections(landmark_scores: np.ndarray, min_evidence: float = 0.5) -> Sec
     if e2[b2] >= min_evidence:  # the valve was seen, the pylorus not (with its score before the valve)
         b1 = int(np.argmax(e1[:b2])) if b2 > 0 else None
         found1 = b1 is not None and e1[b1] >= min_evidence
-        return Sections((b1 if found1 else None, b2), (float(e1[b1]) if found1 else None, float(e2[b2])), n, False,
-                        "" if found1 else "the pylorus was not seen: where the small bowel begins is undetermined")
+        return Sections(
+            (b1 if found1 else None, b2),
+            (float(e1[b1]) if found1 else None, float(e2[b2])),
+            n,
+            False,
+            "" if found1 else "the pylorus was not seen: where the small bowel begins is undetermined",
+        )
     b1 = int(np.argmax(e1))
     found1 = e1[b1] >= min_evidence
-    return Sections((b1 if found1 else None, None), (float(e1[b1]) if found1 else None, None), n, True,
-                    f"the ileocecal valve was never seen (landmark score < {min_evidence}): the caecum was not "
-                    "reached, or the capsule passed it unseen; incomplete study")
+    return Sections(
+        (b1 if found1 else None, None),
+        (float(e1[b1]) if found1 else None, None),
+        n,
+        True,
+        f"the ileocecal valve was never seen (landmark score < {min_evidence}): the caecum was not "
+        "reached, or the capsule passed it unseen; incomplete study",
+    )

@@ -19,8 +19,9 @@ from gi_deploy.triage.inputs import StudyInputs
 PREFETCH = 3  # batches decoded ahead: enough to hide decoding behind the model, few enough to stay small
 
 
-def _batches(inputs: StudyInputs, todo: list[Path], specs: tuple[PreprocessSpec, ...],
-             batch_size: int) -> Iterator[DecodedBatch]:
+def _batches(
+    inputs: StudyInputs, todo: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int
+) -> Iterator[DecodedBatch]:
     from gi_deploy.triage.video import decode_frames  # PyAV: the video extra
 
     pos = inputs._pos
@@ -45,8 +46,9 @@ def _batch(items, errors, arrays, specs) -> DecodedBatch:
     return DecodedBatch(list(items), list(errors), inputs)
 
 
-def video_batches(inputs: StudyInputs, todo: list[Path], specs: tuple[PreprocessSpec, ...],
-                  batch_size: int, prefetch: int = PREFETCH) -> Iterator[DecodedBatch]:
+def video_batches(
+    inputs: StudyInputs, todo: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int, prefetch: int = PREFETCH
+) -> Iterator[DecodedBatch]:
     """DecodedBatch-es of ``todo`` (items of ``inputs``, in order), decoded in a thread at most
     ``prefetch`` batches ahead (FFmpeg and Pillow's resize release the GIL). An error in the
     thread is raised here; closing the iterator stops the thread."""

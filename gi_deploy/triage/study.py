@@ -45,22 +45,35 @@ def read_predictions(csv_path: Path, source: str, classes: list[str]) -> list[Fr
         cols = set(reader.fieldnames or ())
         need = {"video", "frame", "time_s", *(PROB_PREFIX + c for c in classes)}
         if need - cols:
-            raise DataError(f"{csv_path} lacks the columns {', '.join(sorted(need - cols))}: not a triage job's "
-                            "predictions (or another model's); use another --out")
+            raise DataError(
+                f"{csv_path} lacks the columns {', '.join(sorted(need - cols))}: not a triage job's "
+                "predictions (or another model's); use another --out"
+            )
         for r in reader:
             bad = bool(r.get("error"))
-            refused = not bad and (r.get("rejected", "").lower() in ("1", "true") or r.get("source") != source
-                                   or not r.get(PROB_PREFIX + classes[0]))
+            refused = not bad and (
+                r.get("rejected", "").lower() in ("1", "true")
+                or r.get("source") != source
+                or not r.get(PROB_PREFIX + classes[0])
+            )
             p = [0.0] * len(classes) if bad or refused else [float(r[PROB_PREFIX + c]) for c in classes]
-            by_video.setdefault(r["video"], []).append((int(r["frame"]), float(r["time_s"]), r["path"], p, refused,
-                                                        bad))
+            by_video.setdefault(r["video"], []).append(
+                (int(r["frame"]), float(r["time_s"]), r["path"], p, refused, bad)
+            )
     tables = []
     for video in sorted(by_video):
         rows = sorted(by_video[video], key=lambda t: t[0])
-        tables.append(FrameTable(video, [t[2] for t in rows], np.array([t[0] for t in rows], np.int64),
-                                 np.array([t[1] for t in rows], np.float64),
-                                 np.array([t[3] for t in rows], np.float32).reshape(len(rows), len(classes)),
-                                 np.array([t[4] for t in rows], bool), np.array([t[5] for t in rows], bool)))
+        tables.append(
+            FrameTable(
+                video,
+                [t[2] for t in rows],
+                np.array([t[0] for t in rows], np.int64),
+                np.array([t[1] for t in rows], np.float64),
+                np.array([t[3] for t in rows], np.float32).reshape(len(rows), len(classes)),
+                np.array([t[4] for t in rows], bool),
+                np.array([t[5] for t in rows], bool),
+            )
+        )
     return tables
 
 
@@ -95,8 +108,16 @@ def analyse(table: FrameTable, roles: ClassRoles, cfg: TriageConfig) -> VideoStu
     """Smooth, find segments and sections, and the quality track of one video."""
     smoothed = smooth(table.probs, cfg.smoothing, cfg.window)
     findings = roles.names("findings")
-    segments = find_segments(table.video, smoothed[:, list(roles.findings)], findings, table.frames, table.times,
-                             cfg.high, cfg.low, cfg.min_frames)
+    segments = find_segments(
+        table.video,
+        smoothed[:, list(roles.findings)],
+        findings,
+        table.frames,
+        table.times,
+        cfg.high,
+        cfg.low,
+        cfg.min_frames,
+    )
     sections = find_sections(smoothed[:, list(roles.landmarks)], cfg.landmark_evidence)
     quality = quality_track(table.probs, roles.quality, table.refused | table.unreadable)
     flagged = flagged_positions(segments, len(table.frames))
@@ -119,8 +140,9 @@ def select_review(study: VideoStudy, hashes: np.ndarray, cfg: TriageConfig) -> N
         if top:
             study.top[name] = top
     t = study.table.times
-    study.budget = review_budget(len(t), float(t[-1] - t[0]) if len(t) else 0.0, int(study.flagged.sum()),
-                                 len(study.review), cfg.read_fpm)
+    study.budget = review_budget(
+        len(t), float(t[-1] - t[0]) if len(t) else 0.0, int(study.flagged.sum()), len(study.review), cfg.read_fpm
+    )
 
 
 def summary_of(study: VideoStudy) -> dict:

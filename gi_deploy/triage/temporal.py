@@ -86,20 +86,45 @@ def hysteresis_runs(score: np.ndarray, high: float, low: float, min_frames: int 
     above = np.asarray(score) >= low
     edges = np.diff(np.concatenate([[0], above.astype(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-    return [(int(s), int(e)) for s, e in zip(starts, ends)
-            if e - s + 1 >= min_frames and float(np.max(score[s:e + 1])) >= high]
+    return [
+        (int(s), int(e))
+        for s, e in zip(starts, ends)
+        if e - s + 1 >= min_frames and float(np.max(score[s : e + 1])) >= high
+    ]
 
 
-def find_segments(video: str, scores: np.ndarray, findings: list[str], frames: np.ndarray, times: np.ndarray,
-                  high: float = 0.5, low: float = 0.3, min_frames: int = 1) -> list[Segment]:
+def find_segments(
+    video: str,
+    scores: np.ndarray,
+    findings: list[str],
+    frames: np.ndarray,
+    times: np.ndarray,
+    high: float = 0.5,
+    low: float = 0.3,
+    min_frames: int = 1,
+) -> list[Segment]:
     """Every finding's segments in one video, in time order. ``scores`` (N, F): the smoothed score of
     each of ``findings`` per frame; ``frames`` (N,) int frame numbers; ``times`` (N,) seconds."""
     segments = []
     for j, name in enumerate(findings):
         s = scores[:, j]
         for a, b in hysteresis_runs(s, high, low, min_frames):
-            peak = a + int(np.argmax(s[a:b + 1]))
-            segments.append(Segment(video, name, a, b, peak, int(frames[a]), int(frames[b]), int(frames[peak]),
-                                    float(times[a]), float(times[b]), float(times[peak]), float(s[peak]),
-                                    float(np.mean(s[a:b + 1]))))
+            peak = a + int(np.argmax(s[a : b + 1]))
+            segments.append(
+                Segment(
+                    video,
+                    name,
+                    a,
+                    b,
+                    peak,
+                    int(frames[a]),
+                    int(frames[b]),
+                    int(frames[peak]),
+                    float(times[a]),
+                    float(times[b]),
+                    float(times[peak]),
+                    float(s[peak]),
+                    float(np.mean(s[a : b + 1])),
+                )
+            )
     return sorted(segments, key=lambda g: (g.start, g.finding))

@@ -36,8 +36,10 @@ def _av():
     try:
         import av  # the video extra
     except ImportError as e:
-        raise DependencyError("PyAV is not installed: pip install 'gi-deploy[video]' to triage video files (a "
-                              "folder of frames needs nothing more)") from e
+        raise DependencyError(
+            "PyAV is not installed: pip install 'gi-deploy[video]' to triage video files (a "
+            "folder of frames needs nothing more)"
+        ) from e
     return av
 
 
@@ -78,19 +80,24 @@ def _open(path: Path):
     except (av.FFmpegError, OSError, ValueError) as e:
         hint = ""
         if path.suffix.lower() in (".mp4", ".mov", ".m4v"):
-            hint = ("; an MP4 cut before its index (the 'moov' atom, written at the end unless the file was made "
-                    "with -movflags +faststart) cannot be read at all")
+            hint = (
+                "; an MP4 cut before its index (the 'moov' atom, written at the end unless the file was made "
+                "with -movflags +faststart) cannot be read at all"
+            )
         raise DataError(f"cannot read video {path}: not a video file FFmpeg can open ({e}){hint}") from e
     if not container.streams.video:
         kinds = ", ".join(s.type for s in container.streams) or "none"
         container.close()
-        raise DataError(f"{path} has no video stream (its streams: {kinds}); give a capsule video or a folder of "
-                        "frames")
+        raise DataError(
+            f"{path} has no video stream (its streams: {kinds}); give a capsule video or a folder of frames"
+        )
     stream = container.streams.video[0]
     if stream.codec_context is None:  # PyAV#2344: decoding a stream without a codec context kills the process
         container.close()
-        raise DataError(f"cannot read video {path}: FFmpeg found no codec parameters for its video stream (the file "
-                        "is cut inside its first frame, or its codec is unknown)")
+        raise DataError(
+            f"cannot read video {path}: FFmpeg found no codec parameters for its video stream (the file "
+            "is cut inside its first frame, or its codec is unknown)"
+        )
     return container, stream
 
 
@@ -122,8 +129,10 @@ def probe_video(path: Path, fps: float | None = None) -> VideoInfo:
                     continue
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None:
-                    raise DataError(f"{path}: frame {len(stamps)} has no timestamp (pts or dts); remux the file "
-                                    "(ffmpeg -i IN -c copy OUT.mkv) to give its frames times")
+                    raise DataError(
+                        f"{path}: frame {len(stamps)} has no timestamp (pts or dts); remux the file "
+                        "(ffmpeg -i IN -c copy OUT.mkv) to give its frames times"
+                    )
                 stamps.append(int(ts))
         except av.FFmpegError as e:
             damaged = f"the file is damaged after frame {len(stamps) - 1} ({e})"
@@ -134,8 +143,9 @@ def probe_video(path: Path, fps: float | None = None) -> VideoInfo:
         start = stream.start_time
         listed = stream.frames  # what the container's index declares (0: unknown)
     if not stamps:
-        raise DataError(f"{path} has a video stream ({codec}, {width}x{height}) but no frame"
-                        + (f": {damaged}" if damaged else ""))
+        raise DataError(
+            f"{path} has a video stream ({codec}, {width}x{height}) but no frame" + (f": {damaged}" if damaged else "")
+        )
     if damaged is None and listed and len(stamps) < listed:
         damaged = f"the file is cut: its index lists {listed} frames, {len(stamps)} are there"
     pts = np.unique(np.asarray(stamps, dtype=np.int64))  # presentation order; a repeated stamp is one frame
@@ -147,13 +157,29 @@ def probe_video(path: Path, fps: float | None = None) -> VideoInfo:
     steps = steps[steps > 0]
     vfr = bool(len(steps) > 1 and steps.max() / steps.min() > VFR_RATIO)
     if vfr:
-        notes.append(f"variable frame rate (frame intervals {steps.min() * 1000:.1f} to {steps.max() * 1000:.1f} ms): "
-                     "each frame's time is its own timestamp, and --fps samples by time")
+        notes.append(
+            f"variable frame rate (frame intervals {steps.min() * 1000:.1f} to {steps.max() * 1000:.1f} ms): "
+            "each frame's time is its own timestamp, and --fps samples by time"
+        )
     if width * height >= UHD_PIXELS:
-        notes.append(f"a {width}x{height} stream (4K or over): every frame is decoded whole and resized to the "
-                     "model's input, ~10x the decoding of a capsule frame; --fps 2 or less keeps triage fast")
-    return VideoInfo(path, width, height, codec, time_base, pts, pts.searchsorted(pts[keep]), all_times[keep],
-                     float(rate) if rate else None, vfr, damaged, notes)
+        notes.append(
+            f"a {width}x{height} stream (4K or over): every frame is decoded whole and resized to the "
+            "model's input, ~10x the decoding of a capsule frame; --fps 2 or less keeps triage fast"
+        )
+    return VideoInfo(
+        path,
+        width,
+        height,
+        codec,
+        time_base,
+        pts,
+        pts.searchsorted(pts[keep]),
+        all_times[keep],
+        float(rate) if rate else None,
+        vfr,
+        damaged,
+        notes,
+    )
 
 
 # Wanted frames further apart than this are reached by a seek (to the keyframe before) rather than by
@@ -208,8 +234,7 @@ def _decode_run(info: VideoInfo, container, stream, wanted: np.ndarray):
         yield int(number), None, reason
 
 
-def write_video(path: Path, frames: Iterator[np.ndarray], fps: float, codec: str = "libx264",
-                crf: int = 18) -> int:
+def write_video(path: Path, frames: Iterator[np.ndarray], fps: float, codec: str = "libx264", crf: int = 18) -> int:
     """Encode ``frames`` (each uint8 (H, W, 3) RGB, all one size, H and W even) into ``path`` at a
     constant ``fps``, streaming (the demo's synthetic studies). Returns the frames written."""
     av = _av()

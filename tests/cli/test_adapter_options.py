@@ -40,11 +40,16 @@ def _toy_app(seen: dict) -> typer.Typer:
 
 def test_settings_fields_become_options_that_reach_the_command_as_tables():
     seen: dict = {}
-    r = runner.invoke(_toy_app(seen), ["x", "--toy-rank", "8", "--toy-names", "a.*, b.*,", "--toy-fast",
-                                       "--toy-how", "b", "--verbose"])
+    r = runner.invoke(
+        _toy_app(seen),
+        ["x", "--toy-rank", "8", "--toy-names", "a.*, b.*,", "--toy-fast", "--toy-how", "b", "--verbose"],
+    )
     assert r.exit_code == 0, r.output
-    assert seen == {"name": "x", "verbose": True,
-                    "adapters": {"toy": {"rank": 8, "names": ["a.*", "b.*"], "fast": True, "mode": "b"}}}
+    assert seen == {
+        "name": "x",
+        "verbose": True,
+        "adapters": {"toy": {"rank": 8, "names": ["a.*", "b.*"], "fast": True, "mode": "b"}},
+    }
     r = runner.invoke(_toy_app(seen), ["y"])  # nothing given: an empty table, so config files and defaults apply
     assert r.exit_code == 0 and seen["adapters"] == {"toy": {}}
     r = runner.invoke(_toy_app(seen), ["y", "--toy-hidden", "1"])

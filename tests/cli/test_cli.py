@@ -17,8 +17,27 @@ def invoke(*args: str):
 
 def test_train_export_infer_end_to_end(tiny_data, tmp_path):
     runs, deploy = tmp_path / "runs", tmp_path / "deploy"
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--no-pretrained",
-               "--img-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 1e-3, "--out", runs, "--device", "cpu")
+    r = invoke(
+        "train",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--model",
+        "convnextv2_atto",
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--out",
+        runs,
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "trainable params: 295,684 / 3,684,368" in r.output
     assert (runs / "capsule" / "adapter" / "adapter_model.safetensors").is_file()
@@ -31,8 +50,13 @@ def test_train_export_infer_end_to_end(tiny_data, tmp_path):
     assert r.exit_code == 0, r.output
     assert "capsule:" in r.output and "merge max|Δlogit|" in r.output and "true fp16: top-1 100%" in r.output
     assert "footprint: lora artifact 1.2 MB vs merged model 13.5 MB" in r.output
-    assert {p.name for p in (deploy / "capsule").iterdir()} == {"model.onnx", "model.fp16.onnx", "labels.json",
-                                                               "manifest.json", "id_stats.npz"}
+    assert {p.name for p in (deploy / "capsule").iterdir()} == {
+        "model.onnx",
+        "model.fp16.onnx",
+        "labels.json",
+        "manifest.json",
+        "id_stats.npz",
+    }
     r = invoke("export", "--runs", runs, "--out", deploy)  # nothing changed: nothing redone
     assert r.exit_code == 0 and "capsule: unchanged since" in r.output and "--force to re-export" in r.output
     r = invoke("export", "--list", "--out", deploy)
@@ -52,8 +76,9 @@ def test_offline_pretrained_is_one_clear_error(tiny_data, tmp_path, monkeypatch)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--pretrained",
-               "--out", tmp_path)
+    r = invoke(
+        "train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--pretrained", "--out", tmp_path
+    )
     assert r.exit_code == 1
     assert "--weights" in r.output and "--no-pretrained" in r.output and "Traceback" not in r.output
 
@@ -81,7 +106,8 @@ def test_config_file_flags_override_and_resume_of_a_finished_run(tiny_data, tmp_
     runs = tmp_path / "runs"
     (tmp_path / "recipe.toml").write_text(
         f'model = "convnextv2_atto"\npretrained = false\nimg_size = 32\nepochs = 3\nbatch_size = 8\n'
-        f'lr = 1e-3\ndevice = "cpu"\nout_dir = "{runs}"\ndata_dir = "{tiny_data}"\n[lora]\nr = 4\n')
+        f'lr = 1e-3\ndevice = "cpu"\nout_dir = "{runs}"\ndata_dir = "{tiny_data}"\n[lora]\nr = 4\n'
+    )
     r = invoke("train", "capsule", "--config", tmp_path / "recipe.toml", "--epochs", 1, "--lora-alpha", 8)
     assert r.exit_code == 0, r.output
     assert "resolved config:" in r.output and "epochs: 1" in r.output
@@ -104,15 +130,38 @@ def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_
 
     from gi_deploy.export.writer import export_source
 
-    args = ("compare", "capsule", "--data-dir", tiny_data, "--methods", "lora,full,linear", "--label-fractions",
-            "0.5,1.0", "--model", "convnextv2_atto", "--no-pretrained", "--img-size", 32, "--epochs", 1,
-            "--batch-size", 8, "--lr", 1e-3, "--device", "cpu", "--out", tmp_path / "runs")
+    args = (
+        "compare",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--methods",
+        "lora,full,linear",
+        "--label-fractions",
+        "0.5,1.0",
+        "--model",
+        "convnextv2_atto",
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "runs",
+    )
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     grid = tmp_path / "runs" / "capsule-compare"
     rows = list(csv.DictReader(open(grid / "compare.csv")))
     assert [(row["method"], float(row["label_fraction"])) for row in rows] == [
-        (m, f) for m in ("lora", "full", "linear") for f in (0.5, 1.0)]
+        (m, f) for m in ("lora", "full", "linear") for f in (0.5, 1.0)
+    ]
     by = {(row["method"], float(row["label_fraction"])): row for row in rows}
     assert by["lora", 0.5]["train_images"] == "12" and by["lora", 1.0]["train_images"] == "24"
     trainable = {m: int(by[m, 1.0]["trainable_params"]) for m in ("linear", "lora", "full")}
@@ -132,15 +181,41 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     runs, deploy = tmp_path / "runs", tmp_path / "deploy"
     config = tmp_path / "colora.toml"
     config.write_text('method = "lora+colora"\n[colora]\nmerge_every = 2\nforward_mode = "branch"\n')
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--config", config, "--model", "convnextv2_atto",
-               "--no-pretrained", "--img-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 1e-3, "--out", runs,
-               "--device", "cpu", "--colora-targets", "stem.*,stages.*.downsample.*")
+    r = invoke(
+        "train",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--config",
+        config,
+        "--model",
+        "convnextv2_atto",
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--out",
+        runs,
+        "--device",
+        "cpu",
+        "--colora-targets",
+        "stem.*,stages.*.downsample.*",
+    )
     assert r.exit_code == 0, r.output
     assert "CoLoRA: 4 convolutions, 70,800 parameters trained by backpropagation" in r.output
     assert "12 depthwise/grouped convolutions stay frozen" in r.output
     run = json.loads((runs / "capsule" / "run.json").read_text())
-    assert run["config"]["colora"] == {"merge_every": 2, "targets": ["stem.*", "stages.*.downsample.*"],
-                                       "min_kernel": 1, "forward_mode": "branch"}
+    assert run["config"]["colora"] == {
+        "merge_every": 2,
+        "targets": ["stem.*", "stages.*.downsample.*"],
+        "min_kernel": 1,
+        "forward_mode": "branch",
+    }
     assert [h["colora_merged"] for h in run["history"]] == [False, True]
     assert (runs / "capsule" / "colora.safetensors").is_file() and (runs / "capsule" / "adapter").is_dir()
 
@@ -149,8 +224,21 @@ def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):
     r = invoke("infer", tiny_data / "test", "--deploy", deploy, "--out", tmp_path / "pred.csv")
     assert r.exit_code == 0 and "12 rows, 0 unreadable" in r.output, r.output
 
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--method", "colora", "--model", "convnextv2_atto",
-               "--no-pretrained", "--out", tmp_path / "bad", "--colora-targets", "stages.*.conv_dw")
+    r = invoke(
+        "train",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--method",
+        "colora",
+        "--model",
+        "convnextv2_atto",
+        "--no-pretrained",
+        "--out",
+        tmp_path / "bad",
+        "--colora-targets",
+        "stages.*.conv_dw",
+    )
     assert r.exit_code == 1 and "only grouped/depthwise" in r.output and "Traceback" not in r.output
 
 
@@ -183,10 +271,19 @@ def test_infer_explain_wrong_writes_heatmaps_of_the_most_confidently_wrong(tiny_
 def test_infer_takes_a_glob_and_a_labels_csv(tiny_deploy, tiny_data, tmp_path):
     labels = tmp_path / "labels.csv"
     images = sorted((tiny_data / "test").rglob("*.jpg"))
-    labels.write_text("path,label\n" + "".join(f"{p.relative_to(tiny_data / 'test').as_posix()},{p.parent.name}\n"
-                                               for p in images))
-    r = invoke("infer", f"{tiny_data / 'test'}/*/*.jpg", "--labels", labels, "--deploy", tiny_deploy,
-               "--out", tmp_path / "p.csv")
+    labels.write_text(
+        "path,label\n" + "".join(f"{p.relative_to(tiny_data / 'test').as_posix()},{p.parent.name}\n" for p in images)
+    )
+    r = invoke(
+        "infer",
+        f"{tiny_data / 'test'}/*/*.jpg",
+        "--labels",
+        labels,
+        "--deploy",
+        tiny_deploy,
+        "--out",
+        tmp_path / "p.csv",
+    )
     assert r.exit_code == 0, r.output
     assert "12 rows, 0 unreadable" in r.output and "MCC" in r.output
     r = invoke("infer", tmp_path / "nothing-here", "--deploy", tiny_deploy, "--out", tmp_path / "q.csv")

@@ -26,8 +26,9 @@ def wide(monkeypatch):
 
 def test_infer_source_all_prints_one_line_per_source(two_source_deploy, tiny_data, tmp_path, wide):
     out = tmp_path / "pred.csv"
-    r = invoke("infer", tiny_data / "test", "--deploy", two_source_deploy, "--source", "all", "--out", out,
-               "--workers", 0)
+    r = invoke(
+        "infer", tiny_data / "test", "--deploy", two_source_deploy, "--source", "all", "--out", out, "--workers", 0
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     for s in ("capsule", "endoscope"):
@@ -83,8 +84,18 @@ def test_evaluate_without_a_csv_or_cross_exits_2(tmp_path):
 
 def test_evaluate_cross_prints_the_matrix(two_source_deploy, tiny_data, tmp_path, wide):
     out = tmp_path / "cross"
-    r = invoke("evaluate", "--cross", "--deploy", two_source_deploy, "--test", f"capsule={tiny_data / 'test'}",
-               "--test", f"endoscope={tiny_data / 'test'}", "--out", out)
+    r = invoke(
+        "evaluate",
+        "--cross",
+        "--deploy",
+        two_source_deploy,
+        "--test",
+        f"capsule={tiny_data / 'test'}",
+        "--test",
+        f"endoscope={tiny_data / 'test'}",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert "capsule test" in r.output and "endoscope test" in r.output
     cells = {(c["model"], c["test"]): c for c in json.loads((out / "cross.json").read_text())["cells"]}
@@ -123,6 +134,9 @@ def test_benchmark_table_rows_goals_and_json(tiny_deploy, tmp_path, wide):
     by_name = {row["name"]: row for row in saved["rows"]}
     assert by_name["onnxruntime fp32"]["status"] == "ok" and by_name["onnxruntime fp32"]["model_only"] > 0
     assert by_name["PyTorch eager"]["e2e_vs_eager"] == pytest.approx(1.0)
-    assert by_name["onnxruntime int8"]["status"].startswith("skipped:") and by_name["onnxruntime int8"]["end_to_end"] is None
+    assert (
+        by_name["onnxruntime int8"]["status"].startswith("skipped:")
+        and by_name["onnxruntime int8"]["end_to_end"] is None
+    )
     assert saved["n_images"] == 8 and saved["batch_size"] == 4 and saved["source"] == "capsule"
     assert f"-> {out}" in r.output

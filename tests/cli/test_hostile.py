@@ -28,6 +28,7 @@ def _interrupt_at(epoch: int, step: int):
     def report(event: str, d: dict) -> None:
         if event == "batch" and d["epoch"] == epoch and d["step"] == step:
             raise KeyboardInterrupt
+
     return report
 
 
@@ -51,15 +52,35 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_data, tmp_path):
     marker = tmp_path / "pwned"
     good["loop"] = _Evil(marker)
     torch.save(good, ckpt)
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--no-pretrained",
-               "--img-size", 32, "--epochs", 2, "--batch-size", 8, "--lr", 1e-3, "--out", tmp_path / "runs",
-               "--device", "cpu", "--resume")
+    r = invoke(
+        "train",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--model",
+        "convnextv2_atto",
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--lr",
+        1e-3,
+        "--out",
+        tmp_path / "runs",
+        "--device",
+        "cpu",
+        "--resume",
+    )
     assert r.exit_code == 1, r.output
     assert "checkpoint.pt is refused" in r.output and "could run code" in r.output and "Traceback" not in r.output
     assert not marker.exists()  # nothing from it ran
 
 
 # --- bundles: self-contained, every field checked, classes bound to the model ------------------------------------
+
 
 @pytest.fixture
 def bundle(tiny_deploy, tmp_path) -> Path:
@@ -91,8 +112,9 @@ def _edit(bundle: Path, _resealed: bool = False, **changes) -> dict:
 
 
 def _infer(bundle: Path, tiny_data, tmp_path, *extra):
-    return invoke("infer", tiny_data / "test", "--deploy", bundle.parent, "--out", tmp_path / "p.csv",
-                  "--workers", 0, *extra)
+    return invoke(
+        "infer", tiny_data / "test", "--deploy", bundle.parent, "--out", tmp_path / "p.csv", "--workers", 0, *extra
+    )
 
 
 @pytest.mark.parametrize("where", ["../outside.onnx", "ABSOLUTE", "sub/model.onnx", "symlink"])
@@ -110,8 +132,11 @@ def test_bundle_model_file_leaving_the_bundle_is_refused(bundle, tiny_data, tmp_
         (bundle / "manifest.json").write_text(json.dumps(m))
     r = _infer(bundle, tiny_data, tmp_path)
     assert r.exit_code == 1, r.output
-    assert ("is a symlink" in r.output) if where == "symlink" else ("models.fp32.file" in r.output
-                                                                      and "self-contained" in r.output)
+    assert (
+        ("is a symlink" in r.output)
+        if where == "symlink"
+        else ("models.fp32.file" in r.output and "self-contained" in r.output)
+    )
     assert "Traceback" not in r.output and not (tmp_path / "p.csv").exists()
 
 
@@ -123,18 +148,21 @@ def test_manifest_preprocess_size_out_of_range_is_refused_before_anything_runs(b
     assert r.exit_code == 0 and "refused" in r.output and "preprocess.size" in r.output, r.output
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"classes": "abc"}, "field classes = 'abc' must be a non-empty list"),
-    ({"classes": ["a", "a", "b", "c"]}, "appear more than once"),
-    ({"classes": [f"c{i}" for i in range(10000)]}, "does not match the 10000 classes"),
-    ({"source": 7}, "field source = 7 must be a non-empty name"),
-    ({"models": None}, "has no 'models' field"),
-    ({"ood__threshold": "abc"}, "field ood.threshold = 'abc' must be a finite number"),  # issue 21 break 13
-    ({"ood__file": "../x"}, "field ood.file = '../x' must be a plain file name"),  # issue 21 break 13
-    ({"content_sha256": None}, "has no 'content_sha256' field"),
-    ({"preprocess__mean": "grey"}, "field preprocess.mean = 'grey' must be 3 finite numbers"),
-    ({"model__num_classes": 3}, "field model.num_classes = 3 does not match the 4 classes"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": "abc"}, "field classes = 'abc' must be a non-empty list"),
+        ({"classes": ["a", "a", "b", "c"]}, "appear more than once"),
+        ({"classes": [f"c{i}" for i in range(10000)]}, "does not match the 10000 classes"),
+        ({"source": 7}, "field source = 7 must be a non-empty name"),
+        ({"models": None}, "has no 'models' field"),
+        ({"ood__threshold": "abc"}, "field ood.threshold = 'abc' must be a finite number"),  # issue 21 break 13
+        ({"ood__file": "../x"}, "field ood.file = '../x' must be a plain file name"),  # issue 21 break 13
+        ({"content_sha256": None}, "has no 'content_sha256' field"),
+        ({"preprocess__mean": "grey"}, "field preprocess.mean = 'grey' must be 3 finite numbers"),
+        ({"model__num_classes": 3}, "field model.num_classes = 3 does not match the 4 classes"),
+    ],
+)
 def test_malformed_manifest_is_one_line_naming_the_field(bundle, tiny_data, tmp_path, change, message):
     _edit(bundle, **change)
     r = _infer(bundle, tiny_data, tmp_path)
@@ -163,6 +191,7 @@ def test_reordered_classes_are_refused_at_load_and_re_exported(tiny_run, bundle,
 
 
 # --- trained artifacts: hashed at training, checked at export and by --backend torch ------------------------------
+
 
 @pytest.fixture
 def run_copy(tiny_run, tmp_path) -> Path:
@@ -195,8 +224,18 @@ def test_backend_torch_refuses_an_adapter_changed_after_export(run_copy, tiny_da
     r = invoke("export", "--runs", run_copy.parent, "--out", tmp_path / "deploy", "--no-fp16")
     assert r.exit_code == 0, r.output
     _tamper(run_copy / "adapter" / "adapter_model.safetensors")
-    r = invoke("infer", tiny_data / "test", "--deploy", tmp_path / "deploy", "--out", tmp_path / "p.csv",
-               "--backend", "torch", "--workers", 0)
+    r = invoke(
+        "infer",
+        tiny_data / "test",
+        "--deploy",
+        tmp_path / "deploy",
+        "--out",
+        tmp_path / "p.csv",
+        "--backend",
+        "torch",
+        "--workers",
+        0,
+    )
     assert r.exit_code == 1, r.output
     assert "adapter_model.safetensors changed after this bundle was exported" in r.output
     assert not (tmp_path / "p.csv").exists()
@@ -204,18 +243,34 @@ def test_backend_torch_refuses_an_adapter_changed_after_export(run_copy, tiny_da
 
 # --- every gate able to fail ------------------------------------------------------------------------------------
 
+
 def test_int8_thresholds_given_are_never_relaxed_and_defaults_say_so(tiny_run, tmp_path, monkeypatch):
     from gi_deploy.export import int8 as int8_mod
 
-    r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "ok", "--no-fp16", "--int8",
-               "--calib-images", 8)
+    r = invoke(
+        "export", "--runs", tiny_run.parent, "--out", tmp_path / "ok", "--no-fp16", "--int8", "--calib-images", 8
+    )
     assert r.exit_code == 0, r.output
     assert "default least agreement 98% relaxed to 87.5%" in r.output  # 8 validation images: said, not silent
     real = int8_mod.quantize_int8  # a calibration that wrecks the model: blank images
-    monkeypatch.setattr(int8_mod, "quantize_int8",
-                        lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name))
-    r = invoke("export", "--runs", tiny_run.parent, "--out", tmp_path / "bad", "--no-fp16", "--int8",
-               "--calib-images", 8, "--int8-min-agreement", 1.0, "--int8-max-drop", 0.0)
+    monkeypatch.setattr(
+        int8_mod, "quantize_int8", lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name)
+    )
+    r = invoke(
+        "export",
+        "--runs",
+        tiny_run.parent,
+        "--out",
+        tmp_path / "bad",
+        "--no-fp16",
+        "--int8",
+        "--calib-images",
+        8,
+        "--int8-min-agreement",
+        1.0,
+        "--int8-max-drop",
+        0.0,
+    )
     assert r.exit_code == 1, r.output
     assert "gate int8 failed" in r.output and "must be at least 1 " in r.output  # 1.0 as given, not 1 - 1/n
     assert "verification batch" in r.output  # the batch's own agreement is gated
@@ -257,6 +312,7 @@ def test_export_without_validation_images_is_refused_unless_allowed(run_copy, tm
 
 
 # --- no input or result overwritten or mixed ----------------------------------------------------------------------
+
 
 def test_resume_across_a_re_exported_bundle_is_refused_naming_both(bundle, tiny_data, tmp_path):
     out = tmp_path / "p.csv"
@@ -309,11 +365,24 @@ def test_out_that_would_destroy_or_pollute_an_input_is_refused(tiny_deploy, tiny
     labels.write_text(labels_text)
     out = {"image": image, "inside": folder / "p.csv", "folder": tmp_path, "labels": labels}[where]
     before = image.read_bytes()
-    r = invoke("infer", folder, "--deploy", tiny_deploy, "--out", out, "--workers", 0,
-               *(["--labels", labels] if where == "labels" else []))
+    r = invoke(
+        "infer",
+        folder,
+        "--deploy",
+        tiny_deploy,
+        "--out",
+        out,
+        "--workers",
+        0,
+        *(["--labels", labels] if where == "labels" else []),
+    )
     assert r.exit_code == 1, r.output
-    assert {"image": "is one of the inputs", "inside": "lies inside the input folder", "folder": "is a folder",
-            "labels": "is one of the inputs"}[where] in r.output
+    assert {
+        "image": "is one of the inputs",
+        "inside": "lies inside the input folder",
+        "folder": "is a folder",
+        "labels": "is one of the inputs",
+    }[where] in r.output
     assert image.read_bytes() == before and labels.read_text() == labels_text
 
 
@@ -355,6 +424,7 @@ def test_infer_write_errors_are_one_line_with_the_resume_hint(tiny_deploy, tiny_
 
 
 # --- nothing silently skipped, nothing hangs ---------------------------------------------------------------------
+
 
 def _rows(csv_path: Path) -> dict[str, dict]:
     import csv
@@ -401,8 +471,9 @@ def test_labels_twice_ragged_utf16_and_unmatched_are_said(tiny_deploy, tiny_data
 
     def run(text: str, encoding: str = "utf-8"):
         labels.write_bytes(text.encode(encoding))
-        return invoke("infer", test, "--deploy", tiny_deploy, "--out", tmp_path / "p.csv", "--workers", 0,
-                      "--labels", labels)
+        return invoke(
+            "infer", test, "--deploy", tiny_deploy, "--out", tmp_path / "p.csv", "--workers", 0, "--labels", labels
+        )
 
     r = run(f"path,label\n{image},polyp\n{image},ulcer\n")
     assert r.exit_code == 1 and "line 3 labels" in r.output and "an earlier row labels it 'polyp'" in r.output
@@ -434,6 +505,7 @@ def test_a_second_export_of_one_bundle_is_refused_naming_the_holder(tiny_run, tm
 
 # --- clear messages instead of tracebacks -------------------------------------------------------------------------
 
+
 def test_bad_numbers_and_a_non_checkpoint_weights_file_are_one_line(tiny_deploy, tiny_data, tmp_path, caplog):
     args = ("infer", tiny_data / "test", "--deploy", tiny_deploy, "--out", tmp_path / "p.csv")
     r = invoke(*args, "--threads", 0)
@@ -445,8 +517,24 @@ def test_bad_numbers_and_a_non_checkpoint_weights_file_are_one_line(tiny_deploy,
     assert "--workers 1000000: the" in caplog.text and "GB of free memory allows" in caplog.text  # capped, said
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"not a checkpoint")
-    r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--weights", weights,
-               "--img-size", 32, "--epochs", 1, "--out", tmp_path / "runs", "--device", "cpu")
+    r = invoke(
+        "train",
+        "capsule",
+        "--data-dir",
+        tiny_data,
+        "--model",
+        "convnextv2_atto",
+        "--weights",
+        weights,
+        "--img-size",
+        32,
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "runs",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 1 and f"cannot read weights file {weights}" in r.output and "Traceback" not in r.output
 
 
@@ -480,7 +568,22 @@ def test_a_second_training_of_one_run_is_refused(tiny_data, tmp_path):
     from gi_deploy._io import exclusive_lock
 
     with exclusive_lock(tmp_path / "runs" / "capsule", "x"):
-        r = invoke("train", "capsule", "--data-dir", tiny_data, "--model", "convnextv2_atto", "--no-pretrained",
-                   "--img-size", 32, "--epochs", 1, "--out", tmp_path / "runs", "--device", "cpu")
+        r = invoke(
+            "train",
+            "capsule",
+            "--data-dir",
+            tiny_data,
+            "--model",
+            "convnextv2_atto",
+            "--no-pretrained",
+            "--img-size",
+            32,
+            "--epochs",
+            1,
+            "--out",
+            tmp_path / "runs",
+            "--device",
+            "cpu",
+        )
     assert r.exit_code == 1 and "being written by another gi-deploy process (pid" in r.output, r.output
     assert not (tmp_path / "runs" / "capsule" / "run.json").exists()

@@ -16,10 +16,13 @@ def test_the_export_line_names_every_gate_with_its_headline_numbers():
     assert gates_line(VERIFICATION) == (
         "merge max|Δlogit| 1.2e-06; fp32 ONNX max|Δlogit| 4.3e-06, top-1 100%; fp16 top-1 100.0% max|Δprob| "
         "1.2e-04 (true fp16: top-1 100%, max|Δprob| 3.1e-04); int8 top-1 98.0% on 50 val images, accuracy "
-        "90.0% -> 88.0%")
+        "90.0% -> 88.0%"
+    )
 
 
 def test_list_rows_use_the_same_text_per_gate():
     assert gate_text("onnx_fp16", VERIFICATION["onnx_fp16"]) in gates_line(VERIFICATION)
-    assert gate_text("engine", {"top1_agreement": 1.0, "max_abs_prob_diff": 2e-3}) == \
-        "engine top-1 100.0% max|Δprob| 2.0e-03"
+    assert (
+        gate_text("engine", {"top1_agreement": 1.0, "max_abs_prob_diff": 2e-3})
+        == "engine top-1 100.0% max|Δprob| 2.0e-03"
+    )

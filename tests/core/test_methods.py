@@ -27,7 +27,9 @@ def test_every_method_says_what_it_trains_keeps_and_merges():
 
 def test_cli_choices_and_config_validation_come_from_the_registry(tmp_path):
     assert [m.value for m in Method] == list(METHODS)
-    with pytest.raises(ConfigError, match="method 'dora' unknown; use one of lora, full, linear, colora, lora\\+colora"):
+    with pytest.raises(
+        ConfigError, match="method 'dora' unknown; use one of lora, full, linear, colora, lora\\+colora"
+    ):
         method_spec("dora")
     with pytest.raises(ConfigError, match="method 'dora' unknown"):
         TrainConfig(source="s", data_dir=tmp_path, method="dora")
@@ -48,8 +50,10 @@ def test_artifact_files_and_bytes_follow_the_spec(tmp_path):
     (tmp_path / ADAPTER_DIR / "adapter_config.json").write_bytes(b"y" * 5)
     (tmp_path / COLORA_WEIGHTS).write_bytes(b"z" * 7)
     spec = method_spec("lora+colora")
-    assert spec.artifact_files(tmp_path) == [tmp_path / ADAPTER_DIR / "adapter_model.safetensors",
-                                             tmp_path / COLORA_WEIGHTS]
+    assert spec.artifact_files(tmp_path) == [
+        tmp_path / ADAPTER_DIR / "adapter_model.safetensors",
+        tmp_path / COLORA_WEIGHTS,
+    ]
     assert spec.artifact_bytes(tmp_path) == 22
 
 
@@ -67,14 +71,24 @@ def test_the_quantizers_per_layer_warnings_go_to_the_debug_log(caplog):
     INT8 step those lines are moved to gi-deploy's debug log (shown with -v)."""
     from gi_deploy.export.int8 import _quiet_quantizer
 
-    record = logging.LogRecord("root", logging.WARNING, "/site-packages/onnxruntime/quantization/qdq_quantizer.py",
-                               397, "Expected bias 'stages.0.conv_dw.bias' to be an initializer", None, None)
+    record = logging.LogRecord(
+        "root",
+        logging.WARNING,
+        "/site-packages/onnxruntime/quantization/qdq_quantizer.py",
+        397,
+        "Expected bias 'stages.0.conv_dw.bias' to be an initializer",
+        None,
+        None,
+    )
     other = logging.LogRecord("root", logging.WARNING, "/somewhere/else.py", 1, "a real warning", None, None)
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="gi_deploy"), _quiet_quantizer():
         logging.getLogger().handle(record)
         logging.getLogger().handle(other)
     shown = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
-    assert ("gi_deploy.export.int8", logging.DEBUG,
-            "onnxruntime quantizer: Expected bias 'stages.0.conv_dw.bias' to be an initializer") in shown
+    assert (
+        "gi_deploy.export.int8",
+        logging.DEBUG,
+        "onnxruntime quantizer: Expected bias 'stages.0.conv_dw.bias' to be an initializer",
+    ) in shown
     assert ("root", logging.WARNING, "a real warning") in shown
     assert not any(level == logging.WARNING and "Expected bias" in msg for _, level, msg in shown)

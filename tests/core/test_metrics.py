@@ -12,12 +12,15 @@ Y_PRED = [0, 0, 1, 1, 1, 1, 2, 1, 2, 0, 1, 1]
 
 
 @pytest.mark.filterwarnings("ignore:A single label was found")  # sklearn notes the one-class case
-@pytest.mark.parametrize("y_true,y_pred", [
-    (Y_TRUE, Y_PRED),
-    ([0, 1, 2, 3] * 3, [0, 1, 2, 3] * 3),                       # perfect
-    ([1, 1, 1, 1], [1, 1, 1, 1]),                               # one class only: MCC undefined -> 0
-    (list(np.random.default_rng(0).integers(0, 4, 200)), list(np.random.default_rng(1).integers(0, 4, 200))),
-])
+@pytest.mark.parametrize(
+    "y_true,y_pred",
+    [
+        (Y_TRUE, Y_PRED),
+        ([0, 1, 2, 3] * 3, [0, 1, 2, 3] * 3),  # perfect
+        ([1, 1, 1, 1], [1, 1, 1, 1]),  # one class only: MCC undefined -> 0
+        (list(np.random.default_rng(0).integers(0, 4, 200)), list(np.random.default_rng(1).integers(0, 4, 200))),
+    ],
+)
 def test_metrics_match_sklearn(y_true, y_pred):
     m = classification_metrics(y_true, y_pred, CLASSES)
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
@@ -34,8 +37,14 @@ def test_per_class_numbers_by_hand():
     m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
     # polyp: 2 true, predicted 2 times, 1 hit -> precision 1/2, recall 1/2
     # and 1 false positive among the 10 non-polyp rows -> specificity 9/10
-    assert m["per_class"]["polyp"] == {"precision": 0.5, "recall": 0.5, "sensitivity": 0.5, "specificity": 0.9,
-                                       "f1": 0.5, "support": 2}
+    assert m["per_class"]["polyp"] == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "sensitivity": 0.5,
+        "specificity": 0.9,
+        "f1": 0.5,
+        "support": 2,
+    }
     # ulcer: never predicted -> precision counts as 0
     assert m["per_class"]["ulcer"]["precision"] == 0.0
     assert m["n"] == 12 and m["accuracy"] == pytest.approx(8 / 12)
@@ -51,17 +60,31 @@ def test_empty_and_mismatched_inputs_raise():
 def test_existing_keys_are_kept_and_auc_only_with_probs():
     m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
     assert "roc_auc_macro" not in m and "roc_auc" not in m["per_class"]["polyp"]
-    for key in ("n", "accuracy", "mcc", "precision_weighted", "precision_macro", "recall_weighted", "recall_macro",
-                "f1_weighted", "f1_macro", "per_class", "confusion_matrix"):
+    for key in (
+        "n",
+        "accuracy",
+        "mcc",
+        "precision_weighted",
+        "precision_macro",
+        "recall_weighted",
+        "recall_macro",
+        "f1_weighted",
+        "f1_macro",
+        "per_class",
+        "confusion_matrix",
+    ):
         assert key in m
 
 
 @pytest.mark.filterwarnings("ignore:A single label was found")
-@pytest.mark.parametrize("y_true,y_pred", [
-    (Y_TRUE, Y_PRED),
-    ([1, 1, 1, 1], [1, 1, 1, 1]),
-    (list(np.random.default_rng(0).integers(0, 4, 200)), list(np.random.default_rng(1).integers(0, 4, 200))),
-])
+@pytest.mark.parametrize(
+    "y_true,y_pred",
+    [
+        (Y_TRUE, Y_PRED),
+        ([1, 1, 1, 1], [1, 1, 1, 1]),
+        (list(np.random.default_rng(0).integers(0, 4, 200)), list(np.random.default_rng(1).integers(0, 4, 200))),
+    ],
+)
 def test_specificity_and_normalized_matrix_match_sklearn(y_true, y_pred):
     m = classification_metrics(y_true, y_pred, CLASSES)
     mcm = skm.multilabel_confusion_matrix(y_true, y_pred, labels=range(4))  # (C, 2, 2): [[tn, fp], [fn, tp]]
@@ -98,7 +121,8 @@ def test_roc_auc_matches_sklearn(n, seed, decimals):
     m = classification_metrics(y, p.argmax(1), CLASSES, probs=p)
     for avg in ("macro", "weighted"):
         assert m[f"roc_auc_{avg}"] == pytest.approx(
-            skm.roc_auc_score(y, p, multi_class="ovr", average=avg, labels=range(4)))
+            skm.roc_auc_score(y, p, multi_class="ovr", average=avg, labels=range(4))
+        )
     per_class = skm.roc_auc_score(y, p, multi_class="ovr", average=None, labels=range(4))
     for i, cls in enumerate(CLASSES):
         assert m["per_class"][cls]["roc_auc"] == pytest.approx(per_class[i])
@@ -109,7 +133,8 @@ def test_auc_of_all_ties_is_one_half_and_ties_count_half():
     # pairs (pos, neg): (0.9, 0.1) win, (0.9, 0.5) win, (0.5, 0.1) win, (0.5, 0.5) tie -> 3.5 / 4
     assert binary_roc_auc([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(3.5 / 4)
     assert binary_roc_auc([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(
-        skm.roc_auc_score([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]))
+        skm.roc_auc_score([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1])
+    )
 
 
 def test_auc_undefined_for_a_class_absent_from_y_true():

@@ -49,14 +49,18 @@ def test_router_manifest_round_trips(routed_deploy):
     assert m.sources == ("capsule", "endoscope") and m.gate["small_val"] is True
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(status="finished"), "field status = 'finished' must be one of training, interrupted"),
-    (lambda d: d.update(classes=["a", "a"]), "field classes = ['a'] appear more than once"),
-    (lambda d: d["model"].update(num_classes=7), "field model.num_classes = 7 does not match the 4 classes"),
-    (lambda d: d["preprocess"].update(size=[0, 32]), "field preprocess.size = [0, 32] must be [height, width]"),
-    (lambda d: d.pop("splits"), "has no 'splits' field"),
-    (lambda d: d.update(history={}), "field history = {} must be a list of per-epoch records"),
-], ids=["status", "classes", "num_classes", "size", "no-splits", "history"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(status="finished"), "field status = 'finished' must be one of training, interrupted"),
+        (lambda d: d.update(classes=["a", "a"]), "field classes = ['a'] appear more than once"),
+        (lambda d: d["model"].update(num_classes=7), "field model.num_classes = 7 does not match the 4 classes"),
+        (lambda d: d["preprocess"].update(size=[0, 32]), "field preprocess.size = [0, 32] must be [height, width]"),
+        (lambda d: d.pop("splits"), "has no 'splits' field"),
+        (lambda d: d.update(history={}), "field history = {} must be a list of per-epoch records"),
+    ],
+    ids=["status", "classes", "num_classes", "size", "no-splits", "history"],
+)
 def test_run_record_refuses_a_malformed_field_naming_it(tiny_run, tmp_path, change, message):
     run = tmp_path / "capsule"
     shutil.copytree(tiny_run, run)
@@ -88,20 +92,27 @@ def test_the_seal_names_the_field_that_was_changed_added_or_removed(tmp_path):
         assert message in str(e.value) and str(tmp_path / "m.json") in str(e.value) and "fix it" in str(e.value)
 
 
-@pytest.mark.parametrize("getter, data, message", [
-    (lambda f: f.text("k"), {"k": 3}, "field p.k = 3 must be a non-empty string"),
-    (lambda f: f.text("k", choices=("a", "b")), {"k": "c"}, "field p.k = 'c' must be one of a, b"),
-    (lambda f: f.integer("k", 1, 9), {"k": 10}, "field p.k = 10 must be an integer in [1, 9]"),
-    (lambda f: f.integer("k", 1), {"k": True}, "field p.k = True must be an integer"),
-    (lambda f: f.number("k", 0.0, lo_open=True), {"k": "abc"}, "field p.k = 'abc' must be a finite number in (0.0, inf]"),
-    (lambda f: f.number("k", 0.0, lo_open=True), {"k": float("inf")}, "field p.k = inf must be a finite number"),
-    (lambda f: f.sha256("k"), {"k": "ABC"}, "field p.k = 'ABC' must be a sha256 hex digest"),
-    (lambda f: f.flag("k"), {"k": "yes"}, "field p.k = 'yes' must be true or false"),
-    (lambda f: f.obj("k"), {"k": []}, "field p.k = [] must be an object"),
-    (lambda f: f.sub("k"), {"k": None}, "field p.k = None must be a JSON object"),
-    (lambda f: f.str_list("k"), {"k": ["a", ""]}, "field p.k = '' is not a name"),
-    (lambda f: f.raw("k"), {}, "has no 'p.k' field"),
-])
+@pytest.mark.parametrize(
+    "getter, data, message",
+    [
+        (lambda f: f.text("k"), {"k": 3}, "field p.k = 3 must be a non-empty string"),
+        (lambda f: f.text("k", choices=("a", "b")), {"k": "c"}, "field p.k = 'c' must be one of a, b"),
+        (lambda f: f.integer("k", 1, 9), {"k": 10}, "field p.k = 10 must be an integer in [1, 9]"),
+        (lambda f: f.integer("k", 1), {"k": True}, "field p.k = True must be an integer"),
+        (
+            lambda f: f.number("k", 0.0, lo_open=True),
+            {"k": "abc"},
+            "field p.k = 'abc' must be a finite number in (0.0, inf]",
+        ),
+        (lambda f: f.number("k", 0.0, lo_open=True), {"k": float("inf")}, "field p.k = inf must be a finite number"),
+        (lambda f: f.sha256("k"), {"k": "ABC"}, "field p.k = 'ABC' must be a sha256 hex digest"),
+        (lambda f: f.flag("k"), {"k": "yes"}, "field p.k = 'yes' must be true or false"),
+        (lambda f: f.obj("k"), {"k": []}, "field p.k = [] must be an object"),
+        (lambda f: f.sub("k"), {"k": None}, "field p.k = None must be a JSON object"),
+        (lambda f: f.str_list("k"), {"k": ["a", ""]}, "field p.k = '' is not a name"),
+        (lambda f: f.raw("k"), {}, "has no 'p.k' field"),
+    ],
+)
 def test_every_field_reader_names_the_field_its_value_and_the_fix(getter, data, message):
     with pytest.raises(BundleError) as e:
         getter(Fields(data, Path("m.json"), "re-export it", "p."))

@@ -30,10 +30,10 @@ def _square_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     q = PX // 2
     for i in range(n):
         r, c = g.integers(0, q - 12, 2)
-        x[i, y[i], r:r + 12, c:c + 12] += 2.0  # the class signal: channel 0 (red) or 1 (green)
+        x[i, y[i], r : r + 12, c : c + 12] += 2.0  # the class signal: channel 0 (red) or 1 (green)
         qr, qc = [(0, q), (q, 0), (q, q)][g.integers(0, 3)]
         r, c = g.integers(0, q - 12, 2)
-        x[i, 2, qr + r:qr + r + 12, qc + c:qc + c + 12] += DISTRACTOR  # distractor, no class information
+        x[i, 2, qr + r : qr + r + 12, qc + c : qc + c + 12] += DISTRACTOR  # distractor, no class information
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -107,13 +107,26 @@ def test_explain_cli_writes_one_png_per_image_and_a_side_by_side_sheet(tiny_run,
     Image.new("RGB", (60, 30), (200, 40, 40)).save(folder / "wide.png")  # another aspect ratio
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "explain"
-    r = invoke("explain", folder, "--runs", runs, "--source", "capsule", "--source", "endoscope",
-               "--method", "gradcam++", "--out", out)
+    r = invoke(
+        "explain",
+        folder,
+        "--runs",
+        runs,
+        "--source",
+        "capsule",
+        "--source",
+        "endoscope",
+        "--method",
+        "gradcam++",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     polyps = sorted((folder / "polyp").glob("*.jpg"))
     assert len(polyps) == 3
     assert sorted(p.name for p in out.glob("*.png")) == sorted(
-        ["contact_sheet.png", "wide.png"] + [f"polyp__{p.stem}.png" for p in polyps])
+        ["contact_sheet.png", "wide.png"] + [f"polyp__{p.stem}.png" for p in polyps]
+    )
     assert "2 source(s) side by side" in r.output and "1 image(s) could not be read" in r.output
     sheet = Image.open(out / "contact_sheet.png")
     one = Image.open(out / "wide.png")
@@ -156,16 +169,19 @@ def test_output_names_never_collide():
     from gi_deploy.explain.maps import _unique_names
 
     assert _unique_names(["a__b", "a__b", "A__B", "contact_sheet"]) == [
-        "a__b.png", "a__b-2.png", "A__B-3.png", "contact_sheet-2.png"]
+        "a__b.png",
+        "a__b-2.png",
+        "A__B-3.png",
+        "contact_sheet-2.png",
+    ]
 
 
 def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_path):
     import json
 
+    from gi_deploy.core.bundles import BundleManifest
     from gi_deploy.errors import BundleError
     from gi_deploy.explain.maps import explain_wrong
-
-    from gi_deploy.core.bundles import BundleManifest
 
     bundle = tiny_deploy / "capsule"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -173,7 +189,8 @@ def test_explain_wrong_refuses_a_run_that_changed_after_export(tiny_deploy, tmp_
     csv_path.write_text("path,source,true_label,predicted,confidence,error\nulcer/a.jpg,capsule,ulcer,polyp,0.9,\n")
     stale = {**manifest, "training": {**manifest["training"], "run_manifest_sha256": "0" * 64}}
     with pytest.raises(BundleError, match="changed after this bundle was exported"):
-        explain_wrong(csv_path, tmp_path, BundleManifest.from_dict(stale, bundle, check_seal=False), 1,
-                      tmp_path / "wrong")
+        explain_wrong(
+            csv_path, tmp_path, BundleManifest.from_dict(stale, bundle, check_seal=False), 1, tmp_path / "wrong"
+        )
     with pytest.raises(BundleError, match="has no 'training' field"):  # no record without the run it came from
         BundleManifest.from_dict({k: v for k, v in manifest.items() if k != "training"}, bundle)

@@ -51,7 +51,10 @@ def test_bundle_is_verified_and_self_describing(tiny_run, tiny_deploy):
     assert m["adapter"]["lora"]["r"] == 16 and m["adapter"]["lora"]["alpha"] == 32 and m["model"]["merged"] is True
     assert m["model"]["exporter"] == "torchscript" and m["model"]["opset"] >= 17
     fp = m["footprint"]
-    assert fp["artifact_bytes"] == method_spec("lora").artifact_bytes(tiny_run) and fp["merged_model_bytes"] == m["files"]["model.onnx"]["bytes"]
+    assert (
+        fp["artifact_bytes"] == method_spec("lora").artifact_bytes(tiny_run)
+        and fp["merged_model_bytes"] == m["files"]["model.onnx"]["bytes"]
+    )
     assert fp["artifact_vs_merged_model"] < 0.15  # the storage argument: r=16 adapters are a small fraction
     assert m["engine"] is None and m["versions"]["onnxruntime"]
     assert not list(tiny_deploy.glob(".*"))  # no staging left behind
@@ -125,7 +128,9 @@ def test_a_broken_merge_is_refused_by_the_merge_gate(tiny_run, tiny_deploy, tmp_
     shutil.copytree(tiny_deploy / "capsule", target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     real = merge.lora_delta
-    monkeypatch.setattr(lora, "lora_delta", lambda f: 2 * real(f))  # where the LoRA adapter kind computes ΔW  # e.g. a scaling applied twice
+    monkeypatch.setattr(
+        lora, "lora_delta", lambda f: 2 * real(f)
+    )  # where the LoRA adapter kind computes ΔW  # e.g. a scaling applied twice
     with pytest.raises(GateFailed, match=r"gate merge failed .*max \|Δlogit\| .*must be at most 0.0001") as e:
         export_source(tiny_run, target, force=True)
     assert e.value.gate == "merge" and e.value.value > 1e-4 and e.value.threshold == 1e-4

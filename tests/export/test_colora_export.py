@@ -59,7 +59,8 @@ def test_colora_run_exports_as_the_plain_backbone(tiny_data, tmp_path, method, m
     assert v["onnx_fp32"]["max_abs_logit_diff"] <= verify.FP32_ATOL == 1e-4
     assert bundle.model.merged and bundle.adapter["colora"]["merges"] == 2
     assert set(bundle.training.artifact_sha256) == (
-        {"colora.safetensors"} | ({"adapter_model.safetensors"} if method == "lora+colora" else set()))
+        {"colora.safetensors"} | ({"adapter_model.safetensors"} if method == "lora+colora" else set())
+    )
 
     plain = rebuild_base(manifest, run_dir).eval()
     onnx_export.export_onnx(plain, tmp_path / "plain.onnx", (32, 32))

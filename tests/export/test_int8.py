@@ -61,9 +61,13 @@ def test_openvino_on_the_int8_file_is_held_to_the_files_own_export_threshold(int
 def test_bad_calibration_is_refused_by_the_int8_gate(tiny_run, tmp_path, monkeypatch):
     """Calibrating on a blank image collapses every activation range: the gate must refuse it."""
     real = int8_mod.quantize_int8
-    monkeypatch.setattr(int8_mod, "quantize_int8",
-                        lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name))
-    with pytest.raises(GateFailed, match=r"gate int8 failed .*(validation images|verification batch\)): (top-1 agreement|accuracy drop)"):
+    monkeypatch.setattr(
+        int8_mod, "quantize_int8", lambda src, dst, calib, name: real(src, dst, np.zeros_like(calib[:1]), name)
+    )
+    with pytest.raises(
+        GateFailed,
+        match=r"gate int8 failed .*(validation images|verification batch\)): (top-1 agreement|accuracy drop)",
+    ):
         export_source(tiny_run, tmp_path / "capsule", int8=True, calib_images=16)
     assert not (tmp_path / "capsule").exists()
 

@@ -23,9 +23,11 @@ def test_engine_name_carries_compute_capability_and_version():
 
 def test_trtexec_command_is_the_builders_profile():
     cmd = tensorrt.trtexec_command("model.fp16.onnx", "input", (224, 224), 16, "e.engine", "c.cache")
-    assert cmd == ("trtexec --onnx=model.fp16.onnx --minShapes=input:1x3x224x224 --optShapes=input:16x3x224x224 "
-                   "--maxShapes=input:16x3x224x224 --memPoolSize=workspace:4096 --timingCacheFile=c.cache "
-                   "--saveEngine=e.engine")
+    assert cmd == (
+        "trtexec --onnx=model.fp16.onnx --minShapes=input:1x3x224x224 --optShapes=input:16x3x224x224 "
+        "--maxShapes=input:16x3x224x224 --memPoolSize=workspace:4096 --timingCacheFile=c.cache "
+        "--saveEngine=e.engine"
+    )
     assert "--fp16" not in cmd and "--int8" not in cmd  # gone in TensorRT 11: precision comes from the ONNX
 
 

@@ -46,8 +46,9 @@ def _torch_backend(tiny_deploy: Path, **kwargs):
     from gi_deploy.runtime.backends.select import open_backend
 
     bundle = tiny_deploy / "capsule"
-    return open_backend(bundle, read_bundle_manifest(bundle), backend="torch", precision="fp32", device="cuda",
-                        **kwargs)
+    return open_backend(
+        bundle, read_bundle_manifest(bundle), backend="torch", precision="fp32", device="cuda", **kwargs
+    )
 
 
 def _pixels(spec: PreprocessSpec, n: int) -> np.ndarray:
@@ -159,8 +160,9 @@ def test_nccl_ddp_in_one_process(one_process_job, exact_fp32, monkeypatch, tiny_
         assert d.active and d.world == 1 and dist.get_backend() == "nccl" and device == torch.device("cuda", 0)
         assert distributed.all_sum(d, 1.5, 2.0) == [1.5, 2.0]
         torch.manual_seed(0)
-        plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(8, 4)).to(device)
+        plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).to(
+            device
+        )
         ddp = distributed.wrap(copy.deepcopy(plain), d, device)
         assert isinstance(ddp, DistributedDataParallel)
         x, y = torch.randn(6, 3, 16, 16, device=device), torch.arange(6, device=device) % 4
@@ -175,8 +177,9 @@ def test_nccl_ddp_in_one_process(one_process_job, exact_fp32, monkeypatch, tiny_
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # a fresh store for the trainer's own group
     backends = []
     real_init = dist.init_process_group
-    monkeypatch.setattr(dist, "init_process_group", lambda backend=None, **kw: (backends.append(backend),
-                                                                                real_init(backend, **kw))[1])
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend=None, **kw: (backends.append(backend), real_init(backend, **kw))[1]
+    )
     result = train(tiny_train_config(tiny_data, tmp_path, device="cuda", amp="off"))
     manifest = json.loads((result.run_dir / "run.json").read_text())
     assert backends == ["nccl"] and manifest["runtime"]["processes"] == 1 and manifest["status"] == "done"
@@ -205,8 +208,9 @@ def test_fp16_training_steps_through_the_grad_scaler(fp16_cuda_run):
     scaler = load_checkpoint(run / CHECKPOINT)["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
     assert len(fp16_cuda_run.history) == 2
-    assert all(math.isfinite(v) for h in fp16_cuda_run.history for k, v in h.items()
-               if "loss" in k and isinstance(v, float))
+    assert all(
+        math.isfinite(v) for h in fp16_cuda_run.history for k, v in h.items() if "loss" in k and isinstance(v, float)
+    )
 
 
 def test_training_on_cuda_augments_on_the_gpu(fp16_cuda_run):

@@ -45,6 +45,7 @@ def test_unknown_target_and_grouped_conv_fail_fast():
 def test_offline_pretrained_names_both_fixes(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hub_constants
+
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(WeightsError) as e:
         create_base_model("convnextv2_atto", num_classes=3, pretrained=True)
@@ -75,8 +76,9 @@ def test_weights_file_for_another_model_is_refused(tmp_path):
 
 def test_config_reports_every_problem_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
-        TrainConfig(source="k", data_dir=tmp_path / "missing", method="prompt", epochs=0, lr=-1.0,
-                    weights=tmp_path / "none.pth")
+        TrainConfig(
+            source="k", data_dir=tmp_path / "missing", method="prompt", epochs=0, lr=-1.0, weights=tmp_path / "none.pth"
+        )
     msg = str(e.value)
     for part in ("method 'prompt'", "epochs must be >= 1", "lr must be > 0", "is not a folder", "none.pth"):
         assert part in msg
@@ -144,12 +146,15 @@ def test_rank_dropout_moves_the_noise_without_changing_weights_or_eval():
         def keep(key):
             def hook(module, inputs, output):  # returns None: observes without replacing the output
                 seen.setdefault(key, inputs[0])
+
             return hook
+
         hooks = [layer.register_forward_hook(keep("layer")), layer.lora_A["default"].register_forward_hook(keep("A"))]
         model.train()(x)
         for h in hooks:
             h.remove()
         return seen
+
     seen_a, seen_b = inputs_seen(a), inputs_seen(b)
     assert not torch.equal(seen_a["A"], seen_a["layer"])  # peft: A sees a dropped-out copy
     assert torch.equal(seen_b["A"], seen_b["layer"])  # rank: A sees the input itself

@@ -43,15 +43,21 @@ def _perturb(model: nn.Module, scale: float = 0.1, seed: int = 0) -> None:
 
 def test_delta_by_hand_2_in_3_out_3x3():
     kp = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]]).reshape(3, 2, 1, 1)
-    kd = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-                       [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0]],
-                       [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]]).reshape(3, 1, 3, 3)
+    kd = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0]],
+            [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]],
+        ]
+    ).reshape(3, 1, 3, 3)
     eye, ones, lap = kd[0, 0], kd[1, 0], kd[2, 0]
-    expected = torch.stack([
-        torch.stack([1.0 * eye, 2.0 * eye]),  # filter 0: channel weights (1, 2) times the diagonal
-        torch.stack([0.0 * ones, -1.0 * ones]),  # filter 1: (0, -1) times a constant 2
-        torch.stack([3.0 * lap, 0.5 * lap]),  # filter 2: (3, 0.5) times a Laplacian
-    ])
+    expected = torch.stack(
+        [
+            torch.stack([1.0 * eye, 2.0 * eye]),  # filter 0: channel weights (1, 2) times the diagonal
+            torch.stack([0.0 * ones, -1.0 * ones]),  # filter 1: (0, -1) times a constant 2
+            torch.stack([3.0 * lap, 0.5 * lap]),  # filter 2: (3, 0.5) times a Laplacian
+        ]
+    )
     assert torch.equal(expected[2, 0], torch.tensor([[0.0, 3.0, 0.0], [3.0, -12.0, 3.0], [0.0, 3.0, 0.0]]))
     delta = colora_delta(kp, kd)
     assert delta.shape == (3, 2, 3, 3) and torch.equal(delta, expected)
@@ -68,10 +74,19 @@ def test_delta_refuses_wrong_shapes():
 
 
 @pytest.mark.parametrize("forward_mode", ["branch", "fused"])
-@pytest.mark.parametrize("k,stride,padding,dilation,cin,cout,bias", [
-    (3, 1, 1, 1, 2, 3, True), (3, 2, 1, 1, 5, 7, False), (4, 4, 0, 1, 3, 8, True),  # ConvNeXt stem
-    (2, 2, 0, 1, 6, 4, True), (3, 1, 2, 2, 4, 4, True), (7, 2, 3, 1, 3, 5, False),  # ResNet stem
-    (1, 2, 0, 1, 8, 6, False), (5, 1, "same", 1, 3, 2, True)])
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation,cin,cout,bias",
+    [
+        (3, 1, 1, 1, 2, 3, True),
+        (3, 2, 1, 1, 5, 7, False),
+        (4, 4, 0, 1, 3, 8, True),  # ConvNeXt stem
+        (2, 2, 0, 1, 6, 4, True),
+        (3, 1, 2, 2, 4, 4, True),
+        (7, 2, 3, 1, 3, 5, False),  # ResNet stem
+        (1, 2, 0, 1, 8, 6, False),
+        (5, 1, "same", 1, 3, 2, True),
+    ],
+)
 def test_merged_conv_equals_the_colora_forward(forward_mode, k, stride, padding, dilation, cin, cout, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
@@ -154,11 +169,15 @@ def test_convnext_dense_convs_are_adapted_and_depthwise_ones_skipped():
     for name in report.skipped_grouped:  # depthwise kernels stay plain, frozen convolutions
         assert type(model.get_submodule(name)) is nn.Conv2d
     with pytest.raises(ConfigError, match="only grouped/depthwise"):
-        apply_colora(create_base_model(TINY_MODEL, 4, pretrained=False)[0],
-                     ColoraSettings(targets=("stages.*.conv_dw",)), head="head.fc")
+        apply_colora(
+            create_base_model(TINY_MODEL, 4, pretrained=False)[0],
+            ColoraSettings(targets=("stages.*.conv_dw",)),
+            head="head.fc",
+        )
     with pytest.raises(ConfigError, match="matched no convolution; convolutions are: stem.0"):
-        apply_colora(create_base_model(TINY_MODEL, 4, pretrained=False)[0],
-                     ColoraSettings(targets=("layer4.*",)), head="head.fc")
+        apply_colora(
+            create_base_model(TINY_MODEL, 4, pretrained=False)[0], ColoraSettings(targets=("layer4.*",)), head="head.fc"
+        )
 
 
 def test_conv_subclasses_are_skipped_not_merged_wrongly():
@@ -174,12 +193,15 @@ def test_conv_subclasses_are_skipped_not_merged_wrongly():
         apply_colora(nn.Sequential(nn.Conv2d(3, 4, 1)), ColoraSettings(min_kernel=3), head="")
 
 
-@pytest.mark.parametrize("name,settings,layers,backprop,merged_into", [
-    # the paper's backbones; counts as in its Table 4 footnotes (trained by backpropagation / merged into)
-    ("vgg16", ColoraSettings(), 13, 1_676_736, 14_714_688),
-    ("resnet50", ColoraSettings(), 53, 13_445_760, 23_454_912),
-    ("resnet50", ColoraSettings(min_kernel=3), 17, 1_294_784, 11_326_656),
-])
+@pytest.mark.parametrize(
+    "name,settings,layers,backprop,merged_into",
+    [
+        # the paper's backbones; counts as in its Table 4 footnotes (trained by backpropagation / merged into)
+        ("vgg16", ColoraSettings(), 13, 1_676_736, 14_714_688),
+        ("resnet50", ColoraSettings(), 53, 13_445_760, 23_454_912),
+        ("resnet50", ColoraSettings(min_kernel=3), 17, 1_294_784, 11_326_656),
+    ],
+)
 def test_paper_backbones_counts(name, settings, layers, backprop, merged_into):
     model, _ = create_base_model(name, num_classes=4, pretrained=False)
     model = apply_method(model, "colora", colora=settings)
@@ -197,8 +219,12 @@ def test_lora_plus_colora_splits_layers_and_merges_into_the_plain_model():
     plain.eval()
     model = apply_method(copy.deepcopy(plain), "lora+colora", lora=LoraSettings(), colora=ColoraSettings()).eval()
     inner = model.get_base_model()
-    assert set(colora_layers(inner)) == {"stem.0", "stages.1.downsample.1", "stages.2.downsample.1",
-                                         "stages.3.downsample.1"}  # fc1/fc2 (1x1 convs in atto) stay LoRA's
+    assert set(colora_layers(inner)) == {
+        "stem.0",
+        "stages.1.downsample.1",
+        "stages.2.downsample.1",
+        "stages.3.downsample.1",
+    }  # fc1/fc2 (1x1 convs in atto) stay LoRA's
     _perturb(inner)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -213,6 +239,7 @@ def test_lora_plus_colora_splits_layers_and_merges_into_the_plain_model():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert type(merged) is type(plain) and merged.state_dict().keys() == plain.state_dict().keys()
     from peft.utils import get_peft_model_state_dict
+
     assert not any("pointwise" in k or "spatial" in k for k in get_peft_model_state_dict(model))
 
 
@@ -231,8 +258,13 @@ def test_adapter_file_round_trip_and_refuses_another_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
     with pytest.raises(BundleError, match="does not fit the model"):
-        load_colora(copy.deepcopy(base), tmp_path / "colora.safetensors", ColoraSettings(min_kernel=3),
-                    "head.fc", head_in_file=True)
+        load_colora(
+            copy.deepcopy(base),
+            tmp_path / "colora.safetensors",
+            ColoraSettings(min_kernel=3),
+            "head.fc",
+            head_in_file=True,
+        )
     # merge-at-export adapters (no merge yet) leave the zero merge buffers out
     save_colora(model, tmp_path / "live.safetensors", ColoraSettings(), merges=0, extra=head)
     assert (tmp_path / "live.safetensors").stat().st_size < (tmp_path / "colora.safetensors").stat().st_size

@@ -19,8 +19,16 @@ def bundle(tiny_deploy):
 def _fake_torch(calls):
     def open_torch(bundle_dir, manifest, precision, device, threads=None, compile=None, batch_size=32):
         calls.append((precision, device, compile, batch_size))
-        return Backend("torch", precision, "torch compiled on cuda (planted)", lambda x: x, [], device="cuda",
-                       run_pixels=lambda x: x)
+        return Backend(
+            "torch",
+            precision,
+            "torch compiled on cuda (planted)",
+            lambda x: x,
+            [],
+            device="cuda",
+            run_pixels=lambda x: x,
+        )
+
     return open_torch
 
 
@@ -32,8 +40,10 @@ def test_a_gpu_without_onnxruntime_gpu_takes_torch_cuda_and_says_why(bundle, mon
     monkeypatch.setattr(torch_backend, "open_torch", _fake_torch(calls))
     b = backends.open_backend(*bundle, "auto", "fp16", "auto", batch_size=64)
     assert b.name == "torch" and b.device == "cuda" and calls == [("fp16", "cuda", None, 64)]
-    assert b.notes[0].startswith("auto: torch on CUDA (no TensorRT engine in the bundle; onnxruntime has no GPU "
-                                 "provider here (onnxruntime-gpu is not installed))")
+    assert b.notes[0].startswith(
+        "auto: torch on CUDA (no TensorRT engine in the bundle; onnxruntime has no GPU "
+        "provider here (onnxruntime-gpu is not installed))"
+    )
 
 
 def test_torch_that_cannot_start_falls_back_to_onnxruntime_with_every_reason(bundle, monkeypatch):

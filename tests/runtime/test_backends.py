@@ -46,8 +46,9 @@ def test_onnxruntime_runs_on_the_cpu_provider_and_matches_a_plain_session(bundle
     assert logits.shape == (len(batch), len(manifest.classes)) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, direct_onnxruntime(d / "model.onnx", batch), atol=1e-5, rtol=1e-5)
     b16 = open_backend(d, manifest, "onnxruntime", "fp16", "cpu")
-    np.testing.assert_allclose(b16.predict_logits(batch), direct_onnxruntime(d / "model.fp16.onnx", batch),
-                               atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(
+        b16.predict_logits(batch), direct_onnxruntime(d / "model.fp16.onnx", batch), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU provider is installed")
@@ -57,7 +58,9 @@ def test_cuda_requested_on_a_cpu_machine_runs_on_cpu_and_says_so(bundle, batch, 
     d, manifest = bundle
     b = open_backend(d, manifest, "onnxruntime", "fp32", "cuda")
     assert "CPUExecutionProvider" in b.detail
-    assert len(b.notes) == 1 and b.notes[0].startswith("requested CUDA but onnxruntime is running model.onnx on the CPU")
+    assert len(b.notes) == 1 and b.notes[0].startswith(
+        "requested CUDA but onnxruntime is running model.onnx on the CPU"
+    )
     assert "onnxruntime-gpu" in b.notes[0]
     np.testing.assert_allclose(b.predict_logits(batch), direct_onnxruntime(d / "model.onnx", batch), atol=1e-5)
     with caplog.at_level("WARNING"):  # the bundle loader logs it as a warning, not only in notes
@@ -70,8 +73,9 @@ def copy_run_and_bundle(tiny_run: Path, tiny_deploy: Path, tmp_path: Path) -> tu
     run, bundle_dir = tmp_path / "runs" / tiny_run.name, tmp_path / "deploy" / "capsule"
     shutil.copytree(tiny_run, run)
     shutil.copytree(tiny_deploy / "capsule", bundle_dir)
-    edit_manifest(bundle_dir / "manifest.json", lambda m: m["training"].update(run_dir=str(run.resolve())),
-                  resealed=True)  # a relocation the exporter would have sealed
+    edit_manifest(
+        bundle_dir / "manifest.json", lambda m: m["training"].update(run_dir=str(run.resolve())), resealed=True
+    )  # a relocation the exporter would have sealed
     return run, bundle_dir
 
 
@@ -112,7 +116,7 @@ def test_tensorrt_engine_matches_the_fp32_onnx(tiny_run, batch, tmp_path):
     manifest = read_bundle_manifest(d)
     b = open_backend(d, manifest, "tensorrt", "fp16", "cuda")
     assert b.name == "tensorrt" and b.notes == []
-    logits = np.concatenate([b.predict_logits(batch[i:i + 4]) for i in range(0, len(batch), 4)])
+    logits = np.concatenate([b.predict_logits(batch[i : i + 4]) for i in range(0, len(batch), 4)])
     reference = direct_onnxruntime(d / "model.onnx", batch)
     assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.9
     auto = open_backend(d, manifest, "auto", "fp16", "auto")

@@ -44,9 +44,15 @@ def plant_bad(folder):
     Image.new("1", (side, side)).save(folder / "bomb.png", optimize=True)
     os.symlink(folder / "loop_b.jpg", folder / "loop_a.jpg")
     os.symlink(folder / "loop_a.jpg", folder / "loop_b.jpg")
-    return {"truncated.jpg": "truncated|cannot", "corrupt.jpg": "cannot read image", "empty.jpg": "cannot identify",
-            "notes.png": "cannot identify", "bomb.png": "decompression bomb", "loop_a.jpg": "symbolic links",
-            "loop_b.jpg": "symbolic links"}
+    return {
+        "truncated.jpg": "truncated|cannot",
+        "corrupt.jpg": "cannot read image",
+        "empty.jpg": "cannot identify",
+        "notes.png": "cannot identify",
+        "bomb.png": "decompression bomb",
+        "loop_a.jpg": "symbolic links",
+        "loop_b.jpg": "symbolic links",
+    }
 
 
 def plant_odd(folder):
@@ -57,7 +63,7 @@ def plant_odd(folder):
     expected = {}
     pic.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
     expected["cmyk.jpg"] = rgb
-    gray16 = (np.asarray(pic.convert("L"), np.uint16) * 257)
+    gray16 = np.asarray(pic.convert("L"), np.uint16) * 257
     Image.fromarray(gray16).save(folder / "gray16.png")  # 16-bit grayscale
     expected["gray16.png"] = np.repeat(np.asarray(pic.convert("L"))[..., None], 3, 2)
     pic.convert("L").save(folder / "gray.png")
@@ -144,7 +150,9 @@ def test_a_planted_folder_runs_to_completion_with_an_error_row_per_broken_file(p
         row = rows[f"ulcer/{name}"]
         assert row["error"] == "" and row["predicted"] and 0 < float(row["confidence"]) <= 1, row
     assert r.n_errors == len(bad) and r.n_images == len(bad) + len(odd)
-    assert r.sources["capsule"].metrics["n"] == len(odd) and r.sources["capsule"].metrics["n_errors"] == len(bad)  # scored on what could be read
+    assert r.sources["capsule"].metrics["n"] == len(odd) and r.sources["capsule"].metrics["n_errors"] == len(
+        bad
+    )  # scored on what could be read
 
 
 def test_a_canvas_over_pillows_own_limit_is_a_data_error_not_a_warning(tmp_path):

@@ -8,8 +8,10 @@ from gi_deploy.errors import ConfigError
 from gi_deploy.runtime.benchmark import BenchmarkConfig, synthetic_frames
 
 
-@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(workers=-1), dict(threads=0),
-                                 dict(n_images=40, batch_size=32), dict(latency_runs=2)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(batch_size=0), dict(workers=-1), dict(threads=0), dict(n_images=40, batch_size=32), dict(latency_runs=2)],
+)
 def test_bad_options_are_config_errors(bad):
     with pytest.raises(ConfigError):
         BenchmarkConfig(**bad)

@@ -16,19 +16,36 @@ CAPSULE = ["erosion", "normal", "polyp"]
 KVASIR = ["normal", "polyp", "ulcer"]
 ALL = ["erosion", "normal", "polyp", "ulcer"]  # union, in first-appearance order
 TOP_K = 2
-HEADER = ["path", "source", "true_label", "predicted", "confidence",
-          *[f"top{i}_{w}" for i in range(1, TOP_K + 1) for w in ("class", "prob")], "error",
-          *[f"prob:{c}" for c in ALL]]
+HEADER = [
+    "path",
+    "source",
+    "true_label",
+    "predicted",
+    "confidence",
+    *[f"top{i}_{w}" for i in range(1, TOP_K + 1) for w in ("class", "prob")],
+    "error",
+    *[f"prob:{c}" for c in ALL],
+]
 
 # (true label, probabilities in the source's class order); 0.9-confident mistakes first to be listed
 CAPSULE_ROWS = [
-    ("erosion", [0.7, 0.2, 0.1]), ("erosion", [0.1, 0.9, 0.0]), ("erosion", [0.5, 0.3, 0.2]),
-    ("normal", [0.2, 0.6, 0.2]), ("normal", [0.1, 0.8, 0.1]), ("normal", [0.6, 0.3, 0.1]),
-    ("polyp", [0.1, 0.1, 0.8]), ("polyp", [0.3, 0.3, 0.4]), ("polyp", [0.05, 0.7, 0.25]),
+    ("erosion", [0.7, 0.2, 0.1]),
+    ("erosion", [0.1, 0.9, 0.0]),
+    ("erosion", [0.5, 0.3, 0.2]),
+    ("normal", [0.2, 0.6, 0.2]),
+    ("normal", [0.1, 0.8, 0.1]),
+    ("normal", [0.6, 0.3, 0.1]),
+    ("polyp", [0.1, 0.1, 0.8]),
+    ("polyp", [0.3, 0.3, 0.4]),
+    ("polyp", [0.05, 0.7, 0.25]),
 ]
 KVASIR_ROWS = [
-    ("normal", [0.8, 0.1, 0.1]), ("normal", [0.3, 0.6, 0.1]), ("polyp", [0.2, 0.7, 0.1]),
-    ("polyp", [0.4, 0.4, 0.2]), ("ulcer", [0.1, 0.2, 0.7]), ("ulcer", [0.2, 0.2, 0.6]),
+    ("normal", [0.8, 0.1, 0.1]),
+    ("normal", [0.3, 0.6, 0.1]),
+    ("polyp", [0.2, 0.7, 0.1]),
+    ("polyp", [0.4, 0.4, 0.2]),
+    ("ulcer", [0.1, 0.2, 0.7]),
+    ("ulcer", [0.2, 0.2, 0.6]),
 ]
 
 
@@ -36,8 +53,9 @@ def prediction_row(path: str, source: str, true_label: str, classes: list[str], 
     """A row as the runtime writes it: ties go to the first class, probabilities as 6-decimal strings."""
     order = np.argsort(-np.asarray(p), kind="stable")[:TOP_K]
     row = dict.fromkeys(HEADER, "")
-    row.update(path=path, source=source, true_label=true_label, predicted=classes[order[0]],
-               confidence=f"{p[order[0]]:.6f}")
+    row.update(
+        path=path, source=source, true_label=true_label, predicted=classes[order[0]], confidence=f"{p[order[0]]:.6f}"
+    )
     for i, k in enumerate(order, 1):
         row[f"top{i}_class"], row[f"top{i}_prob"] = classes[k], f"{p[k]:.6f}"
     row.update({f"prob:{c}": f"{v:.6f}" for c, v in zip(classes, p)})
@@ -97,8 +115,7 @@ def test_two_sources_scored_like_classification_metrics_and_sklearn(scores):
         assert {k: m[k] for k in ref} == ref
         assert m["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
         assert m["f1_weighted"] == pytest.approx(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0))
-        assert m["roc_auc_macro"] == pytest.approx(skm.roc_auc_score(y_true, probs, multi_class="ovr",
-                                                                     labels=range(3)))
+        assert m["roc_auc_macro"] == pytest.approx(skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=range(3)))
         assert m["source"] == score.source and m["precision"] == "fp16"
         assert m["n_errors"] == score.n_errors and m["n_unlabelled"] == score.n_unlabelled
         saved = json.loads(score.files["metrics"].read_text())
@@ -108,10 +125,17 @@ def test_two_sources_scored_like_classification_metrics_and_sklearn(scores):
 def test_file_names_for_several_sources_and_one(two_source_csv, scores, tmp_path):
     for source in ("capsule", "kvasir"):
         files = scores[source].files
-        assert files == {kind: two_source_csv.parent / f"predictions.{source}{suffix}" for kind, suffix in (
-            ("metrics", ".metrics.json"), ("confusion_csv", ".confusion.csv"),
-            ("confusion_normalized_csv", ".confusion_normalized.csv"), ("confusion_png", ".confusion.png"),
-            ("roc_png", ".roc.png"), ("wrong_csv", ".wrong.csv"))}
+        assert files == {
+            kind: two_source_csv.parent / f"predictions.{source}{suffix}"
+            for kind, suffix in (
+                ("metrics", ".metrics.json"),
+                ("confusion_csv", ".confusion.csv"),
+                ("confusion_normalized_csv", ".confusion_normalized.csv"),
+                ("confusion_png", ".confusion.png"),
+                ("roc_png", ".roc.png"),
+                ("wrong_csv", ".wrong.csv"),
+            )
+        }
         assert all(p.is_file() for p in files.values())
     single = write_csv(tmp_path / "single.csv", source_rows("kvasir", KVASIR, KVASIR_ROWS))
     files = score_predictions(single)["kvasir"].files
@@ -153,8 +177,9 @@ def test_report_csvs_equal_the_metrics_and_pngs_open(scores):
     with open(files["confusion_normalized_csv"], newline="") as f:
         norm = list(csv.reader(f))
     assert norm[0] == raw[0] and all(len(v.split(".")[1]) == 4 for r in norm[1:] for v in r[1:])
-    np.testing.assert_allclose([[float(v) for v in r[1:]] for r in norm[1:]], m["confusion_matrix_normalized"],
-                               atol=5e-5)
+    np.testing.assert_allclose(
+        [[float(v) for v in r[1:]] for r in norm[1:]], m["confusion_matrix_normalized"], atol=5e-5
+    )
     for kind in ("confusion_png", "roc_png"):
         with Image.open(files[kind]) as im:
             im.verify()

@@ -11,8 +11,8 @@ from PIL import Image
 from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
 from gi_deploy.errors import ConfigError
 from gi_deploy.runtime.decode import gpu as gpu_decode
-from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches
+from gi_deploy.runtime.infer import InferConfig, infer_folder
 
 SPEC = PreprocessSpec(size=(48, 48), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -24,8 +24,15 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 255, (18, 24, 3), dtype=np.uint8)).resize((240, 180), Image.BICUBIC)
-    paths = {"baseline": root / "a.jpg", "png": root / "b.png", "progressive": root / "c.jpg", "cmyk": root / "d.jpg",
-             "gray": root / "e.jpg", "rotated": root / "f.jpg", "broken": root / "g.jpg"}
+    paths = {
+        "baseline": root / "a.jpg",
+        "png": root / "b.png",
+        "progressive": root / "c.jpg",
+        "cmyk": root / "d.jpg",
+        "gray": root / "e.jpg",
+        "rotated": root / "f.jpg",
+        "broken": root / "g.jpg",
+    }
     smooth.save(paths["baseline"], quality=92)
     smooth.save(paths["png"])
     smooth.save(paths["progressive"], quality=92, progressive=True)
@@ -40,8 +47,14 @@ def mixed(tmp_path_factory):
 
 def test_only_upright_baseline_rgb_jpegs_go_to_the_gpu(mixed):
     assert {k: gpu_decode.gpu_decodable(p) for k, p in mixed.items()} == {
-        "baseline": True, "png": False, "progressive": False, "cmyk": False, "gray": False, "rotated": False,
-        "broken": False}
+        "baseline": True,
+        "png": False,
+        "progressive": False,
+        "cmyk": False,
+        "gray": False,
+        "rotated": False,
+        "broken": False,
+    }
 
 
 @pytest.mark.parametrize("resize", ["direct", "crop"])
@@ -64,17 +77,29 @@ def test_gpu_path_gives_the_cpu_decoders_pixels_and_falls_back_per_file(mixed, r
 
 def test_the_pipeline_runs_the_reader_in_workers_and_finishes_in_this_process(mixed):
     paths = list(mixed.values())
-    batches = list(decoded_batches(paths, (SPEC,), batch_size=4, workers=2, reader=gpu_decode.read_batch,
-                                   finish=gpu_decode.GpuDecoder((SPEC,), device="cpu")))
+    batches = list(
+        decoded_batches(
+            paths,
+            (SPEC,),
+            batch_size=4,
+            workers=2,
+            reader=gpu_decode.read_batch,
+            finish=gpu_decode.GpuDecoder((SPEC,), device="cpu"),
+        )
+    )
     assert [p for b in batches for p in b.paths] == paths and [b.n_good for b in batches] == [4, 2]
 
 
 def test_gpu_decoding_is_refused_for_models_on_the_cpu(tiny_deploy, tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="--decode gpu feeds models that run on the GPU.*use --decode cpu"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv",
-                                 decode="gpu", workers=0))
-    r = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv",
-                                 workers=0))  # auto: the CPU decoder, and the metrics say so
+        infer_folder(
+            InferConfig(
+                inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv", decode="gpu", workers=0
+            )
+        )
+    r = infer_folder(
+        InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv", workers=0)
+    )  # auto: the CPU decoder, and the metrics say so
     assert r.decoder.startswith("cpu (Pillow")
 
 
@@ -110,7 +135,7 @@ def test_frames_are_resized_in_one_call_per_size_with_the_per_frame_pixels(tmp_p
 def test_a_jpeg_the_batched_decode_fails_on_falls_back_alone(tmp_path):
     paths = _frames(tmp_path, [(200, 150)] * 3)
     truncated = tmp_path / "truncated.jpg"  # a baseline header, so it is sent as bytes; the scan data is cut
-    truncated.write_bytes(paths[0].read_bytes()[:len(paths[0].read_bytes()) // 2])
+    truncated.write_bytes(paths[0].read_bytes()[: len(paths[0].read_bytes()) // 2])
     assert gpu_decode.gpu_decodable(truncated)
     order = [paths[0], truncated, paths[1], paths[2]]
     decoder = gpu_decode.GpuDecoder((SPEC,), device="cpu")
@@ -132,9 +157,17 @@ def test_gpu_finishing_runs_one_batch_ahead_and_hands_each_over_ready(tmp_path):
 
     for b in decoded_batches(paths, (SPEC,), 2, 0, reader=gpu_decode.read_batch, finish=finish):
         events.append(f"model {b.paths[0].name}")
-    assert events == ["finish frame_0.jpg", "finish frame_2.jpg", "ready frame_0.jpg", "model frame_0.jpg",
-                      "finish frame_4.jpg", "ready frame_2.jpg", "model frame_2.jpg",
-                      "ready frame_4.jpg", "model frame_4.jpg"]
+    assert events == [
+        "finish frame_0.jpg",
+        "finish frame_2.jpg",
+        "ready frame_0.jpg",
+        "model frame_0.jpg",
+        "finish frame_4.jpg",
+        "ready frame_2.jpg",
+        "model frame_2.jpg",
+        "ready frame_4.jpg",
+        "model frame_4.jpg",
+    ]
 
 
 @pytest.mark.slow  # torch's antialiased resize of 720x576 frames on a shared CPU: tens of seconds here

@@ -62,14 +62,19 @@ def test_no_metrics_when_subfolders_are_not_classes(tiny_data, tiny_deploy, tmp_
     for p in list((tiny_data / "test").rglob("*.jpg"))[:3]:
         shutil.copy(p, folder / p.name)
     result = infer_folder(InferConfig(inputs=folder.parent, deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv"))
-    assert result.sources["capsule"].metrics is None and result.sources["capsule"].metrics_path is None and result.sources["capsule"].n_unlabelled == 3
+    assert (
+        result.sources["capsule"].metrics is None
+        and result.sources["capsule"].metrics_path is None
+        and result.sources["capsule"].n_unlabelled == 3
+    )
     assert not (tmp_path / "p.metrics.json").exists()
 
 
 def test_fp16_bundle_runs_and_agrees_with_fp32(tiny_data, tiny_deploy, tmp_path):
     r32 = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "a.csv"))
-    r16 = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "b.csv",
-                                   precision="fp16"))
+    r16 = infer_folder(
+        InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "b.csv", precision="fp16")
+    )
     p32 = [r["predicted"] for r in read_rows(r32.csv_path)]
     p16 = [r["predicted"] for r in read_rows(r16.csv_path)]
     assert np.mean([a == b for a, b in zip(p32, p16)]) >= 0.9

@@ -33,7 +33,9 @@ def test_the_four_input_forms(images, tmp_path):
     assert len(globbed.paths) == 12 and globbed.root == images  # the glob is case-sensitive, as the shell's
     assert globbed.rel(globbed.paths[0]).count("/") == 1
     listed = tmp_path / "list.txt"
-    listed.write_text("# a comment\nexam/polyp/UPPER.JPG\n\nexam/ulcer/" + next((images / "ulcer").glob("*.jpg")).name + "\n")
+    listed.write_text(
+        "# a comment\nexam/polyp/UPPER.JPG\n\nexam/ulcer/" + next((images / "ulcer").glob("*.jpg")).name + "\n"
+    )
     from_list = collect_inputs(listed)
     assert [from_list.rel(p) for p in from_list.paths][0] == "exam/polyp/UPPER.JPG" and len(from_list.paths) == 2
     with pytest.raises(ConfigError, match="nothing to classify"):
@@ -103,8 +105,11 @@ def test_a_killed_run_resumes_with_every_image_exactly_once(images, tiny_deploy,
     import json
 
     expected = json.loads(full.with_suffix(".metrics.json").read_text())
-    assert (r.sources["capsule"].metrics["n"], r.sources["capsule"].metrics["accuracy"], r.sources["capsule"].metrics["mcc"]) == (expected["n"], expected["accuracy"],
-                                                                         expected["mcc"])
+    assert (
+        r.sources["capsule"].metrics["n"],
+        r.sources["capsule"].metrics["accuracy"],
+        r.sources["capsule"].metrics["mcc"],
+    ) == (expected["n"], expected["accuracy"], expected["mcc"])
     with pytest.raises(ConfigError, match="--resume: .* has columns"):
         infer_folder(InferConfig(inputs=images, deploy_dir=tiny_deploy, out_csv=out, top_k=2, resume=True))
 

@@ -16,7 +16,6 @@ from gi_deploy.errors import ConfigError
 from gi_deploy.runtime.infer import InferConfig, infer_folder
 
 
-
 def planted_ood(folder: Path, px: int = 32) -> Path:
     """Frames no source covers: blank, saturated and a checkerboard."""
     import numpy as np
@@ -34,7 +33,7 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     """sha256 of every file under ``roots`` (a file root is itself), by path."""
     out = {}
     for root in roots:
-        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
             if p.is_file() and not p.is_symlink():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -59,8 +58,7 @@ def pngs(tiny_data, tmp_path) -> Path:
 
 def test_break1_explain_wrong_folder_that_is_the_input_is_refused_before_anything(pngs, tiny_deploy, tmp_path):
     before = _snapshot(pngs)
-    cfg = InferConfig(inputs=pngs, deploy_dir=tiny_deploy, out_csv=tmp_path / "cases.csv", explain_wrong=2,
-                      workers=0)
+    cfg = InferConfig(inputs=pngs, deploy_dir=tiny_deploy, out_csv=tmp_path / "cases.csv", explain_wrong=2, workers=0)
     with pytest.raises(ConfigError, match="cases_wrong"):
         infer_folder(cfg)
     assert _snapshot(pngs) == before and len(before) == 10
@@ -96,15 +94,15 @@ def test_break2_report_over_the_edited_input_list_is_refused(tiny_data, tiny_dep
     assert _snapshot(w) == before
 
 
-def test_break3_the_lock_is_taken_on_the_real_path_so_an_alias_cannot_write_together(tiny_data, tiny_deploy,
-                                                                                         tmp_path):
+def test_break3_the_lock_is_taken_on_the_real_path_so_an_alias_cannot_write_together(tiny_data, tiny_deploy, tmp_path):
     s = tmp_path / "s"
     s.mkdir()
     (s / "alias.csv").symlink_to(s / "p.csv")
     with exclusive_lock(s / "p.csv", "choose another --out"):  # a run writing s/p.csv holds it
         with pytest.raises(ConfigError, match="being written by another gi-deploy process"):
-            infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=s / "alias.csv",
-                                     workers=0))
+            infer_folder(
+                InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=s / "alias.csv", workers=0)
+            )
     assert not (s / "p.csv").exists()
 
 
@@ -121,23 +119,34 @@ def test_break7_resume_without_a_sidecar_naming_the_models_is_refused(tiny_data,
         side.write_text(sidecar)
     before = _snapshot(tmp_path)
     with pytest.raises(ConfigError, match="mix"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0,
-                                 resume=True))
+        infer_folder(
+            InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True)
+        )
     assert _snapshot(tmp_path) == before
 
 
 def test_break7_auto_writes_the_sidecar_so_another_precision_cannot_resume_into_it(routed_deploy, tmp_path):
     deploy, data = routed_deploy
     out = tmp_path / "auto.csv"
-    infer_folder(InferConfig(inputs=data / "capsule" / "test", deploy_dir=deploy, sources=["auto"], out_csv=out,
-                             workers=0))
+    infer_folder(
+        InferConfig(inputs=data / "capsule" / "test", deploy_dir=deploy, sources=["auto"], out_csv=out, workers=0)
+    )
     side = json.loads(out.with_name(out.name + ".bundles.json").read_text())
     assert {"capsule", "endoscope", "_router"} <= side.keys()
     out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))
     before = _snapshot(tmp_path)
     with pytest.raises(ConfigError, match="mix two models"):
-        infer_folder(InferConfig(inputs=data / "capsule" / "test", deploy_dir=deploy, sources=["auto"], out_csv=out,
-                                 workers=0, resume=True, precision="fp16"))
+        infer_folder(
+            InferConfig(
+                inputs=data / "capsule" / "test",
+                deploy_dir=deploy,
+                sources=["auto"],
+                out_csv=out,
+                workers=0,
+                resume=True,
+                precision="fp16",
+            )
+        )
     assert _snapshot(tmp_path) == before
 
 
@@ -157,8 +166,9 @@ def test_break10_auto_with_an_unreadable_file_names_only_real_sources(routed_dep
     folder = tmp_path / "in"
     shutil.copytree(data / "capsule" / "test", folder)
     (folder / "broken.jpg").write_bytes(b"not an image")
-    r = infer_folder(InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=tmp_path / "a.csv",
-                                 workers=0))
+    r = infer_folder(
+        InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=tmp_path / "a.csv", workers=0)
+    )
     assert set(r.sources) == {"capsule", "endoscope"}  # --explain-wrong opens each as a bundle
     assert r.n_errors == 1
     assert [row["source"] for row in _rows(tmp_path / "a.csv") if row["error"]] == ["auto"]
@@ -168,8 +178,9 @@ def test_unlabelled_auto_runs_count_their_refusals(routed_deploy, tmp_path):
     deploy, _ = routed_deploy
     folder = tmp_path / "unlabelled"
     planted_ood(folder)
-    r = infer_folder(InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=tmp_path / "o.csv",
-                                 workers=0))
+    r = infer_folder(
+        InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=tmp_path / "o.csv", workers=0)
+    )
     refused = sum(row["rejected"] == "1" for row in _rows(tmp_path / "o.csv"))
     assert refused > 0 and r.n_rejected == refused
 
@@ -195,8 +206,15 @@ def test_break12_parquet_at_an_existing_file_is_refused_before_the_job(tiny_data
     target = tmp_path / "pq"
     target.write_text("someone's file")
     with pytest.raises(ConfigError, match="not a folder"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv",
-                                 workers=0, parquet_dir=target))
+        infer_folder(
+            InferConfig(
+                inputs=tiny_data / "test",
+                deploy_dir=tiny_deploy,
+                out_csv=tmp_path / "p.csv",
+                workers=0,
+                parquet_dir=target,
+            )
+        )
     assert target.read_text() == "someone's file" and not (tmp_path / "p.csv").exists()
 
 
@@ -223,10 +241,18 @@ def test_a_local_ray_started_by_a_driver_killed_with_sigkill_does_not_outlive_it
     import time
 
     victim = subprocess.Popen(["sleep", "300"])  # stands for Ray's raylet and GCS
-    driver = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from gi_deploy.runtime.ray_infer import start_reaper; "
-        f"start_reaper([{victim.pid}]); print('ready', flush=True); time.sleep(300)")],
-        stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from gi_deploy.runtime.ray_infer import start_reaper; "
+                f"start_reaper([{victim.pid}]); print('ready', flush=True); time.sleep(300)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert driver.stdout.readline().strip() == "ready"
         os.kill(driver.pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ from gi_deploy.runtime.infer import InferConfig, infer_folder
 def _snapshot(*roots: Path) -> dict[str, str]:
     out = {}
     for root in roots:
-        for p in ([root] if root.is_file() else sorted(root.rglob("*"))):
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
             if p.is_file() and not p.is_symlink():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -40,16 +40,16 @@ def test_parquet_folder_holding_the_csv_and_user_files_keeps_them(tiny_data, tin
     results.mkdir()
     (results / "notes.txt").write_text("the user's notes")
     out = results / "p.csv"
-    r = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0,
-                                 parquet_dir=results))
+    r = infer_folder(
+        InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, parquet_dir=results)
+    )
     assert (results / "notes.txt").read_text() == "the user's notes"
     assert len(_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
     assert out.with_name(out.name + ".bundles.json").is_file()
     assert pq.read_table(r.parquet).num_rows == len(_rows(out))
 
 
-def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_job(tiny_data, tiny_deploy,
-                                                                                      tmp_path):
+def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_job(tiny_data, tiny_deploy, tmp_path):
     """A folder already holding other Parquet files (an older gi-deploy's Ray parts, someone's
     table): a reader of the folder would mix them with this run's rows; refused, nothing touched."""
     pdir = tmp_path / "pq"
@@ -57,8 +57,15 @@ def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_jo
     (pdir / "0000_part.parquet").write_bytes(b"an older run's part")
     before = _snapshot(tmp_path)
     with pytest.raises(ConfigError, match="0000_part.parquet"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "p.csv",
-                                 workers=0, parquet_dir=pdir))
+        infer_folder(
+            InferConfig(
+                inputs=tiny_data / "test",
+                deploy_dir=tiny_deploy,
+                out_csv=tmp_path / "p.csv",
+                workers=0,
+                parquet_dir=pdir,
+            )
+        )
     assert _snapshot(tmp_path) == before and not (tmp_path / "p.csv").exists()
 
 
@@ -68,8 +75,9 @@ def test_resume_into_a_foreign_csv_refuses_without_cutting_its_last_line(tiny_da
     out = tmp_path / "mine.csv"
     out.write_text("name,score\nalice,1\nbob,2")
     with pytest.raises(ConfigError, match="columns"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0,
-                                 resume=True))
+        infer_folder(
+            InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True)
+        )
     assert out.read_text() == "name,score\nalice,1\nbob,2"
 
 
@@ -87,7 +95,8 @@ def test_resume_with_fewer_sources_keeps_the_others_models_in_the_sidecar(tiny_d
     rows = _rows(out)
     assert r.n_resumed == 4 + (n - 2)
     assert sorted((row["path"], row["source"]) for row in rows) == sorted(
-        {(row["path"], s) for row in rows for s in ("capsule", "endoscope")})
+        {(row["path"], s) for row in rows for s in ("capsule", "endoscope")}
+    )
     assert len(rows) == 2 * n
 
 
@@ -111,7 +120,8 @@ def test_resume_over_another_folder_with_the_same_names_is_refused(tiny_data, ti
 
 
 def test_out_symlink_writes_its_sidecar_and_reports_beside_the_real_csv_not_in_the_input_folder(
-        tiny_data, tiny_deploy, tmp_path):
+    tiny_data, tiny_deploy, tmp_path
+):
     """`infer scans/ --out scans/alias.csv` where alias.csv links to elsewhere/p.csv: the checks
     passed (the real CSV is outside), then the sidecar, metrics and report PNGs were written beside
     the link, inside the input folder (the next run over it classifies the PNGs)."""
@@ -127,9 +137,11 @@ def test_out_symlink_writes_its_sidecar_and_reports_beside_the_real_csv_not_in_t
     assert r.csv_path == (elsewhere / "p.csv").resolve()
 
 
-@pytest.mark.xfail(reason="the lock is keyed on the real path's name: a hard link to the CSV is another name with "
-                          "another lock, and opening it 'w' truncates the running job's file (see the report)",
-                   strict=True)
+@pytest.mark.xfail(
+    reason="the lock is keyed on the real path's name: a hard link to the CSV is another name with "
+    "another lock, and opening it 'w' truncates the running job's file (see the report)",
+    strict=True,
+)
 def test_a_hard_link_to_a_csv_being_written_cannot_write_it_too(tiny_data, tiny_deploy, tmp_path):
     from gi_deploy._io import exclusive_lock
 
@@ -138,14 +150,16 @@ def test_a_hard_link_to_a_csv_being_written_cannot_write_it_too(tiny_data, tiny_
     (tmp_path / "h.csv").hardlink_to(out)
     with exclusive_lock(out, "choose another --out"):  # a run writing p.csv holds it
         with pytest.raises(ConfigError, match="being written by another gi-deploy process"):
-            infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "h.csv",
-                                     workers=0))
+            infer_folder(
+                InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "h.csv", workers=0)
+            )
     assert out.read_text() == "rows of a running job\n"
 
 
 @pytest.mark.parametrize("sources, link", [(None, "p_wrong"), (["all"], "p_endoscope_wrong")])
-def test_explain_wrong_folder_that_is_a_symlink_to_the_input_folder_is_refused(tiny_data, two_source_deploy,
-                                                                              tmp_path, sources, link):
+def test_explain_wrong_folder_that_is_a_symlink_to_the_input_folder_is_refused(
+    tiny_data, two_source_deploy, tmp_path, sources, link
+):
     """`<stem>_wrong` (or, with several sources, `<stem>_<source>_wrong`) is a symlink to the input
     folder: the check compared the link's own path (or did not list the per-source folders at all),
     so the heatmaps were written into the input folder."""
@@ -154,26 +168,33 @@ def test_explain_wrong_folder_that_is_a_symlink_to_the_input_folder_is_refused(t
     (tmp_path / link).symlink_to(cases)
     before = _snapshot(cases)
     with pytest.raises(ConfigError, match="input"):
-        infer_folder(InferConfig(inputs=cases, deploy_dir=two_source_deploy, out_csv=tmp_path / "p.csv",
-                                 sources=sources or ["capsule"], explain_wrong=2, workers=0))
+        infer_folder(
+            InferConfig(
+                inputs=cases,
+                deploy_dir=two_source_deploy,
+                out_csv=tmp_path / "p.csv",
+                sources=sources or ["capsule"],
+                explain_wrong=2,
+                workers=0,
+            )
+        )
     assert _snapshot(cases) == before and not (tmp_path / "p.csv").exists()
 
 
-def test_an_image_and_its_csv_of_the_same_stem_is_not_refused_but_a_report_name_is(tiny_data, tiny_deploy,
-                                                                                     tmp_path):
+def test_an_image_and_its_csv_of_the_same_stem_is_not_refused_but_a_report_name_is(tiny_data, tiny_deploy, tmp_path):
     """`infer scans/a.jpg --out scans/a.csv` was refused as if a.jpg were one of a.csv's report files
     (every `<stem>.<anything>` was); only the names the job really writes are."""
     scans = tmp_path / "scans"
     scans.mkdir()
     image = sorted((tiny_data / "test").rglob("*.jpg"))[0]
     shutil.copy(image, scans / "a.jpg")
-    r = infer_folder(InferConfig(inputs=scans / "a.jpg", deploy_dir=tiny_deploy, out_csv=scans / "a.csv",
-                                 workers=0))
+    r = infer_folder(InferConfig(inputs=scans / "a.jpg", deploy_dir=tiny_deploy, out_csv=scans / "a.csv", workers=0))
     assert r.n_images == 1 and len(_rows(scans / "a.csv")) == 1
     shutil.copy(image, scans / "b.confusion.png")  # an image named like b.csv's confusion-matrix plot
     with pytest.raises(ConfigError, match="b.confusion.png"):
-        infer_folder(InferConfig(inputs=scans / "b.confusion.png", deploy_dir=tiny_deploy, out_csv=scans / "b.csv",
-                                 workers=0))
+        infer_folder(
+            InferConfig(inputs=scans / "b.confusion.png", deploy_dir=tiny_deploy, out_csv=scans / "b.csv", workers=0)
+        )
 
 
 def test_the_csv_stays_locked_while_it_is_scored_and_copied(tiny_data, tiny_deploy, tmp_path, monkeypatch):
@@ -204,6 +225,7 @@ def test_ray_refuses_decode_gpu_instead_of_decoding_on_the_cpu_unsaid(tmp_path):
     from gi_deploy.runtime.ray_infer import infer_on_ray
 
     with pytest.raises(ConfigError, match="--decode gpu"):
-        infer_on_ray(InferConfig(inputs=tmp_path, deploy_dir=tmp_path / "deploy", out_csv=tmp_path / "p.csv",
-                                 decode="gpu"))
+        infer_on_ray(
+            InferConfig(inputs=tmp_path, deploy_dir=tmp_path / "deploy", out_csv=tmp_path / "p.csv", decode="gpu")
+        )
     assert not (tmp_path / "p.csv").exists()

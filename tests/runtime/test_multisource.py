@@ -28,8 +28,16 @@ def rel_images(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def all_run(two_source_deploy, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("all") / "pred.csv"
-    result = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=two_source_deploy, sources=["all"],
-                                      out_csv=out, batch_size=5, workers=0))
+    result = infer_folder(
+        InferConfig(
+            inputs=tiny_data / "test",
+            deploy_dir=two_source_deploy,
+            sources=["all"],
+            out_csv=out,
+            batch_size=5,
+            workers=0,
+        )
+    )
     return result, read_rows(out)
 
 
@@ -63,8 +71,16 @@ def test_all_sources_write_one_row_per_image_and_source(all_run, tiny_data, two_
 def test_each_sources_rows_equal_a_single_source_run(source, all_run, tiny_data, two_source_deploy, tmp_path):
     _, rows = all_run
     out = tmp_path / "one.csv"
-    infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=two_source_deploy, sources=[source],
-                             out_csv=out, batch_size=3, workers=0))
+    infer_folder(
+        InferConfig(
+            inputs=tiny_data / "test",
+            deploy_dir=two_source_deploy,
+            sources=[source],
+            out_csv=out,
+            batch_size=3,
+            workers=0,
+        )
+    )
     single = read_rows(out)
     mine = [r for r in rows if r["source"] == source]
     assert [r["path"] for r in single] == [r["path"] for r in mine]
@@ -79,13 +95,22 @@ def test_each_sources_rows_equal_a_single_source_run(source, all_run, tiny_data,
 def test_resume_after_a_kill_classifies_each_image_and_source_once(all_run, tiny_data, two_source_deploy, tmp_path):
     _, full = all_run
     out = tmp_path / "pred.csv"
-    infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=two_source_deploy, sources=["all"],
-                             out_csv=out, workers=0))
+    infer_folder(
+        InferConfig(inputs=tiny_data / "test", deploy_dir=two_source_deploy, sources=["all"], out_csv=out, workers=0)
+    )
     lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
     # killed mid-write: the header, 7 complete rows (image 4 has only its capsule row), half a row
-    out.write_text("".join(lines[:8]) + lines[8][:len(lines[8]) // 2], encoding="utf-8")
-    result = infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=two_source_deploy, sources=["all"],
-                                      out_csv=out, workers=0, resume=True))
+    out.write_text("".join(lines[:8]) + lines[8][: len(lines[8]) // 2], encoding="utf-8")
+    result = infer_folder(
+        InferConfig(
+            inputs=tiny_data / "test",
+            deploy_dir=two_source_deploy,
+            sources=["all"],
+            out_csv=out,
+            workers=0,
+            resume=True,
+        )
+    )
     rows = read_rows(out)
     pairs = [(r["path"], r["source"]) for r in rows]
     assert sorted(pairs) == sorted((r["path"], r["source"]) for r in full)
@@ -95,7 +120,9 @@ def test_resume_after_a_kill_classifies_each_image_and_source_once(all_run, tiny
     assert all(r["predicted"] == by_pair[(r["path"], r["source"])]["predicted"] for r in rows)
     assert all(r["path"] and r["source"] in SOURCES for r in rows)  # the half row is gone
     for s in SOURCES:
-        assert json.loads(out.with_name(f"pred.{s}.metrics.json").read_text())["n"] == len(rel_images(tiny_data / "test"))
+        assert json.loads(out.with_name(f"pred.{s}.metrics.json").read_text())["n"] == len(
+            rel_images(tiny_data / "test")
+        )
 
 
 def test_strict_stops_at_the_broken_file_keeping_the_rows_before_it(tiny_data, two_source_deploy, tmp_path):
@@ -103,12 +130,21 @@ def test_strict_stops_at_the_broken_file_keeping_the_rows_before_it(tiny_data, t
     shutil.copytree(tiny_data / "test", folder)
     (folder / "normal" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     images = rel_images(folder)
-    before = images[:images.index("normal/zz_broken.jpg")]
+    before = images[: images.index("normal/zz_broken.jpg")]
     assert before and len(before) < len(images) - 1 and len(before) % 4  # in the middle of a batch of 4
     out = tmp_path / "pred.csv"
     with pytest.raises(DataError, match=r"cannot read image .*zz_broken\.jpg.*--strict"):
-        infer_folder(InferConfig(inputs=folder, deploy_dir=two_source_deploy, sources=["all"], out_csv=out,
-                                 batch_size=4, workers=0, strict=True))
+        infer_folder(
+            InferConfig(
+                inputs=folder,
+                deploy_dir=two_source_deploy,
+                sources=["all"],
+                out_csv=out,
+                batch_size=4,
+                workers=0,
+                strict=True,
+            )
+        )
     rows = read_rows(out)
     assert [(r["path"], r["source"]) for r in rows] == [(p, s) for p in before for s in SOURCES]
     assert not any(r["error"] for r in rows)
@@ -142,10 +178,10 @@ def test_cross_matrix_cells_are_the_accuracy_of_the_predictions(cross, tiny_data
         matrix = list(csv.reader(f))
     assert matrix[0] == ["model \\ test", *SOURCES]
     assert {row[0]: [float(v) for v in row[1:]] for row in matrix[1:]} == {
-        m: [pytest.approx(r.cells[(m, t)].accuracy, abs=1e-4) for t in SOURCES] for m in SOURCES}
+        m: [pytest.approx(r.cells[(m, t)].accuracy, abs=1e-4) for t in SOURCES] for m in SOURCES
+    }
     saved = json.loads(r.files["json"].read_text())
-    assert {(c["model"], c["test"]): c["correct"] for c in saved["cells"]} == {
-        k: c.correct for k, c in r.cells.items()}
+    assert {(c["model"], c["test"]): c["correct"] for c in saved["cells"]} == {k: c.correct for k, c in r.cells.items()}
 
 
 def test_cross_with_a_class_map_renaming_classes_still_scores(cross, two_source_deploy, tiny_data, tmp_path):
@@ -164,8 +200,9 @@ def test_cross_with_a_map_that_renames_only_the_test_labels_skips_them(two_sourc
     """The model still says "polyp", the test set now says "lesion": those images are counted, not scored."""
     class_map = tmp_path / "map.json"
     class_map.write_text(json.dumps({"capsule": {"polyp": "lesion"}}))
-    r = cross_evaluate(two_source_deploy, tmp_path / "out", {"capsule": tiny_data / "test"}, class_map=class_map,
-                       workers=0)
+    r = cross_evaluate(
+        two_source_deploy, tmp_path / "out", {"capsule": tiny_data / "test"}, class_map=class_map, workers=0
+    )
     n_polyp = len(list_images(tiny_data / "test" / "polyp"))
     for m in SOURCES:
         cell = r.cells[(m, "capsule")]
@@ -216,8 +253,9 @@ def test_two_folders_of_one_source_are_refused(tiny_deploy, tiny_data, tmp_path)
     shutil.copytree(tiny_deploy / "capsule", deploy / "capsule")
     shutil.copytree(tiny_deploy / "capsule", deploy / "capsule_old")  # a kept copy: its manifest says capsule
     with pytest.raises(ConfigError, match="both bundles of source 'capsule'"):
-        infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=deploy, sources=["all"],
-                                 out_csv=tmp_path / "p.csv"))
+        infer_folder(
+            InferConfig(inputs=tiny_data / "test", deploy_dir=deploy, sources=["all"], out_csv=tmp_path / "p.csv")
+        )
     assert not (tmp_path / "p.csv").exists()  # refused before anything was written
 
 

@@ -34,8 +34,10 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # auto's measurements: never the user's
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not HAS_BF16, reason="this CPU has no native bf16"))])
+@pytest.mark.parametrize(
+    "precision",
+    ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16"))],
+)
 def test_openvino_runs_the_bundle_and_agrees_with_onnxruntime(bundle, batch, precision):
     d, manifest = bundle
     b = open_backend(d, manifest, "openvino", precision, "cpu", threads=1)
@@ -114,10 +116,13 @@ def test_auto_without_openvino_says_so(bundle, monkeypatch):
     assert b.name == "onnxruntime" and "OpenVINO is not installed" in b.notes[0]
 
 
-@pytest.mark.parametrize("precision, device, message", [
-    ("fp16", "cpu", "fp16 is the GPU's"),
-    ("fp32", "cuda", "runs on the CPU here"),
-])
+@pytest.mark.parametrize(
+    "precision, device, message",
+    [
+        ("fp16", "cpu", "fp16 is the GPU's"),
+        ("fp32", "cuda", "runs on the CPU here"),
+    ],
+)
 def test_what_openvino_cannot_run_is_a_config_error(bundle, precision, device, message):
     with pytest.raises(ConfigError, match=message):
         open_backend(*bundle, "openvino", precision, device)

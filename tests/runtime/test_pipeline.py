@@ -15,8 +15,8 @@ from gi_deploy._io import read_json
 from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input, normalize_pixels
 from gi_deploy.runtime.decode import cpu as pipeline
-from gi_deploy.runtime.infer import InferConfig, infer_folder
 from gi_deploy.runtime.decode.cpu import decode_batch, decoded_batches
+from gi_deploy.runtime.infer import InferConfig, infer_folder
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -53,8 +53,9 @@ def training_eval_arrays(root: Path, paths: list[Path], spec: PreprocessSpec, tm
 
     classes = sorted({p.parent.name for p in paths})
     items = [(p.relative_to(root).as_posix(), classes.index(p.parent.name)) for p in paths]
-    ds = DatasetSplits(root=root, classes=classes, splits={"train": items, "val": items, "test": items},
-                       layout="class-folders")
+    ds = DatasetSplits(
+        root=root, classes=classes, splits={"train": items, "val": items, "test": items}, layout="class-folders"
+    )
     cfg = tiny_train_config(root, tmp_path, batch_size=4, num_workers=0)
     _, val, test = _loaders(ds, spec, cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
     return {name: torch.cat([x for x, _ in loader]).numpy() for name, loader in (("val", val), ("test", test))}
@@ -93,8 +94,12 @@ def test_several_specs_are_each_the_training_transform(odd_images, tiny_deploy, 
     batch = decode_batch(paths, (direct, crop))
     assert batch.errors == [None] * len(paths)
     for spec, array in zip((direct, crop), batch.inputs):
-        np.testing.assert_allclose(normalize_pixels(array, spec),
-                                   training_eval_arrays(odd_images, paths, spec, tmp_path)["test"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            normalize_pixels(array, spec),
+            training_eval_arrays(odd_images, paths, spec, tmp_path)["test"],
+            atol=1e-6,
+            rtol=0,
+        )
     assert batch.inputs[1].shape == (len(paths), 24, 40, 3)
 
 
@@ -152,8 +157,9 @@ def test_infer_with_worker_processes_writes_the_inline_csv(with_broken, tiny_dep
     csvs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.csv"
-        result = infer_folder(InferConfig(inputs=folder, deploy_dir=tiny_deploy, out_csv=out, batch_size=4,
-                                          workers=workers))
+        result = infer_folder(
+            InferConfig(inputs=folder, deploy_dir=tiny_deploy, out_csv=out, batch_size=4, workers=workers)
+        )
         assert result.n_images == 13 and result.n_errors == 1
         csvs[workers] = out.read_text(encoding="utf-8")
     assert csvs[0] == csvs[2]
@@ -173,8 +179,15 @@ def test_benchmark_decodes_only_the_images_it_measures(tiny_data, tiny_deploy, m
 
     monkeypatch.setattr(benchmark, "decode_batch", counting_decode)
     monkeypatch.setattr(benchmark, "CANDIDATES", (("onnxruntime fp32", "onnxruntime", "fp32", None),))
-    cfg = benchmark.BenchmarkConfig(deploy_dir=tiny_deploy, images=tiny_data / "test", n_images=8, batch_size=4,
-                                    latency_runs=5, workers=0, device="cpu")
+    cfg = benchmark.BenchmarkConfig(
+        deploy_dir=tiny_deploy,
+        images=tiny_data / "test",
+        n_images=8,
+        batch_size=4,
+        latency_runs=5,
+        workers=0,
+        device="cpu",
+    )
     result = benchmark.run_benchmark(cfg)
     assert len(list_images(tiny_data / "test")) == 12 and decoded == [8]
     assert result.row("onnxruntime fp32").status == "ok" and result.n_images == 8

@@ -105,8 +105,9 @@ def _close(a, b, where: str) -> None:
         assert a == b, where
 
 
-def test_a_stopped_ray_job_resumes_to_each_image_and_source_once(local_ray, local_run, images, two_source_deploy,
-                                                                tmp_path):
+def test_a_stopped_ray_job_resumes_to_each_image_and_source_once(
+    local_ray, local_run, images, two_source_deploy, tmp_path
+):
     _, local_csv = local_run
     out = tmp_path / "pred.csv"
     calls = []
@@ -130,9 +131,26 @@ def test_cli_infer_ray_writes_the_csv_and_parquet_shards(local_ray, images, two_
     import pyarrow.parquet as pq
 
     out = tmp_path / "pred.csv"
-    res = CliRunner().invoke(app, ["infer", str(images), "--deploy", str(two_source_deploy), "--source", "all",
-                                   "--out", str(out), "--ray", "--ray-actors", "1", "--parquet",
-                                   str(tmp_path / "parquet"), "--workers", "0"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(images),
+            "--deploy",
+            str(two_source_deploy),
+            "--source",
+            "all",
+            "--out",
+            str(out),
+            "--ray",
+            "--ray-actors",
+            "1",
+            "--parquet",
+            str(tmp_path / "parquet"),
+            "--workers",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "on Ray (1 actor(s)" in res.output
     table = pq.read_table(tmp_path / "parquet")
@@ -142,8 +160,21 @@ def test_cli_infer_ray_writes_the_csv_and_parquet_shards(local_ray, images, two_
 
 
 def test_ray_options_without_ray_are_a_usage_error(two_source_deploy, images, tmp_path):
-    res = CliRunner().invoke(app, ["infer", str(images), "--deploy", str(two_source_deploy), "--source", "all",
-                                   "--out", str(tmp_path / "p.csv"), "--ray-actors", "2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(images),
+            "--deploy",
+            str(two_source_deploy),
+            "--source",
+            "all",
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--ray-actors",
+            "2",
+        ],
+    )
     assert res.exit_code == 2 and "need --ray" in res.output
 
 
@@ -155,8 +186,14 @@ def test_ray_runs_auto_with_the_local_runs_routes_refusals_and_sidecar(local_ray
     shutil.copytree(data / "capsule" / "test", folder / "capsule")
     shutil.copytree(data / "endoscope" / "test", folder / "endoscope")
     (folder / "capsule" / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    cfg = lambda out: InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=out,  # noqa: E731
-                                  batch_size=4, workers=0)
+    cfg = lambda out: InferConfig(
+        inputs=folder,
+        deploy_dir=deploy,
+        sources=["auto"],
+        out_csv=out,  # noqa: E731
+        batch_size=4,
+        workers=0,
+    )
     local = infer_folder(cfg(tmp_path / "local.csv"))
     r = infer_on_ray(cfg(tmp_path / "ray.csv"), RayOptions(actors=1))
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import edit_manifest
 from PIL import Image
 from typer.testing import CliRunner
-
-from conftest import edit_manifest
 
 from gi_deploy.cli import app
 from gi_deploy.core.bundles import list_bundles
@@ -44,7 +43,8 @@ def planted_ood(folder: Path, px: int = 32) -> Path:
     Image.new("RGB", (px, px), (255, 0, 0)).save(folder / "saturated_red.png")
     yy, xx = np.mgrid[0:px, 0:px]
     Image.fromarray(np.where(((yy // 4 + xx // 4) % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, 2)).save(
-        folder / "checker.png")
+        folder / "checker.png"
+    )
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (px, px, 3), dtype=np.uint8)).save(folder / "noise.png")
     return folder
 
@@ -83,8 +83,18 @@ def test_router_hash_check_refuses_an_altered_router(routed_deploy, tmp_path):
     np.savez(deploy / ROUTER_DIR / ROUTER_FILE, **arrays)
     with pytest.raises(BundleError, match="sha256"):
         load_router(deploy)
-    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--deploy", deploy,
-               "--out", tmp_path / "p.csv", "--workers", 0)
+    r = invoke(
+        "infer",
+        routed_deploy[1] / "capsule" / "test",
+        "--source",
+        "auto",
+        "--deploy",
+        deploy,
+        "--out",
+        tmp_path / "p.csv",
+        "--workers",
+        0,
+    )
     assert r.exit_code != 0 and "sha256" in r.output
 
 
@@ -114,7 +124,8 @@ def test_infer_auto_routes_and_refuses_planted_ood_with_an_honest_row(routed_dep
             assert row["predicted"] == "" and row["confidence"] == ""  # ... with no diagnosis ...
             assert not any(v for k, v in row.items() if k.startswith("prob:"))
             assert ROUTER_REASON in row["reason"] or (
-                "out of distribution" in row["reason"] and float(row["id_score"]) > float(row["id_threshold"]))
+                "out of distribution" in row["reason"] and float(row["id_score"]) > float(row["id_threshold"])
+            )
         else:  # each test image goes to its own source's model
             assert row["source"] == Path(path).name.split("_")[0], row
             assert float(row["router_confidence"]) > 0.5 and row["id_score"]
@@ -126,8 +137,9 @@ def test_infer_auto_routes_and_refuses_planted_ood_with_an_honest_row(routed_dep
     for s, m in metrics.items():
         accepted = [row for row in rows.values() if row["source"] == s and row["rejected"] == "0" and row["true_label"]]
         assert m["n"] == len(accepted)
-        labelled_refused = sum(row["source"] == s and row["rejected"] == "1" and bool(row["true_label"])
-                               for row in rows.values())
+        labelled_refused = sum(
+            row["source"] == s and row["rejected"] == "1" and bool(row["true_label"]) for row in rows.values()
+        )
         correct = sum(row["predicted"] == row["true_label"] for row in accepted)
         assert m["accuracy_counting_rejected"] == pytest.approx(correct / (len(accepted) + labelled_refused))
 
@@ -149,11 +161,29 @@ def test_auto_without_router_says_how_to_add_one(routed_deploy, tmp_path):
     deploy = tmp_path / "deploy"
     shutil.copytree(routed_deploy[0], deploy)
     shutil.rmtree(deploy / ROUTER_DIR)
-    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--deploy", deploy,
-               "--out", tmp_path / "p.csv")
+    r = invoke(
+        "infer",
+        routed_deploy[1] / "capsule" / "test",
+        "--source",
+        "auto",
+        "--deploy",
+        deploy,
+        "--out",
+        tmp_path / "p.csv",
+    )
     assert r.exit_code != 0 and "gi-deploy export --router" in r.output
-    r = invoke("infer", routed_deploy[1] / "capsule" / "test", "--source", "auto", "--source", "capsule",
-               "--deploy", deploy, "--out", tmp_path / "p.csv")
+    r = invoke(
+        "infer",
+        routed_deploy[1] / "capsule" / "test",
+        "--source",
+        "auto",
+        "--source",
+        "capsule",
+        "--deploy",
+        deploy,
+        "--out",
+        tmp_path / "p.csv",
+    )
     assert r.exit_code != 0 and "do not name other sources" in r.output
 
 
@@ -163,8 +193,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _auto(deploy: Path, data: Path, out: Path):
-    return invoke("infer", data / "capsule" / "test", "--source", "auto", "--deploy", deploy, "--out", out,
-                  "--workers", 0)
+    return invoke(
+        "infer", data / "capsule" / "test", "--source", "auto", "--deploy", deploy, "--out", out, "--workers", 0
+    )
 
 
 def test_a_bundle_of_an_older_format_is_refused_with_the_re_export_command(routed_deploy, tmp_path):
@@ -174,8 +205,17 @@ def test_a_bundle_of_an_older_format_is_refused_with_the_re_export_command(route
     edit_manifest(deploy / "capsule" / "manifest.json", lambda m: m.update(format_version=3), resealed=True)
     before = _snapshot(deploy)
     for extra in (["--source", "capsule"], ["--source", "auto"]):
-        r = invoke("infer", routed_deploy[1] / "capsule" / "test", *extra, "--deploy", deploy,
-                   "--out", tmp_path / "p.csv", "--workers", 0)
+        r = invoke(
+            "infer",
+            routed_deploy[1] / "capsule" / "test",
+            *extra,
+            "--deploy",
+            deploy,
+            "--out",
+            tmp_path / "p.csv",
+            "--workers",
+            0,
+        )
         assert r.exit_code == 1, r.output
         assert "gi-deploy-bundle v3 manifest" in r.output and "gi-deploy export --force" in r.output
         assert "Traceback" not in r.output
@@ -199,14 +239,18 @@ def test_swapped_router_sources_are_refused_naming_the_field(routed_deploy, tmp_
     assert not (tmp_path / "p.csv").exists() and _snapshot(deploy) == before
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.pop("files"), "has no 'files' field"),
-    (lambda m: m.update(sources=["capsule"]), "field sources = ['capsule'] must name at least two sources"),
-    (lambda m: m.update(sources="capsule"), "field sources = 'capsule' must be a non-empty list"),
-    (lambda m: m["verification"]["router"].update(min_accuracy=0.5), "field verification.router = "),
-    (lambda m: m["novelty"]["sources"]["capsule"].update(threshold=1e300), "field novelty.sources = "),
-    (lambda m: m.pop("seal"), "field seal is missing"),
-], ids=["no-files", "one-source", "sources-not-a-list", "gate-edited", "novelty-threshold", "no-seal"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("files"), "has no 'files' field"),
+        (lambda m: m.update(sources=["capsule"]), "field sources = ['capsule'] must name at least two sources"),
+        (lambda m: m.update(sources="capsule"), "field sources = 'capsule' must be a non-empty list"),
+        (lambda m: m["verification"]["router"].update(min_accuracy=0.5), "field verification.router = "),
+        (lambda m: m["novelty"]["sources"]["capsule"].update(threshold=1e300), "field novelty.sources = "),
+        (lambda m: m.pop("seal"), "field seal is missing"),
+    ],
+    ids=["no-files", "one-source", "sources-not-a-list", "gate-edited", "novelty-threshold", "no-seal"],
+)
 def test_edited_router_manifests_are_one_line_naming_the_field(routed_deploy, tmp_path, change, message):
     """Issue 21 break 13: a router manifest without ``files`` was a KeyError, one source listed an
     IndexError; any other edit was silently acted on. Each is now a one-line refusal naming the field."""
@@ -220,11 +264,15 @@ def test_edited_router_manifests_are_one_line_naming_the_field(routed_deploy, tm
     assert not (tmp_path / "p.csv").exists() and _snapshot(deploy) == before
 
 
-@pytest.mark.parametrize("value, message", [
-    (1e300, "field ood.threshold = 1e+300 differs from what was sealed"),
-    (float("nan"), "field ood.threshold = nan must be a finite number"),
-    (-1.0, "field ood.threshold = -1.0 must be a finite number in (0.0, inf]"),
-], ids=["huge", "nan", "negative"])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1e300, "field ood.threshold = 1e+300 differs from what was sealed"),
+        (float("nan"), "field ood.threshold = nan must be a finite number"),
+        (-1.0, "field ood.threshold = -1.0 must be a finite number in (0.0, inf]"),
+    ],
+    ids=["huge", "nan", "negative"],
+)
 def test_an_edited_ood_threshold_is_refused_naming_the_field(routed_deploy, tmp_path, value, message):
     """Issue 21 break 6: ``ood.threshold`` set to 1e300 or NaN in a bundle manifest refused nothing."""
     deploy = tmp_path / "deploy"
@@ -283,15 +331,28 @@ def test_evaluate_routing_matches_sklearn(routed_deploy, mixed, tmp_path):
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     deploy, data = routed_deploy
-    r = invoke("evaluate", "--routing", "--deploy", deploy, "--test", f"capsule={data / 'capsule' / 'test'}",
-               "--test", f"endoscope={data / 'endoscope' / 'test'}", "--ood", mixed / "ood", "--out", tmp_path)
+    r = invoke(
+        "evaluate",
+        "--routing",
+        "--deploy",
+        deploy,
+        "--test",
+        f"capsule={data / 'capsule' / 'test'}",
+        "--test",
+        f"endoscope={data / 'endoscope' / 'test'}",
+        "--ood",
+        mixed / "ood",
+        "--out",
+        tmp_path,
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "routing.json").read_text())
     rows = read_rows(tmp_path / "routing.csv")
     ind = [row for row in rows if row["true_source"] != OOD]
     assert len(ind) == 24 and len(rows) == 29
-    cm = confusion_matrix([row["true_source"] for row in ind], [row["routed"] for row in ind],
-                          labels=["capsule", "endoscope"])
+    cm = confusion_matrix(
+        [row["true_source"] for row in ind], [row["routed"] for row in ind], labels=["capsule", "endoscope"]
+    )
     assert rep["routing_confusion"]["matrix"] == cm.tolist()
     assert rep["routing_accuracy"] == pytest.approx(np.trace(cm) / cm.sum()) and rep["routing_accuracy"] == 1.0
     # the score refusals are made on: the larger of the router's novelty and the routed model's ratio
@@ -299,26 +360,83 @@ def test_evaluate_routing_matches_sklearn(routed_deploy, mixed, tmp_path):
     assert all((row["rejected"] == "True") == (sc > 1) for row, sc in zip(rows, score))
     assert rep["ood"]["auroc"] == pytest.approx(roc_auc_score([row["true_source"] == OOD for row in rows], score))
     for s in ("capsule", "endoscope"):
-        assert rep["single_model_accuracy"][s] == pytest.approx(np.mean([row[f"pred:{s}"] == row["label"]
-                                                                         for row in ind]))
+        assert rep["single_model_accuracy"][s] == pytest.approx(
+            np.mean([row[f"pred:{s}"] == row["label"] for row in ind])
+        )
 
 
 def test_routing_report_against_hand_counts():
     rows = [  # 3 capsule, 2 endoscope test images, 2 OOD; one misrouted, one refused
-        {"true_source": "a", "label": "x", "routed": "a", "rejected": False, "pred:a": "x", "pred:b": "y",
-         "id_ratio:a": 0.5, "id_ratio:b": 3.0},
-        {"true_source": "a", "label": "y", "routed": "a", "rejected": False, "pred:a": "y", "pred:b": "y",
-         "id_ratio:a": 0.7, "id_ratio:b": 3.0},
-        {"true_source": "a", "label": "x", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "x",
-         "id_ratio:a": 0.2, "id_ratio:b": 0.9},
-        {"true_source": "b", "label": "x", "routed": "b", "rejected": True, "pred:a": "y", "pred:b": "x",
-         "id_ratio:a": 4.0, "id_ratio:b": 1.5},
-        {"true_source": "b", "label": "y", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "y",
-         "id_ratio:a": 4.0, "id_ratio:b": 0.4},
-        {"true_source": OOD, "label": "", "routed": "a", "rejected": True, "pred:a": "x", "pred:b": "x",
-         "id_ratio:a": 2.0, "id_ratio:b": 9.0},
-        {"true_source": OOD, "label": "", "routed": "b", "rejected": False, "pred:a": "x", "pred:b": "x",
-         "id_ratio:a": 9.0, "id_ratio:b": 0.8},
+        {
+            "true_source": "a",
+            "label": "x",
+            "routed": "a",
+            "rejected": False,
+            "pred:a": "x",
+            "pred:b": "y",
+            "id_ratio:a": 0.5,
+            "id_ratio:b": 3.0,
+        },
+        {
+            "true_source": "a",
+            "label": "y",
+            "routed": "a",
+            "rejected": False,
+            "pred:a": "y",
+            "pred:b": "y",
+            "id_ratio:a": 0.7,
+            "id_ratio:b": 3.0,
+        },
+        {
+            "true_source": "a",
+            "label": "x",
+            "routed": "b",
+            "rejected": False,
+            "pred:a": "x",
+            "pred:b": "x",
+            "id_ratio:a": 0.2,
+            "id_ratio:b": 0.9,
+        },
+        {
+            "true_source": "b",
+            "label": "x",
+            "routed": "b",
+            "rejected": True,
+            "pred:a": "y",
+            "pred:b": "x",
+            "id_ratio:a": 4.0,
+            "id_ratio:b": 1.5,
+        },
+        {
+            "true_source": "b",
+            "label": "y",
+            "routed": "b",
+            "rejected": False,
+            "pred:a": "x",
+            "pred:b": "y",
+            "id_ratio:a": 4.0,
+            "id_ratio:b": 0.4,
+        },
+        {
+            "true_source": OOD,
+            "label": "",
+            "routed": "a",
+            "rejected": True,
+            "pred:a": "x",
+            "pred:b": "x",
+            "id_ratio:a": 2.0,
+            "id_ratio:b": 9.0,
+        },
+        {
+            "true_source": OOD,
+            "label": "",
+            "routed": "b",
+            "rejected": False,
+            "pred:a": "x",
+            "pred:b": "x",
+            "id_ratio:a": 9.0,
+            "id_ratio:b": 0.8,
+        },
     ]
     rep = routing_report(rows, ["a", "b"])
     assert rep["routing_confusion"]["matrix"] == [[2, 1], [0, 2]]
@@ -382,8 +500,11 @@ def test_export_router_from_the_cli(routed_deploy, tmp_path):
 def test_benchmark_has_a_router_row_and_its_cost(routed_deploy, tmp_path):
     from gi_deploy.runtime.benchmark import ROUTER_ROW, BenchmarkConfig, router_cost, run_benchmark
 
-    result = run_benchmark(BenchmarkConfig(deploy_dir=routed_deploy[0], source="capsule", n_images=8, batch_size=4,
-                                           latency_runs=5, workers=0))
+    result = run_benchmark(
+        BenchmarkConfig(
+            deploy_dir=routed_deploy[0], source="capsule", n_images=8, batch_size=4, latency_runs=5, workers=0
+        )
+    )
     row = result.row(ROUTER_ROW)
     assert row.status == "ok" and row.model_only > 0 and row.thumb_ms > 0
     assert router_cost(result) is not None and router_cost(result) > 0
@@ -414,8 +535,12 @@ def test_infer_auto_on_other_backends_gives_the_same_rows(routed_deploy, mixed, 
     r = invoke("infer", mixed, "--source", "auto", "--deploy", deploy, "--out", other, "--workers", 0, *extra)
     assert r.exit_code == 0, r.output
     for a, b in zip(read_rows(ref), read_rows(other), strict=True):
-        assert (a["path"], a["source"], a["rejected"], a["predicted"]) == (b["path"], b["source"], b["rejected"],
-                                                                           b["predicted"])
+        assert (a["path"], a["source"], a["rejected"], a["predicted"]) == (
+            b["path"],
+            b["source"],
+            b["rejected"],
+            b["predicted"],
+        )
         if a["id_score"]:
             assert float(b["id_score"]) == pytest.approx(float(a["id_score"]), rel=1e-2)
 
@@ -425,7 +550,8 @@ def stripes(folder: Path, px: int = 32) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     xx = np.mgrid[0:px, 0:px][1]
     Image.fromarray(np.where((xx // 2 % 2 == 0)[..., None], 255, 0).astype(np.uint8).repeat(3, 2)).save(
-        folder / "stripes.png")
+        folder / "stripes.png"
+    )
     Image.new("RGB", (px, px), (0, 200, 0)).save(folder / "green.png")
     Image.fromarray((xx * 255 // (px - 1)).astype(np.uint8)[..., None].repeat(3, 2)).save(folder / "ramp.png")
     return folder
@@ -484,9 +610,11 @@ def test_a_router_without_novelty_check_still_loads(routed_deploy, mixed, tmp_pa
     with np.load(path) as z:
         old = {k: z[k] for k in ("mean", "scale", "weights", "bias", "sources")}
     np.savez(path, **old)
-    edit_manifest(deploy / ROUTER_DIR / "manifest.json",
-                  lambda m: (m.pop("novelty"), m["files"][ROUTER_FILE].update(sha256=sha256_file(path))),
-                  resealed=True)
+    edit_manifest(
+        deploy / ROUTER_DIR / "manifest.json",
+        lambda m: (m.pop("novelty"), m["files"][ROUTER_FILE].update(sha256=sha256_file(path))),
+        resealed=True,
+    )
     router, new = load_router(deploy), load_router(routed_deploy[0])
     assert router.novelty is None
     thumbs = np.stack([load_input(p, ROUTER_SPEC) for p in list_images(mixed)])
@@ -500,24 +628,54 @@ def test_a_router_without_novelty_check_still_loads(routed_deploy, mixed, tmp_pa
     assert not any(ROUTER_REASON in row["reason"] for row in rows)
     for row in rows:  # only the model's check refuses
         assert (row["rejected"] == "1") == (float(row["id_score"]) > float(row["id_threshold"]))
-    r = invoke("evaluate", "--routing", "--deploy", deploy, "--ood", mixed / "ood", "--out", tmp_path / "ev",
-               "--test", f"capsule={routed_deploy[1] / 'capsule' / 'test'}")
+    r = invoke(
+        "evaluate",
+        "--routing",
+        "--deploy",
+        deploy,
+        "--ood",
+        mixed / "ood",
+        "--out",
+        tmp_path / "ev",
+        "--test",
+        f"capsule={routed_deploy[1] / 'capsule' / 'test'}",
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "ev" / "routing.json").read_text())
-    assert rep["ood"]["score"] == "routed model's Mahalanobis / its threshold" and rep["ood"]["ood_rejected_by_router"] == 0
+    assert (
+        rep["ood"]["score"] == "routed model's Mahalanobis / its threshold"
+        and rep["ood"]["ood_rejected_by_router"] == 0
+    )
 
 
 def test_routing_report_scores_refusals_and_credits_them_to_router_or_model_by_hand():
     """The report's AUROC / FPR on the rows' refusal score, each refusal credited to the router
     (novelty over 1) or the routed model (ratio over 1); forming the score as max(novelty, ratio)
     is evaluate_routing's, checked in test_evaluate_routing_matches_sklearn."""
-    def row(src, routed, ratio, novelty, label="x"):
-        return {"true_source": src, "label": label, "routed": routed, "rejected": max(ratio, novelty) > 1,
-                "pred:a": "x", "pred:b": "x", "id_ratio:a": ratio, "id_ratio:b": ratio, "router_novelty": novelty,
-                "ood_score": max(ratio, novelty)}
 
-    rows = [row("a", "a", 0.5, 0.2), row("a", "a", 0.6, 1.2), row("b", "b", 0.3, 0.9), row("b", "b", 0.9, 0.1),
-            row(OOD, "a", 0.4, 5.0, ""), row(OOD, "b", 2.0, 0.3, ""), row(OOD, "a", 0.7, 0.5, "")]
+    def row(src, routed, ratio, novelty, label="x"):
+        return {
+            "true_source": src,
+            "label": label,
+            "routed": routed,
+            "rejected": max(ratio, novelty) > 1,
+            "pred:a": "x",
+            "pred:b": "x",
+            "id_ratio:a": ratio,
+            "id_ratio:b": ratio,
+            "router_novelty": novelty,
+            "ood_score": max(ratio, novelty),
+        }
+
+    rows = [
+        row("a", "a", 0.5, 0.2),
+        row("a", "a", 0.6, 1.2),
+        row("b", "b", 0.3, 0.9),
+        row("b", "b", 0.9, 0.1),
+        row(OOD, "a", 0.4, 5.0, ""),
+        row(OOD, "b", 2.0, 0.3, ""),
+        row(OOD, "a", 0.7, 0.5, ""),
+    ]
     rep = routing_report(rows, ["a", "b"])
     # ID scores 0.5, 1.2, 0.9, 0.9; OOD 5.0, 2.0, 0.7. Pairs OOD > ID: 5.0 and 2.0 beat all 4 (8),
     # 0.7 beats 0.5 (1) -> 9 of 12. 95% TPR bound = the highest ID score 1.2: only OOD 0.7 passes.
@@ -542,8 +700,9 @@ def test_refusal_detects_hard_near_ood_sets(routed_deploy, mixed, tmp_path):
     sets = tmp_path / "sets"
     shutil.copytree(mixed / "ood", sets / "no_source")
     write_near_ood(sets, size=32, n=8, seed=5)
-    rep = evaluate_routing(deploy, tmp_path / "out", {s: data / s / "test" for s in ("capsule", "endoscope")},
-                           sets).report
+    rep = evaluate_routing(
+        deploy, tmp_path / "out", {s: data / s / "test" for s in ("capsule", "endoscope")}, sets
+    ).report
     assert sorted(rep["ood_by_set"]) == sorted([*NEAR_OOD, "no_source"])
     for name, k in rep["ood_by_set"].items():
         assert k["n_ood"] == (5 if name == "no_source" else 8)

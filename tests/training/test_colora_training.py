@@ -42,6 +42,7 @@ def test_killed_colora_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_pa
     def stop(event, d):
         if event == "batch" and d["epoch"] == 3 and d["step"] == 2:
             raise KeyboardInterrupt
+
     with pytest.raises(TrainingInterrupted):
         train(cfg, report=stop)
     resumed = train(dataclasses.replace(cfg, resume=True))

@@ -32,8 +32,11 @@ def _invoke(*args):
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under ``folder``: (sha256, mtime in ns)."""
-    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +59,23 @@ def resumable_run(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("held_via, launched_via", [("alias", "real"), ("real", "alias")])
-def test_a_ddp_resume_is_refused_while_a_plain_training_holds_the_run(resumable_run, tiny_data, held_via,
-                                                                      launched_via):
+def test_a_ddp_resume_is_refused_while_a_plain_training_holds_the_run(resumable_run, tiny_data, held_via, launched_via):
     real, alias = resumable_run
     paths = {"real": real, "alias": alias}
     before = _snapshot(real)
     with lock_run_dir(paths[held_via]):  # what a plain `train` of that name holds while it trains
         t0 = time.time()
-        r = _invoke("train", "capsule", "--data-dir", tiny_data, "--out", paths[launched_via].parent, "--resume",
-                    "--nproc-per-node", 2)
+        r = _invoke(
+            "train",
+            "capsule",
+            "--data-dir",
+            tiny_data,
+            "--out",
+            paths[launched_via].parent,
+            "--resume",
+            "--nproc-per-node",
+            2,
+        )
     assert r.exit_code == 1, r.output
     assert "is being written by another gi-deploy process (pid" in r.output, r.output
     assert "wait for that training to finish" in r.output
@@ -124,12 +135,14 @@ except DistributedError as e:
 def test_a_dying_rank_is_one_line_and_torchs_log_is_for_verbose(verbose):
     tests = Path(__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), str(tests / "training")])}
-    r = subprocess.run([sys.executable, "-c", _LAUNCH.format(verbose=verbose)], capture_output=True, text=True,
-                       env=env, timeout=600)  # a hang fails; a loaded 2-core machine takes minutes to spawn
+    r = subprocess.run(
+        [sys.executable, "-c", _LAUNCH.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=600
+    )  # a hang fails; a loaded 2-core machine takes minutes to spawn
     assert r.returncode == 0, r.stderr
     message = r.stdout.strip()
-    assert message.count("\n") == 0 and message.startswith("rank 1 of 2 died (exit code 1): ValueError: disk full "
-                                                           "on rank 1; the other ranks were stopped"), message
+    assert message.count("\n") == 0 and message.startswith(
+        "rank 1 of 2 died (exit code 1): ValueError: disk full on rank 1; the other ranks were stopped"
+    ), message
     assert "Traceback" not in message
     if verbose:  # torch's own account, traceback and all, is there for whoever asks for it
         assert "torch/distributed/elastic" in r.stderr and "Traceback" in r.stderr, r.stderr

@@ -68,5 +68,7 @@ def test_device_augmentation_flips_and_rotates_each_image_on_its_own():
     square = torch.full((8, 3, 40, 40), 200.0)
     turned = rot._augment(square)
     assert (turned[:, :, 0, 0] < 200).any() and torch.allclose(turned[:, :, 20, 20], square[:, :, 20, 20])
-    assert augments_on_device(torch.device("cuda"), Augment()) and not augments_on_device(torch.device("cpu"), Augment())
+    assert augments_on_device(torch.device("cuda"), Augment()) and not augments_on_device(
+        torch.device("cpu"), Augment()
+    )
     assert not augments_on_device(torch.device("cuda"), Augment(color_jitter=0.2))  # jitter stays with torchvision

@@ -39,8 +39,19 @@ SAME = dict(epochs=3, lr=3e-3, hflip=False, rotation_degrees=0.0, lora={"dropout
 # every source of randomness on: shuffling, LoRA dropout, random flips and rotations (the CLI flags below say
 # the same); a resumed run must continue each random stream where it stopped
 RANDOM = dict(epochs=3, lr=3e-3, hflip=True, rotation_degrees=10.0, lora={"dropout": 0.1}, batch_size=8)
-RANDOM_FLAGS = ["--epochs", "3", "--lr", "3e-3", "--hflip", "--rotation", "10", "--lora-dropout", "0.1",
-                "--batch-size", "8"]
+RANDOM_FLAGS = [
+    "--epochs",
+    "3",
+    "--lr",
+    "3e-3",
+    "--hflip",
+    "--rotation",
+    "10",
+    "--lora-dropout",
+    "0.1",
+    "--batch-size",
+    "8",
+]
 # The float32 gradients differ in their last bits (two half-batch sums, then gloo's all-reduce, against
 # one sum) and AdamW divides by sqrt(v): where an element's gradient is near zero that noise changes its
 # step by a visible share of lr. Measured against the plain run after 9 steps at lr 3e-3: 1 of 295,684
@@ -103,8 +114,11 @@ def _merge_watching_rank(cfg_dict: dict, out_dir: str):
             state["after_training"] = True
         elif state["after_training"]:
             state["after_training"], state["n"] = False, state["n"] + 1
-            tensors = {f"{name}.{key}": getattr(layer, key).detach().clone()
-                       for name, layer in colora_layers(module).items() for key in ("merged_weight", "spatial")}
+            tensors = {
+                f"{name}.{key}": getattr(layer, key).detach().clone()
+                for name, layer in colora_layers(module).items()
+                for key in ("merged_weight", "spatial")
+            }
             torch.save(tensors, Path(out_dir) / f"rank{os.environ['RANK']}_{state['n']}.pt")
 
     def post(module, args, output) -> None:
@@ -174,11 +188,34 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tiny_data, t
     generator, torch's, numpy's, Python's) continue from the checkpoint."""
     whole = launch_local(_train_rank, (tiny_train_config(tiny_data, tmp_path / "whole", **RANDOM).to_dict(),), 2)[0]
     cfg = tiny_train_config(tiny_data, tmp_path / "runs", **RANDOM)
-    cmd = [sys.executable, "-m", "gi_deploy", "train", "capsule", "--data-dir", str(tiny_data), "--model", TINY_MODEL,
-           "--no-pretrained", "--img-size", str(TINY_PX), *RANDOM_FLAGS, "--device", "cpu",
-           "--out", str(tmp_path / "runs"), "--nproc-per-node", "2"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    cmd = [
+        sys.executable,
+        "-m",
+        "gi_deploy",
+        "train",
+        "capsule",
+        "--data-dir",
+        str(tiny_data),
+        "--model",
+        TINY_MODEL,
+        "--no-pretrained",
+        "--img-size",
+        str(TINY_PX),
+        *RANDOM_FLAGS,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "runs"),
+        "--nproc-per-node",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
     metrics = cfg.run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
@@ -188,12 +225,16 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tiny_data, t
     proc.wait()
     manifest = json.loads((cfg.run_dir / "run.json").read_text())
     assert manifest["status"] == "training" and len(manifest["history"]) < 3
-    same = lambda run_dir: {k: v for k, v in json.loads((run_dir / "run.json").read_text())["config"].items()  # noqa: E731
-                            if k != "out_dir"}
+    same = lambda run_dir: {
+        k: v
+        for k, v in json.loads((run_dir / "run.json").read_text())["config"].items()  # noqa: E731
+        if k != "out_dir"
+    }
     assert same(cfg.run_dir) == same(whole.run_dir)  # the command line above trains what RANDOM says
 
-    resumed = launch_local(_train_rank, (tiny_train_config(tiny_data, tmp_path / "runs", resume=True, **RANDOM)
-                                         .to_dict(),), 2)[0]
+    resumed = launch_local(
+        _train_rank, (tiny_train_config(tiny_data, tmp_path / "runs", resume=True, **RANDOM).to_dict(),), 2
+    )[0]
     strip = lambda h: [{k: v for k, v in r.items() if k not in TIMINGS} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)
     a, b = _adapter(whole.run_dir), _adapter(resumed.run_dir)

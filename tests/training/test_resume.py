@@ -21,6 +21,7 @@ def _interrupt_at(epoch: int, step: int):
     def report(event: str, d: dict) -> None:
         if event == "batch" and d["epoch"] == epoch and d["step"] == step:
             raise KeyboardInterrupt
+
     return report
 
 
@@ -43,7 +44,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, wor
         train(cfg)
     resumed = train(dataclasses.replace(cfg, resume=True))
 
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s", "peak_mem_mib", "first_step_s", "steady_img_per_s")} for r in h]
+    strip = lambda h: [
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("seconds", "img_per_s", "peak_mem_mib", "first_step_s", "steady_img_per_s")
+        }
+        for r in h
+    ]
     assert strip(resumed.history) == strip(whole.history)
     assert resumed.test == whole.test and resumed.best_epoch == whole.best_epoch
     a, b = _adapter(whole.run_dir), _adapter(resumed.run_dir)
@@ -117,6 +125,7 @@ def test_stopped_compare_grid_resumes_the_stopped_cell_and_reuses_the_finished_o
             stop_in_linear.cell = d["method"]
         if event == "batch" and stop_in_linear.cell == "linear" and d["epoch"] == 2:
             raise KeyboardInterrupt
+
     with pytest.raises(TrainingInterrupted):
         compare(base, ["lora", "linear"], [1.0], report=stop_in_linear)
     events = []

@@ -15,14 +15,36 @@ from gi_deploy.training.data import check_no_leak
 from gi_deploy.training.sources import GASTROVISION, KVASIR, load_splits
 
 # the folder names of the Kvasir-Capsule labelled_images download (14 classes)
-KVASIR_FOLDERS = ["Angiectasia", "Blood - fresh", "Blood - hematin", "Erosion", "Erythema", "Foreign body",
-                  "Ileocecal valve", "Lymphangiectasia", "Normal clean mucosa", "Polyp", "Pylorus",
-                  "Reduced mucosal view", "Ulcer", "Ampulla of vater"]
+KVASIR_FOLDERS = [
+    "Angiectasia",
+    "Blood - fresh",
+    "Blood - hematin",
+    "Erosion",
+    "Erythema",
+    "Foreign body",
+    "Ileocecal valve",
+    "Lymphangiectasia",
+    "Normal clean mucosa",
+    "Polyp",
+    "Pylorus",
+    "Reduced mucosal view",
+    "Ulcer",
+    "Ampulla of vater",
+]
 # the spellings of the official split CSVs
-OFFICIAL_LABELS = {"angiectasia": "Angiectasia", "blood-fresh": "Blood", "erosion": "Erosion",
-                   "erythema": "Erythematous", "foreign body": "Foreign Bodies", "ileocecal valve": "Ileo-cecal valve",
-                   "lymphangiectasia": "Lymphangiectasia", "normal clean mucosa": "Normal", "pylorus": "Pylorus",
-                   "reduced mucosal view": "Reduced Mucosal View", "ulcer": "Ulcer"}
+OFFICIAL_LABELS = {
+    "angiectasia": "Angiectasia",
+    "blood-fresh": "Blood",
+    "erosion": "Erosion",
+    "erythema": "Erythematous",
+    "foreign body": "Foreign Bodies",
+    "ileocecal valve": "Ileo-cecal valve",
+    "lymphangiectasia": "Lymphangiectasia",
+    "normal clean mucosa": "Normal",
+    "pylorus": "Pylorus",
+    "reduced mucosal view": "Reduced Mucosal View",
+    "ulcer": "Ulcer",
+}
 VIDEOS = [f"{i:02x}a1b2c3d4e5f6{i:02x}" for i in range(12)]
 
 
@@ -81,8 +103,11 @@ def test_a_video_planted_in_two_splits_is_refused(kvasir_tree):
     ds = load_splits("kvasir", kvasir_tree, seed=0)
     rel, y = ds.splits["test"][0]
     video = ds.groups[rel]
-    sibling = next(p for p in (kvasir_tree / "labelled_images").rglob(f"{video}_*.jpg")
-                   if p.relative_to(kvasir_tree).as_posix() != rel)
+    sibling = next(
+        p
+        for p in (kvasir_tree / "labelled_images").rglob(f"{video}_*.jpg")
+        if p.relative_to(kvasir_tree).as_posix() != rel
+    )
     moved = sibling.relative_to(kvasir_tree).as_posix()
     for split in ds.splits.values():  # move that video's other frame into training
         split[:] = [item for item in split if item[0] != moved]

@@ -24,10 +24,13 @@ def test_run_manifest_records_what_export_needs(tiny_run):
     assert {"torch", "timm", "peft"} <= set(m["versions"])
 
 
-@pytest.mark.parametrize("options", [
-    dict(channels_last=True, amp="bf16", balance="sampler", scheduler="plateau"),
-    dict(balance="weighted-loss", resize="crop", crop_pct=0.8, method="full"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(channels_last=True, amp="bf16", balance="sampler", scheduler="plateau"),
+        dict(balance="weighted-loss", resize="crop", crop_pct=0.8, method="full"),
+    ],
+)
 def test_gpu_path_options_also_run_on_cpu(tiny_data, tmp_path, options):
     """channels-last, bf16 autocast, balanced sampling, weighted loss, schedulers: the CUDA-minded
     options are all exercised here on CPU, end to end, with the run recording what it used."""

@@ -18,10 +18,17 @@ def _study(video, n, runs, landmarks=()):
     probs = np.zeros((n, len(CLASSES)), np.float32)
     probs[:, 0] = 1.0
     for cls, a, b in [*runs, *landmarks]:
-        probs[a:b + 1] = 0.0
-        probs[a:b + 1, CLASSES.index(cls)] = 0.9
-    table = FrameTable(video, [f"{video}#{i}" for i in range(n)], np.arange(n), np.arange(n, dtype=float), probs,
-                       np.zeros(n, bool), np.zeros(n, bool))
+        probs[a : b + 1] = 0.0
+        probs[a : b + 1, CLASSES.index(cls)] = 0.9
+    table = FrameTable(
+        video,
+        [f"{video}#{i}" for i in range(n)],
+        np.arange(n),
+        np.arange(n, dtype=float),
+        probs,
+        np.zeros(n, bool),
+        np.zeros(n, bool),
+    )
     cfg = TriageConfig(inputs="x", smoothing="none", min_frames=1)
     roles = class_roles("mine", CLASSES, normal=["normal"], landmark=["pylorus", "valve"])
     s = analyse(table, roles, cfg)
@@ -41,12 +48,14 @@ def test_event_sensitivity_by_hand(tmp_path):
     a = _study("a", 100, [("polyp", 11, 13), ("polyp", 60, 62)], landmarks=[("pylorus", 30, 30), ("valve", 80, 80)])
     b = _study("b", 50, [("polyp", 9, 10)])
     labels = tmp_path / "metadata.csv"
-    labels.write_text("filename;video_id;frame_number;finding_category;finding_class\n"
-                      "a_10.jpg;a;10;Luminal;Polyp\na_12.jpg;a;12;Luminal;Polyp\n"
-                      "a_40.jpg;a;40;Luminal;Polyp\na_41.jpg;a;41;Luminal;Polyp\n"
-                      "a_28.jpg;a;28;Anatomy;Pylorus\na_85.jpg;a;85;Anatomy;Valve\n"
-                      "a_70.jpg;a;70;Anatomy;Normal\na_61.jpg;a;61;Anatomy;Normal\n"
-                      "b_5.jpg;b;5;Luminal;Polyp\nb_6.jpg;b;6;Luminal;Polyp\nb_1.jpg;b;1;x;Ampulla of Vater\n")
+    labels.write_text(
+        "filename;video_id;frame_number;finding_category;finding_class\n"
+        "a_10.jpg;a;10;Luminal;Polyp\na_12.jpg;a;12;Luminal;Polyp\n"
+        "a_40.jpg;a;40;Luminal;Polyp\na_41.jpg;a;41;Luminal;Polyp\n"
+        "a_28.jpg;a;28;Anatomy;Pylorus\na_85.jpg;a;85;Anatomy;Valve\n"
+        "a_70.jpg;a;70;Anatomy;Normal\na_61.jpg;a;61;Anatomy;Normal\n"
+        "b_5.jpg;b;5;Luminal;Polyp\nb_6.jpg;b;6;Luminal;Polyp\nb_1.jpg;b;1;x;Ampulla of Vater\n"
+    )
     r = evaluate_studies([a, b], read_labels(labels), gap=5, tolerance=3)
     assert (r["events"], r["events_found"]) == (3, 2) and r["event_sensitivity"] == pytest.approx(2 / 3)
     assert r["per_video"]["a"]["sensitivity"] == 0.5 and r["per_video"]["b"]["sensitivity"] == 1.0

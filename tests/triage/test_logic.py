@@ -18,8 +18,19 @@ from gi_deploy.triage.roles import class_roles
 from gi_deploy.triage.sections import find_sections
 from gi_deploy.triage.temporal import find_segments, hysteresis_runs, smooth
 
-KVASIR = ["angiectasia", "blood-fresh", "erosion", "erythema", "foreign body", "ileocecal valve",
-          "lymphangiectasia", "normal clean mucosa", "pylorus", "reduced mucosal view", "ulcer"]
+KVASIR = [
+    "angiectasia",
+    "blood-fresh",
+    "erosion",
+    "erythema",
+    "foreign body",
+    "ileocecal valve",
+    "lymphangiectasia",
+    "normal clean mucosa",
+    "pylorus",
+    "reduced mucosal view",
+    "ulcer",
+]
 
 
 def test_kvasir_roles_are_built_in():
@@ -27,8 +38,15 @@ def test_kvasir_roles_are_built_in():
     assert r.names("normal") == ["normal clean mucosa"]
     assert r.names("landmarks") == ["pylorus", "ileocecal valve"]  # ordered: stomach->SB, SB->colon
     assert r.names("quality") == ["reduced mucosal view"]
-    assert r.names("findings") == ["angiectasia", "blood-fresh", "erosion", "erythema", "foreign body",
-                                   "lymphangiectasia", "ulcer"]
+    assert r.names("findings") == [
+        "angiectasia",
+        "blood-fresh",
+        "erosion",
+        "erythema",
+        "foreign body",
+        "lymphangiectasia",
+        "ulcer",
+    ]
 
 
 def test_roles_given_for_any_source_and_checked():

@@ -31,9 +31,9 @@ def study_frames():
     rng = np.random.default_rng(0)
     cls = ["normal"] * N
     for a, b in POLYP_RUNS:
-        cls[a:b + 1] = ["polyp"] * (b - a + 1)
-    cls[PYLORUS[0]:PYLORUS[1] + 1] = ["pylorus"] * 3
-    cls[VALVE[0]:VALVE[1] + 1] = ["valve"] * 3
+        cls[a : b + 1] = ["polyp"] * (b - a + 1)
+    cls[PYLORUS[0] : PYLORUS[1] + 1] = ["pylorus"] * 3
+    cls[VALVE[0] : VALVE[1] + 1] = ["valve"] * 3
     last = None
     for i in range(N):
         if STALL[0] < i <= STALL[1]:
@@ -89,8 +89,9 @@ def colour_model(monkeypatch):
 
 
 def _cfg(video, out, **kw):
-    return TriageConfig(inputs=video, out_dir=out, normal=["normal"], landmark=["pylorus", "valve"], batch_size=16,
-                        min_frames=2, **kw)
+    return TriageConfig(
+        inputs=video, out_dir=out, normal=["normal"], landmark=["pylorus", "valve"], batch_size=16, min_frames=2, **kw
+    )
 
 
 def test_known_segments_sections_and_review_list(video, tmp_path, colour_model):
@@ -104,7 +105,8 @@ def test_known_segments_sections_and_review_list(video, tmp_path, colour_model):
     assert s.sections.bounds == (PYLORUS[0], VALVE[0]) and not s.sections.incomplete
     t = s.sections.transit(s.table.times)
     assert t["gastric_s"] == pytest.approx(PYLORUS[0] / FPS) and t["small_bowel_s"] == pytest.approx(
-        (VALVE[0] - PYLORUS[0]) / FPS)
+        (VALVE[0] - PYLORUS[0]) / FPS
+    )
     # near-duplicates: the 4 stalled repeats of frame 62 leave the review list, nothing else does
     b = s.budget
     assert b["flagged_frames"] == sum(e - a + 1 for a, e in POLYP_RUNS)
@@ -150,15 +152,16 @@ def test_resume_after_a_kill_gives_the_same_study(video, tmp_path, monkeypatch):
     assert r.n_resumed == 80 and r.n_classified == N - 80
     rows = list(csv.DictReader(pred.read_text().splitlines()))
     assert sorted(int(x["frame"]) for x in rows) == list(range(N))  # every frame once
-    assert [(g.start_frame, g.end_frame) for g in r.studies[0].segments] == \
-        [(g.start_frame, g.end_frame) for g in full.studies[0].segments]
+    assert [(g.start_frame, g.end_frame) for g in r.studies[0].segments] == [
+        (g.start_frame, g.end_frame) for g in full.studies[0].segments
+    ]
     assert r.studies[0].budget == full.studies[0].budget  # the stalled repeats found again after the resume
 
 
 def test_a_cut_video_keeps_the_frames_before_the_damage(video, tmp_path, colour_model, caplog):
     data = video.read_bytes()
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(data[:int(len(data) * 0.7)])
+    cut.write_bytes(data[: int(len(data) * 0.7)])
     with caplog.at_level("WARNING"):
         r = triage(_cfg(cut, tmp_path / "rep"))
     s = r.studies[0]
@@ -172,8 +175,11 @@ def test_no_finding_class_left_is_refused_before_any_frame(video, tmp_path, colo
     from gi_deploy.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no finding class"):
-        triage(TriageConfig(inputs=video, out_dir=tmp_path / "rep", normal=["normal", "polyp"],
-                            landmark=["pylorus", "valve"]))
+        triage(
+            TriageConfig(
+                inputs=video, out_dir=tmp_path / "rep", normal=["normal", "polyp"], landmark=["pylorus", "valve"]
+            )
+        )
     assert not (tmp_path / "rep" / "predictions.csv").exists()
 
 
@@ -193,9 +199,11 @@ def test_predictions_are_read_back_per_video_in_frame_order(tmp_path):
     from gi_deploy.triage.study import read_predictions
 
     pred = tmp_path / "p.csv"
-    pred.write_text("path,source,error,video,frame,time_s,prob:normal,prob:polyp\n"
-                    "v#3,m,,v,3,1.5,0.2,0.8\nw#0,m,,w,0,0.0,1,0\nv#1,m,,v,1,0.5,0.9,0.1\n"
-                    "v#2,m,cannot read,v,2,1.0,,\nv#4,other,,v,4,2.0,0.5,0.5\n")
+    pred.write_text(
+        "path,source,error,video,frame,time_s,prob:normal,prob:polyp\n"
+        "v#3,m,,v,3,1.5,0.2,0.8\nw#0,m,,w,0,0.0,1,0\nv#1,m,,v,1,0.5,0.9,0.1\n"
+        "v#2,m,cannot read,v,2,1.0,,\nv#4,other,,v,4,2.0,0.5,0.5\n"
+    )
     v, w = read_predictions(pred, "m", ["normal", "polyp"])
     assert (v.video, v.frames.tolist(), v.times.tolist()) == ("v", [1, 2, 3, 4], [0.5, 1.0, 1.5, 2.0])
     np.testing.assert_allclose(v.probs, [[0.9, 0.1], [0, 0], [0.2, 0.8], [0, 0]])

@@ -24,8 +24,23 @@ def study(tmp_path_factory):
 @pytest.mark.slow
 def test_triage_a_video_and_evaluate(tiny_deploy, study, tmp_path):
     video, labels = study
-    res = runner.invoke(app, ["triage", str(video), "--deploy", str(tiny_deploy), "--source", "capsule", "--normal",
-                              "normal", "--out", str(tmp_path / "rep"), "--evaluate", str(labels)])
+    res = runner.invoke(
+        app,
+        [
+            "triage",
+            str(video),
+            "--deploy",
+            str(tiny_deploy),
+            "--source",
+            "capsule",
+            "--normal",
+            "normal",
+            "--out",
+            str(tmp_path / "rep"),
+            "--evaluate",
+            str(labels),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "event sensitivity" in res.output and "unlabelled frames are unknown" in res.output
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
@@ -43,12 +58,27 @@ def test_triage_a_folder_of_kvasir_named_frames(tiny_deploy, tmp_path):
     for video in ("aaa", "bbb"):
         for f in (3, 1, 2, 10):  # out of order on disk; ordered by frame number
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(frames / f"{video}_{f}.jpg")
-    res = runner.invoke(app, ["triage", str(frames), "--deploy", str(tiny_deploy), "--normal", "normal",
-                              "--frame-rate", "2", "--out", str(tmp_path / "rep")])
+    res = runner.invoke(
+        app,
+        [
+            "triage",
+            str(frames),
+            "--deploy",
+            str(tiny_deploy),
+            "--normal",
+            "normal",
+            "--frame-rate",
+            "2",
+            "--out",
+            str(tmp_path / "rep"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert [(v["video"], v["n_frames"], v["last_frame"], v["duration_s"]) for v in summary["videos"]] == [
-        ("aaa", 4, 10, 4.5), ("bbb", 4, 10, 4.5)]
+        ("aaa", 4, 10, 4.5),
+        ("bbb", 4, 10, 4.5),
+    ]
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -47,14 +47,18 @@ def test_decodes_exactly_the_wanted_frames_after_a_seek(clip, monkeypatch):
     got = [(n, _level(im), e) for n, im, e in decode_frames(info, np.array([0, 1, 45, 59]))]
     assert got == [(0, 0, None), (1, 1, None), (45, 45, None), (59, 59, None)]
     monkeypatch.setattr(video, "SEEK_GAP", 5)  # a seek before 45 and before 59
-    assert [(n, _level(im)) for n, im, e in decode_frames(info, np.array([0, 1, 45, 59]))] == [(0, 0), (1, 1), (45, 45),
-                                                                                           (59, 59)]
+    assert [(n, _level(im)) for n, im, e in decode_frames(info, np.array([0, 1, 45, 59]))] == [
+        (0, 0),
+        (1, 1),
+        (45, 45),
+        (59, 59),
+    ]
 
 
 def test_a_cut_video_keeps_the_frames_before_the_damage(clip, tmp_path, caplog):
     data = clip.read_bytes()
     cut = tmp_path / "cut.mp4"
-    cut.write_bytes(data[:int(len(data) * 0.6)])
+    cut.write_bytes(data[: int(len(data) * 0.6)])
     info = probe_video(cut)
     assert 0 < info.n_total < 60 and "cut" in info.damaged
     with caplog.at_level("WARNING"):
@@ -81,7 +85,7 @@ def test_no_video_stream_zero_frames_and_not_a_video(tmp_path, clip):
         probe_video(audio)
     data = clip.read_bytes()
     header = tmp_path / "header.mp4"  # the index (faststart: first) and not one frame's data
-    header.write_bytes(data[:data.index(b"mdat") + 4])
+    header.write_bytes(data[: data.index(b"mdat") + 4])
     with pytest.raises(DataError, match="no frame"):
         probe_video(header)
     junk = tmp_path / "junk.mp4"
@@ -133,6 +137,10 @@ def test_the_hash_drops_a_stalled_capsules_repeats_after_h264(tmp_path):
     assert int(hamming(h[dup], h[plan.copy_of[dup]]).max()) <= DUPLICATE_BITS
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 240, 300), rng.integers(0, 240, 300)
-    same = (a == b) | (plan.copy_of[a] == b) | (plan.copy_of[b] == a) | ((plan.copy_of[a] >= 0)
-                                                                          & (plan.copy_of[a] == plan.copy_of[b]))
+    same = (
+        (a == b)
+        | (plan.copy_of[a] == b)
+        | (plan.copy_of[b] == a)
+        | ((plan.copy_of[a] >= 0) & (plan.copy_of[a] == plan.copy_of[b]))
+    )
     assert int(hamming(h[a[~same]], h[b[~same]]).min()) > DUPLICATE_BITS

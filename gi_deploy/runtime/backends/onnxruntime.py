@@ -17,8 +17,11 @@ from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.runtime.backends.base import Backend, cpu_threads
 
 # onnxruntime's providers, best first (the issue's order: TensorRT -> CUDA -> CPU)
-ORT_PROVIDERS = {"cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-                 "cpu": ["CPUExecutionProvider"]}
+ORT_PROVIDERS = {
+    "cuda": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "cpu": ["CPUExecutionProvider"],
+}
+
 
 def model_file(bundle_dir: Path, manifest: BundleManifest, precision: str, check_hash: bool = True) -> Path:
     """The bundle's ONNX file for ``precision``, checked against its manifest hash."""
@@ -26,15 +29,21 @@ def model_file(bundle_dir: Path, manifest: BundleManifest, precision: str, check
         raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
     models = manifest.models
     if precision not in models:
-        raise ConfigError(f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
-                          + {"fp16": "; export with --fp16", "int8": "; export with --int8",
-                             "bf16": "; bf16 is the torch backend's (--backend torch on CUDA)"}.get(precision, ""))
+        raise ConfigError(
+            f"bundle {bundle_dir} has no {precision} model; it has {sorted(models)}"
+            + {
+                "fp16": "; export with --fp16",
+                "int8": "; export with --int8",
+                "bf16": "; bf16 is the torch backend's (--backend torch on CUDA)",
+            }.get(precision, "")
+        )
     path = bundle_file(bundle_dir, models[precision].file, f"models.{precision}.file")  # inside, not a link
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
     if check_hash and sha256_file(path) != models[precision].sha256:
-        raise BundleError(f"{path} does not match the sha256 in its manifest: the file was changed after export; "
-                          "re-export it")
+        raise BundleError(
+            f"{path} does not match the sha256 in its manifest: the file was changed after export; re-export it"
+        )
     return path
 
 
@@ -50,8 +59,14 @@ def _ort_options(threads: int | None):
     return so
 
 
-def open_onnxruntime(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str,
-                     threads: int | None = None, check_hash: bool = True) -> Backend:
+def open_onnxruntime(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    precision: str,
+    device: str,
+    threads: int | None = None,
+    check_hash: bool = True,
+) -> Backend:
     """An onnxruntime session on the best provider installed for ``device`` (auto: TensorRT, CUDA,
     then CPU). A requested GPU provider that is not the active one (onnxruntime-gpu falls back to
     CPU silently when CUDA libraries are missing) is reported in ``notes``, and so are two
@@ -71,35 +86,61 @@ def open_onnxruntime(bundle_dir: Path, manifest: BundleManifest, precision: str,
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gi-deploy" / "ort-trt" / digest
         cache.mkdir(parents=True, exist_ok=True)
         providers[providers.index("TensorrtExecutionProvider")] = (
-            "TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                                          "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)})
+            "TensorrtExecutionProvider",
+            {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache),
+            },
+        )
     try:
         session = ort.InferenceSession(str(path), sess_options=_ort_options(threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own unrelated exception types; name the file and step
         raise BundleError(f"onnxruntime cannot load {path}: {e}") from e
     width = session.get_outputs()[0].shape[-1]
-    check_model_metadata(bundle_dir, manifest, path, session.get_modelmeta().custom_metadata_map,
-                         width if isinstance(width, int) else None)
+    check_model_metadata(
+        bundle_dir,
+        manifest,
+        path,
+        session.get_modelmeta().custom_metadata_map,
+        width if isinstance(width, int) else None,
+    )
     active = session.get_providers()[0]
     notes = []
     if len(builds := onnxruntime_builds()) > 1:
-        notes.append(f"{' and '.join(builds)} are installed side by side: they install the same module and break each "
-                     "other; uninstall both and install one (pip install 'gi-deploy[cpu]' or 'gi-deploy[gpu]')")
+        notes.append(
+            f"{' and '.join(builds)} are installed side by side: they install the same module and break each "
+            "other; uninstall both and install one (pip install 'gi-deploy[cpu]' or 'gi-deploy[gpu]')"
+        )
     if device == "cuda" and active == "CPUExecutionProvider":
-        notes.append(f"requested CUDA but onnxruntime is running {path.name} on the CPU (installed providers: "
-                     f"{', '.join(available)}); install onnxruntime-gpu and the CUDA libraries it names, alone "
-                     "(onnxruntime and onnxruntime-gpu side by side break each other)")
-    elif device == "auto" and active == "CPUExecutionProvider" and len(available) > 1 and any(
-            p in available for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
-        notes.append(f"onnxruntime lists {', '.join(available)} but fell back to the CPU for {path.name}: the GPU "
-                     "provider failed to start (missing CUDA/cuDNN libraries?); run with -v for its log")
+        notes.append(
+            f"requested CUDA but onnxruntime is running {path.name} on the CPU (installed providers: "
+            f"{', '.join(available)}); install onnxruntime-gpu and the CUDA libraries it names, alone "
+            "(onnxruntime and onnxruntime-gpu side by side break each other)"
+        )
+    elif (
+        device == "auto"
+        and active == "CPUExecutionProvider"
+        and len(available) > 1
+        and any(p in available for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    ):
+        notes.append(
+            f"onnxruntime lists {', '.join(available)} but fell back to the CPU for {path.name}: the GPU "
+            "provider failed to start (missing CUDA/cuDNN libraries?); run with -v for its log"
+        )
     input_name = session.get_inputs()[0].name
     threads_used = session.get_session_options().intra_op_num_threads
     on_gpu = active in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-    b = Backend("onnxruntime", precision, f"onnxruntime {ort.__version__} {active}"
-                + ("" if on_gpu else f" ({threads_used} threads)"),
-                _bound_run(session, input_name) if on_gpu else (lambda x: session.run(["logits"], {input_name: x})[0]),
-                notes, path.stat().st_size, device="cuda" if on_gpu else "cpu")
+    b = Backend(
+        "onnxruntime",
+        precision,
+        f"onnxruntime {ort.__version__} {active}" + ("" if on_gpu else f" ({threads_used} threads)"),
+        _bound_run(session, input_name) if on_gpu else (lambda x: session.run(["logits"], {input_name: x})[0]),
+        notes,
+        path.stat().st_size,
+        device="cuda" if on_gpu else "cpu",
+    )
     if "features" in [o.name for o in session.get_outputs()]:  # bundle format 3: one call gives both
         b.run_features = lambda x: tuple(session.run(["logits", "features"], {input_name: x}))
     return b

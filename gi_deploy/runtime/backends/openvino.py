@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.bundles import BundleManifest
+from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.core.runs import RUN_MANIFEST, read_run_manifest
 from gi_deploy.core.verification import (
     FP16_MIN_TOP1,
@@ -61,16 +61,22 @@ def cpu_capabilities() -> list[str]:
 
 def _check_request(precision: str, device: str) -> None:
     if device == "cuda":
-        raise ConfigError("--backend openvino runs on the CPU here (its GPU plugin is Intel's iGPU, not CUDA); use "
-                          "--device cpu or auto, or --backend tensorrt/torch on an NVIDIA GPU")
+        raise ConfigError(
+            "--backend openvino runs on the CPU here (its GPU plugin is Intel's iGPU, not CUDA); use "
+            "--device cpu or auto, or --backend tensorrt/torch on an NVIDIA GPU"
+        )
     if precision not in PLANS:
-        raise ConfigError(f"--backend openvino runs {', '.join(PLANS)} on the CPU, not {precision}; fp16 is the GPU's "
-                          "(use --precision bf16 on a CPU with bf16)")
+        raise ConfigError(
+            f"--backend openvino runs {', '.join(PLANS)} on the CPU, not {precision}; fp16 is the GPU's "
+            "(use --precision bf16 on a CPU with bf16)"
+        )
     if not openvino_installed():
         raise DependencyError(f"--backend openvino: openvino is not installed; {INSTALL}")
     if precision == "bf16" and "BF16" not in (caps := cpu_capabilities()):
-        raise ConfigError(f"--precision bf16: this CPU has no native bf16 (OpenVINO lists {', '.join(caps)}); use "
-                          "--precision fp32 or int8")
+        raise ConfigError(
+            f"--precision bf16: this CPU has no native bf16 (OpenVINO lists {', '.join(caps)}); use "
+            "--precision fp32 or int8"
+        )
 
 
 def gate_inputs(manifest: BundleManifest, spec: PreprocessSpec) -> tuple[np.ndarray, str]:
@@ -85,7 +91,9 @@ def gate_inputs(manifest: BundleManifest, spec: PreprocessSpec) -> tuple[np.ndar
     return x, f"{len(x)} stress images (the training run's validation images are not on this machine)"
 
 
-def _gate(name: str, run, reference, precision: str, ran: str, manifest: BundleManifest, x: np.ndarray, what: str) -> dict:
+def _gate(
+    name: str, run, reference, precision: str, ran: str, manifest: BundleManifest, x: np.ndarray, what: str
+) -> dict:
     """OpenVINO's logits on ``x`` against the fp32 ONNX's; raises GateFailed. fp32/bf16: the fp16 rule
     (bf16 keeps fewer digits than fp16, so near-ties are left out the same way); int8: the threshold
     the INT8 file's own verification-batch gate used at export, else the default, resolvable on N."""
@@ -97,9 +105,14 @@ def _gate(name: str, run, reference, precision: str, ran: str, manifest: BundleM
     else:
         min_top1, result = FP16_MIN_TOP1, compare_logits(ref, cand, FP16_TIE_MARGIN)
     result["inputs"] = what
-    return check("openvino", f"{name} OpenVINO {ran} vs fp32 ONNX on {what}", result, min_top1=min_top1,
-                 hint=f"OpenVINO's {ran} answers differ from the verified fp32 model: use --backend onnxruntime"
-                      + (" or --precision fp32" if precision != "fp32" else ""))
+    return check(
+        "openvino",
+        f"{name} OpenVINO {ran} vs fp32 ONNX on {what}",
+        result,
+        min_top1=min_top1,
+        hint=f"OpenVINO's {ran} answers differ from the verified fp32 model: use --backend onnxruntime"
+        + (" or --precision fp32" if precision != "fp32" else ""),
+    )
 
 
 def _compile(core, path: Path, config: dict):
@@ -107,8 +120,14 @@ def _compile(core, path: Path, config: dict):
     return core.compile_model(core.read_model(str(path)), OV_DEVICE, config)
 
 
-def open_openvino(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str = "cpu", threads: int | None = None,
-                  check_hash: bool = True) -> Backend:
+def open_openvino(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    precision: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    check_hash: bool = True,
+) -> Backend:
     """The bundle's ONNX compiled by OpenVINO for the CPU at ``precision`` (fp32 | bf16 | int8), gated
     against the fp32 ONNX before it is returned. Raises ConfigError (fp16, a GPU, bf16 on a CPU
     without it), DependencyError (no openvino, or no onnxruntime for the gate's reference),
@@ -121,11 +140,13 @@ def open_openvino(bundle_dir: Path, manifest: BundleManifest, precision: str, de
     file_precision, hint = PLANS[precision]
     path = model_file(bundle_dir, manifest, file_precision, check_hash)
     core = ov.Core()
-    config = {hints.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[hint],
-              # infer calls one batch at a time, synchronously: one stream over every core (LATENCY), not
-              # THROUGHPUT's several streams, which only pay with many requests in flight
-              hints.performance_mode: hints.PerformanceMode.LATENCY,
-              props.inference_num_threads: threads or cpu_threads()}
+    config = {
+        hints.inference_precision: {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[hint],
+        # infer calls one batch at a time, synchronously: one stream over every core (LATENCY), not
+        # THROUGHPUT's several streams, which only pay with many requests in flight
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        props.inference_num_threads: threads or cpu_threads(),
+    }
     compiled = _compile(core, path, config)
     ran = compiled.get_property(hints.inference_precision).get_type_name()  # what the plugin settled on
     ran = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(ran, ran)
@@ -142,13 +163,21 @@ def open_openvino(bundle_dir: Path, manifest: BundleManifest, precision: str, de
     reference = open_onnxruntime(bundle_dir, manifest, "fp32", "cpu", threads, check_hash)
     gate = _gate(manifest.source, run, reference.run, precision, ran, manifest, x, what)
     n_threads = compiled.get_property(props.inference_num_threads)
-    b = Backend("openvino", precision, f"OpenVINO {ov.__version__.split('-')[0]} {OV_DEVICE} {ran} "
-                f"({path.name}, {n_threads} threads)", run,
-                [f"openvino: gate passed, {ran} vs the fp32 ONNX on {what}: top-1 agreement "
-                 f"{gate['top1_agreement']:.1%} (least {gate['min_top1_agreement']:.1%}"
-                 + (f", {gate['ties']} near-ties left out" if gate.get("ties") else "")
-                 + f"), max |Δlogit| {gate['max_abs_logit_diff']:.4f}"],
-                path.stat().st_size, device="cpu", spec=spec)
+    b = Backend(
+        "openvino",
+        precision,
+        f"OpenVINO {ov.__version__.split('-')[0]} {OV_DEVICE} {ran} ({path.name}, {n_threads} threads)",
+        run,
+        [
+            f"openvino: gate passed, {ran} vs the fp32 ONNX on {what}: top-1 agreement "
+            f"{gate['top1_agreement']:.1%} (least {gate['min_top1_agreement']:.1%}"
+            + (f", {gate['ties']} near-ties left out" if gate.get("ties") else "")
+            + f"), max |Δlogit| {gate['max_abs_logit_diff']:.4f}"
+        ],
+        path.stat().st_size,
+        device="cpu",
+        spec=spec,
+    )
     if "features" in outputs:  # bundle format 3: one call gives both
         features_out = outputs["features"]
 

@@ -36,8 +36,16 @@ MEASURE_BATCH = 8
 MEASURE_REPEATS = 3
 
 
-def _auto(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str, threads: int | None,
-          check_hash: bool, compile: bool | None, batch_size: int) -> Backend:
+def _auto(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    precision: str,
+    device: str,
+    threads: int | None,
+    check_hash: bool,
+    compile: bool | None,
+    batch_size: int,
+) -> Backend:
     """The fastest backend this machine can run, in this order: a TensorRT engine (fp16, with
     TensorRT, a GPU and an engine for it), onnxruntime on a GPU provider, the torch backend on
     CUDA (when torch sees a GPU and the bundle's training run is here), then on the CPU onnxruntime
@@ -45,14 +53,17 @@ def _auto(bundle_dir: Path, manifest: BundleManifest, precision: str, device: st
     The first note says which was chosen and why the faster ones were not."""
     why: list[str] = []
     has_engine = (manifest.engine is not None and manifest.engine.status == "built") or any(
-        bundle_dir.glob("model.*.engine"))
+        bundle_dir.glob("model.*.engine")
+    )
     if device != "cpu" and precision == "fp16" and has_engine:
         try:
             return _chosen(open_tensorrt(bundle_dir, manifest, precision), "TensorRT engine (fastest available)")
         except (GiDeployError, ImportError) as e:  # no TensorRT/GPU/engine for this GPU: the next one
             why.append(f"no TensorRT: {e}")
     elif device != "cpu":
-        why.append("no TensorRT engine in the bundle" if precision == "fp16" else f"TensorRT runs fp16, not {precision}")
+        why.append(
+            "no TensorRT engine in the bundle" if precision == "fp16" else f"TensorRT runs fp16, not {precision}"
+        )
     gpu_providers = device != "cpu" and ort_gpu_installed()
     if gpu_providers:
         b = open_onnxruntime(bundle_dir, manifest, precision, device, threads, check_hash)
@@ -67,8 +78,11 @@ def _auto(bundle_dir: Path, manifest: BundleManifest, precision: str, device: st
         ok, reason = torch_cuda()
         if ok:
             try:
-                return _chosen(open_torch(bundle_dir, manifest, precision, "cuda", threads, compile, batch_size),
-                               "torch on CUDA", why)
+                return _chosen(
+                    open_torch(bundle_dir, manifest, precision, "cuda", threads, compile, batch_size),
+                    "torch on CUDA",
+                    why,
+                )
             except GiDeployError as e:  # e.g. the training run is not on this machine
                 why.append(f"torch on CUDA: {e}")
         else:
@@ -76,8 +90,15 @@ def _auto(bundle_dir: Path, manifest: BundleManifest, precision: str, device: st
     return _auto_cpu(bundle_dir, manifest, precision, device, threads, check_hash, why)
 
 
-def _auto_cpu(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str, threads: int | None,
-              check_hash: bool, why: list[str]) -> Backend:
+def _auto_cpu(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    precision: str,
+    device: str,
+    threads: int | None,
+    check_hash: bool,
+    why: list[str],
+) -> Backend:
     """onnxruntime or OpenVINO, whichever measured faster on this CPU for this model (cached, see the
     module docstring); onnxruntime alone where OpenVINO is not installed, cannot run ``precision`` or
     fails its gate (the reason joins ``why``); OpenVINO alone for bf16 (onnxruntime has no bf16 model)."""
@@ -94,8 +115,12 @@ def _auto_cpu(bundle_dir: Path, manifest: BundleManifest, precision: str, device
     key = _measure_key(manifest, precision, threads)
     cache = _read_cache()
     if cache.get(key, {}).get("fastest") == "onnxruntime":
-        return _chosen(ort, f"{ort.detail}, measured faster than OpenVINO on this CPU ({_speeds(cache[key])}; cached "
-                            f"in {_cache_path()})", why)
+        return _chosen(
+            ort,
+            f"{ort.detail}, measured faster than OpenVINO on this CPU ({_speeds(cache[key])}; cached "
+            f"in {_cache_path()})",
+            why,
+        )
     try:
         ov = open_openvino(bundle_dir, manifest, precision, "cpu", threads, check_hash)
     except GiDeployError as e:  # its gate or its compile refused: onnxruntime, saying why
@@ -108,8 +133,12 @@ def _auto_cpu(bundle_dir: Path, manifest: BundleManifest, precision: str, device
         cache[key] = {**speeds, "fastest": max(speeds, key=speeds.get)}
         _write_cache(cache)
     best = ov if cache[key]["fastest"] == "openvino" else ort
-    return _chosen(best, f"{best.detail}, measured fastest on this CPU ({_speeds(cache[key])}"
-                         + (f"; cached in {_cache_path()})" if cached else ")"), why)
+    return _chosen(
+        best,
+        f"{best.detail}, measured fastest on this CPU ({_speeds(cache[key])}"
+        + (f"; cached in {_cache_path()})" if cached else ")"),
+        why,
+    )
 
 
 def _measure_batch(manifest: BundleManifest) -> np.ndarray:
@@ -156,8 +185,10 @@ def _measure_key(manifest: BundleManifest, precision: str, threads: int | None) 
     file_precision = OPENVINO_PRECISIONS[precision][0]
     entry = manifest.models.get(file_precision)
     sha = entry.sha256[:16] if entry is not None else "?"
-    return (f"{sha}|{precision}|{threads or cpu_threads()} threads|{_cpu_model()}|onnxruntime "
-            f"{_version('onnxruntime')}|openvino {_version('openvino')}")
+    return (
+        f"{sha}|{precision}|{threads or cpu_threads()} threads|{_cpu_model()}|onnxruntime "
+        f"{_version('onnxruntime')}|openvino {_version('openvino')}"
+    )
 
 
 def _cache_path() -> Path:
@@ -195,9 +226,17 @@ def nvidia_gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*")) or any(Path("/proc/driver/nvidia/gpus").glob("*"))
 
 
-def open_backend(bundle_dir: Path, manifest: BundleManifest, backend: str = "auto", precision: str = "fp32",
-                 device: str = "auto", threads: int | None = None, check_hash: bool = True,
-                 compile: bool | None = None, batch_size: int = 32) -> Backend:
+def open_backend(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    backend: str = "auto",
+    precision: str = "fp32",
+    device: str = "auto",
+    threads: int | None = None,
+    check_hash: bool = True,
+    compile: bool | None = None,
+    batch_size: int = 32,
+) -> Backend:
     """Load the bundle's model on ``backend`` (auto | onnxruntime | openvino | tensorrt | torch). ``compile``:
     torch.compile the torch backend (None: on CUDA only), at ``batch_size`` rows.
 
@@ -212,8 +251,9 @@ def open_backend(bundle_dir: Path, manifest: BundleManifest, backend: str = "aut
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
     if backend == "tensorrt" and device == "cpu":  # an engine runs on the GPU only: never silently ignore --device
-        raise ConfigError("--backend tensorrt runs on a CUDA GPU, not with --device cpu; use --backend onnxruntime "
-                          "on the CPU")
+        raise ConfigError(
+            "--backend tensorrt runs on a CUDA GPU, not with --device cpu; use --backend onnxruntime on the CPU"
+        )
     if backend == "auto":
         b = _auto(bundle_dir, manifest, precision, device, threads, check_hash, compile, batch_size)
     elif backend == "onnxruntime":

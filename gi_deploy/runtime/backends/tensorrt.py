@@ -46,8 +46,11 @@ class EngineTarget:
         return f"model.{self.tag}.engine"
 
     def to_dict(self) -> dict:
-        return {"gpu_name": self.gpu_name, "compute_capability": self.compute_capability,
-                "tensorrt_version": self.tensorrt_version}
+        return {
+            "gpu_name": self.gpu_name,
+            "compute_capability": self.compute_capability,
+            "tensorrt_version": self.tensorrt_version,
+        }
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -83,9 +86,11 @@ def check_stamp(stamp: dict, engine_path: Path) -> None:
     here = current_target()
     for key, label in (("compute_capability", "GPU compute capability"), ("tensorrt_version", "TensorRT version")):
         if stamp.get(key) != getattr(here, key):
-            raise BundleError(f"{engine_path.name} was built for {label} {stamp.get(key)}, this machine has "
-                              f"{getattr(here, key)}; engines only run where they were built. Rebuild it here: "
-                              f"bash {engine_path.parent / BUILD_SCRIPT}")
+            raise BundleError(
+                f"{engine_path.name} was built for {label} {stamp.get(key)}, this machine has "
+                f"{getattr(here, key)}; engines only run where they were built. Rebuild it here: "
+                f"bash {engine_path.parent / BUILD_SCRIPT}"
+            )
 
 
 class EngineRunner:
@@ -111,8 +116,10 @@ class EngineRunner:
         (self._inp,) = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._out = "logits" if "logits" in self._outs else self._outs[0]
-        self._dtypes = {n: {trt.float32: torch.float32, trt.float16: torch.float16}[self._engine.get_tensor_dtype(n)]
-                        for n in self._outs}
+        self._dtypes = {
+            n: {trt.float32: torch.float32, trt.float16: torch.float16}[self._engine.get_tensor_dtype(n)]
+            for n in self._outs
+        }
         self.has_features = "features" in self._outs
         self._stream = torch.cuda.Stream()
 
@@ -123,8 +130,10 @@ class EngineRunner:
         with torch.cuda.stream(self._stream):  # allocation and the engine ordered on one stream
             x = x.contiguous()
             self._context.set_input_shape(self._inp, tuple(x.shape))
-            ys = {n: torch.empty(tuple(self._context.get_tensor_shape(n)), dtype=self._dtypes[n], device="cuda")
-                  for n in self._outs}
+            ys = {
+                n: torch.empty(tuple(self._context.get_tensor_shape(n)), dtype=self._dtypes[n], device="cuda")
+                for n in self._outs
+            }
             self._context.set_tensor_address(self._inp, x.data_ptr())
             for n, y in ys.items():
                 self._context.set_tensor_address(n, y.data_ptr())
@@ -140,7 +149,7 @@ class EngineRunner:
         results: dict[str, list] = {n: [] for n in self._outs}
         for i in range(0, len(inputs), self.max_batch):
             with torch.cuda.stream(self._stream):
-                x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + self.max_batch])).cuda(non_blocking=True)
+                x = torch.from_numpy(np.ascontiguousarray(inputs[i : i + self.max_batch])).cuda(non_blocking=True)
             for n, y in self._run_device(x).items():
                 results[n].append(y)
         return {n: np.concatenate(parts) for n, parts in results.items()}
@@ -161,7 +170,7 @@ class EngineRunner:
         results = []
         for i in range(0, len(pixels), self.max_batch):
             with torch.cuda.stream(self._stream):
-                chunk = pixels[i:i + self.max_batch]
+                chunk = pixels[i : i + self.max_batch]
                 u8 = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
                 x = u8.to("cuda", non_blocking=True).permute(0, 3, 1, 2).float()
                 x = (x * (1.0 / 255.0) - mean) / std
@@ -182,29 +191,47 @@ def _engine_for_here(bundle_dir: Path, manifest: BundleManifest) -> tuple[Path, 
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}; rebuild it: bash {bundle_dir / BUILD_SCRIPT}")
         if sha256_file(path) != manifest.files[engine.file].sha256:
-            raise BundleError(f"{path} does not match the sha256 in its manifest; rebuild it: "
-                              f"bash {bundle_dir / BUILD_SCRIPT}")
+            raise BundleError(
+                f"{path} does not match the sha256 in its manifest; rebuild it: bash {bundle_dir / BUILD_SCRIPT}"
+            )
         return path, engine.to_dict(), []
     here = current_target()
     path = bundle_dir / here.engine_file
     if not path.is_file():
         built = sorted(p.name for p in bundle_dir.glob("model.*.engine"))
-        raise BundleError(f"no TensorRT engine for this GPU ({here.gpu_name}, {here.tag}) in {bundle_dir}"
-                          + (f" (it has {', '.join(built)}, built for another GPU or TensorRT)" if built else "")
-                          + f"; build it here: bash {bundle_dir / BUILD_SCRIPT}")
-    return path, {"max_batch": manifest.options.get("max_batch", 32)}, [
-        f"{path.name} was built on this machine by {BUILD_SCRIPT}, not checked against the fp32 ONNX at "
-        "export; compare a labelled folder with --backend onnxruntime before trusting it"]
+        raise BundleError(
+            f"no TensorRT engine for this GPU ({here.gpu_name}, {here.tag}) in {bundle_dir}"
+            + (f" (it has {', '.join(built)}, built for another GPU or TensorRT)" if built else "")
+            + f"; build it here: bash {bundle_dir / BUILD_SCRIPT}"
+        )
+    return (
+        path,
+        {"max_batch": manifest.options.get("max_batch", 32)},
+        [
+            f"{path.name} was built on this machine by {BUILD_SCRIPT}, not checked against the fp32 ONNX at "
+            "export; compare a labelled folder with --backend onnxruntime before trusting it"
+        ],
+    )
 
 
 def open_tensorrt(bundle_dir: Path, manifest: BundleManifest, precision: str) -> Backend:
     """The bundle's TensorRT engine (built from the fp16 ONNX, so ``precision`` must be fp16)."""
     if precision != "fp16":
-        raise ConfigError(f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
-                          f"with --backend tensorrt (got {precision})")
+        raise ConfigError(
+            f"TensorRT engines are built strongly typed from the fp16 ONNX; use --precision fp16 "
+            f"with --backend tensorrt (got {precision})"
+        )
     path, stamp, notes = _engine_for_here(bundle_dir, manifest)
     spec = manifest.preprocess
     runner = EngineRunner(path, int(stamp.get("max_batch", 32)), spec)
-    return Backend("tensorrt", "fp16", f"TensorRT {current_target().tensorrt_version} {path.name}",
-                   runner, notes, path.stat().st_size, device="cuda", run_pixels=runner.run_pixels,
-                   run_features=runner.logits_and_features if runner.has_features else None)
+    return Backend(
+        "tensorrt",
+        "fp16",
+        f"TensorRT {current_target().tensorrt_version} {path.name}",
+        runner,
+        notes,
+        path.stat().st_size,
+        device="cuda",
+        run_pixels=runner.run_pixels,
+        run_features=runner.logits_and_features if runner.has_features else None,
+    )

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gi_deploy._deps import require_training_extra
-from gi_deploy.core.bundles import training_run_of
-from gi_deploy.core.bundles import BundleManifest
+from gi_deploy.core.bundles import BundleManifest, training_run_of
 from gi_deploy.core.preprocess import PreprocessSpec
 from gi_deploy.errors import ConfigError, DependencyError
 from gi_deploy.runtime.backends.base import Backend, cpu_threads
@@ -51,8 +50,15 @@ def _dtype(precision: str, dev: str):
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def open_torch(bundle_dir: Path, manifest: BundleManifest, precision: str, device: str, threads: int | None = None,
-               compile: bool | None = None, batch_size: int = 32) -> Backend:
+def open_torch(
+    bundle_dir: Path,
+    manifest: BundleManifest,
+    precision: str,
+    device: str,
+    threads: int | None = None,
+    compile: bool | None = None,
+    batch_size: int = 32,
+) -> Backend:
     """The merged torch model rebuilt from the training run the bundle names (checked to be the
     same run by its manifest hash). ``compile`` None: on CUDA only. Raises ConfigError for a
     precision it cannot run, DependencyError without torch or the GPU asked for."""
@@ -73,14 +79,24 @@ def open_torch(bundle_dir: Path, manifest: BundleManifest, precision: str, devic
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     compiled = dev == "cuda" if compile is None else compile
     runner = _Runner(model, dev, amp, manifest.preprocess, batch_size, compiled)
-    detail = (f"torch {torch.__version__} {'compiled' if compiled else 'eager'} on {dev}"
-              + (f" ({torch.cuda.get_device_name(0)}, {precision} autocast)" if dev == "cuda"
-                 else f" ({torch.get_num_threads()} threads)"))
+    detail = f"torch {torch.__version__} {'compiled' if compiled else 'eager'} on {dev}" + (
+        f" ({torch.cuda.get_device_name(0)}, {precision} autocast)"
+        if dev == "cuda"
+        else f" ({torch.get_num_threads()} threads)"
+    )
     notes = [runner.compile_note] if runner.compile_note else []
     has_features = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
-    return Backend("torch", precision, detail, runner.run, notes, n_bytes, device=dev,
-                   run_pixels=runner.run_pixels if dev == "cuda" else None,
-                   run_features=runner.run_features if has_features else None)
+    return Backend(
+        "torch",
+        precision,
+        detail,
+        runner.run,
+        notes,
+        n_bytes,
+        device=dev,
+        run_pixels=runner.run_pixels if dev == "cuda" else None,
+        run_features=runner.run_features if has_features else None,
+    )
 
 
 class _Runner:
@@ -103,8 +119,10 @@ class _Runner:
             self.model = torch.compile(model, mode=COMPILE_MODE if dev == "cuda" else "default", dynamic=False)
             t = time.perf_counter()
             self.run(np.zeros((batch, 3, self.h, self.w), np.float32))  # compile (or load it) now, not mid-run
-            self.compile_note = (f"torch.compile ({COMPILE_MODE if dev == 'cuda' else 'default'}, batch {batch}): "
-                                 f"{time.perf_counter() - t:.1f}s to compile or load from {COMPILE_CACHE}")
+            self.compile_note = (
+                f"torch.compile ({COMPILE_MODE if dev == 'cuda' else 'default'}, batch {batch}): "
+                f"{time.perf_counter() - t:.1f}s to compile or load from {COMPILE_CACHE}"
+            )
 
     def _forward(self, x):
         import torch
@@ -114,8 +132,10 @@ class _Runner:
             x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
             if self.dev == "cuda":  # cat with the NCHW zeros gave NCHW strides: a stride guard would recompile
                 x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.dev, dtype=self.amp or torch.float32,
-                                                    enabled=self.amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.dev, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
             y = self.model(x)
         return y[:n].float().cpu().numpy()
 
@@ -132,8 +152,10 @@ class _Runner:
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev)
-        with torch.inference_mode(), torch.autocast(self.dev, dtype=self.amp or torch.float32,
-                                                    enabled=self.amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.dev, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+        ):
             f = self.module.forward_features(t)
             logits, feats = self.module.forward_head(f), self.module.forward_head(f, pre_logits=True)
         return logits.float().cpu().numpy(), feats.float().cpu().numpy()

@@ -93,8 +93,9 @@ def default_workers(gpu: bool = False) -> int:
     return max(1, min(MAX_WORKERS, cores - 1)) if gpu else min(4, cores)
 
 
-def _submit(pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...],
-            reader: Callable = decode_batch) -> Future:
+def _submit(
+    pool: ProcessPoolExecutor, chunk: list[Path], specs: tuple[PreprocessSpec, ...], reader: Callable = decode_batch
+) -> Future:
     future = pool.submit(reader, chunk, specs)
     future.paths = chunk  # named in the error if the worker dies on it
     return future
@@ -112,9 +113,15 @@ def _worker_init() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_size: int, workers: int,
-                    prefetch: int | None = None, reader: Callable = decode_batch,
-                    finish: Callable | None = None) -> Iterator[DecodedBatch]:
+def decoded_batches(
+    paths: list[Path],
+    specs: tuple[PreprocessSpec, ...],
+    batch_size: int,
+    workers: int,
+    prefetch: int | None = None,
+    reader: Callable = decode_batch,
+    finish: Callable | None = None,
+) -> Iterator[DecodedBatch]:
     """Batches of ``batch_size`` paths, decoded, in order. ``workers=0`` (or a single batch)
     decodes inline; otherwise ``workers`` spawned processes keep up to ``prefetch`` (default
     2 x workers) batches ahead of the consumer. Closing the iterator (an error in the consumer,
@@ -125,7 +132,7 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
     if finish is not None:
         yield from _one_ahead(decoded_batches(paths, specs, batch_size, workers, prefetch, reader), finish)
         return
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     if workers == 0 or len(chunks) <= 1:
         for chunk in chunks:
             yield reader(chunk, specs)
@@ -148,8 +155,10 @@ def decoded_batches(paths: list[Path], specs: tuple[PreprocessSpec, ...], batch_
                 batch = future.result()
             except BrokenProcessPool as e:  # a worker died (out of memory, a crash in a native decoder)
                 first, last = future.paths[0], future.paths[-1]
-                raise DataError(f"a decode worker died on the batch {first} ... {last} ({e}); rerun with --workers 0 "
-                                "--resume to find the file that kills the decoder") from e
+                raise DataError(
+                    f"a decode worker died on the batch {first} ... {last} ({e}); rerun with --workers 0 "
+                    "--resume to find the file that kills the decoder"
+                ) from e
             nxt = next(todo, None)
             if nxt is not None:
                 pending.append(_submit(pool, nxt, specs, reader))

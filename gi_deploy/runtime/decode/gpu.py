@@ -49,9 +49,14 @@ def gpu_decodable(path: Path) -> bool:
     the header only; any failure means "let the CPU decoder handle it" (and report it)."""
     try:
         with Image.open(path) as img:
-            return (img.format == "JPEG" and img.mode == "RGB" and not img.info.get("progressive")
-                    and not img.info.get("progression") and img.size[0] * img.size[1] <= MAX_PIXELS
-                    and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
+            return (
+                img.format == "JPEG"
+                and img.mode == "RGB"
+                and not img.info.get("progressive")
+                and not img.info.get("progression")
+                and img.size[0] * img.size[1] <= MAX_PIXELS
+                and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+            )
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return False  # the CPU decoder takes it, and reports what is wrong with it
 
@@ -132,7 +137,7 @@ class GpuDecoder:
         x = nchw.float()
         if (rw, rh) != size:
             x = F.interpolate(x, size=(rh, rw), mode=spec.interpolation, antialias=True, align_corners=False)
-        x = x[..., top:top + h, left:left + w]
+        x = x[..., top : top + h, left : left + w]
         return torch.clamp(torch.round(x), 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     def _resized(self, decoded: dict, spec: PreprocessSpec) -> dict:
@@ -163,10 +168,16 @@ class GpuDecoder:
                 for i in range(len(raw.paths)):
                     if raw.errors[i] is not None:
                         continue
-                    rows.append(resized[i] if i in resized else
-                                torch.from_numpy(np.array(raw.pixels[i][j])).to(self.device, non_blocking=True))
-                inputs.append(torch.stack(rows) if rows else torch.zeros((0, *spec.size, 3), dtype=torch.uint8,
-                                                                          device=self.device))
+                    rows.append(
+                        resized[i]
+                        if i in resized
+                        else torch.from_numpy(np.array(raw.pixels[i][j])).to(self.device, non_blocking=True)
+                    )
+                inputs.append(
+                    torch.stack(rows)
+                    if rows
+                    else torch.zeros((0, *spec.size, 3), dtype=torch.uint8, device=self.device)
+                )
         n_gpu = sum(decoded.get(i) is not None for i in range(len(raw.paths)))
         self.n_gpu += n_gpu
         self.n_cpu += sum(e is None for e in raw.errors) - n_gpu

@@ -39,8 +39,9 @@ def _frames(folder: Path, n: int = FRAMES) -> list[Path]:
         coarse = rng.integers(0, 255, (h // 48 + 1, w // 48 + 1, 3), dtype=np.uint8)
         base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.int16)
         paths.append(folder / f"frame_{i:03d}.jpg")
-        Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(paths[-1],
-                                                                                                      quality=90)
+        Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(
+            paths[-1], quality=90
+        )
     return paths
 
 
@@ -76,8 +77,9 @@ def gpu_decoding_faster(specs: tuple[PreprocessSpec, ...]) -> tuple[bool, str]:
     import torch
 
     workers = default_workers(gpu=True)
-    key = f"{torch.cuda.get_device_name(0)}|{workers} workers|" + ";".join(json.dumps(s.to_dict(), sort_keys=True)
-                                                                           for s in specs)
+    key = f"{torch.cuda.get_device_name(0)}|{workers} workers|" + ";".join(
+        json.dumps(s.to_dict(), sort_keys=True) for s in specs
+    )
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
