@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_rgb, normalize_pixels, to_pixels
+from gi_deploy.core.preprocess import list_images, load_rgb, normalize_pixels, to_pixels
 from gi_deploy.core.runs import read_run_manifest
 from gi_deploy.model.run import load_merged_model
 
@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     manifest = read_run_manifest(a.run)
-    classes = manifest["classes"]
+    classes = list(manifest.classes)
     paths = [p for p in list_images(a.images) if p.parent.name in classes]
     labels = np.array([classes.index(p.parent.name) for p in paths])
     model = load_merged_model(a.run).to(a.device).eval()
-    base = PreprocessSpec.from_dict(manifest["preprocess"])
+    base = manifest.preprocess
     pixels, preds = {}, {}
     for mode in ("full", "draft"):
         spec = dataclasses.replace(base, decode=mode)

@@ -95,16 +95,15 @@ def main() -> None:
     from engines import build_bundle, cpu_name
 
     from gi_deploy.core.bundles import read_bundle_manifest, resolve_bundle_dir
-    from gi_deploy.core.preprocess import PreprocessSpec
-    from gi_deploy.core.runs import RUN_MANIFEST
+    from gi_deploy.core.runs import read_run_manifest
     from gi_deploy.export import verify
     from gi_deploy.export.int8 import load_images
 
     print(f"CPU: {cpu_name()}", flush=True)
     bundle = resolve_bundle_dir(args.deploy or build_bundle(args.work), args.source)
     manifest = read_bundle_manifest(bundle)
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
-    run = json.loads((Path(manifest["training"]["run_dir"]) / RUN_MANIFEST).read_text())
+    spec = manifest.preprocess
+    run = read_run_manifest(Path(manifest.training.run_dir))
     calib = load_images([p for p, _ in verify.split_images(run, "train", 32)], spec, "training")
     x = np.random.default_rng(0).standard_normal((args.batch, 3, *spec.size)).astype(np.float32)
     fp32 = bundle / "model.onnx"

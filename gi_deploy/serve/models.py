@@ -104,7 +104,7 @@ class ServedModel:
             "classes": json.dumps(self.classes),
             "preprocess": json.dumps({s: b.preprocess.to_dict() for s, b in bundles.items()}),
             # which export answers (never the server's paths: the config endpoint is open to every client)
-            "bundles": json.dumps({s: {"export_key": b.manifest.get("export_key")} for s, b in bundles.items()}),
+            "bundles": json.dumps({s: {"export_key": b.manifest.export_key} for s, b in bundles.items()}),
             "backends": json.dumps({s: v[0] for s, v in self.strategy.backends().items()}),
         }
 

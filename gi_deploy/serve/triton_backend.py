@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gi_deploy.core.bundles import read_bundle_manifest
 from gi_deploy.core.metrics import softmax
 from gi_deploy.core.ood import load_id_stats
 from gi_deploy.core.preprocess import PreprocessSpec, normalize_pixels
@@ -144,10 +145,11 @@ class Auto(_Base):
         self.router = load_router(deploy)
         self.models, self.stats = {}, {}
         for s in self.router.sources:
-            manifest = json.loads((deploy / s / "manifest.json").read_text())
-            spec = PreprocessSpec.from_dict(manifest["preprocess"])
+            manifest = read_bundle_manifest(deploy / s)  # sealed: classes, preprocessing, the OOD threshold
             self.stats[s] = load_id_stats(deploy / s, manifest)
-            self.models[s] = _BlsModel(self.pb, f"{s}_onnx", spec, list(manifest["classes"]), self.stats[s] is not None)
+            self.models[s] = _BlsModel(
+                self.pb, f"{s}_onnx", manifest.preprocess, list(manifest.classes), self.stats[s] is not None
+            )
         self.routed = Routed(self.router, self.models, self.stats, [])  # infer --source auto's own strategy
         self.classes = self.routed.classes
 

@@ -23,9 +23,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gi_deploy._io import read_json
 from gi_deploy.core.bundles import MODEL_FILES, list_bundles, read_bundle_manifest
-from gi_deploy.core.router import ROUTER_DIR, router_dir
+from gi_deploy.core.router import ROUTER_DIR, load_router, router_dir
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.serve.models import AUTO, MAX_IMAGE_BYTES
 
@@ -142,7 +141,7 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
             "or choose another --precision"
         )
     chw, outs = _onnx_io(model_file)
-    classes = list(m["classes"])
+    classes = list(m.classes)
     if outs.get("logits") != len(classes):
         raise BundleError(f"{model_file}: logits has {outs.get('logits')} classes, its manifest {len(classes)}")
     out_tensors = [(n, "float32", [d]) for n, d in outs.items()]
@@ -159,9 +158,9 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
         {"model.onnx": model_file},
     )
     names.append(f"{source}_onnx")
-    engine = m.get("engine") or {}
-    if engine.get("status") == "built" and (bundle / engine.get("file", "")).is_file():
-        trt_batch = int(engine.get("max_batch", cfg.max_batch))
+    engine = m.engine
+    if engine is not None and engine.status == "built" and engine.file and (bundle / engine.file).is_file():
+        trt_batch = int(engine.extra.get("max_batch", cfg.max_batch))
         _write(
             root / f"{source}_trt",
             f'name: "{source}_trt"\nplatform: "tensorrt_plan"\n'
@@ -170,14 +169,14 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
             + _tensors("input", [("input", "float32", chw)])
             + _tensors("output", out_tensors)
             + f"instance_group [ {{ count: {cfg.instances} kind: KIND_GPU }} ]\n",
-            {"model.plan": bundle / engine["file"]},
+            {"model.plan": bundle / engine.file},
         )
         names.append(f"{source}_trt")
         notes.append(
-            f"{source}_trt: the engine {engine['file']} runs only on the GPU and TensorRT version that built "
-            f"it ({engine.get('target', 'see its manifest')}); the ensemble uses {source}_onnx"
+            f"{source}_trt: the engine {engine.file} runs only on the GPU and TensorRT version that built "
+            f"it ({engine.extra.get('target', 'see its manifest')}); the ensemble uses {source}_onnx"
         )
-    pre = {"preprocess": json.dumps(m["preprocess"]), "max_image_bytes": str(cfg.max_image_bytes)}
+    pre = {"preprocess": json.dumps(m.preprocess.to_dict()), "max_image_bytes": str(cfg.max_image_bytes)}
     _write(
         root / f"{source}_preprocess",
         f'name: "{source}_preprocess"\nbackend: "python"\n'
@@ -212,15 +211,15 @@ def _source(cfg: TritonRepoConfig, source: str, notes: list[str]) -> list[str]:
         + "ensemble_scheduling {\n step [\n"
         + ",\n".join(steps)
         + "\n ]\n}\n"
-        + _params({"classes": json.dumps(classes), "preprocess": json.dumps(m["preprocess"])}),
+        + _params({"classes": json.dumps(classes), "preprocess": json.dumps(m.preprocess.to_dict())}),
     )
     names += [f"{source}_preprocess", f"{source}_postprocess", source]
     return names
 
 
 def _auto(cfg: TritonRepoConfig, sources: list[str]) -> str:
-    router = read_json(router_dir(cfg.deploy_dir) / "manifest.json", "router manifest")
-    missing = [s for s in router["sources"] if s not in sources]
+    router_sources = list(load_router(cfg.deploy_dir).sources)  # sealed: the order the router's columns mean
+    missing = [s for s in router_sources if s not in sources]
     if missing:
         raise BundleError(
             f"the router routes to {', '.join(missing)}, which this repository has no model for; "
@@ -230,13 +229,14 @@ def _auto(cfg: TritonRepoConfig, sources: list[str]) -> str:
     copy = folder / "1" / "deploy"
     shutil.copytree(router_dir(cfg.deploy_dir), copy / ROUTER_DIR)
     classes = []
-    for s in router["sources"]:
+    for s in router_sources:
         m = read_bundle_manifest(cfg.deploy_dir / s)
         (copy / s).mkdir(parents=True)
-        shutil.copyfile(cfg.deploy_dir / s / "manifest.json", copy / s / "manifest.json")
-        if (m.get("ood") or {}).get("file"):
-            shutil.copyfile(cfg.deploy_dir / s / m["ood"]["file"], copy / s / m["ood"]["file"])
-        classes += [c for c in m["classes"] if c not in classes]
+        for name in ("manifest.json", "labels.json"):
+            shutil.copyfile(cfg.deploy_dir / s / name, copy / s / name)
+        if m.ood is not None and m.ood.file:
+            shutil.copyfile(cfg.deploy_dir / s / m.ood.file, copy / s / m.ood.file)
+        classes += [c for c in m.classes if c not in classes]
     outs = [
         ("probabilities", "float32", [len(classes)]),
         ("label", "bytes", [1]),
