@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
+from gi_deploy.core.runs import read_run_manifest
 from gi_deploy.errors import TrainingInterrupted
 from gi_deploy.model.run import load_run_model, rebuild_base
 from gi_deploy.model.settings import ColoraSettings
@@ -25,7 +26,7 @@ def test_colora_training_keeps_frozen_batchnorm_statistics(tiny_data, tmp_path):
     assert run["colora"]["merges"] == 2 and run["colora"]["layers"] == 20
     assert [r["colora_merged"] for r in run["history"]] == [True, True]
     assert run["params"]["trainable"] == run["colora"]["backprop_params"] + 512 * 4 + 4
-    trained, base = load_run_model(result.run_dir), rebuild_base(run, result.run_dir)
+    trained, base = load_run_model(result.run_dir), rebuild_base(read_run_manifest(result.run_dir), result.run_dir)
     stats = {k: v for k, v in base.state_dict().items() if "running_" in k}
     trained_inner = {k.replace(".base.", "."): v for k, v in trained.state_dict().items()}
     assert stats and all(torch.equal(trained_inner[k], v) for k, v in stats.items())
