@@ -174,7 +174,7 @@ def test_compare_grid_writes_one_table_and_reuses_finished_cells(tiny_data, tmp_
     assert r.exit_code == 0 and r.output.count("finished earlier, reused") == 6
 
     bundle = export_source(grid / "linear-1" / "capsule", tmp_path / "deploy" / "capsule", fp16=False).manifest
-    assert bundle["model"]["method"] == "linear" and bundle["verification"]["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
+    assert bundle.model.method == "linear" and bundle.verification["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
 
 
 def test_colora_train_export_infer_through_the_cli(tiny_data, tmp_path):

@@ -24,21 +24,21 @@ def int8_bundle(tiny_run, tmp_path_factory):
 
 def test_int8_bundle_records_its_gates_and_runs(int8_bundle, tiny_run):
     m = int8_bundle.manifest
-    g = m["verification"]["int8"]
+    g = m.verification["int8"]
     run = json.loads((tiny_run / "run.json").read_text())
     assert g["n"] == len(run["splits"]["files"]["val"]) == 8  # the whole (tiny) validation split
     assert g["top1_agreement"] >= g["min_top1_agreement"] == 1 - 1 / 8  # 98% default, relaxed to one image of 8
     assert g["thresholds"] == "default" and any("relaxed to 87.5%" in n for n in g["relaxed"])
     assert g["verification_batch"]["min_top1_agreement"] < 1.0  # the batch is gated too
     assert g["accuracy_drop"] <= g["max_accuracy_drop"] == 1 / 8  # under 100 images: one image
-    assert 0 <= g["accuracy_int8"] <= 1 and g["verification_batch"]["n"] == m["verification"]["inputs"]["n"]
-    entry = m["models"]["int8"]
+    assert 0 <= g["accuracy_int8"] <= 1 and g["verification_batch"]["n"] == m.verification["inputs"]["n"]
+    entry = m.models["int8"].extra  # the quantiser's settings, kept beside the file's name and hash
     assert entry["calibration_images"] == 24 and entry["format"] == "QDQ"
     graph = onnx.load(str(int8_bundle.bundle_dir / "model.int8.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     assert "LayerNormalization" in ops  # left in float, like the fp16 islands
-    assert m["footprint"]["int8_model_bytes"] < 0.5 * m["footprint"]["merged_model_bytes"]
+    assert m.footprint["int8_model_bytes"] < 0.5 * m.footprint["merged_model_bytes"]
     b = load_bundle(int8_bundle.bundle_dir, precision="int8")
     x = np.zeros((2, 3, 32, 32), np.float32)
     assert b.predict_logits(x).shape == (2, 4)
