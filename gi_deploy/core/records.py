@@ -74,7 +74,8 @@ def check_seal(record: dict, where: Path, fix: str) -> None:
                           f"be checked; it was edited or written by an older gi-deploy: {fix}")
     now, then = _sealed_fields(record), seal["fields"]
     # a sub-field first: emptying an object shows as the object "added" and its last key removed
-    changed = sorted((k for k in now.keys() | then.keys() if now.get(k) != then.get(k)), key=lambda k: ("." not in k, k))
+    changed = sorted((k for k in now.keys() | then.keys() if now.get(k) != then.get(k)),
+                     key=lambda k: ("." not in k, k))
     if changed:
         f = changed[0]
         how = ("was added since" if f not in then else "was removed since" if f not in now
