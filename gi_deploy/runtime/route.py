@@ -94,6 +94,13 @@ class Routed(Strategy):
             )
             bundles[s] = b
             stats[s] = load_id_stats(b.path, b.manifest)
+            written_for = router.manifest.bundles.get(s)
+            if written_for != b.manifest.export_key:  # the router still routes; say it was fitted for another export
+                notes.append(
+                    f"{s}: the router was written beside export {str(written_for)[:12]} of this source, the bundle "
+                    f"is now export {b.manifest.export_key[:12]}; rewrite the router to match: gi-deploy export "
+                    f"--router --out {cfg.deploy_dir}"
+                )
             if stats[s] is None:
                 notes.append(
                     f"{s}: its bundle has no in-distribution statistics (exported before gi-deploy learnt "

@@ -264,3 +264,18 @@ def test_a_local_ray_started_by_a_driver_killed_with_sigkill_does_not_outlive_it
     finally:
         victim.kill()
         driver.kill()
+
+
+def test_a_router_written_for_another_export_of_a_source_is_said(routed_deploy, tmp_path):
+    """The router's manifest names the export of each bundle it was written beside; a bundle exported
+    again since (another run) still routes, with a warning naming the command that rewrites the router."""
+    from conftest import edit_manifest
+
+    from gi_deploy.runtime.route import Routed
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(routed_deploy[0], deploy)
+    edit_manifest(deploy / "_router" / "manifest.json", lambda d: d["bundles"].update(capsule="0" * 64), resealed=True)
+    routed = Routed.open(InferConfig(inputs=".", deploy_dir=deploy, sources=["auto"]), load=False)
+    assert any(n.startswith("capsule: the router was written beside export 000000000000") for n in routed.notes)
+    assert not any(n.startswith("endoscope: the router was written") for n in routed.notes)
