@@ -201,8 +201,13 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
     out = cfg.out_csv
     try:
         with exclusive_lock(out, "choose another --out"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = _claim(out)  # the file itself, whatever its name: a hard link to it is refused, not truncated
             slot_of = job.strategy.slot_of
             job.finished, job.n_resumed = _rows_done(out, job.columns, slot_of) if cfg.resume else (set(), 0)
+            if os.fstat(fd).st_ino != os.stat(out).st_ino:  # the resume step replaced a cut-short CSV
+                os.close(fd)
+                fd = _claim(out)
             identities = job.strategy.identities(cfg.precision)
             root = {"root": str(real_path(job.inputs.root))}  # the CSV's paths are relative to it
             if job.n_resumed:  # a source this run does not select keeps its rows, and so its entry
@@ -212,9 +217,10 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
             identities[INPUTS_PART] = root
             rel, slots = job.inputs.rel, job.strategy.slots
             job.todo = [p for p in job.items if any((rel(p), s) not in job.finished for s in slots)]
-            out.parent.mkdir(parents=True, exist_ok=True)
             write_json(sidecar_of(out), identities)
-            with open(out, "a" if job.n_resumed else "w", newline="", encoding="utf-8") as f:
+            if not job.n_resumed:
+                os.ftruncate(fd, 0)
+            with open(fd, "a", newline="", encoding="utf-8") as f:  # closing it releases the claim
                 writer = csv.writer(f)
                 if not job.n_resumed:
                     writer.writerow(job.columns)
@@ -227,6 +233,28 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
             "kept: free space or fix the folder's permissions, then run the same command with --resume "
             "to continue"
         ) from e
+
+
+def _claim(out: Path) -> int:
+    """An open descriptor of the CSV (created if new, never truncated here) holding an exclusive
+    ``flock`` on the file itself: a second run that reaches it by another name (a hard link, which
+    has its own name lock) is refused before it could truncate the rows being written."""
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl  # POSIX; where it is missing (Windows) the name lock is all there is
+    except ImportError:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise ConfigError(
+            f"{out} is being written by another gi-deploy process (under another name: a hard link to the "
+            "same file); wait for it to finish or stop it, or choose another --out"
+        ) from None
+    return fd
 
 
 def _label_of(cfg: InferConfig, job: Job, item, rel: str, classes: list[str]) -> str:

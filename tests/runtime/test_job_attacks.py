@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -137,22 +138,20 @@ def test_out_symlink_writes_its_sidecar_and_reports_beside_the_real_csv_not_in_t
     assert r.csv_path == (elsewhere / "p.csv").resolve()
 
 
-@pytest.mark.xfail(
-    reason="the lock is keyed on the real path's name: a hard link to the CSV is another name with "
-    "another lock, and opening it 'w' truncates the running job's file (see the report)",
-    strict=True,
-)
 def test_a_hard_link_to_a_csv_being_written_cannot_write_it_too(tiny_data, tiny_deploy, tmp_path):
-    from gi_deploy._io import exclusive_lock
+    from gi_deploy.runtime.job import _claim
 
     out = tmp_path / "p.csv"
     out.write_text("rows of a running job\n")
     (tmp_path / "h.csv").hardlink_to(out)
-    with exclusive_lock(out, "choose another --out"):  # a run writing p.csv holds it
+    fd = _claim(out)  # what a run writing p.csv holds while it writes
+    try:
         with pytest.raises(ConfigError, match="being written by another gi-deploy process"):
             infer_folder(
                 InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=tmp_path / "h.csv", workers=0)
             )
+    finally:
+        os.close(fd)
     assert out.read_text() == "rows of a running job\n"
 
 
