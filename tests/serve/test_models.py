@@ -26,13 +26,13 @@ def capsule(serve_deploy):
     return open_served(serve_deploy, "capsule", threads=1)
 
 
-def test_a_dynamic_batch_answers_each_request_as_infer_does(capsule, serve_deploy, images):
+def test_a_dynamic_batch_answers_each_request_as_infer_does(capsule, serve_deploy, serve_images):
     """Three requests of 1, 2 and 1 images in one execution: each gets its own rows, equal to the
     bundle's own classification of the same file (decode + softmax of the runtime)."""
     from gi_deploy.core.metrics import softmax
     from gi_deploy.runtime.decode.cpu import decode_batch
 
-    paths = images["capsule"][:2] + images["endoscope"][:2]
+    paths = serve_images["capsule"][:2] + serve_images["endoscope"][:2]
     out = capsule([_image(paths[:1]), _image(paths[1:3]), _image(paths[3:])])
     assert [len(o["probabilities"]) for o in out] == [1, 2, 1]
     b = capsule.strategy.bundles["capsule"]
@@ -61,13 +61,13 @@ def test_bad_requests_raise_naming_the_reason(serve_deploy, request_, words):
         model([request_])
 
 
-def test_auto_refuses_a_frame_no_source_covers(serve_deploy, images):
+def test_auto_refuses_a_frame_no_source_covers(serve_deploy, serve_images):
     """`auto`: source frames routed to their source with a label; an OOD frame refused, no label, a reason."""
     from gi_deploy.serve.models import open_served
 
     auto = open_served(serve_deploy, "auto", threads=1)
-    out = auto([_image(images["capsule"] + images["endoscope"] + images["ood"])])[0]
-    n_c, n_e = len(images["capsule"]), len(images["endoscope"])
+    out = auto([_image(serve_images["capsule"] + serve_images["endoscope"] + serve_images["ood"])])[0]
+    n_c, n_e = len(serve_images["capsule"]), len(serve_images["endoscope"])
     sources = [s.decode() for s in out["source"][:, 0]]
     assert sources[:n_c].count("capsule") >= n_c - 1 and sources[n_c : n_c + n_e].count("endoscope") >= n_e - 1
     refused = out["rejected"][:, 0]

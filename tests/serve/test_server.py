@@ -82,12 +82,12 @@ def _classes(deploy: Path, source: str) -> list[str]:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_answers_equal_infer_per_source(server, serve_deploy, images, tmp_path, protocol):
+def test_answers_equal_infer_per_source(server, serve_deploy, serve_images, tmp_path, protocol):
     """Each source's model: the probabilities of a batch of JPEGs (one request over HTTP, one request per
     image over gRPC) equal `gi-deploy infer`'s within 1e-5, and the label is infer's prediction."""
     url = server.http if protocol == "http" else server.grpc
     for source in ("capsule", "endoscope"):
-        paths = images["capsule"] + images["endoscope"]
+        paths = serve_images["capsule"] + serve_images["endoscope"]
         ref = _reference(serve_deploy, paths, [source], tmp_path)
         classes = _classes(serve_deploy, source)
         if protocol == "http":
@@ -106,11 +106,11 @@ def test_answers_equal_infer_per_source(server, serve_deploy, images, tmp_path, 
             assert c == pytest.approx(float(expected["confidence"]), abs=TOL)
 
 
-def test_auto_routes_and_refuses_out_of_distribution(server, serve_deploy, images, tmp_path):
+def test_auto_routes_and_refuses_out_of_distribution(server, serve_deploy, serve_images, tmp_path):
     """`auto` answers as `infer --source auto`: the same routed source, refusal and probabilities per
     image; frames of each source go to that source's model, and a frame no source covers is refused
     with a reason and no label."""
-    paths = images["capsule"] + images["endoscope"] + images["ood"]
+    paths = serve_images["capsule"] + serve_images["endoscope"] + serve_images["ood"]
     ref = _reference(serve_deploy, paths, ["auto"], tmp_path)
     for protocol, url in (("http", server.http), ("grpc", server.grpc)):
         out = infer(url, "auto", paths, protocol)
@@ -128,7 +128,7 @@ def test_auto_routes_and_refuses_out_of_distribution(server, serve_deploy, image
             for c in _classes(serve_deploy, want["source"]):
                 assert got[c] == pytest.approx(float(want[f"prob:{c}"]), abs=TOL)
             assert out["router_confidence"][i, 0] == pytest.approx(float(want["router_confidence"]), abs=TOL)
-    n = {s: len(images[s]) for s in ("capsule", "endoscope")}
+    n = {s: len(serve_images[s]) for s in ("capsule", "endoscope")}
     routed = [s.decode() for s in out["source"][:, 0]]
     assert routed[: n["capsule"]].count("capsule") >= n["capsule"] - 1
     assert routed[n["capsule"] : n["capsule"] + n["endoscope"]].count("endoscope") >= n["endoscope"] - 1
@@ -167,14 +167,14 @@ def _metric(text: str, name: str, model: str) -> float:
     raise AssertionError(f"no {name} for {model} in the metrics")
 
 
-def test_burst_is_batched(server, images):
+def test_burst_is_batched(server, serve_images):
     """16 concurrent clients x 50 requests: every one answered, and Prometheus shows fewer model
     executions than requests (the dynamic batcher merged them)."""
     import urllib.request
 
     metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     before = urllib.request.urlopen(metrics_url).read().decode()
-    body = [images["capsule"][0].read_bytes()]
+    body = [serve_images["capsule"][0].read_bytes()]
     errors, done = [], []
 
     def client():
@@ -216,13 +216,13 @@ def _png_bomb() -> bytes:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_bad_requests_each_get_an_error_and_the_server_keeps_serving(server, images, protocol):
+def test_bad_requests_each_get_an_error_and_the_server_keeps_serving(server, serve_images, protocol):
     """Not an image, a truncated JPEG, a decompression bomb, a 50 MB body, an unknown model, a wrong
     dtype, a wrong shape, an empty batch: each answered with an error naming the problem; a good request
     right after each is answered."""
     mod = httpclient if protocol == "http" else grpcclient
     client = mod.InferenceServerClient(server.http if protocol == "http" else server.grpc)
-    good = images["capsule"][0].read_bytes()
+    good = serve_images["capsule"][0].read_bytes()
 
     def wrong_dtype():
         t = mod.InferInput("image", [1, 1], "FP32")
@@ -258,19 +258,19 @@ def test_bad_requests_each_get_an_error_and_the_server_keeps_serving(server, ima
         assert out["probabilities"].shape[0] == 1, name
 
 
-def test_preprocessed_input_equals_the_image(server, serve_deploy, images):
+def test_preprocessed_input_equals_the_image(server, serve_deploy, serve_images):
     """A client that resizes itself sends the bundle's float32 (3, H, W) input: same answer as the bytes."""
     import json
 
     from gi_deploy.core.preprocess import PreprocessSpec, load_input
 
     spec = PreprocessSpec.from_dict(json.loads((serve_deploy / "capsule" / "manifest.json").read_text())["preprocess"])
-    x = np.stack([load_input(p, spec) for p in images["capsule"]])
+    x = np.stack([load_input(p, spec) for p in serve_images["capsule"]])
     client = httpclient.InferenceServerClient(server.http)
     t = httpclient.InferInput("input", list(x.shape), "FP32")
     t.set_data_from_numpy(x, binary_data=True)
     got = client.infer("capsule", [t]).as_numpy("probabilities")
-    want = infer(client, "capsule", images["capsule"])["probabilities"]
+    want = infer(client, "capsule", serve_images["capsule"])["probabilities"]
     np.testing.assert_allclose(got, want, atol=TOL)
 
 
@@ -299,7 +299,7 @@ def test_binds_loopback_by_default(server):
         assert set(addrs) <= {"0100007F", "0000000000000000FFFF00000100007F"}, f"port {port} listens on {addrs}"
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(serve_deploy, images, start_server, tmp_path):
+def test_sigterm_drains_in_flight_requests_and_exits_0(serve_deploy, serve_images, start_server, tmp_path):
     """SIGTERM as the first of 8 concurrent requests is answered: the 7 others, queued or running, are
     still answered (after the signal), and the process exits 0."""
     import io

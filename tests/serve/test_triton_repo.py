@@ -155,14 +155,14 @@ def _outputs(response) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors}
 
 
-def test_ensemble_python_models_answer_as_serve(repo, serve_deploy, images):
+def test_ensemble_python_models_answer_as_serve(repo, serve_deploy, serve_images):
     """preprocess -> the repository's ONNX -> postprocess, as the ensemble chains them, gives `serve`'s
     answer (probabilities within 1e-5, same label) for each source, from the model.py files' own imports."""
     from gi_deploy.serve.models import open_served
 
     out, _ = repo
     pb = FakePbUtils(out)
-    paths = images["capsule"] + images["endoscope"]
+    paths = serve_images["capsule"] + serve_images["endoscope"]
     data = [p.read_bytes() for p in paths]
     for source in ("capsule", "endoscope"):
         ns: dict = {}
@@ -178,7 +178,7 @@ def test_ensemble_python_models_answer_as_serve(repo, serve_deploy, images):
         assert list(got["label"][:, 0]) == list(want["label"][:, 0])
 
 
-def test_bls_auto_answers_as_serve_and_fails_only_the_bad_request(repo, serve_deploy, images):
+def test_bls_auto_answers_as_serve_and_fails_only_the_bad_request(repo, serve_deploy, serve_images):
     """The BLS `auto` model routes, calls the routed source's ONNX model and refuses as `serve`'s auto
     does; in one execution, a request with a broken image gets an error and its batch-mates answers."""
     from gi_deploy.serve.models import open_served
@@ -186,7 +186,7 @@ def test_bls_auto_answers_as_serve_and_fails_only_the_bad_request(repo, serve_de
 
     out, _ = repo
     auto = _load(out, "auto", Auto, FakePbUtils(out))
-    data = [p.read_bytes() for p in images["capsule"] + images["endoscope"] + images["ood"]]
+    data = [p.read_bytes() for p in serve_images["capsule"] + serve_images["endoscope"] + serve_images["ood"]]
     good, bad, good2 = auto.execute([_request(data), _request([b"not an image"]), _request(data[:1])])
     got = _outputs(good)
     want = open_served(serve_deploy, "auto", threads=1)([{"image": np.array([[d] for d in data], dtype=object)}])[0]
