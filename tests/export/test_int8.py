@@ -48,7 +48,7 @@ def test_openvino_on_the_int8_file_is_held_to_the_files_own_export_threshold(int
     pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
     from gi_deploy.runtime.backends import open_backend
 
-    recorded = int8_bundle.manifest["verification"]["int8"]["verification_batch"]["min_top1_agreement"]
+    recorded = int8_bundle.manifest.verification["int8"]["verification_batch"]["min_top1_agreement"]
     try:
         b = open_backend(int8_bundle.bundle_dir, int8_bundle.manifest, "openvino", "int8", "cpu", threads=1)
     except GateFailed as e:  # measured here: OpenVINO's int8 kernels flip 2 of this random-init model's 16 near-ties

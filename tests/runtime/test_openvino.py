@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gi_deploy.core.bundles import read_bundle_manifest
-from gi_deploy.core.preprocess import PreprocessSpec, list_images, load_input
+from gi_deploy.core.preprocess import list_images, load_input
 from gi_deploy.errors import ConfigError, GateFailed
 from gi_deploy.runtime.backends import open_backend, select
 from gi_deploy.runtime.backends import openvino as ov_backend
@@ -25,7 +25,7 @@ def bundle(tiny_deploy) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def batch(tiny_data, bundle) -> np.ndarray:
-    spec = PreprocessSpec.from_dict(bundle[1]["preprocess"])
+    spec = bundle[1].preprocess
     return np.stack([load_input(p, spec) for p in list_images(tiny_data / "test")])
 
 
@@ -47,11 +47,11 @@ def test_openvino_runs_the_bundle_and_agrees_with_onnxruntime(bundle, batch, pre
     assert f"CPU {precision} (model.onnx" in b.detail  # the precision it ran, read back from the compiled model
     assert (logits.argmax(1) == ref.argmax(1)).all()
     np.testing.assert_allclose(logits, ref, atol=1e-3 if precision == "fp32" else 0.1)
-    assert b.gate["min_top1_agreement"] == 0.995 and b.gate["n"] == manifest["verification"]["inputs"]["n"]
-    real = manifest["verification"]["inputs"]["real_images"]  # the batch export's gates ran on
+    assert b.gate["min_top1_agreement"] == 0.995 and b.gate["n"] == manifest.verification["inputs"]["n"]
+    real = manifest.verification["inputs"]["real_images"]  # the batch export's gates ran on
     assert b.notes[0].startswith(f"openvino: gate passed, {precision} vs the fp32 ONNX on {real} validation + 8 stress")
-    u8 = np.zeros((2, *PreprocessSpec.from_dict(manifest["preprocess"]).size, 3), np.uint8)
-    assert b.predict_logits(u8).shape == (2, len(manifest["classes"]))  # the decoder's pixels, normalised here
+    u8 = np.zeros((2, *manifest.preprocess.size, 3), np.uint8)
+    assert b.predict_logits(u8).shape == (2, len(manifest.classes))  # the decoder's pixels, normalised here
 
 
 def _planted_wrong_answers(monkeypatch):
