@@ -30,7 +30,7 @@ from gi_deploy.runtime.job import (
     plan_job,
     run_job,
 )
-from gi_deploy.runtime.loader import BundleInfo, bundle_identity, load_bundle
+from gi_deploy.runtime.loader import bundle_identity, open_for
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +106,7 @@ def open_strategy(cfg: InferConfig, load: bool = True) -> Strategy:
     if is_auto(cfg.sources):
         return Routed.open(cfg, load)
     dirs = resolve_bundle_dirs(cfg.deploy_dir, cfg.sources)
-    if not load:
-        return PerSource([BundleInfo(d) for d in dirs])
-    return PerSource(
-        [
-            load_bundle(
-                d,
-                cfg.precision,
-                cfg.device,
-                backend=cfg.backend,
-                threads=cfg.threads,
-                compile=cfg.compile,
-                batch_size=cfg.batch_size,
-            )
-            for d in dirs
-        ]
-    )
+    return PerSource([open_for(cfg, d, load) for d in dirs])
 
 
 def choose_decoder(decode: str, bundles: list, specs: tuple) -> tuple[str, Callable, Callable | None]:

@@ -95,3 +95,20 @@ def bundle_identity(b, precision: str) -> dict:
         "precision": precision,
         "model_sha256": m.models[precision].sha256 if precision in m.models else None,
     }
+
+
+def open_for(cfg, bundle_dir: Path, load: bool = True):
+    """One bundle as a run's config (runtime/job_types.InferConfig) asks: loaded on its backend,
+    precision, device, threads and batch, or (``load=False``) its manifest only, for a planner that
+    loads no model."""
+    if not load:
+        return BundleInfo(bundle_dir)
+    return load_bundle(
+        bundle_dir,
+        cfg.precision,
+        cfg.device,
+        backend=cfg.backend,
+        threads=cfg.threads,
+        compile=cfg.compile,
+        batch_size=cfg.batch_size,
+    )

@@ -22,7 +22,7 @@ from gi_deploy.core.ood import IdStats, load_id_stats
 from gi_deploy.core.router import ROUTER_FILE, Router, load_router
 from gi_deploy.errors import BundleError, ConfigError
 from gi_deploy.runtime.job import Answer, InferConfig, Strategy
-from gi_deploy.runtime.loader import BundleInfo, bundle_identity, load_bundle
+from gi_deploy.runtime.loader import bundle_identity, open_for
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,7 @@ class Routed(Strategy):
         bundles, stats, notes = {}, {}, []
         for s in router.sources:
             d = cfg.deploy_dir / s
-            b = (
-                load_bundle(
-                    d,
-                    cfg.precision,
-                    cfg.device,
-                    backend=cfg.backend,
-                    threads=cfg.threads,
-                    compile=cfg.compile,
-                    batch_size=cfg.batch_size,
-                )
-                if load
-                else BundleInfo(d)
-            )
+            b = open_for(cfg, d, load)
             bundles[s] = b
             stats[s] = load_id_stats(b.path, b.manifest)
             written_for = router.manifest.bundles.get(s)
