@@ -203,24 +203,20 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
         with exclusive_lock(out, "choose another --out"):
             out.parent.mkdir(parents=True, exist_ok=True)
             fd = _claim(out)  # the file itself, whatever its name: a hard link to it is refused, not truncated
-            slot_of = job.strategy.slot_of
-            job.finished, job.n_resumed = _rows_done(out, job.columns, slot_of) if cfg.resume else (set(), 0)
-            if os.fstat(fd).st_ino != os.stat(out).st_ino:  # the resume step replaced a cut-short CSV
-                os.close(fd)
-                fd = _claim(out)
-            identities = job.strategy.identities(cfg.precision)
-            root = {"root": str(real_path(job.inputs.root))}  # the CSV's paths are relative to it
-            if job.n_resumed:  # a source this run does not select keeps its rows, and so its entry
-                kept = _check_same_models(out, identities)
-                _check_same_root(out, kept.pop(INPUTS_PART, None), root)
-                identities = {**kept, **identities}
-            identities[INPUTS_PART] = root
-            rel, slots = job.inputs.rel, job.strategy.slots
-            job.todo = [p for p in job.items if any((rel(p), s) not in job.finished for s in slots)]
-            write_json(sidecar_of(out), identities)
-            if not job.n_resumed:
-                os.ftruncate(fd, 0)
-            with open(fd, "a", newline="", encoding="utf-8") as f:  # closing it releases the claim
+            try:
+                _prepare(cfg, job, out)
+                if os.fstat(fd).st_ino != os.stat(out).st_ino:  # the resume step replaced a cut-short CSV
+                    os.close(fd)
+                    fd = -1
+                    fd = _claim(out)
+                if not job.n_resumed:
+                    os.ftruncate(fd, 0)
+                f = open(fd, "a", newline="", encoding="utf-8")  # owns the descriptor: closing it releases the claim
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)  # a refused resume must not keep the claim for the rest of this process
+                raise
+            with f:
                 writer = csv.writer(f)
                 if not job.n_resumed:
                     writer.writerow(job.columns)
@@ -233,6 +229,23 @@ def _opened(cfg: InferConfig, job: Job) -> Iterator[tuple]:
             "kept: free space or fix the folder's permissions, then run the same command with --resume "
             "to continue"
         ) from e
+
+
+def _prepare(cfg: InferConfig, job: Job, out: Path) -> None:
+    """Under the lock, with the CSV claimed: read a --resume CSV's rows, check its models and input
+    folder against the sidecar, list what is left to do, write the sidecar."""
+    slot_of = job.strategy.slot_of
+    job.finished, job.n_resumed = _rows_done(out, job.columns, slot_of) if cfg.resume else (set(), 0)
+    identities = job.strategy.identities(cfg.precision)
+    root = {"root": str(real_path(job.inputs.root))}  # the CSV's paths are relative to it
+    if job.n_resumed:  # a source this run does not select keeps its rows, and so its entry
+        kept = _check_same_models(out, identities)
+        _check_same_root(out, kept.pop(INPUTS_PART, None), root)
+        identities = {**kept, **identities}
+    identities[INPUTS_PART] = root
+    rel, slots = job.inputs.rel, job.strategy.slots
+    job.todo = [p for p in job.items if any((rel(p), s) not in job.finished for s in slots)]
+    write_json(sidecar_of(out), identities)
 
 
 def _claim(out: Path) -> int:

@@ -123,6 +123,8 @@ def test_break7_resume_without_a_sidecar_naming_the_models_is_refused(tiny_data,
             InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True)
         )
     assert _snapshot(tmp_path) == before
+    # the refused run gave its claim on the CSV back: the same process can write it again
+    infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0))
 
 
 def test_break7_auto_writes_the_sidecar_so_another_precision_cannot_resume_into_it(routed_deploy, tmp_path):
