@@ -331,3 +331,24 @@ def server(serve_deploy):
         yield s
     finally:
         s.stop()
+
+
+def snapshot_files(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (a file root is itself), by path: what a refused run must
+    leave as it was."""
+    import hashlib
+
+    out = {}
+    for root in roots:
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """A CSV's rows as dicts."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -4,12 +4,12 @@ what a user did and asserts the refusal (or the fix) and that no input or unrela
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import csv_rows, snapshot_files
 
 from gi_deploy._io import exclusive_lock
 from gi_deploy.errors import ConfigError
@@ -29,21 +29,6 @@ def planted_ood(folder: Path, px: int = 32) -> Path:
     return folder
 
 
-def _snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots`` (a file root is itself), by path."""
-    out = {}
-    for root in roots:
-        for p in [root] if root.is_file() else sorted(root.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture
 def pngs(tiny_data, tmp_path) -> Path:
     """Ten PNG frames in ``<tmp>/cases_wrong/``: a folder whose name an --out of cases.csv derives."""
@@ -57,11 +42,11 @@ def pngs(tiny_data, tmp_path) -> Path:
 
 
 def test_break1_explain_wrong_folder_that_is_the_input_is_refused_before_anything(pngs, tiny_deploy, tmp_path):
-    before = _snapshot(pngs)
+    before = snapshot_files(pngs)
     cfg = InferConfig(inputs=pngs, deploy_dir=tiny_deploy, out_csv=tmp_path / "cases.csv", explain_wrong=2, workers=0)
     with pytest.raises(ConfigError, match="cases_wrong"):
         infer_folder(cfg)
-    assert _snapshot(pngs) == before and len(before) == 10
+    assert snapshot_files(pngs) == before and len(before) == 10
     assert not (tmp_path / "cases.csv").exists()
 
 
@@ -88,10 +73,10 @@ def test_break2_report_over_the_edited_input_list_is_refused(tiny_data, tiny_dep
         writer.writerow(["path", "true_label"])
         for p in sorted((tiny_data / "test").rglob("*.jpg"))[:3]:
             writer.writerow([str(p), p.parent.name])
-    before = _snapshot(w)
+    before = snapshot_files(w)
     with pytest.raises(ConfigError, match="preds.wrong.csv"):
         infer_folder(InferConfig(inputs=listed, deploy_dir=tiny_deploy, out_csv=w / "preds.csv", workers=0))
-    assert _snapshot(w) == before
+    assert snapshot_files(w) == before
 
 
 def test_break3_the_lock_is_taken_on_the_real_path_so_an_alias_cannot_write_together(tiny_data, tiny_deploy, tmp_path):
@@ -117,12 +102,12 @@ def test_break7_resume_without_a_sidecar_naming_the_models_is_refused(tiny_data,
         side.unlink()
     else:
         side.write_text(sidecar)
-    before = _snapshot(tmp_path)
+    before = snapshot_files(tmp_path)
     with pytest.raises(ConfigError, match="mix"):
         infer_folder(
             InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True)
         )
-    assert _snapshot(tmp_path) == before
+    assert snapshot_files(tmp_path) == before
     # the refused run gave its claim on the CSV back: the same process can write it again
     infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0))
 
@@ -136,7 +121,7 @@ def test_break7_auto_writes_the_sidecar_so_another_precision_cannot_resume_into_
     side = json.loads(out.with_name(out.name + ".bundles.json").read_text())
     assert {"capsule", "endoscope", "_router"} <= side.keys()
     out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))
-    before = _snapshot(tmp_path)
+    before = snapshot_files(tmp_path)
     with pytest.raises(ConfigError, match="mix two models"):
         infer_folder(
             InferConfig(
@@ -149,7 +134,7 @@ def test_break7_auto_writes_the_sidecar_so_another_precision_cannot_resume_into_
                 precision="fp16",
             )
         )
-    assert _snapshot(tmp_path) == before
+    assert snapshot_files(tmp_path) == before
 
 
 def test_break9_a_list_naming_one_image_twice_writes_it_once_and_resumes(tiny_data, tiny_deploy, tmp_path):
@@ -158,9 +143,9 @@ def test_break9_a_list_naming_one_image_twice_writes_it_once_and_resumes(tiny_da
     listed.write_text(f"{img}\n{img}\n")
     out = tmp_path / "p.csv"
     r = infer_folder(InferConfig(inputs=listed, deploy_dir=tiny_deploy, out_csv=out, workers=0))
-    assert len(_rows(out)) == 1 and r.n_duplicates == 1
+    assert len(csv_rows(out)) == 1 and r.n_duplicates == 1
     r = infer_folder(InferConfig(inputs=listed, deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True))
-    assert len(_rows(out)) == 1 and r.n_resumed == 1
+    assert len(csv_rows(out)) == 1 and r.n_resumed == 1
 
 
 def test_break10_auto_with_an_unreadable_file_names_only_real_sources(routed_deploy, tmp_path):
@@ -173,7 +158,7 @@ def test_break10_auto_with_an_unreadable_file_names_only_real_sources(routed_dep
     )
     assert set(r.sources) == {"capsule", "endoscope"}  # --explain-wrong opens each as a bundle
     assert r.n_errors == 1
-    assert [row["source"] for row in _rows(tmp_path / "a.csv") if row["error"]] == ["auto"]
+    assert [row["source"] for row in csv_rows(tmp_path / "a.csv") if row["error"]] == ["auto"]
 
 
 def test_unlabelled_auto_runs_count_their_refusals(routed_deploy, tmp_path):
@@ -183,7 +168,7 @@ def test_unlabelled_auto_runs_count_their_refusals(routed_deploy, tmp_path):
     r = infer_folder(
         InferConfig(inputs=folder, deploy_dir=deploy, sources=["auto"], out_csv=tmp_path / "o.csv", workers=0)
     )
-    refused = sum(row["rejected"] == "1" for row in _rows(tmp_path / "o.csv"))
+    refused = sum(row["rejected"] == "1" for row in csv_rows(tmp_path / "o.csv"))
     assert refused > 0 and r.n_rejected == refused
 
 
@@ -198,7 +183,7 @@ def test_break8_11_parquet_is_replaced_whole_typed_and_equal_to_the_csv(tiny_dat
     out.write_text("".join(out.read_text().splitlines(keepends=True)[:5]))
     infer_folder(InferConfig(**cfg, resume=True))
     table = pq.read_table(pdir)
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert table.num_rows == len(rows) == len(list(folder.rglob("*.jpg")))  # replaced, never appended
     assert str(table.schema.field("confidence").type) == "double"
     assert table.column("error").to_pylist()[-1].startswith("cannot read image")
@@ -230,7 +215,7 @@ def test_break14_a_planted_temp_symlink_is_never_written_through(tiny_data, tiny
         (tmp_path / name).symlink_to(victim)
     infer_folder(InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True))
     assert victim.read_text() == "precious"
-    assert len(_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
+    assert len(csv_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
 
 
 def test_a_local_ray_started_by_a_driver_killed_with_sigkill_does_not_outlive_it(tmp_path):

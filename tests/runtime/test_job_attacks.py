@@ -3,30 +3,15 @@ plants what the user did and asserts the refusal (or the fix) and that nothing a
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import csv_rows, snapshot_files
 
 from gi_deploy.errors import ConfigError
 from gi_deploy.runtime.infer import InferConfig, infer_folder
-
-
-def _snapshot(*roots: Path) -> dict[str, str]:
-    out = {}
-    for root in roots:
-        for p in [root] if root.is_file() else sorted(root.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _cut(path: Path, keep_lines: int) -> None:
@@ -45,9 +30,9 @@ def test_parquet_folder_holding_the_csv_and_user_files_keeps_them(tiny_data, tin
         InferConfig(inputs=tiny_data / "test", deploy_dir=tiny_deploy, out_csv=out, workers=0, parquet_dir=results)
     )
     assert (results / "notes.txt").read_text() == "the user's notes"
-    assert len(_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
+    assert len(csv_rows(out)) == len(list((tiny_data / "test").rglob("*.jpg")))
     assert out.with_name(out.name + ".bundles.json").is_file()
-    assert pq.read_table(r.parquet).num_rows == len(_rows(out))
+    assert pq.read_table(r.parquet).num_rows == len(csv_rows(out))
 
 
 def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_job(tiny_data, tiny_deploy, tmp_path):
@@ -56,7 +41,7 @@ def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_jo
     pdir = tmp_path / "pq"
     pdir.mkdir()
     (pdir / "0000_part.parquet").write_bytes(b"an older run's part")
-    before = _snapshot(tmp_path)
+    before = snapshot_files(tmp_path)
     with pytest.raises(ConfigError, match="0000_part.parquet"):
         infer_folder(
             InferConfig(
@@ -67,7 +52,7 @@ def test_parquet_folder_with_another_runs_parquet_files_is_refused_before_the_jo
                 parquet_dir=pdir,
             )
         )
-    assert _snapshot(tmp_path) == before and not (tmp_path / "p.csv").exists()
+    assert snapshot_files(tmp_path) == before and not (tmp_path / "p.csv").exists()
 
 
 def test_resume_into_a_foreign_csv_refuses_without_cutting_its_last_line(tiny_data, tiny_deploy, tmp_path):
@@ -93,7 +78,7 @@ def test_resume_with_fewer_sources_keeps_the_others_models_in_the_sidecar(tiny_d
     _cut(out, 5)  # header + 4 rows: two images, both sources
     infer_folder(InferConfig(**cfg, sources=["capsule"], resume=True))
     r = infer_folder(InferConfig(**cfg, sources=["all"], resume=True))
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert r.n_resumed == 4 + (n - 2)
     assert sorted((row["path"], row["source"]) for row in rows) == sorted(
         {(row["path"], s) for row in rows for s in ("capsule", "endoscope")}
@@ -114,10 +99,10 @@ def test_resume_over_another_folder_with_the_same_names_is_refused(tiny_data, ti
     out = tmp_path / "p.csv"
     infer_folder(InferConfig(inputs=a, deploy_dir=tiny_deploy, out_csv=out, workers=0))
     _cut(out, 4)
-    before = _snapshot(out)
+    before = snapshot_files(out)
     with pytest.raises(ConfigError, match="resume"):
         infer_folder(InferConfig(inputs=b, deploy_dir=tiny_deploy, out_csv=out, workers=0, resume=True))
-    assert _snapshot(out) == before
+    assert snapshot_files(out) == before
 
 
 def test_out_symlink_writes_its_sidecar_and_reports_beside_the_real_csv_not_in_the_input_folder(
@@ -165,7 +150,7 @@ def test_explain_wrong_folder_that_is_a_symlink_to_the_input_folder_is_refused(
     cases = tmp_path / "cases"
     shutil.copytree(tiny_data / "test", cases)
     (tmp_path / link).symlink_to(cases)
-    before = _snapshot(cases)
+    before = snapshot_files(cases)
     with pytest.raises(ConfigError, match="input"):
         infer_folder(
             InferConfig(
@@ -177,7 +162,7 @@ def test_explain_wrong_folder_that_is_a_symlink_to_the_input_folder_is_refused(
                 workers=0,
             )
         )
-    assert _snapshot(cases) == before and not (tmp_path / "p.csv").exists()
+    assert snapshot_files(cases) == before and not (tmp_path / "p.csv").exists()
 
 
 def test_an_image_and_its_csv_of_the_same_stem_is_not_refused_but_a_report_name_is(tiny_data, tiny_deploy, tmp_path):
@@ -188,7 +173,7 @@ def test_an_image_and_its_csv_of_the_same_stem_is_not_refused_but_a_report_name_
     image = sorted((tiny_data / "test").rglob("*.jpg"))[0]
     shutil.copy(image, scans / "a.jpg")
     r = infer_folder(InferConfig(inputs=scans / "a.jpg", deploy_dir=tiny_deploy, out_csv=scans / "a.csv", workers=0))
-    assert r.n_images == 1 and len(_rows(scans / "a.csv")) == 1
+    assert r.n_images == 1 and len(csv_rows(scans / "a.csv")) == 1
     shutil.copy(image, scans / "b.confusion.png")  # an image named like b.csv's confusion-matrix plot
     with pytest.raises(ConfigError, match="b.confusion.png"):
         infer_folder(
